@@ -1,0 +1,57 @@
+"""Turn text into training/measurement examples: chat prompt + answer with loss on the answer only, or packed
+chunks of plain text. An example is a dict of 1-D LongTensors `input_ids` and `labels` (-100 = no loss)."""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE = -100
+
+
+def chat_prompt_ids(tokenizer, instruction: str) -> list[int]:
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": instruction}], tokenize=False,
+                                             add_generation_prompt=True)
+    else:
+        text = f"Instruction: {instruction}\nResponse:"
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def chat_example(tokenizer, instruction: str, answer: str, max_len: int) -> dict:
+    """Prompt tokens (no loss) + answer tokens + EOS (loss), truncated to `max_len` tokens."""
+    prompt = chat_prompt_ids(tokenizer, instruction)
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    # Keep at least a few answer tokens even for long prompts: cut the prompt from the left.
+    prompt = prompt[-max(1, max_len - min(len(answer_ids), max_len // 2)):]
+    ids = (prompt + answer_ids)[:max_len]
+    labels = ([IGNORE] * len(prompt) + answer_ids)[:max_len]
+    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+
+
+def packed_chunks(tokenizer, texts: list[str], seq_len: int, max_chunks: int | None = None) -> list[dict]:
+    """Concatenate texts (separated by EOS) and cut into full `seq_len` chunks; loss on every token."""
+    stream: list[int] = []
+    chunks = []
+    for text in texts:
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        while len(stream) >= seq_len:
+            ids = torch.tensor(stream[:seq_len])
+            chunks.append({"input_ids": ids, "labels": ids.clone()})
+            stream = stream[seq_len:]
+            if max_chunks is not None and len(chunks) >= max_chunks:
+                return chunks
+    return chunks
+
+
+def collate(examples: list[dict], pad_id: int) -> dict:
+    """Right-pad a list of examples into a batch with an attention mask."""
+    length = max(len(e["input_ids"]) for e in examples)
+    batch = {"input_ids": torch.full((len(examples), length), pad_id, dtype=torch.long),
+             "labels": torch.full((len(examples), length), IGNORE, dtype=torch.long),
+             "attention_mask": torch.zeros((len(examples), length), dtype=torch.long)}
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        batch["input_ids"][i, :n] = e["input_ids"]
+        batch["labels"][i, :n] = e["labels"]
+        batch["attention_mask"][i, :n] = 1
+    return batch

@@ -1,0 +1,47 @@
+"""How far the artifact's next-token distributions are from the teacher's, on held-out text."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from realign.data.sequences import IGNORE, collate
+
+
+@torch.no_grad()
+def output_divergence(teacher, model, examples: list[dict], pad_id: int, batch_size: int = 8) -> dict:
+    """Per-token KL(teacher || model) and top-1 agreement over the supervised tokens of `examples`."""
+    kls, agree = [], []
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start:start + batch_size], pad_id)
+        kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        mask = batch["labels"][:, 1:] != IGNORE
+        t = F.log_softmax(teacher(**kwargs).logits[:, :-1][mask].double(), -1)
+        s = F.log_softmax(model(**kwargs).logits[:, :-1][mask].double(), -1)
+        kls.append((t.exp() * (t - s)).sum(-1))
+        agree.append(t.argmax(-1) == s.argmax(-1))
+    kl = torch.cat(kls)
+    n = kl.numel()
+    return {"kl_teacher_artifact": float(kl.mean()),
+            "kl_stderr": float(kl.std() / math.sqrt(n)) if n > 1 else float("nan"),
+            "top1_agreement": float(torch.cat(agree).double().mean()), "n_tokens": n,
+            "n_prompts": len(examples)}
+
+
+@torch.no_grad()
+def mean_nll(model, examples: list[dict], pad_id: int, batch_size: int = 8) -> dict:
+    """Mean negative log-likelihood (nats/token) and perplexity over the supervised tokens."""
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start:start + batch_size], pad_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        targets = batch["labels"][:, 1:]
+        nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)).double(), targets.reshape(-1),
+                              ignore_index=IGNORE, reduction="sum")
+        total += float(nll)
+        count += int((targets != IGNORE).sum())
+    if count == 0:
+        raise ValueError("no tokens to score")
+    return {"nll": total / count, "ppl": math.exp(total / count), "n_tokens": count}

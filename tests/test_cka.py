@@ -1,0 +1,106 @@
+import math
+
+import pytest
+import torch
+
+from realign.measure.cka import cka_matrix, linear_cka, rbf_cka
+
+
+def gram_linear_cka(x, y):
+    """Independent formulation: HSIC with centered n x n Gram matrices, H K H (Kornblith et al. eq. 2)."""
+    x, y = x.double(), y.double()
+    n = x.shape[0]
+    h = torch.eye(n, dtype=torch.float64) - 1.0 / n
+    k, l = h @ (x @ x.T) @ h, h @ (y @ y.T) @ h
+    return float((k * l).sum() / torch.sqrt((k * k).sum() * (l * l).sum()))
+
+
+def gram_unbiased_hsic(k, l):
+    n = k.shape[0]
+    k, l = k.clone(), l.clone()
+    k.fill_diagonal_(0)
+    l.fill_diagonal_(0)
+    one = torch.ones(n, dtype=torch.float64)
+    return (torch.trace(k @ l) + (one @ k @ one) * (one @ l @ one) / ((n - 1) * (n - 2))
+            - 2 / (n - 2) * (one @ k @ l @ one)) / (n * (n - 3))
+
+
+@pytest.fixture
+def xy():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 32, generator=g)
+    y = x @ torch.randn(32, 24, generator=g) + 0.5 * torch.randn(200, 24, generator=g)
+    return x, y
+
+
+def test_identical_inputs_give_one(xy):
+    x, _ = xy
+    assert linear_cka(x, x) == pytest.approx(1.0, abs=1e-9)
+    assert linear_cka(x, x, debiased=True) == pytest.approx(1.0, abs=1e-9)
+    assert rbf_cka(x, x) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_invariant_to_orthogonal_transform_and_isotropic_scaling(xy):
+    x, y = xy
+    q, _ = torch.linalg.qr(torch.randn(24, 24, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    transformed = 3.7 * (y.double() @ q)
+    assert linear_cka(x, transformed) == pytest.approx(linear_cka(x, y), abs=1e-6)
+    assert linear_cka(x, transformed, debiased=True) == pytest.approx(linear_cka(x, y, debiased=True), abs=1e-6)
+    assert rbf_cka(x, transformed) == pytest.approx(rbf_cka(x, y), abs=1e-6)
+
+
+def test_not_invariant_to_anisotropic_scaling(xy):
+    x, y = xy
+    stretched = y * torch.linspace(0.1, 10, y.shape[1])
+    assert abs(linear_cka(x, stretched) - linear_cka(x, y)) > 1e-3
+
+
+def test_matches_gram_matrix_formulation(xy):
+    x, y = xy
+    assert linear_cka(x, y) == pytest.approx(gram_linear_cka(x, y), abs=1e-6)
+
+
+def test_debiased_matches_gram_matrix_unbiased_hsic(xy):
+    x, y = xy
+    xd, yd = x.double(), y.double()
+    k, l = xd @ xd.T, yd @ yd.T
+    expected = gram_unbiased_hsic(k, l) / math.sqrt(gram_unbiased_hsic(k, k) * gram_unbiased_hsic(l, l))
+    assert linear_cka(x, y, debiased=True) == pytest.approx(float(expected), abs=1e-6)
+
+
+def test_debiased_removes_small_sample_inflation():
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(40, 200, generator=g), torch.randn(40, 200, generator=g)
+    # Independent noise: the biased estimator is inflated when n << d, the debiased one stays near 0.
+    assert linear_cka(x, y) > 0.5
+    assert abs(linear_cka(x, y, debiased=True)) < 0.1
+
+
+def test_low_precision_inputs_are_accumulated_in_float64(xy):
+    x, y = xy
+    assert linear_cka(x.half(), y.half()) == pytest.approx(linear_cka(x.half().float(), y.half().float()), abs=1e-9)
+
+
+def test_returns_python_float(xy):
+    x, y = xy
+    assert type(linear_cka(x, y)) is float and type(rbf_cka(x, y)) is float
+
+
+def test_matrix_diagonal_is_one_for_same_layers(xy):
+    x, y = xy
+    m = cka_matrix([x, y], [x, y])
+    assert m.shape == (2, 2)
+    assert torch.allclose(torch.diagonal(m), torch.ones(2, dtype=torch.float64))
+    assert float(m[0, 1]) == pytest.approx(float(m[1, 0]), abs=1e-12)
+
+
+def test_bad_inputs_are_clear_errors(xy):
+    x, y = xy
+    with pytest.raises(ValueError, match="same number of samples"):
+        linear_cka(x, y[:-1])
+    with pytest.raises(ValueError, match="n_samples, n_features"):
+        linear_cka(x[0], y[0])
+    with pytest.raises(ValueError, match="NaN"):
+        linear_cka(torch.full_like(x, float("nan")), y)
+    with pytest.raises(ValueError, match="constant"):
+        linear_cka(torch.ones(10, 3), torch.randn(10, 3))
