@@ -21,6 +21,8 @@ def atomic_path(final: str | os.PathLike, is_dir: bool = False):
         fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
         os.close(fd)
         tmp = Path(name)
+    # mkstemp/mkdtemp create private (0600/0700) entries; published results use the usual modes.
+    tmp.chmod(0o755 if is_dir else 0o644)
     try:
         yield tmp
         if final.is_dir() and is_dir:

@@ -1,0 +1,184 @@
+"""Figures for the report, returned as inline SVG strings (deterministic: fixed hash salt, no date)."""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from realign.analysis.stats import select_analysed  # noqa: E402
+
+_RC = {
+    "svg.hashsalt": "realign",
+    "svg.fonttype": "none",
+    "font.size": 9,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "figure.dpi": 100,
+}
+_COLORS = plt.get_cmap("tab10").colors
+
+
+def _svg(fig) -> str:
+    buf = io.StringIO()
+    with plt.rc_context(_RC):
+        fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None, "Creator": None})
+    plt.close(fig)
+    s = buf.getvalue()
+    start = s.find("<svg")
+    s = s[start:] if start >= 0 else s
+    # let CSS size it: keep the viewBox, drop fixed width/height attributes of the root element
+    head, rest = s.split(">", 1)
+    head = re.sub(r'\s(width|height)="[^"]*"', "", head, count=2)
+    return head + ' class="fig" role="img">' + rest
+
+
+def _empty(msg: str) -> str:
+    with plt.rc_context(_RC):
+        fig, ax = plt.subplots(figsize=(5, 1.2))
+        ax.axis("off")
+        ax.text(0.5, 0.5, msg, ha="center", va="center")
+        return _svg(fig)
+
+
+def cka_layer_curves(cka_layers: pd.DataFrame, metric: str = "linear_cka") -> dict[str, str]:
+    """One SVG per (model, degradation): CKA vs the teacher by layer, one line per recovery.
+
+    Keys are "model / degradation". The teacher is CKA = 1 at every layer (dashed line).
+    """
+    out: dict[str, str] = {}
+    if cka_layers is None or cka_layers.empty:
+        return out
+    df = cka_layers[cka_layers["degradation"] != "none"]
+    all_recs = sorted(r for r in df["recovery"].unique() if r != "none")
+    for (m, d), g in df.groupby(["model", "degradation"], sort=True):
+        with plt.rc_context(_RC):
+            fig, ax = plt.subplots(figsize=(6, 3.2))
+            layers = np.sort(g["layer"].unique())
+            ax.axhline(1.0, color="black", lw=1, ls="--", label="teacher")
+            recs = sorted(g["recovery"].unique(), key=lambda r: (r != "none", r))
+            for r in recs:
+                gg = g[g["recovery"] == r].sort_values("layer")
+                label = "damaged (no recovery)" if r == "none" else r
+                style = dict(color="grey", lw=2) if r == "none" else dict(color=_rec_color(r, all_recs), lw=1.5)
+                ax.plot(gg["layer"], gg[metric], marker="o", ms=3, label=label, **style)
+            ax.set_xlabel("layer (0 = embeddings)")
+            ax.set_ylabel(metric.replace("_", " "))
+            ax.set_title(f"{m} / {d}")
+            if len(layers) <= 40:
+                ax.set_xticks(layers[:: max(1, len(layers) // 12)])
+            ax.legend(fontsize=7, frameon=False, loc="lower left")
+            out[f"{m} / {d}"] = _svg(fig)
+    return out
+
+
+def _rec_color(rec: str, all_recs: list[str]):
+    """The same recovery gets the same colour in every figure."""
+    return _COLORS[all_recs.index(rec) % 10] if rec in all_recs else "black"
+
+
+def _simple_fit(x, y):
+    A = np.column_stack([np.ones_like(x), x])
+    beta, *_ = np.linalg.lstsq(A, y, rcond=None)
+    return beta
+
+
+def cka_recovery_scatter(table: pd.DataFrame, stats: dict | None = None, n_boot: int = 500, seed: int = 0) -> str:
+    """delta CKA vs recovery fraction for the analysed artifacts, coloured by family, with a least-squares line
+    (recovery_fraction ~ delta_cka, the bivariate fit shown for display) and its 95% percentile-bootstrap band.
+    Excluded candidates (damage within noise) are drawn as hollow grey points if their values are finite."""
+    d, _ = select_analysed(table)
+    cand = table[(table["degradation"] != "none") & (table["recovery"] != "none")]
+    excl = cand.drop(index=d.index)
+    excl = excl[np.isfinite(excl["delta_cka"].astype(float)) & np.isfinite(excl["recovery_fraction"].astype(float))]
+    if d.empty and excl.empty:
+        return _empty("no recovered artifacts to plot")
+    with plt.rc_context(_RC):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        fams = sorted(d["family"].unique()) if "family" in d else []
+        for i, f in enumerate(fams):
+            g = d[d["family"] == f]
+            ax.scatter(g["delta_cka"], g["recovery_fraction"], s=28, color=_COLORS[i % 10], label=f, zorder=3)
+        if not excl.empty:
+            ax.scatter(excl["delta_cka"], excl["recovery_fraction"], s=28, facecolors="none",
+                       edgecolors="grey", label="excluded (damage within noise)", zorder=2)
+        x = d["delta_cka"].to_numpy(float)
+        y = d["recovery_fraction"].to_numpy(float)
+        if len(x) >= 3 and np.ptp(x) > 0:
+            grid = np.linspace(x.min(), x.max(), 50)
+            b = _simple_fit(x, y)
+            rng = np.random.default_rng(seed)
+            preds = []
+            for _ in range(n_boot):
+                idx = rng.integers(0, len(x), len(x))
+                if np.ptp(x[idx]) == 0:
+                    continue
+                bb = _simple_fit(x[idx], y[idx])
+                preds.append(bb[0] + bb[1] * grid)
+            ax.plot(grid, b[0] + b[1] * grid, color="black", lw=1.5, label="least-squares fit")
+            if len(preds) >= 10:
+                lo, hi = np.percentile(np.array(preds), [2.5, 97.5], axis=0)
+                ax.fill_between(grid, lo, hi, color="black", alpha=0.12, lw=0, label="95% bootstrap band")
+        ax.axhline(0, color="grey", lw=0.6)
+        ax.axhline(1, color="grey", lw=0.6, ls=":")
+        ax.axvline(0, color="grey", lw=0.6)
+        ax.set_xlabel("delta CKA vs damaged parent (mean linear CKA, layers >= 1)")
+        ax.set_ylabel("recovery fraction")
+        title = "recovery vs re-alignment"
+        sp = ((stats or {}).get("correlations") or {}).get("spearman")
+        if sp and sp.get("estimate") is not None:
+            title += f" (Spearman rho = {sp['estimate']:.2f}, n = {sp['n']})"
+        ax.set_title(title)
+        ax.legend(fontsize=7, frameon=False)
+        return _svg(fig)
+
+
+def damage_recovery_bars(table: pd.DataFrame) -> str:
+    """Grouped bars per (model, degradation): the damage (teacher - damaged) and each recovery's gain
+    (recovered - damaged), in units of the performance measure P (higher = better); 2-stderr error bars where
+    a standard error is known."""
+    rows = table[table["degradation"] != "none"]
+    if rows.empty:
+        return _empty("no degraded artifacts")
+    groups = list(rows.groupby(["model", "degradation"], sort=True))
+    recs = sorted(r for r in rows["recovery"].unique() if r != "none")
+    series = ["damage"] + recs
+    width = 0.8 / len(series)
+    with plt.rc_context(_RC):
+        fig, ax = plt.subplots(figsize=(min(14, max(5, 1.2 * len(groups) * (1 + 0.3 * len(series)))), 3.6))
+        xs = np.arange(len(groups))
+        for j, s in enumerate(series):
+            vals, errs = [], []
+            for _, g in groups:
+                if s == "damage":
+                    r = g[g["recovery"] == "none"]
+                    v = r["damage"].iloc[0] if len(r) else math.nan
+                    e = r["damage_stderr"].iloc[0] if len(r) and "damage_stderr" in r else math.nan
+                else:
+                    r = g[g["recovery"] == s]
+                    v = r["gain"].iloc[0] if len(r) else math.nan
+                    parent = g[g["recovery"] == "none"]
+                    e = math.nan
+                    if len(r) and len(parent) and "P_stderr" in r:
+                        e = math.hypot(float(r["P_stderr"].iloc[0]), float(parent["P_stderr"].iloc[0]))
+                vals.append(float(v))
+                errs.append(2 * float(e) if np.isfinite(e) else 0.0)
+            color = "dimgrey" if s == "damage" else _rec_color(s, recs)
+            ax.bar(xs + (j - (len(series) - 1) / 2) * width, vals, width, yerr=errs, color=color,
+                   label=s if s == "damage" else f"gain: {s}", capsize=2, error_kw={"lw": 0.8})
+        ax.axhline(0, color="black", lw=0.6)
+        ax.set_xticks(xs)
+        ax.set_xticklabels([f"{m}\n{d}" for (m, d), _ in groups], fontsize=8)
+        metric = str(table["performance_metric"].iloc[0]) if "performance_metric" in table else "P"
+        ax.set_ylabel(f"change in P ({metric}; higher = better)")
+        ax.set_title("damage and recovery (error bars: 2 standard errors)")
+        ax.legend(fontsize=7, frameon=False)
+        return _svg(fig)

@@ -1,0 +1,241 @@
+"""Self-contained HTML report: verdict first, then setup, table, figures, statistics, provenance.
+
+No external URLs, no JavaScript; figures are inline SVG; the CSS is inlined from report/report.css.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import jinja2
+import pandas as pd
+
+from realign.analysis import figures
+from realign.analysis.stats import jsonable
+from realign.io import atomic_path
+
+TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "report"
+TEMPLATE_NAME = "report.html.j2"
+CSS_NAME = "report.css"
+
+PATH_COLS = {"artifact": "path_artifact", "eval": "path_eval", "divergence": "path_divergence", "cka": "path_cka"}
+
+
+def fmt_num(x, digits: int = 3) -> str:
+    """How numbers are printed in the report: fixed `digits` decimals, '—' for missing values."""
+    if x is None:
+        return "—"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    if not math.isfinite(v):
+        return "—"
+    if abs(v) >= 1000:
+        return f"{v:.1f}"
+    if v != 0 and abs(v) < 10 ** (-digits):
+        return f"{v:.2e}"
+    return f"{v:.{digits}f}"
+
+
+def _to_yaml(obj) -> str:
+    try:
+        import yaml
+
+        return yaml.safe_dump(jsonable(obj), sort_keys=False, default_flow_style=False, allow_unicode=True)
+    except ImportError:  # pragma: no cover
+        return json.dumps(jsonable(obj), indent=2, sort_keys=False)
+
+
+def _rel(path, base: Path) -> str | None:
+    if path is None or (isinstance(path, float) and math.isnan(path)) or str(path) == "":
+        return None
+    try:
+        return Path(os.path.relpath(Path(path).resolve(), base.resolve())).as_posix()
+    except ValueError:  # different drive (Windows)
+        return Path(path).as_posix()
+
+
+def _timing_rows(timings) -> list[dict]:
+    """provenance['timings']: {kind: seconds | [seconds, ...] | {"n": int, "seconds": float, ...}}."""
+    rows = []
+    for kind, v in (timings or {}).items():
+        if isinstance(v, dict):
+            total = v.get("seconds", v.get("total_seconds"))
+            n = v.get("n", v.get("count"))
+        elif isinstance(v, (list, tuple)):
+            vals = [float(t) for t in v if t is not None]
+            total, n = sum(vals), len(vals)
+        else:
+            total, n = v, None
+        mean = (float(total) / n) if (total is not None and n) else None
+        rows.append({"kind": kind, "n": n, "seconds": total, "mean": mean})
+    return rows
+
+
+def _setup(table: pd.DataFrame, provenance: dict) -> dict:
+    config = provenance.get("config") or {}
+    degs, recs = [], []
+    for d, g in table[table["degradation"] != "none"].groupby("degradation", sort=True):
+        degs.append({
+            "name": d,
+            "family": ", ".join(sorted(g["family"].astype(str).unique())),
+            "method": ", ".join(sorted(g["degradation_method"].astype(str).unique()))
+            if "degradation_method" in g else "",
+            "params": _to_yaml((config.get("degradations") or {}).get(d)) if (config.get("degradations") or {}).get(d) else "",
+        })
+    for r, g in table[table["recovery"] != "none"].groupby("recovery", sort=True):
+        recs.append({
+            "name": r,
+            "method": ", ".join(sorted(g["recovery_method"].astype(str).unique())) if "recovery_method" in g else "",
+            "params": _to_yaml((config.get("recoveries") or {}).get(r)) if (config.get("recoveries") or {}).get(r) else "",
+        })
+    models = []
+    for m in sorted(table["model"].unique()):
+        spec = (config.get("models") or {}).get(m)
+        models.append({"name": m, "spec": _to_yaml(spec) if spec else ""})
+    splits = provenance.get("data_splits") or config.get("data")
+    return {
+        "models": models,
+        "degradations": degs,
+        "recoveries": recs,
+        "data_splits": _to_yaml(splits) if splits else "",
+        "performance": str(table["performance_metric"].iloc[0]) if "performance_metric" in table else "",
+    }
+
+
+ROW_COLS = [
+    ("P", "P"), ("damage", "damage"), ("gain", "gain"), ("recovery_fraction", "recovery fraction"),
+    ("cka_mean", "CKA mean"), ("cka_min", "CKA min"), ("delta_cka", "Δ CKA"), ("kl", "KL(T‖A)"),
+    ("delta_kl", "Δ KL"), ("top1", "top-1 agr."), ("bench_mean", "bench mean"), ("nll_general", "NLL general"),
+    ("nll_code", "NLL code"), ("seconds", "time (s)"),
+]
+
+
+def _table_rows(table: pd.DataFrame, base: Path) -> list[dict]:
+    out = []
+    for _, r in table.iterrows():
+        cells = [fmt_num(r.get(c)) if c in r else "—" for c, _ in ROW_COLS]
+        links = []
+        for label, col in PATH_COLS.items():
+            rel = _rel(r.get(col), base) if col in r else None
+            if rel:
+                links.append({"label": label, "href": rel})
+        role = r.get("role", "")
+        noise = ""
+        if role != "teacher" and bool(r.get("damage_within_noise", False)):
+            noise = "damage within noise"
+        elif role == "recovered" and bool(r.get("gain_within_noise", False)):
+            noise = "gain within noise"
+        out.append({
+            "artifact": f"{r['model']} / {r['degradation']} / {r['recovery']}",
+            "role": role,
+            "family": r.get("family", ""),
+            "method": r.get("recovery_method") if role == "recovered" else r.get("degradation_method", ""),
+            "cells": cells,
+            "noise": noise,
+            "links": links,
+        })
+    return out
+
+
+def _corr_rows(stats: dict) -> list[dict]:
+    names = {
+        "spearman": "Spearman ρ (primary)",
+        "pearson": "Pearson r",
+        "partial_pearson": "partial Pearson r | Δ KL",
+        "partial_spearman": "partial Spearman ρ | Δ KL",
+    }
+    rows = []
+    for k, c in (stats.get("correlations") or {}).items():
+        rows.append({
+            "name": names.get(k, k),
+            "estimate": fmt_num(c.get("estimate")),
+            "ci": f"[{fmt_num(c.get('ci_low'))}, {fmt_num(c.get('ci_high'))}]",
+            "level": fmt_num(100 * c["ci_level"], 0) + "%" if c.get("ci_level") else "",
+            "p": fmt_num(c.get("p_perm"), 4),
+            "n": c.get("n"),
+        })
+    return rows
+
+
+def _ols_view(stats: dict) -> dict | None:
+    ols = stats.get("ols")
+    if not ols:
+        return None
+    if "error" in ols:
+        return {"error": ols["error"], "notes": ols.get("notes", [])}
+    coefs = [
+        {"term": t, "coef": fmt_num(c["coef"]), "se": fmt_num(c["se"]),
+         "ci": f"[{fmt_num(c['ci_low'])}, {fmt_num(c['ci_high'])}]", "p": fmt_num(c["p"], 4)}
+        for t, c in ols["coefficients"].items()
+    ]
+    return {"error": None, "formula": ols["formula"], "cov_type": ols["cov_type"], "n": ols["n"], "r2": fmt_num(ols["r2"]),
+            "r2_adj": fmt_num(ols["r2_adj"]), "coefs": coefs, "notes": ols.get("notes", [])}
+
+
+def render_report(
+    table: pd.DataFrame,
+    stats: dict,
+    cka_layers: pd.DataFrame,
+    provenance: dict,
+    out_path,
+    *,
+    template_dir: str | os.PathLike | None = None,
+) -> None:
+    """Render the HTML report to `out_path` (atomically).
+
+    provenance (all keys optional): title, config (dict), config_hash (str), versions (dict), timings
+    ({rule kind: seconds | [seconds] | {"n", "seconds"}}), hardware (dict or str), data_splits (dict).
+    Artifact file links are relative to the report's directory.
+    """
+    out_path = Path(out_path)
+    tdir = Path(template_dir) if template_dir else TEMPLATE_DIR
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(tdir)),
+        autoescape=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["num"] = fmt_num
+    css_file = tdir / CSS_NAME
+    css = css_file.read_text() if css_file.exists() else ""
+
+    provenance = provenance or {}
+    stats = stats or {}
+    hardware = provenance.get("hardware")
+    ctx = {
+        "title": provenance.get("title", "realign: does recovery go with re-alignment?"),
+        "css": css,
+        "verdict": stats.get("verdict", "inconclusive"),
+        "summary": stats.get("summary", ""),
+        "reasons": stats.get("reasons", []),
+        "n": stats.get("n"),
+        "n_candidates": stats.get("n_candidates"),
+        "settings": stats.get("settings", {}),
+        "excluded": stats.get("excluded", []),
+        "counterexamples": stats.get("counterexamples", []),
+        "cka_without_recovery": stats.get("cka_without_recovery", []),
+        "setup": _setup(table, provenance),
+        "columns": [label for _, label in ROW_COLS],
+        "rows": _table_rows(table, out_path.parent),
+        "cka_figs": figures.cka_layer_curves(cka_layers),
+        "scatter": figures.cka_recovery_scatter(table, stats),
+        "bars": figures.damage_recovery_bars(table),
+        "corr": _corr_rows(stats),
+        "ols": _ols_view(stats),
+        "versions": _to_yaml(provenance.get("versions")) if provenance.get("versions") else "",
+        "config": _to_yaml(provenance.get("config")) if provenance.get("config") else "",
+        "config_hash": provenance.get("config_hash", ""),
+        "timings": _timing_rows(provenance.get("timings")),
+        "hardware": (_to_yaml(hardware) if isinstance(hardware, (dict, list)) else str(hardware)) if hardware else "",
+        "stats_json": json.dumps(jsonable(stats), indent=2, sort_keys=True),
+    }
+    html = env.get_template(TEMPLATE_NAME).render(**ctx)
+    with atomic_path(out_path) as tmp:
+        tmp.write_text(html, encoding="utf-8")

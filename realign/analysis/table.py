@@ -1,0 +1,288 @@
+"""One row per artifact, then damage / recovery / alignment deltas relative to the teacher and the damaged parent.
+
+Vocabulary (see DESIGN.md, "Statistics and the verdict"):
+
+* the *teacher* of model ``m`` is the artifact ``(m, "none", "none")``;
+* the *parent* (damaged model) of ``(m, d, r)`` is ``(m, d, "none")``;
+* ``P`` is the performance measure, oriented so that higher is better;
+* ``damage = P(teacher) - P(parent)``;
+* ``gain = P(row) - P(parent)``;
+* ``recovery_fraction = gain / damage`` (NaN for the teacher, for parents and where damage == 0);
+* ``delta_cka = cka_mean(row) - cka_mean(parent)``, ``delta_kl = kl(row) - kl(parent)``.
+
+Noise rule (``damage_within_noise`` / ``gain_within_noise``):
+
+* metrics with a standard error (``bench_mean``, ``acc:<task>``): the difference is within noise when it is
+  smaller than ``2 * sqrt(se_a**2 + se_b**2)`` (two independent evaluations; about a 95% one-sided bound).
+  A negative damage (the "damaged" model is better than the teacher) is therefore always within noise.
+* ``nll_general`` (no standard error is recorded for perplexity): the difference is within noise when it is
+  smaller than ``nll_noise`` nats per token (default 0.01). This is a fixed, pre-registered floor, not a
+  statistical test: a mean NLL over many thousand tokens moves by well under 0.01 nats between evaluation
+  re-runs, so anything smaller is not a damage worth recovering.
+* if a standard error is missing (NaN) for a stderr-based metric, the difference is within noise when it is
+  <= 0 (only the sign is trusted).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+import pandas as pd
+
+from realign.io import atomic_path, read_json
+
+TEACHER = "none"
+NLL_NOISE_NATS = 0.01
+
+KEY = ["model", "degradation", "recovery"]
+
+
+def _f(x) -> float:
+    """float, with None -> NaN."""
+    if x is None:
+        return math.nan
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def collect_row(artifact_json, eval_json, divergence_json, cka_parquet) -> dict:
+    """Read the four per-artifact files and return one flat row (scalars only).
+
+    Columns: model, degradation, recovery, family, degradation_method, recovery_method, seed,
+    tasks (comma-joined sorted task names), acc_<task>, acc_<task>_stderr, bench_mean, bench_mean_stderr
+    (stderr of the unweighted mean assuming independent tasks: sqrt(sum se^2) / k), nll_general, nll_code,
+    kl, kl_stderr, top1, cka_mean (mean linear CKA over layers >= 1; layer 0 = embeddings is excluded),
+    cka_min (same layers), debiased_cka_mean, n_layers, seconds (training/degradation time of the
+    artifact), eval_seconds, divergence_seconds, path_artifact, path_eval, path_divergence, path_cka.
+    """
+    art = read_json(artifact_json)
+    ev = read_json(eval_json)
+    div = read_json(divergence_json)
+    cka = pd.read_parquet(cka_parquet)
+    missing = {"layer", "linear_cka"} - set(cka.columns)
+    if missing:
+        raise ValueError(f"{cka_parquet}: missing column(s) {sorted(missing)}")
+    for k in KEY:
+        if k not in art:
+            raise ValueError(f"{artifact_json}: missing key {k!r}")
+
+    row: dict = {
+        "model": str(art["model"]),
+        "degradation": str(art["degradation"]),
+        "recovery": str(art["recovery"]),
+        "family": str(art.get("family", "teacher")),
+        "degradation_method": str(art.get("degradation_method", "none")),
+        "recovery_method": str(art.get("recovery_method", "none")),
+        "seed": int(art["seed"]) if art.get("seed") is not None else -1,
+    }
+
+    benches = ev.get("benchmarks") or {}
+    tasks = sorted(benches)
+    row["tasks"] = ",".join(tasks)
+    accs, ses = [], []
+    for task in tasks:
+        b = benches[task]
+        acc, se = _f(b.get("acc")), _f(b.get("acc_stderr"))
+        row[f"acc_{task}"] = acc
+        row[f"acc_{task}_stderr"] = se
+        accs.append(acc)
+        ses.append(se)
+    if accs:
+        row["bench_mean"] = float(np.mean(accs))
+        row["bench_mean_stderr"] = float(math.sqrt(sum(s * s for s in ses)) / len(ses))
+    else:
+        row["bench_mean"] = math.nan
+        row["bench_mean_stderr"] = math.nan
+
+    ppl = ev.get("perplexity") or {}
+    row["nll_general"] = _f((ppl.get("general") or {}).get("nll"))
+    row["nll_code"] = _f((ppl.get("code") or {}).get("nll"))
+
+    row["kl"] = _f(div.get("kl_teacher_artifact"))
+    row["kl_stderr"] = _f(div.get("kl_stderr"))
+    row["top1"] = _f(div.get("top1_agreement"))
+
+    body = cka[cka["layer"] >= 1]
+    if body.empty:
+        raise ValueError(f"{cka_parquet}: no layers >= 1 (layer 0 is the embedding and is excluded)")
+    row["cka_mean"] = float(body["linear_cka"].mean())
+    row["cka_min"] = float(body["linear_cka"].min())
+    row["debiased_cka_mean"] = (
+        float(body["debiased_cka"].mean()) if "debiased_cka" in body else math.nan
+    )
+    row["n_layers"] = int(body["layer"].nunique())
+
+    row["seconds"] = _f((art.get("timings") or {}).get("seconds"))
+    row["eval_seconds"] = _f(ev.get("seconds"))
+    row["divergence_seconds"] = _f(div.get("seconds"))
+
+    row["path_artifact"] = str(artifact_json)
+    row["path_eval"] = str(eval_json)
+    row["path_divergence"] = str(divergence_json)
+    row["path_cka"] = str(cka_parquet)
+    return row
+
+
+def _iter_keyed_paths(paths_with_keys) -> Iterable[tuple[tuple[str, str, str], str]]:
+    if isinstance(paths_with_keys, Mapping):
+        items = paths_with_keys.items()
+    else:
+        items = paths_with_keys
+    for item in items:
+        if isinstance(item, Mapping):
+            yield (item["model"], item["degradation"], item["recovery"]), item["path"]
+        else:
+            key, path = item
+            if len(key) != 3:
+                raise ValueError(f"key {key!r} must be (model, degradation, recovery)")
+            yield tuple(key), path
+
+
+def load_cka_layers(paths_with_keys) -> pd.DataFrame:
+    """Long table of per-layer CKA: columns model, degradation, recovery, layer, linear_cka, debiased_cka.
+
+    ``paths_with_keys``: a mapping ``{(model, degradation, recovery): path}``, an iterable of
+    ``((model, degradation, recovery), path)`` pairs, or an iterable of dicts with those four keys.
+    """
+    frames = []
+    for (m, d, r), path in _iter_keyed_paths(paths_with_keys):
+        df = pd.read_parquet(path)
+        if "debiased_cka" not in df:
+            df["debiased_cka"] = math.nan
+        df = df[["layer", "linear_cka", "debiased_cka"]].copy()
+        df.insert(0, "recovery", str(r))
+        df.insert(0, "degradation", str(d))
+        df.insert(0, "model", str(m))
+        frames.append(df)
+    cols = KEY + ["layer", "linear_cka", "debiased_cka"]
+    if not frames:
+        return pd.DataFrame({c: pd.Series(dtype="float64" if "cka" in c else "object") for c in cols})
+    out = pd.concat(frames, ignore_index=True)
+    out["layer"] = out["layer"].astype("int64")
+    return out.sort_values(KEY + ["layer"], kind="stable").reset_index(drop=True)
+
+
+def _performance(df: pd.DataFrame, performance: str) -> tuple[pd.Series, pd.Series, str]:
+    """(P, stderr of P, kind) with P oriented higher = better; kind is 'stderr' or 'nll'."""
+    if performance == "bench_mean":
+        return df["bench_mean"].astype(float), df["bench_mean_stderr"].astype(float), "stderr"
+    if performance == "nll_general":
+        return -df["nll_general"].astype(float), pd.Series(np.nan, index=df.index), "nll"
+    if performance.startswith("acc:"):
+        task = performance[4:]
+        col = f"acc_{task}"
+        if col not in df:
+            raise ValueError(f"performance {performance!r}: no benchmark {task!r} in the rows")
+        se = df[f"{col}_stderr"] if f"{col}_stderr" in df else pd.Series(np.nan, index=df.index)
+        return df[col].astype(float), se.astype(float), "stderr"
+    raise ValueError(
+        f"unknown performance {performance!r}: use 'bench_mean', 'nll_general' or 'acc:<task>'"
+    )
+
+
+def _within_noise(diff: np.ndarray, se_a: np.ndarray, se_b: np.ndarray, kind: str, nll_noise: float):
+    diff = np.asarray(diff, dtype=float)
+    if kind == "nll":
+        return diff < nll_noise
+    combined = np.sqrt(np.asarray(se_a, float) ** 2 + np.asarray(se_b, float) ** 2)
+    return np.where(np.isfinite(combined), diff < 2.0 * combined, diff <= 0.0)
+
+
+def build_table(rows: list[dict], performance: str, *, nll_noise: float = NLL_NOISE_NATS) -> pd.DataFrame:
+    """Rows from :func:`collect_row` -> the analysis table (one row per artifact).
+
+    Added columns: performance_metric, P, P_stderr, role ('teacher' | 'degraded' | 'recovered'),
+    P_teacher, P_parent, damage, damage_stderr, damage_within_noise (bool), gain, gain_within_noise (bool),
+    recovery_fraction, cka_parent, delta_cka, kl_parent, delta_kl.
+    The teacher rows have NaN damage/deltas and False flags; a parent row has gain 0, delta_cka 0, delta_kl 0
+    and NaN recovery_fraction. Raises ValueError naming any missing teacher or parent artifact, duplicates,
+    or rows whose benchmark task sets differ (bench_mean would not be comparable).
+    """
+    if not rows:
+        raise ValueError("build_table: no rows")
+    df = pd.DataFrame(list(rows))
+    for c in KEY + ["cka_mean", "kl"]:
+        if c not in df:
+            raise ValueError(f"build_table: rows lack column {c!r}")
+    dup = df.duplicated(KEY, keep=False)
+    if dup.any():
+        keys = sorted(set(map(tuple, df.loc[dup, KEY].values.tolist())))
+        raise ValueError(f"build_table: duplicate artifacts {keys}")
+    if performance == "bench_mean" and "tasks" in df and df["tasks"].nunique() > 1:
+        raise ValueError(
+            "build_table: artifacts were evaluated on different benchmark sets "
+            f"{sorted(df['tasks'].unique())}; bench_mean is not comparable"
+        )
+
+    P, se, kind = _performance(df, performance)
+    df["performance_metric"] = performance
+    df["P"] = P.values
+    df["P_stderr"] = se.values
+
+    index = {tuple(k): i for i, k in enumerate(df[KEY].itertuples(index=False, name=None))}
+    missing = []
+    t_idx, p_idx = [], []
+    for m, d, r in df[KEY].itertuples(index=False, name=None):
+        t = (m, TEACHER, TEACHER)
+        p = (m, d, TEACHER)
+        if t not in index:
+            missing.append(f"teacher artifact (model={m!r}, degradation='none', recovery='none')")
+        if p not in index:
+            missing.append(f"parent artifact (model={m!r}, degradation={d!r}, recovery='none') of {(m, d, r)}")
+        t_idx.append(index.get(t, -1))
+        p_idx.append(index.get(p, -1))
+    if missing:
+        raise ValueError("build_table: missing " + "; ".join(dict.fromkeys(missing)))
+    t_idx, p_idx = np.array(t_idx), np.array(p_idx)
+
+    Pv, sev = df["P"].to_numpy(float), df["P_stderr"].to_numpy(float)
+    cka, kl = df["cka_mean"].to_numpy(float), df["kl"].to_numpy(float)
+    is_teacher = (df["degradation"] == TEACHER).to_numpy() & (df["recovery"] == TEACHER).to_numpy()
+    is_parent = (df["recovery"] == TEACHER).to_numpy() & ~is_teacher
+
+    df["role"] = np.where(is_teacher, "teacher", np.where(is_parent, "degraded", "recovered"))
+    df["P_teacher"] = Pv[t_idx]
+    df["P_parent"] = Pv[p_idx]
+    damage = Pv[t_idx] - Pv[p_idx]
+    gain = Pv - Pv[p_idx]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rf = np.where(damage != 0, gain / damage, np.nan)
+    rf = np.where(is_teacher | is_parent, np.nan, rf)
+    dmg_se = np.sqrt(sev[t_idx] ** 2 + sev[p_idx] ** 2)
+
+    nan = np.full(len(df), np.nan)
+    df["damage"] = np.where(is_teacher, nan, damage)
+    df["damage_stderr"] = np.where(is_teacher | (kind == "nll"), nan, dmg_se)
+    df["damage_within_noise"] = np.where(
+        is_teacher, False, _within_noise(damage, sev[t_idx], sev[p_idx], kind, nll_noise)
+    ).astype(bool)
+    df["gain"] = np.where(is_teacher, nan, gain)
+    df["gain_within_noise"] = np.where(
+        is_teacher | is_parent, False, _within_noise(gain, sev, sev[p_idx], kind, nll_noise)
+    ).astype(bool)
+    df["recovery_fraction"] = rf
+    df["cka_parent"] = np.where(is_teacher, nan, cka[p_idx])
+    df["delta_cka"] = np.where(is_teacher, nan, cka - cka[p_idx])
+    df["kl_parent"] = np.where(is_teacher, nan, kl[p_idx])
+    df["delta_kl"] = np.where(is_teacher, nan, kl - kl[p_idx])
+
+    role_order = df["role"].map({"teacher": 0, "degraded": 1, "recovered": 2})
+    df = df.assign(_ro=role_order, _nt=role_order > 0)
+    df = df.sort_values(["model", "_nt", "degradation", "_ro", "recovery"], kind="stable")
+    return df.drop(columns=["_ro", "_nt"]).reset_index(drop=True)
+
+
+def write_table(table: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Write the table as parquet, atomically."""
+    with atomic_path(path) as tmp:
+        table.to_parquet(tmp, index=False)
+
+
+def read_table(path: str | os.PathLike) -> pd.DataFrame:
+    return pd.read_parquet(Path(path))

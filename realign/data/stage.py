@@ -1,0 +1,38 @@
+"""Data preparation steps of the DAG (called by the thin Snakemake scripts)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from realign.data import corpora
+from realign.data.prompts import load_instruction_prompts, split_prompts
+from realign.io import write_json, write_jsonl
+
+# Splits whose text is scored against a reference answer need one.
+SPLITS_NEEDING_REFERENCE = {"distill", "probe", "divergence", "heldout"}
+
+
+def prepare_prompts(framework_root: str | Path, sizes: dict[str, int], seed: int, out_path: str | Path) -> dict:
+    """Disjoint instruction splits, written as one JSON file {split: [records]} plus their ids for provenance."""
+    records = load_instruction_prompts(Path(framework_root))
+    splits = split_prompts(records, sizes, seed, require_reference=SPLITS_NEEDING_REFERENCE & set(sizes))
+    ids = [r["id"] for split in splits.values() for r in split]
+    if len(ids) != len(set(ids)):
+        raise RuntimeError("prompt splits overlap")
+    write_json(out_path, splits)
+    return {name: len(split) for name, split in splits.items()}
+
+
+def prepare_code_corpus(corpus: str, heldout_fraction: float, max_chars: int, out_train: str | Path,
+                        out_heldout: str | Path) -> dict:
+    root = corpora.stdlib_root() if corpus == "stdlib" else Path(corpus)
+    pattern = "**/*.py" if corpus == "stdlib" else "**/*"
+    files = corpora.corpus_files(root, pattern)
+    splits = corpora.split_files(root, files, heldout_fraction)
+    summary = {}
+    for name, out in (("train", out_train), ("heldout", out_heldout)):
+        texts = corpora.read_texts(splits[name], max_chars)
+        write_jsonl(out, [{"text": t} for t in texts])
+        summary[name] = {"files": len(texts), "chars": sum(map(len, texts))}
+    summary["root"] = str(root)
+    return summary

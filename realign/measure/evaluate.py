@@ -1,0 +1,83 @@
+"""Score an in-memory model on the exported offline benchmark tasks with lm-evaluation-harness 0.4.13."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+# Must be set before `datasets` / `lm_eval` are imported anywhere, or datasets tries the hub (telemetry).
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SEED = 1234
+
+
+def _num(x) -> float | None:
+    if x is None:
+        return None
+    if isinstance(x, str):  # lm-eval reports "N/A" for stderrs it cannot compute
+        try:
+            return float(x)
+        except ValueError:
+            return math.nan
+    return float(x)
+
+
+def run_lm_eval(model, tokenizer, task_dir: Path, tasks: list[str], batch_size: int = 8) -> dict:
+    """Evaluate `model` (an already-loaded transformers causal LM) on tasks `realign_{task}` from `task_dir`.
+
+    Returns {task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "perplexity", "n"}}; keys a task does
+    not have (acc_norm for lambada/winogrande, perplexity for multiple-choice tasks) are None, and stderrs
+    lm-eval cannot compute are NaN.
+    """
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    task_dir = Path(task_dir)
+    if not task_dir.is_dir():
+        raise FileNotFoundError(f"benchmark task directory {task_dir} does not exist")
+    missing = [t for t in tasks if not (task_dir / f"realign_{t}.yaml").exists()]
+    if missing:
+        raise FileNotFoundError(f"no exported task YAML for {missing} in {task_dir}")
+
+    was_training = model.training
+    model.eval()
+    try:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=[f"realign_{t}" for t in tasks],
+            # include_defaults=False: indexing the ~10k built-in task YAMLs costs ~8 s per call on this CPU
+            task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+            num_fewshot=0,
+            log_samples=False,
+            random_seed=SEED, numpy_random_seed=SEED, torch_random_seed=SEED, fewshot_random_seed=SEED,
+            bootstrap_iters=1000,
+        )
+    finally:
+        model.train(was_training)
+
+    out: dict = {}
+    for t in tasks:
+        r = results["results"][f"realign_{t}"]
+        n = results.get("n-samples", {}).get(f"realign_{t}", {})
+        n = int(n.get("effective", n.get("original", 0)))
+
+        def get(metric: str):
+            return _num(r.get(f"{metric},none"))
+
+        out[t] = {
+            "acc": get("acc"),
+            "acc_stderr": get("acc_stderr"),
+            "acc_norm": get("acc_norm"),
+            "acc_norm_stderr": get("acc_norm_stderr") if "acc_norm,none" in r else None,
+            "perplexity": get("perplexity"),
+            "n": n,
+        }
+        if out[t]["acc_stderr"] is None:
+            out[t]["acc_stderr"] = math.nan
+    return out

