@@ -1,3 +1,9 @@
+import os
+
+# Model and dataset hubs are unreachable here; without these, `datasets` tries a request on every load.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -4,7 +4,7 @@ import torch
 from realign.data.sequences import packed_chunks
 from realign.degrade import constraints
 from realign.degrade.prune import magnitude_mask, prune_model
-from realign.degrade.quantize import grid_violation, levels_per_group, quantize_model, rtn_quantize
+from realign.degrade.quantize import grid_violation, levels_per_group, quantize_model, rtn_grid, rtn_quantize
 from realign.degrade.targets import block_linears
 from realign.measure.divergence import mean_nll
 from realign.recover.losses import cross_entropy
@@ -24,8 +24,20 @@ def test_rtn_has_at_most_2_pow_bits_levels_per_group(bits):
     q = rtn_quantize(w, bits, 32)
     assert levels_per_group(q, 32) <= 2**bits
     assert levels_per_group(w, 32) == 32  # the unquantized weights really had more levels
-    assert grid_violation(q, bits, 32) < 1e-6
-    assert torch.equal(rtn_quantize(q, bits, 32), q) or torch.allclose(rtn_quantize(q, bits, 32), q, atol=1e-6)
+    scale, zero = rtn_grid(w, bits, 32)
+    assert grid_violation(q, scale, zero, bits) < 1e-6
+    assert grid_violation(w, scale, zero, bits) > 0.1  # the original weights are off the grid
+
+
+def test_grid_check_survives_rounding_ties():
+    # A group whose min sits exactly half a step off a grid point: re-fitting the grid to the quantized weights
+    # would give a different grid, so the check must use the saved grid, not a re-fitted one.
+    w = torch.tensor([[-2.5, -1.0, 0.0, 4.5] * 8])
+    scale, zero = rtn_grid(w, 3, 32)
+    from realign.degrade.quantize import fake_quantize
+
+    q = fake_quantize(w, scale, zero, 3)
+    assert grid_violation(q, scale, zero, 3) < 1e-9
 
 
 def test_rtn_error_shrinks_with_more_bits():
@@ -94,14 +106,14 @@ def _train_a_few_steps(model, tokenizer, steps=2):
 
 def test_quantized_model_stays_on_grid_after_training(tiny):
     model, tokenizer = tiny
-    constraint = quantize_model(model, 3, 32)
+    constraint, grids = quantize_model(model, 3, 32)
     before = {n: l.weight.detach().clone() for n, l in block_linears(model).items()}
-    constraints.attach(model, constraint, {})
+    constraints.attach(model, constraint, grids)
     _train_a_few_steps(model, tokenizer)
     constraints.detach(model)
     after = block_linears(model)
     assert any(not torch.equal(before[n], after[n].weight) for n in before), "training changed nothing"
-    assert constraints.check(model, constraint, {})["ok"]
+    assert constraints.check(model, constraint, grids)["ok"]
     assert all(levels_per_group(l.weight, 32) <= 8 for l in after.values())
 
 
@@ -124,7 +136,7 @@ def test_unconstrained_training_breaks_the_constraint_and_check_says_so(tiny):
     with pytest.raises(constraints.ConstraintViolation, match="pruned weights are no longer zero"):
         constraints.check(model, constraint, masks)
     quantized, tok = tiny
-    grid = quantize_model(quantized, 2, 32)
+    grid, grids = quantize_model(quantized, 2, 32)
     _train_a_few_steps(quantized, tok)
     with pytest.raises(constraints.ConstraintViolation, match="grid"):
-        constraints.check(quantized, grid, {})
+        constraints.check(quantized, grid, grids)

@@ -23,8 +23,11 @@ class ConstraintViolation(RuntimeError):
     pass
 
 
-def attach(model, constraint: dict, masks: dict[str, torch.Tensor]) -> None:
-    """Register the parametrizations that make training respect the constraint."""
+def attach(model, constraint: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Register the parametrizations that make training respect the constraint.
+
+    `tensors` holds the constraint's data: keep-masks by module name, or `{name}.scale` / `{name}.zero` grids.
+    """
     kind = constraint.get("kind", "none")
     if kind == "none":
         return
@@ -33,9 +36,9 @@ def attach(model, constraint: dict, masks: dict[str, torch.Tensor]) -> None:
         if name not in layers:
             raise ConstraintViolation(f"constraint names module {name!r} which the model does not have")
         if kind == "grid":
-            module = STEFakeQuant(constraint["bits"], constraint["group_size"])
+            module = STEFakeQuant(tensors[f"{name}.scale"], tensors[f"{name}.zero"], constraint["bits"])
         elif kind == "mask":
-            module = ApplyMask(masks[name].to(layers[name].weight.device))
+            module = ApplyMask(tensors[name].to(layers[name].weight.device))
         else:
             raise ValueError(f"unknown constraint kind {kind!r}")
         parametrize.register_parametrization(layers[name], "weight", module)
@@ -48,7 +51,7 @@ def detach(model) -> None:
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
 
 
-def check(model, constraint: dict, masks: dict[str, torch.Tensor]) -> dict:
+def check(model, constraint: dict, tensors: dict[str, torch.Tensor]) -> dict:
     """Verify the weights satisfy the constraint; raise ConstraintViolation naming the first bad module."""
     kind = constraint.get("kind", "none")
     if kind == "none":
@@ -58,13 +61,14 @@ def check(model, constraint: dict, masks: dict[str, torch.Tensor]) -> dict:
     for name in constraint["modules"]:
         weight = layers[name].weight.detach()
         if kind == "grid":
-            violation = grid_violation(weight, constraint["bits"], constraint["group_size"])
+            violation = grid_violation(weight, tensors[f"{name}.scale"], tensors[f"{name}.zero"],
+                                       constraint["bits"])
             worst = max(worst, violation)
             if violation > GRID_TOLERANCE:
-                raise ConstraintViolation(f"{name}: weights are {violation:.3g} grid steps off their "
+                raise ConstraintViolation(f"{name}: weights are {violation:.3g} grid steps off their saved "
                                           f"{constraint['bits']}-bit RTN grid")
         elif kind == "mask":
-            mask = masks[name]
+            mask = tensors[name]
             nonzero_pruned = int((weight[~mask] != 0).sum())
             if nonzero_pruned:
                 raise ConstraintViolation(f"{name}: {nonzero_pruned} pruned weights are no longer zero")

@@ -1,8 +1,12 @@
 """Round-to-nearest (RTN) group-wise weight quantization, and its straight-through fake-quant for training.
 
 Asymmetric min-max quantization per group of `group_size` consecutive input features of each output row:
-scale = (max - min) / (2^bits - 1), w_q = clamp(round(w / scale) + zero, 0, 2^bits - 1),
-w_hat = (w_q - zero) * scale. Each group therefore holds at most 2^bits distinct values.
+scale = (max - min) / (2^bits - 1), zero = round(-min / scale), w_q = clamp(round(w / scale) + zero, 0,
+2^bits - 1), w_hat = (w_q - zero) * scale. Each group therefore holds at most 2^bits distinct values.
+
+The grid (scale, zero per group) is fixed when the model is quantized and saved with the artifact: recovery
+moves weights between points of that grid and never re-fits it, so the recovered model is representable in
+exactly the damaged model's integer format.
 """
 
 from __future__ import annotations
@@ -22,53 +26,72 @@ def validate_rtn(bits: int, group_size: int, in_features: int | None = None, key
                          f"choose a divisor (e.g. 32 or 64 for SmolLM2's 576)")
 
 
-def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-    """Return the dequantized RTN approximation of `weight` (same shape and dtype)."""
+def _groups(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     out_features, in_features = weight.shape
-    validate_rtn(bits, group_size, in_features)
-    groups = weight.detach().reshape(out_features, in_features // group_size, group_size).to(torch.float64)
-    low = groups.amin(dim=-1, keepdim=True)
-    high = groups.amax(dim=-1, keepdim=True)
-    levels = 2**bits - 1
-    scale = ((high - low) / levels).clamp_min(1e-12)
-    zero = torch.round(-low / scale)
-    q = torch.clamp(torch.round(groups / scale) + zero, 0, levels)
-    return ((q - zero) * scale).reshape(out_features, in_features).to(weight.dtype)
+    return weight.detach().reshape(out_features, in_features // group_size, group_size).to(torch.float64)
+
+
+def rtn_grid(weight: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group (scale, zero) of shape [out_features, in_features / group_size], float64."""
+    validate_rtn(bits, group_size, weight.shape[1])
+    groups = _groups(weight, group_size)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scale = ((high - low) / (2**bits - 1)).clamp_min(1e-12)
+    return scale, torch.round(-low / scale)
+
+
+def fake_quantize(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Snap `weight` onto the given grid (same shape and dtype as `weight`)."""
+    group_size = weight.shape[1] // scale.shape[1]
+    groups = weight.reshape(weight.shape[0], scale.shape[1], group_size).to(torch.float64)
+    q = torch.clamp(torch.round(groups / scale[..., None]) + zero[..., None], 0, 2**bits - 1)
+    return ((q - zero[..., None]) * scale[..., None]).reshape(weight.shape).to(weight.dtype)
+
+
+def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """The dequantized RTN approximation of `weight` on its own min-max grid."""
+    scale, zero = rtn_grid(weight, bits, group_size)
+    return fake_quantize(weight, scale, zero, bits)
 
 
 class STEFakeQuant(torch.nn.Module):
-    """Parametrization: the forward sees quantized weights, the backward passes gradients straight through."""
+    """Parametrization: the forward sees grid weights, the backward passes gradients straight through."""
 
-    def __init__(self, bits: int, group_size: int):
+    def __init__(self, scale: torch.Tensor, zero: torch.Tensor, bits: int):
         super().__init__()
-        self.bits, self.group_size = bits, group_size
+        self.bits = bits
+        self.register_buffer("scale", scale, persistent=False)
+        self.register_buffer("zero", zero, persistent=False)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + (rtn_quantize(weight, self.bits, self.group_size) - weight).detach()
+        return weight + (fake_quantize(weight, self.scale, self.zero, self.bits) - weight).detach()
 
 
-def quantize_model(model, bits: int, group_size: int) -> dict:
-    """Quantize every block Linear in place; returns the constraint description."""
+def quantize_model(model, bits: int, group_size: int) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Quantize every block Linear in place; returns (constraint description, {name.scale/name.zero: grid})."""
+    grids = {}
     layers = block_linears(model)
     for name, linear in layers.items():
         validate_rtn(bits, group_size, linear.in_features, key=f"degradations.*.({name}) ")
+        scale, zero = rtn_grid(linear.weight, bits, group_size)
         with torch.no_grad():
-            linear.weight.copy_(rtn_quantize(linear.weight, bits, group_size))
-    return {"kind": "grid", "scheme": "rtn-asym-minmax", "bits": bits, "group_size": group_size,
-            "modules": sorted(layers)}
+            linear.weight.copy_(fake_quantize(linear.weight, scale, zero, bits))
+        grids[f"{name}.scale"], grids[f"{name}.zero"] = scale, zero
+    constraint = {"kind": "grid", "scheme": "rtn-asym-minmax", "bits": bits, "group_size": group_size,
+                  "modules": sorted(layers)}
+    return constraint, grids
 
 
-def grid_violation(weight: torch.Tensor, bits: int, group_size: int) -> float:
-    """Largest distance of a weight from its group's RTN grid, relative to the grid step (0 = on grid)."""
-    out_features, in_features = weight.shape
-    groups = weight.detach().reshape(out_features, in_features // group_size, group_size).to(torch.float64)
-    step = ((groups.amax(-1, keepdim=True) - groups.amin(-1, keepdim=True)) / (2**bits - 1)).clamp_min(1e-12)
-    requantized = rtn_quantize(weight.detach().to(torch.float64), bits, group_size)
-    return float(((weight.detach().to(torch.float64) - requantized).reshape_as(groups).abs() / step).max())
+def grid_violation(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> float:
+    """Largest distance of a weight from its grid, in grid steps (0 = on the grid, inside its range)."""
+    group_size = weight.shape[1] // scale.shape[1]
+    q = _groups(weight, group_size) / scale[..., None] + zero[..., None]
+    off_grid = (q - torch.round(q)).abs().max()
+    out_of_range = torch.clamp(-q, min=0).max().maximum(torch.clamp(q - (2**bits - 1), min=0).max())
+    return float(torch.maximum(off_grid, out_of_range))
 
 
 def levels_per_group(weight: torch.Tensor, group_size: int) -> int:
     """Maximum number of distinct values in any group (for checks and tests)."""
-    out_features, in_features = weight.shape
     groups = weight.detach().reshape(-1, group_size)
     return max(int(torch.unique(g).numel()) for g in groups)

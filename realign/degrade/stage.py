@@ -28,7 +28,7 @@ def degrade(teacher_dir: str | Path, out_dir: str | Path, model_name: str, name:
     start = time.time()
     model, tokenizer, _ = load_artifact(teacher_dir)
     method = params["method"]
-    masks: dict = {}
+    tensors: dict = {}
     curve: list[dict] = []
     extra: dict = {}
     if method == "sft":
@@ -37,16 +37,16 @@ def degrade(teacher_dir: str | Path, out_dir: str | Path, model_name: str, name:
         constraint = dict(constraints.NO_CONSTRAINT)
         extra["data"] = {"corpus": str(code_train), "chunks": n_chunks, "tokens_per_chunk": params["max_len"]}
     elif method == "rtn":
-        constraint = quantize_model(model, params["bits"], params["group_size"])
+        constraint, tensors = quantize_model(model, params["bits"], params["group_size"])
     elif method == "magnitude":
-        constraint, masks = prune_model(model, params["sparsity"])
+        constraint, tensors = prune_model(model, params["sparsity"])
     else:
         raise ValueError(f"degradations.{name}.method: unknown method {method!r}")
-    check = constraints.check(model, constraint, masks)
+    check = constraints.check(model, constraint, tensors)
     meta = {"model": model_name, "degradation": name, "recovery": "none", "family": FAMILIES[method],
             "degradation_method": method, "degradation_params": params, "recovery_method": "none",
             "recovery_params": {}, "constraint": constraint, "constraint_check": check, "seed": seed,
             "parents": [str(teacher_dir)], "training_curve": curve, "timings": {"seconds": time.time() - start},
             **extra}
-    save_artifact(model, tokenizer, out_dir, meta, constraint_tensors={k: v.to("cpu") for k, v in masks.items()})
+    save_artifact(model, tokenizer, out_dir, meta, constraint_tensors=tensors)
     return meta

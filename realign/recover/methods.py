@@ -26,7 +26,7 @@ def build_examples(tokenizer, records: list[dict], answer_key: str, max_len: int
 
 
 def recover(student, teacher, tokenizer, method: str, records: list[dict], cfg: TrainConfig, max_len: int,
-            constraint: dict, masks: dict, temperature: float = 1.0) -> tuple[list[dict], dict]:
+            constraint: dict, constraint_tensors: dict, temperature: float = 1.0) -> tuple[list[dict], dict]:
     """Train `student` in place; returns (training curve, constraint check on the final weights)."""
     if method not in METHODS:
         raise ValueError(f"unknown recovery method {method!r}; allowed: {', '.join(METHODS)}")
@@ -48,9 +48,9 @@ def recover(student, teacher, tokenizer, method: str, records: list[dict], cfg: 
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             return cross_entropy(logits, batch["labels"])
 
-    constraints.attach(student, constraint, masks)
+    constraints.attach(student, constraint, constraint_tensors)
     try:
         curve = train(student, examples, loss_fn, cfg, pad_id=tokenizer.pad_token_id)
     finally:
         constraints.detach(student)
-    return curve, constraints.check(student, constraint, masks)
+    return curve, constraints.check(student, constraint, constraint_tensors)
