@@ -7,7 +7,6 @@ versions, timings and the training curve, so every number in the report can be t
 from __future__ import annotations
 
 import platform
-import shutil
 from pathlib import Path
 
 import torch
@@ -44,17 +43,6 @@ def save_artifact(model, tokenizer, out_dir: str | Path, meta: dict,
         if constraint_tensors:
             save_file({k: v.contiguous() for k, v in constraint_tensors.items()}, str(tmp / CONSTRAINT_FILE))
         write_json(tmp / ARTIFACT_JSON, meta)
-    return Path(out_dir)
-
-
-def copy_artifact(src_dir: str | Path, out_dir: str | Path, meta: dict) -> Path:
-    """A new artifact with the same weights as `src_dir` (e.g. recovery `none`) and its own metadata."""
-    src_dir = Path(src_dir)
-    with atomic_path(out_dir, is_dir=True) as tmp:
-        for item in src_dir.iterdir():
-            if item.name != ARTIFACT_JSON:
-                shutil.copy2(item, tmp / item.name)
-        write_json(tmp / ARTIFACT_JSON, {**meta, "versions": meta.get("versions", library_versions())})
     return Path(out_dir)
 
 

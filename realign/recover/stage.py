@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from realign.degrade.stage import train_config
-from realign.io import read_json, write_jsonl
+from realign.io import read_json, read_jsonl, write_jsonl
 from realign.models.artifact import load_artifact, load_constraint_tensors, save_artifact
 from realign.recover.methods import recover
 from realign.recover.teacher_data import generate_answers
@@ -23,8 +23,6 @@ def teacher_answers(teacher_dir: str | Path, prompts_path: str | Path, max_new_t
 
 def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, answers_path: str | Path, out_dir: str | Path,
                  name: str, params: dict, seed: int) -> dict:
-    from realign.io import read_jsonl
-
     start = time.time()
     student, tokenizer, parent_meta = load_artifact(damaged_dir)
     constraint_tensors = load_constraint_tensors(damaged_dir)
