@@ -13,7 +13,7 @@ SPLITS_NEEDING_REFERENCE = {"distill", "probe", "divergence", "heldout"}
 
 
 def prepare_prompts(framework_root: str | Path, sizes: dict[str, int], seed: int, out_path: str | Path) -> dict:
-    """Disjoint instruction splits, written as one JSON file {split: [records]} plus their ids for provenance."""
+    """Disjoint instruction splits, written as one JSON file {split: [records]}; returns the split sizes."""
     records = load_instruction_prompts(Path(framework_root))
     splits = split_prompts(records, sizes, seed, require_reference=SPLITS_NEEDING_REFERENCE & set(sizes))
     ids = [r["id"] for split in splits.values() for r in split]
@@ -21,6 +21,15 @@ def prepare_prompts(framework_root: str | Path, sizes: dict[str, int], seed: int
         raise RuntimeError("prompt splits overlap")
     write_json(out_path, splits)
     return {name: len(split) for name, split in splits.items()}
+
+
+def forgetting_chars_needed(degradations: dict, training: dict) -> int:
+    """Characters of narrow corpus that every forgetting run can consume (about 4 characters per token, with a
+    safety factor of 2), at least 200k."""
+    tokens = [d["steps"] * d.get("batch_size", training["batch_size"]) * d.get("max_len", training["max_len"])
+              * d.get("grad_accum", training.get("grad_accum", 1))
+              for d in degradations.values() if d["method"] == "sft"]
+    return max([8 * t for t in tokens] + [200_000])
 
 
 def prepare_code_corpus(corpus: str, heldout_fraction: float, max_chars: int, out_train: str | Path,

@@ -31,9 +31,11 @@ def _groups(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     return weight.detach().reshape(out_features, in_features // group_size, group_size).to(torch.float64)
 
 
-def rtn_grid(weight: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group (scale, zero) of shape [out_features, in_features / group_size], float64."""
-    validate_rtn(bits, group_size, weight.shape[1])
+def rtn_grid(weight: torch.Tensor, bits: int, group_size: int, key: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group (scale, zero) of shape [out_features, in_features / group_size], float64.
+
+    `key` prefixes error messages with the config key the parameters came from."""
+    validate_rtn(bits, group_size, weight.shape[1], key=key)
     groups = _groups(weight, group_size)
     low, high = groups.amin(dim=-1), groups.amax(dim=-1)
     scale = ((high - low) / (2**bits - 1)).clamp_min(1e-12)
@@ -67,13 +69,12 @@ class STEFakeQuant(torch.nn.Module):
         return weight + (fake_quantize(weight, self.scale, self.zero, self.bits) - weight).detach()
 
 
-def quantize_model(model, bits: int, group_size: int) -> tuple[dict, dict[str, torch.Tensor]]:
+def quantize_model(model, bits: int, group_size: int, key: str = "") -> tuple[dict, dict[str, torch.Tensor]]:
     """Quantize every block Linear in place; returns (constraint description, {name.scale/name.zero: grid})."""
     grids = {}
     layers = block_linears(model)
     for name, linear in layers.items():
-        validate_rtn(bits, group_size, linear.in_features, key=f"degradations.*.({name}) ")
-        scale, zero = rtn_grid(linear.weight, bits, group_size)
+        scale, zero = rtn_grid(linear.weight, bits, group_size, key=f"{key}({name}) ")
         with torch.no_grad():
             linear.weight.copy_(fake_quantize(linear.weight, scale, zero, bits))
         grids[f"{name}.scale"], grids[f"{name}.zero"] = scale, zero

@@ -37,7 +37,7 @@ def degrade(teacher_dir: str | Path, out_dir: str | Path, model_name: str, name:
         constraint = dict(constraints.NO_CONSTRAINT)
         extra["data"] = {"corpus": str(code_train), "chunks": n_chunks, "tokens_per_chunk": params["max_len"]}
     elif method == "rtn":
-        constraint, tensors = quantize_model(model, params["bits"], params["group_size"])
+        constraint, tensors = quantize_model(model, params["bits"], params["group_size"], key=f"degradations.{name}.")
     elif method == "magnitude":
         constraint, tensors = prune_model(model, params["sparsity"])
     else:

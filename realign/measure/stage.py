@@ -27,7 +27,7 @@ def probe_sequences(tokenizer, records: list[dict], max_tokens: int) -> list[tor
 
 def activations(artifact_dir, prompts_path, out_path, max_tokens: int, per_sequence: int, seed: int) -> dict:
     start = time.time()
-    model, tokenizer, meta = load_artifact(artifact_dir)
+    model, tokenizer, _ = load_artifact(artifact_dir)
     sequences = probe_sequences(tokenizer, read_json(prompts_path)["probe"], max_tokens)
     acts = capture(model, sequences, per_sequence, seed)
     save_activations(acts, out_path, {"artifact": str(artifact_dir), "seed": str(seed),

