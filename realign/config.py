@@ -27,6 +27,9 @@ def _describe(error: jsonschema.ValidationError) -> str:
         return f"{error.message}; allowed keys: {', '.join(allowed) or 'none'}"
     if error.validator == "not" and error.instance == "none":
         return "'none' is reserved (it names the undamaged teacher and the no-recovery control)"
+    if error.validator == "oneOf" and all(set(sub) == {"required"} for sub in error.validator_value):
+        names = [name for sub in error.validator_value for name in sub["required"]]
+        return f"give exactly one of {', '.join(names)}"
     if error.validator == "enum":
         return f"{error.instance!r} is not allowed; allowed: {', '.join(map(str, error.validator_value))}"
     return error.message
@@ -63,13 +66,22 @@ def validate_config(config: dict, schema: dict) -> dict:
     return config
 
 
+def _study_blocks(config: dict) -> list[dict]:
+    study = config.get("study")
+    if study is None:
+        return [{}]
+    return study if isinstance(study, list) else [study]
+
+
 def _check_cross_references(config: dict) -> None:
-    study = config.get("study", {})
-    for kind in ("degradations", "recoveries"):
-        for name in study.get(kind, []):
-            if name not in config[kind]:
-                raise ConfigError(f"invalid config key study.{kind}: {name!r} is not defined under {kind}: "
-                                  f"defined are {', '.join(config[kind])}")
+    blocks = _study_blocks(config)
+    for index, block in enumerate(blocks):
+        where = f"study[{index}]" if isinstance(config.get("study"), list) else "study"
+        for kind in ("degradations", "recoveries"):
+            for name in block.get(kind, []):
+                if name not in config[kind]:
+                    raise ConfigError(f"invalid config key {where}.{kind}: {name!r} is not defined under {kind}: "
+                                      f"defined are {', '.join(config[kind])}")
     performance = config["analysis"]["performance"]
     if performance.startswith("acc:") and performance[4:] not in config["measure"]["benchmarks"]:
         raise ConfigError(f"invalid config key analysis.performance: task {performance[4:]!r} is not in "
@@ -79,12 +91,27 @@ def _check_cross_references(config: dict) -> None:
             raise ConfigError(f"invalid config key models.{name}.path: directory {model['path']} does not exist")
 
 
+def study_cells(config: dict) -> list[tuple[str, str]]:
+    """The (degradation, recovery) pairs of the study, recovery `none` (the damaged model) included.
+
+    `study` is absent (all x all), one block {degradations, recoveries} (its cross product; a missing list means
+    all), or a list of such blocks (the union), so a study can cross a long damage ladder with one recovery and
+    a few damages with every control."""
+    cells: list[tuple[str, str]] = []
+    for block in _study_blocks(config):
+        for degradation in block.get("degradations", list(config["degradations"])):
+            for recovery in ["none"] + list(block.get("recoveries", list(config["recoveries"]))):
+                if (degradation, recovery) not in cells:
+                    cells.append((degradation, recovery))
+    return cells
+
+
 def study_degradations(config: dict) -> list[str]:
-    return list(config.get("study", {}).get("degradations", config["degradations"]))
+    return list(dict.fromkeys(d for d, _ in study_cells(config)))
 
 
 def study_recoveries(config: dict) -> list[str]:
-    return list(config.get("study", {}).get("recoveries", config["recoveries"]))
+    return list(dict.fromkeys(r for _, r in study_cells(config) if r != "none"))
 
 
 def training_params(config: dict, section: str, name: str) -> dict:

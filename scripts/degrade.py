@@ -3,4 +3,5 @@ from realign.logs import route_to
 
 route_to(snakemake.log[0], snakemake.threads)
 degrade(snakemake.input.teacher, snakemake.output[0], snakemake.wildcards.model, snakemake.wildcards.degradation,
-        snakemake.params.spec, snakemake.config["seed"], code_train=snakemake.input.code_train)
+        snakemake.params.spec, snakemake.config["seed"], narrow_train=snakemake.input.get("narrow_train"),
+        prompts_path=snakemake.input.get("prompts"), calibration=snakemake.config["data"]["calibration"])

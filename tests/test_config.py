@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from realign.config import ConfigError, load_schema, validate_config
+from realign.config import ConfigError, load_schema, study_cells, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = load_schema(REPO / "workflow/schemas/config.schema.yaml")
@@ -42,7 +42,7 @@ BAD = [
     ("sparsity = 1.5", _set(["degradations", "magnitude-50", "sparsity"], 1.5), r"magnitude-50\.sparsity"),
     ("sparsity = 0", _set(["degradations", "magnitude-50", "sparsity"], 0), r"magnitude-50\.sparsity"),
     ("unknown degradation method", _set(["degradations", "rtn-w3g64", "method"], "gptq-ish"),
-     r"degradations\.rtn-w3g64\.method: 'gptq-ish' is not allowed; allowed: sft, rtn, magnitude"),
+     r"degradations\.rtn-w3g64\.method: 'gptq-ish' is not allowed; allowed: sft, rtn, gptq, nvfp4, bnb, magnitude, wanda, sparsegpt"),
     ("unknown recovery method", _set(["recoveries", "kd", "method"], "magic"), r"recoveries\.kd\.method.*allowed: kd"),
     ("negative steps", _set(["recoveries", "kd", "steps"], -3), r"recoveries\.kd\.steps: -3"),
     ("steps as string", _set(["recoveries", "sft", "steps"], "ten"), r"recoveries\.sft\.steps: 'ten' is not of type"),
@@ -66,6 +66,20 @@ BAD = [
     ("alpha out of range", _set(["analysis", "alpha"], 1.5), r"analysis\.alpha"),
     ("missing prompt split", _delete(["data", "prompt_splits", "probe"]), r"data\.prompt_splits.*'probe' is a required"),
     ("bad schedule", _set(["training", "schedule"], "step"), r"training\.schedule: 'step' is not allowed"),
+    ("sparsity and pattern both", _set(["degradations", "magnitude-50", "pattern"], "2:4"),
+     r"degradations\.magnitude-50: give exactly one of sparsity, pattern"),
+    ("malformed N:M pattern", _set(["degradations", "magnitude-50"], {"method": "wanda", "pattern": "2-4"}),
+     r"degradations\.magnitude-50\.pattern: '2-4' does not match"),
+    ("unknown bnb quant type", _set(["degradations", "nf4"], {"method": "bnb", "quant_type": "nf3"}),
+     r"degradations\.nf4\.quant_type: 'nf3' is not allowed; allowed: nf4, fp4, int8"),
+    ("gptq damp above 1", _set(["degradations", "g"], {"method": "gptq", "bits": 3, "group_size": 64, "damp": 2}),
+     r"degradations\.g\.damp: 2 is greater than the maximum of 1"),
+    ("nvfp4 takes no bits", _set(["degradations", "fp4"], {"method": "nvfp4", "bits": 4}),
+     r"degradations\.fp4.*'bits' was unexpected"),
+    ("unknown forgetting corpus", _set(["degradations", "sft-code", "corpus"], "poetry"),
+     r"degradations\.sft-code\.corpus: 'poetry' is not allowed; allowed: code, math"),
+    ("study block names undefined degradation", _set(["study"], [{"recoveries": ["kd"]}, {"degradations": ["x"]}]),
+     r"study\[1\]\.degradations: 'x' is not defined under degradations"),
 ]
 
 
@@ -93,3 +107,19 @@ def test_snakemake_stops_before_any_job(tmp_path):
     assert result.returncode != 0
     assert "degradations.rtn-w3g64.bits: 0 is less than the minimum of 1" in result.stdout + result.stderr
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    config = validate_config(yaml.safe_load(path.read_text()), SCHEMA)
+    assert study_cells(config)
+
+
+def test_study_blocks_are_a_union_of_cross_products():
+    config = validate_config(DEFAULT, SCHEMA)
+    config["study"] = [{"degradations": ["rtn-w3g64"], "recoveries": ["kd"]},
+                       {"degradations": ["rtn-w3g64", "magnitude-50"], "recoveries": ["kd", "sft"]}]
+    assert study_cells(config) == [("rtn-w3g64", "none"), ("rtn-w3g64", "kd"), ("rtn-w3g64", "sft"),
+                                   ("magnitude-50", "none"), ("magnitude-50", "kd"), ("magnitude-50", "sft")]
+    del config["study"]
+    assert len(study_cells(config)) == len(config["degradations"]) * (1 + len(config["recoveries"]))

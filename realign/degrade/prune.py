@@ -1,4 +1,5 @@
-"""Unstructured magnitude pruning: in each block Linear, zero the `sparsity` fraction of smallest |w|."""
+"""Magnitude pruning of each block Linear: unstructured (the `sparsity` fraction of smallest |w| per layer) or
+N:M semi-structured (the n largest |w| kept in every m consecutive input weights of a row)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from realign.degrade.targets import block_linears
 
 
 def validate_sparsity(sparsity, key: str = "sparsity") -> None:
-    if not isinstance(sparsity, (int, float)) or not 0.0 < float(sparsity) < 1.0:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 < float(sparsity) < 1.0:
         raise ValueError(f"{key} must be a number strictly between 0 and 1, got {sparsity!r}")
 
 
@@ -22,18 +23,31 @@ def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     return keep.reshape(weight.shape)
 
 
-def prune_model(model, sparsity: float) -> tuple[dict, dict[str, torch.Tensor]]:
+def prune_model(model, sparsity: float | None = None, pattern: str | None = None,
+                key: str = "") -> tuple[dict, dict[str, torch.Tensor]]:
     """Prune in place; returns (constraint description, {module name: keep-mask})."""
+    from realign.degrade.nm import check_widths, nm_mask, resolve_target
+
+    target, nm = resolve_target(sparsity, pattern, key=key)
+    layers = block_linears(model)
+    if nm is not None:
+        check_widths(layers, nm[1], key=key)
     masks = {}
-    for name, linear in block_linears(model).items():
-        mask = magnitude_mask(linear.weight, sparsity)
+    for name, linear in layers.items():
+        mask = magnitude_mask(linear.weight, target) if nm is None else nm_mask(linear.weight.detach().abs(), *nm)
         with torch.no_grad():
             linear.weight.mul_(mask)
         masks[name] = mask
-    kept = sum(int(m.sum()) for m in masks.values())
-    total = sum(m.numel() for m in masks.values())
-    return {"kind": "mask", "scheme": "magnitude-unstructured", "sparsity": float(sparsity),
-            "achieved_sparsity": 1 - kept / total, "modules": sorted(masks)}, masks
+    return mask_constraint("magnitude", nm, target, masks), masks
+
+
+def mask_constraint(scheme: str, nm: tuple[int, int] | None, target: float, masks: dict[str, torch.Tensor],
+                    **extra) -> dict:
+    """The `mask` constraint description shared by every pruning method (`extra`: e.g. its calibration)."""
+    kept = sum(int(mask.sum()) for mask in masks.values())
+    total = sum(mask.numel() for mask in masks.values())
+    return {"kind": "mask", "scheme": scheme, "pattern": None if nm is None else f"{nm[0]}:{nm[1]}",
+            "sparsity": float(target), "achieved_sparsity": 1 - kept / total, **extra, "modules": sorted(masks)}
 
 
 class ApplyMask(torch.nn.Module):

@@ -1,19 +1,31 @@
-"""Apply one configured degradation to the teacher artifact and save the damaged artifact `{degradation}/none`."""
+"""Apply one configured degradation to the teacher artifact and save the damaged artifact `{degradation}/none`.
+
+Every method is `(model, spec, calibration) -> (model, constraint)`: it damages the model and returns the
+constraint (grid, mask, frozen base) that recovery must keep; the constraint is re-checked before saving.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
+import torch
+
+from realign.data.sequences import chat_example
 from realign.degrade import constraints
 from realign.degrade.forgetting import forget_by_sft
-from realign.degrade.prune import prune_model
-from realign.degrade.quantize import quantize_model
-from realign.io import read_jsonl
+from realign.device import compute_device
+from realign.io import read_json, read_jsonl
 from realign.models.artifact import load_artifact, save_artifact
 from realign.training import TrainConfig
 
-FAMILIES = {"sft": "forgetting", "rtn": "quantization", "magnitude": "pruning"}
+log = logging.getLogger(__name__)
+
+FAMILIES = {"sft": "forgetting",
+            "rtn": "quantization", "gptq": "quantization", "nvfp4": "quantization", "bnb": "quantization",
+            "magnitude": "pruning", "wanda": "pruning", "sparsegpt": "pruning"}
+CALIBRATED = ("gptq", "wanda", "sparsegpt")
 
 
 def train_config(params: dict, seed: int) -> TrainConfig:
@@ -23,30 +35,98 @@ def train_config(params: dict, seed: int) -> TrainConfig:
                        seed=seed)
 
 
-def degrade(teacher_dir: str | Path, out_dir: str | Path, model_name: str, name: str, params: dict, seed: int,
-            code_train: str | Path | None = None) -> dict:
-    start = time.time()
-    model, tokenizer, _ = load_artifact(teacher_dir)
+def calibration_ids(tokenizer, records: list[dict], n_sequences: int, seq_len: int) -> torch.Tensor:
+    """[n_sequences, seq_len] token ids from the distillation split (instruction + reference answer in the chat
+    format the model is used with), concatenated and cut into full windows. Never evaluation data."""
+    stream: list[int] = []
+    for record in records:
+        stream += chat_example(tokenizer, record["instruction"], record["reference"], 10**9)["input_ids"].tolist()
+        if len(stream) >= n_sequences * seq_len:
+            break
+    if len(stream) < n_sequences * seq_len:
+        raise ValueError(f"the distillation split has {len(stream)} tokens, fewer than data.calibration asks for "
+                         f"({n_sequences} x {seq_len}); lower data.calibration.sequences or .max_len")
+    return torch.tensor(stream[: n_sequences * seq_len]).reshape(n_sequences, seq_len)
+
+
+def apply_method(model, params: dict, calibration: torch.Tensor | None, key: str):
+    """Damage `model` in place with a post-training method; returns (constraint, constraint tensors)."""
     method = params["method"]
+    if method == "rtn":
+        from realign.degrade.quantize import quantize_model
+
+        return quantize_model(model, params["bits"], params["group_size"], key=key)
+    if method == "gptq":
+        from realign.degrade.gptq import gptq_quantize_model
+
+        return gptq_quantize_model(model, calibration, params["bits"], params["group_size"],
+                                   sym=params.get("sym", False), act_order=params.get("act_order", False),
+                                   damp=params.get("damp", 0.01), key=key)
+    if method == "nvfp4":
+        from realign.degrade.nvfp4 import nvfp4_quantize_model
+
+        return nvfp4_quantize_model(model, key=key)
+    if method == "magnitude":
+        from realign.degrade.prune import prune_model
+
+        return prune_model(model, params.get("sparsity"), pattern=params.get("pattern"), key=key)
+    if method == "wanda":
+        from realign.degrade.wanda import wanda_prune_model
+
+        return wanda_prune_model(model, calibration, sparsity=params.get("sparsity"), pattern=params.get("pattern"),
+                                 key=key)
+    if method == "sparsegpt":
+        from realign.degrade.sparsegpt import sparsegpt_prune_model
+
+        return sparsegpt_prune_model(model, calibration, sparsity=params.get("sparsity"),
+                                     pattern=params.get("pattern"), damp=params.get("damp", 0.01), key=key)
+    raise ValueError(f"{key}method: unknown method {method!r}; known: {', '.join(FAMILIES)}")
+
+
+def degrade(teacher_dir: str | Path, out_dir: str | Path, model_name: str, name: str, params: dict, seed: int,
+            narrow_train: str | Path | None = None, prompts_path: str | Path | None = None,
+            calibration: dict | None = None) -> dict:
+    start = time.time()
+    key = f"degradations.{name}."
+    method = params["method"]
+    if method not in FAMILIES:
+        raise ValueError(f"{key}method: unknown method {method!r}; known: {', '.join(FAMILIES)}")
+    device = compute_device()
     tensors: dict = {}
     curve: list[dict] = []
     extra: dict = {}
-    if method == "sft":
-        texts = [row["text"] for row in read_jsonl(code_train)]
-        curve, n_chunks = forget_by_sft(model, tokenizer, texts, train_config(params, seed), params["max_len"])
-        constraint = dict(constraints.NO_CONSTRAINT)
-        extra["data"] = {"corpus": str(code_train), "chunks": n_chunks, "tokens_per_chunk": params["max_len"]}
-    elif method == "rtn":
-        constraint, tensors = quantize_model(model, params["bits"], params["group_size"], key=f"degradations.{name}.")
-    elif method == "magnitude":
-        constraint, tensors = prune_model(model, params["sparsity"])
+    if method == "bnb":
+        from realign.degrade.bnb import frozen_constraint, load_quantized
+
+        _, tokenizer, _ = load_artifact(teacher_dir)
+        model = load_quantized(teacher_dir, params["quant_type"], device=device, key=key)
+        constraint = frozen_constraint(model, params["quant_type"], params["lora_r"], params["lora_alpha"])
     else:
-        raise ValueError(f"degradations.{name}.method: unknown method {method!r}")
+        model, tokenizer, _ = load_artifact(teacher_dir)
+        if method == "sft":
+            texts = [row["text"] for row in read_jsonl(narrow_train)]
+            curve, n_chunks = forget_by_sft(model, tokenizer, texts, train_config(params, seed), params["max_len"])
+            constraint = dict(constraints.NO_CONSTRAINT)
+            extra["data"] = {"corpus": params.get("corpus", "code"), "path": str(narrow_train), "chunks": n_chunks,
+                             "tokens_per_chunk": params["max_len"]}
+        else:
+            ids = None
+            if method in CALIBRATED:
+                ids = calibration_ids(tokenizer, read_json(prompts_path)["distill"], calibration["sequences"],
+                                      calibration["max_len"])
+                extra["calibration"] = {"split": "distill (instruction + reference answer)",
+                                        "sequences": ids.shape[0], "tokens_per_sequence": ids.shape[1]}
+            model.to(device)
+            constraint, tensors = apply_method(model, params, ids, key)
+            model.to("cpu")
+            tensors = {k: v.cpu() for k, v in tensors.items()}
     check = constraints.check(model, constraint, tensors)
+    seconds = time.time() - start
+    log.info("%s: %s applied in %.1f s on %s; constraint check %s", name, method, seconds, device, check)
     meta = {"model": model_name, "degradation": name, "recovery": "none", "family": FAMILIES[method],
             "degradation_method": method, "degradation_params": params, "recovery_method": "none",
             "recovery_params": {}, "constraint": constraint, "constraint_check": check, "seed": seed,
-            "parents": [str(teacher_dir)], "training_curve": curve, "timings": {"seconds": time.time() - start},
-            **extra}
+            "parents": [str(teacher_dir)], "training_curve": curve,
+            "timings": {"seconds": seconds, "device": device}, **extra}
     save_artifact(model, tokenizer, out_dir, meta, constraint_tensors=tensors)
     return meta

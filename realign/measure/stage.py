@@ -61,16 +61,18 @@ def divergence(teacher_dir, artifact_dir, prompts_path, max_len: int, batch_size
     return {**result, "split": "divergence", "seconds": time.time() - start}
 
 
-def evaluate(artifact_dir, prompts_path, code_heldout, task_dir, tasks: list[str], max_len: int,
-             code_chunks: int, batch_size: int) -> dict:
+def evaluate(artifact_dir, prompts_path, narrow_heldout: dict[str, str], task_dir, tasks: list[str], max_len: int,
+             narrow_chunks: int, batch_size: int) -> dict:
+    """lm-eval benchmarks plus held-out NLL on reference answers (`general`) and on each narrow corpus."""
     from realign.measure.evaluate import run_lm_eval
 
     start = time.time()
     model, tokenizer, _ = load_artifact(artifact_dir)
     general = _reference_examples(tokenizer, read_json(prompts_path)["heldout"], max_len)
-    code = packed_chunks(tokenizer, [r["text"] for r in read_jsonl(code_heldout)], max_len, max_chunks=code_chunks)
-    perplexity = {"general": mean_nll(model, general, tokenizer.pad_token_id, batch_size),
-                  "code": mean_nll(model, code, tokenizer.pad_token_id, batch_size)}
+    perplexity = {"general": mean_nll(model, general, tokenizer.pad_token_id, batch_size)}
+    for corpus, path in narrow_heldout.items():
+        chunks = packed_chunks(tokenizer, [r["text"] for r in read_jsonl(path)], max_len, max_chunks=narrow_chunks)
+        perplexity[corpus] = mean_nll(model, chunks, tokenizer.pad_token_id, batch_size)
     benchmarks = run_lm_eval(model, tokenizer, Path(task_dir), tasks, batch_size=batch_size)
     return {"benchmarks": benchmarks, "perplexity": perplexity, "seconds": time.time() - start,
-            "splits": {"general": "heldout (reference answers)", "code": str(code_heldout)}}
+            "splits": {"general": "heldout (reference answers)", **{c: str(p) for c, p in narrow_heldout.items()}}}

@@ -1,12 +1,18 @@
 """An artifact is a directory: safetensors weights + tokenizer + `artifact.json` (+ `constraint.safetensors`).
 
+A bitsandbytes-quantized artifact stores its quantized weights (transformers reloads them from `config.json`'s
+`quantization_config`); one recovered with LoRA also has `adapter/`, loaded back with
+`peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(d), d / "adapter")`.
+
 `artifact.json` records parents, exact parameters, the constraint the weights must keep, seeds, library
 versions, timings and the training curve, so every number in the report can be traced to how it was made.
 """
 
 from __future__ import annotations
 
+import json
 import platform
+import shutil
 from pathlib import Path
 
 import torch
@@ -18,6 +24,10 @@ from realign.io import atomic_path, read_json, write_json
 
 ARTIFACT_JSON = "artifact.json"
 CONSTRAINT_FILE = "constraint.safetensors"
+ADAPTER_DIR = "adapter"
+# Files of a frozen base that a LoRA-recovered artifact copies unchanged from its damaged parent (big models
+# shard their weights into model-0000k-of-0000n.safetensors + an index).
+BASE_FILES = ("config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json")
 
 
 def library_versions() -> dict:
@@ -32,13 +42,33 @@ def library_versions() -> dict:
     return versions
 
 
+def _is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
 def save_artifact(model, tokenizer, out_dir: str | Path, meta: dict,
-                  constraint_tensors: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write the whole artifact into a temporary directory, then rename it into place."""
+                  constraint_tensors: dict[str, torch.Tensor] | None = None,
+                  frozen_base_dir: str | Path | None = None) -> Path:
+    """Write the whole artifact into a temporary directory, then rename it into place.
+
+    A LoRA-wrapped model (recovery of a frozen quantized base) saves its adapter; the base weights are copied
+    from `frozen_base_dir`, whose weights the caller has verified unchanged (constraint check)."""
     meta = dict(meta)
     meta.setdefault("versions", library_versions())
     with atomic_path(out_dir, is_dir=True) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if _is_peft(model):
+            if frozen_base_dir is None:
+                raise ValueError("saving LoRA adapters needs the directory of their frozen base")
+            for pattern in BASE_FILES:
+                for path in Path(frozen_base_dir).glob(pattern):
+                    shutil.copy2(path, tmp / path.name)
+            model.save_pretrained(tmp / ADAPTER_DIR)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if constraint_tensors:
             save_file({k: v.contiguous() for k, v in constraint_tensors.items()}, str(tmp / CONSTRAINT_FILE))
@@ -56,9 +86,22 @@ def load_artifact(artifact_dir: str | Path):
     if not (artifact_dir / ARTIFACT_JSON).is_file():
         raise FileNotFoundError(f"{artifact_dir} is not a complete artifact (no {ARTIFACT_JSON})")
     meta = read_meta(artifact_dir)
+    if not (artifact_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{artifact_dir} is not a complete artifact (no config.json)")
+    quantized = "quantization_config" in json.loads((artifact_dir / "config.json").read_text())
+    # bitsandbytes layers must be placed at load time; everything else loads on CPU in fp32.
+    placement = {"device_map": {"": "cpu"}} if quantized else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(artifact_dir, dtype=torch.float32)
-    except (OSError, SafetensorError, RuntimeError) as err:
+        model = AutoModelForCausalLM.from_pretrained(artifact_dir, dtype=torch.float32, **placement)
+        if quantized:
+            from realign.degrade.bnb import keep_canonical_format
+
+            keep_canonical_format(model)
+        if (artifact_dir / ADAPTER_DIR).is_dir():
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, artifact_dir / ADAPTER_DIR)
+    except (OSError, SafetensorError, RuntimeError, ValueError) as err:
         raise RuntimeError(f"cannot load weights of artifact {artifact_dir}: {err}") from err
     tokenizer = AutoTokenizer.from_pretrained(artifact_dir)
     if tokenizer.pad_token is None:

@@ -26,8 +26,10 @@ def build_examples(tokenizer, records: list[dict], answer_key: str, max_len: int
 
 
 def recover(student, teacher, tokenizer, method: str, records: list[dict], cfg: TrainConfig, max_len: int,
-            constraint: dict, constraint_tensors: dict, temperature: float = 1.0) -> tuple[list[dict], dict]:
-    """Train `student` in place; returns (training curve, constraint check on the final weights)."""
+            constraint: dict, constraint_tensors: dict, temperature: float = 1.0):
+    """Train `student` under its constraint; returns (trained model, training curve, constraint check).
+
+    The trained model is `student` itself, or a PeftModel wrapping it when the constraint is a frozen base."""
     if method not in METHODS:
         raise ValueError(f"unknown recovery method {method!r}; allowed: {', '.join(METHODS)}")
     answer_key = "reference" if method == "sft" else "teacher_answer"
@@ -48,9 +50,9 @@ def recover(student, teacher, tokenizer, method: str, records: list[dict], cfg: 
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             return cross_entropy(logits, batch["labels"])
 
-    constraints.attach(student, constraint, constraint_tensors)
+    student = constraints.attach(student, constraint, constraint_tensors, seed=cfg.seed)
     try:
         curve = train(student, examples, loss_fn, cfg, pad_id=tokenizer.pad_token_id)
     finally:
         constraints.detach(student)
-    return curve, constraints.check(student, constraint, constraint_tensors)
+    return student, curve, constraints.check(student, constraint, constraint_tensors)

@@ -28,7 +28,7 @@ def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, answers_path:
     constraint_tensors = load_constraint_tensors(damaged_dir)
     teacher = load_artifact(teacher_dir)[0] if params["method"] == "kd" else None
     records = read_jsonl(answers_path)
-    curve, check = recover(student, teacher, tokenizer, params["method"], records, train_config(params, seed),
+    student, curve, check = recover(student, teacher, tokenizer, params["method"], records, train_config(params, seed),
                            params["max_len"], parent_meta["constraint"], constraint_tensors,
                            temperature=params.get("temperature", 1.0))
     meta = {**{k: parent_meta[k] for k in ("model", "degradation", "family", "degradation_method",
@@ -37,5 +37,6 @@ def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, answers_path:
             "constraint_check": check, "seed": seed, "parents": [str(damaged_dir), str(teacher_dir)],
             "data_split": {"train": "distill", "answers": str(answers_path), "n_records": len(records)},
             "training_curve": curve, "timings": {"seconds": time.time() - start}}
-    save_artifact(student, tokenizer, out_dir, meta, constraint_tensors=constraint_tensors)
+    save_artifact(student, tokenizer, out_dir, meta, constraint_tensors=constraint_tensors,
+                  frozen_base_dir=damaged_dir)
     return meta

@@ -1,7 +1,8 @@
 # Config validation (before any job), wildcard constraints, and the input functions shared by the rules.
 import re
 
-from realign.config import (ConfigError, config_hash, load_schema, study_degradations, study_recoveries,
+from realign.config import (ConfigError, config_hash, load_schema, study_cells, study_degradations,
+                            study_recoveries,
                             training_params, validate_config)
 
 try:
@@ -33,8 +34,7 @@ def artifacts():
     cells = []
     for model in MODELS:
         cells.append((model, "none", "none"))
-        for degradation in DEGRADATIONS:
-            cells += [(model, degradation, recovery) for recovery in ["none"] + RECOVERIES]
+        cells += [(model, degradation, recovery) for degradation, recovery in study_cells(config)]
     return cells
 
 

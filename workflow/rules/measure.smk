@@ -67,6 +67,7 @@ rule evaluate:
         model=model_dir,
         prompts="results/data/prompts.json",
         code_heldout="results/data/code_heldout.jsonl",
+        math_heldout="results/data/math_heldout.jsonl",
         tasks="results/data/benchmarks",
     output:
         "results/eval/{model}/{degradation}/{recovery}.json",
