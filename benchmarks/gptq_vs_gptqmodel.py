@@ -49,22 +49,24 @@ WORKER = Path(__file__).with_name("_gptqmodel_worker.py")
 VARIANTS = {"gptqmodel_matched": False, "gptqmodel_trueseq": True}  # name -> GPTQModel true_sequential
 
 
-def calibration_ids(tokenizer, samples: int, seq_len: int) -> torch.Tensor:
+def calibration_ids(tokenizer, samples: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(calibration ids [samples, seq_len], the next 4 x 256 tokens of the same text: in-domain held-out)."""
     from pydoc_data.topics import topics
 
     text = "\n\n".join(topics[key] for key in sorted(topics))
-    return pack(tokenizer, text, samples, seq_len, "pydoc_data.topics")
+    ids = pack(tokenizer, text, samples * seq_len + 4 * 256, "pydoc_data.topics")
+    return ids[: samples * seq_len].reshape(samples, seq_len), ids[samples * seq_len:].reshape(4, 256)
 
 
-def held_out_ids(tokenizer, rows: int = 4, seq_len: int = 256) -> torch.Tensor:
-    return pack(tokenizer, HELD_OUT_TEXT.read_text(), rows, seq_len, str(HELD_OUT_TEXT))
+def held_out_ids(tokenizer) -> torch.Tensor:
+    return pack(tokenizer, HELD_OUT_TEXT.read_text(), 4 * 256, str(HELD_OUT_TEXT)).reshape(4, 256)
 
 
-def pack(tokenizer, text: str, rows: int, seq_len: int, source: str) -> torch.Tensor:
+def pack(tokenizer, text: str, tokens: int, source: str) -> torch.Tensor:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if len(ids) < rows * seq_len:
-        raise ValueError(f"{source} has {len(ids)} tokens, fewer than {rows} x {seq_len}")
-    return torch.tensor(ids[: rows * seq_len], dtype=torch.long).reshape(rows, seq_len)
+    if len(ids) < tokens:
+        raise ValueError(f"{source} has {len(ids)} tokens, fewer than the {tokens} needed")
+    return torch.tensor(ids[:tokens], dtype=torch.long)
 
 
 @torch.no_grad()
@@ -119,12 +121,18 @@ def with_weights(base, weights: dict[str, torch.Tensor]):
     return model
 
 
-def evaluate(method: str, model, reference: dict, grams: dict, held_out: torch.Tensor, seconds) -> dict:
+def evaluate(method: str, model, reference: dict, grams: dict, texts: dict, calib: torch.Tensor, seconds) -> dict:
+    """Losses on `texts`, and the relative output error of each quantized Linear on two sets of calibration inputs:
+    the fp32 model's (`grams`), and the ones this model itself feeds the Linear (what GPTQ fits, roughly)."""
     quantized = weights_of(model)
+    own = input_gram(model, calib)
     errors = {m: output_error(quantized[m] - reference[m], reference[m], grams[m]) for m in reference}
-    return {"method": method, "held_out_loss": loss(model, held_out),
-            "mean_rel_output_error": sum(errors.values()) / len(errors), "wall_s": seconds,
-            "per_module_rel_output_error": errors, "weights": quantized}
+    own_errors = {m: output_error(quantized[m] - reference[m], reference[m], own[m]) for m in reference}
+    return {"method": method, **{f"{name}_loss": loss(model, ids) for name, ids in texts.items()},
+            "mean_rel_output_error": sum(errors.values()) / len(errors),
+            "mean_rel_output_error_own_inputs": sum(own_errors.values()) / len(own_errors), "wall_s": seconds,
+            "per_module_rel_output_error": errors, "per_module_rel_output_error_own_inputs": own_errors,
+            "weights": quantized}
 
 
 def run_gptqmodel(args, calib: torch.Tensor, work: Path, true_sequential: bool) -> dict:
@@ -189,10 +197,11 @@ def main() -> None:
     from realign.degrade.gptq import gptq_quantize_model
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    calib = calibration_ids(tokenizer, args.samples, args.seq_len)
-    held_out = held_out_ids(tokenizer)
+    calib, in_domain = calibration_ids(tokenizer, args.samples, args.seq_len)
+    texts = {"held_out": held_out_ids(tokenizer), "in_domain": in_domain}
     load_before = os.getloadavg()
-    tag = f"b{args.bits}g{args.group_size}{'s' if args.sym else 'a'}d{args.damp}k{args.block_size}n{args.samples}x{args.seq_len}"
+    tag = (f"b{args.bits}g{args.group_size}{'s' if args.sym else 'a'}d{args.damp}k{args.block_size}"
+           f"n{args.samples}x{args.seq_len}")
 
     workers = {}
     for variant in args.variants:  # first, so no in-process work competes with it for the cores
@@ -203,56 +212,63 @@ def main() -> None:
     reference = weights_of(base)
     print("calibration input statistics ...", flush=True)
     grams = input_gram(base, calib)
-    results = [evaluate("fp32", base, reference, grams, held_out, None)]
+    results = [evaluate("fp32", base, reference, grams, texts, calib, None)]
 
     print("RTN ...", flush=True)
     model = copy.deepcopy(base)
     start = time.perf_counter()
     quantize_model(model, args.bits, args.group_size)
-    results.append(evaluate("rtn", model, reference, grams, held_out, time.perf_counter() - start))
+    results.append(evaluate("rtn", model, reference, grams, texts, calib, time.perf_counter() - start))
 
     print("realign GPTQ ...", flush=True)
     model = copy.deepcopy(base)
     start = time.perf_counter()
     constraint, _ = gptq_quantize_model(model, calib, args.bits, args.group_size, sym=args.sym, act_order=False,
                                         damp=args.damp, block_size=args.block_size)
-    results.append(evaluate("realign_gptq", model, reference, grams, held_out, time.perf_counter() - start))
+    results.append(evaluate("realign_gptq", model, reference, grams, texts, calib, time.perf_counter() - start))
     del model
 
     print("GPTQModel results ...", flush=True)
     for variant, worker in workers.items():
         out = Path(args.work_dir) / tag / variant / "gptqmodel"
-        produced = with_weights(base, load_file(str(out / "produced.safetensors")))
-        results.append(evaluate(variant, produced, reference, grams, held_out, worker["quantize_s"]))
-        saved = evaluate(variant, with_weights(base, load_file(str(out / "weights.safetensors"))), reference,
-                         grams, held_out, None)
-        worker["saved_checkpoint_fp16_scales"] = {k: saved[k] for k in ("held_out_loss", "mean_rel_output_error")}
+        model = with_weights(base, load_file(str(out / "produced.safetensors")))
+        results.append(evaluate(variant, model, reference, grams, texts, calib, worker["quantize_s"]))
+        model = with_weights(base, load_file(str(out / "weights.safetensors")))
+        worker["saved_checkpoint_fp16_scales"] = {f"{name}_loss": loss(model, ids) for name, ids in texts.items()}
+        del model
 
     by_name = {r["method"]: r for r in results}
-    fp32_loss = by_name["fp32"]["held_out_loss"]
     for r in results:
-        r["loss_increase"] = r["held_out_loss"] - fp32_loss
+        for name in texts:
+            r[f"{name}_loss_increase"] = r[f"{name}_loss"] - by_name["fp32"][f"{name}_loss"]
     ours = by_name["realign_gptq"]
     comparisons = {}
     for variant in workers:
         theirs = by_name[variant]
         comparisons[variant] = {
-            "loss_increase_realign_over_gptqmodel": ours["loss_increase"] / theirs["loss_increase"],
-            "output_error_realign_over_gptqmodel": ours["mean_rel_output_error"] / theirs["mean_rel_output_error"],
+            **{f"{key}_realign_over_gptqmodel": ours[key] / theirs[key]
+               for key in ("held_out_loss_increase", "in_domain_loss_increase", "mean_rel_output_error",
+                           "mean_rel_output_error_own_inputs")},
             **compare(ours["weights"], theirs["weights"], reference, grams)}
 
     print(f"\n{args.bits}-bit, group {args.group_size}, {'sym' if args.sym else 'asym'}, damp {args.damp}, "
-          f"block {args.block_size}, calibration {args.samples} x {args.seq_len}, held-out {tuple(held_out.shape)}")
-    print(f"{'method':<20}{'held-out loss':>14}{'increase':>10}{'rel output err':>16}{'wall s':>9}")
+          f"block {args.block_size}, calibration {args.samples} x {args.seq_len}; losses on 4 x 256 tokens: "
+          f"GPL-3 (held out) and pydoc (in domain, disjoint from calibration)")
+    print(f"{'method':<20}{'GPL-3 loss':>11}{'(+)':>8}{'pydoc loss':>11}{'(+)':>8}{'out err fp32 X':>16}"
+          f"{'out err own X':>15}{'wall s':>8}")
     for r in results:
         wall = "-" if r["wall_s"] is None else f"{r['wall_s']:.1f}"
-        print(f"{r['method']:<20}{r['held_out_loss']:>14.4f}{r['loss_increase']:>10.4f}"
-              f"{r['mean_rel_output_error']:>16.5f}{wall:>9}")
+        print(f"{r['method']:<20}{r['held_out_loss']:>11.4f}{r['held_out_loss_increase']:>8.4f}"
+              f"{r['in_domain_loss']:>11.4f}{r['in_domain_loss_increase']:>8.4f}{r['mean_rel_output_error']:>16.5f}"
+              f"{r['mean_rel_output_error_own_inputs']:>15.5f}{wall:>8}")
     for variant, c in comparisons.items():
         s = c["summary"]
-        print(f"realign / {variant}: loss increase x{c['loss_increase_realign_over_gptqmodel']:.3f}, "
-              f"output error x{c['output_error_realign_over_gptqmodel']:.3f}; per module |Ŵr - Ŵg| / |W - Ŵg| "
-              f"mean {s['weight_diff_over_gptqmodel_error']['mean']:.3f} max {s['weight_diff_over_gptqmodel_error']['max']:.3f}, "
+        print(f"realign / {variant}: GPL-3 loss increase x{c['held_out_loss_increase_realign_over_gptqmodel']:.3f}, "
+              f"pydoc x{c['in_domain_loss_increase_realign_over_gptqmodel']:.3f}, output error "
+              f"x{c['mean_rel_output_error_realign_over_gptqmodel']:.3f} (own inputs "
+              f"x{c['mean_rel_output_error_own_inputs_realign_over_gptqmodel']:.3f}); per module |Ŵr - Ŵg| / "
+              f"|W - Ŵg| mean {s['weight_diff_over_gptqmodel_error']['mean']:.3f} "
+              f"max {s['weight_diff_over_gptqmodel_error']['max']:.3f}, "
               f"weights differing {s['fraction_weights_differing']['mean']:.1%}")
 
     for r in results:
@@ -262,8 +278,11 @@ def main() -> None:
                      "group_size": args.group_size, "sym": args.sym, "damp": args.damp, "act_order": False,
                      "block_size": args.block_size, "samples": args.samples, "seq_len": args.seq_len,
                      "calibration_text": "pydoc_data.topics (sorted keys, joined by blank lines), no special tokens",
-                     "held_out_text": str(HELD_OUT_TEXT), "held_out_shape": list(held_out.shape),
-                     "output_error_inputs": "the fp32 model's Linear inputs on the calibration ids"},
+                     "held_out_text": f"{HELD_OUT_TEXT}, first 4 x 256 tokens",
+                     "in_domain_text": "pydoc_data.topics, the 4 x 256 tokens right after the calibration tokens",
+                     "output_error": "mean over the quantized Linears of ||(W - Ŵ) X||² / ||W X||², X = the "
+                                     "Linear's inputs on the calibration ids in the fp32 model "
+                                     "(mean_rel_output_error) or in the quantized model itself (..._own_inputs)"},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__,
                      "gptqmodel_side": next(iter(workers.values()))["versions"] if workers else None},

