@@ -104,9 +104,9 @@ def input_gram(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def output_error(delta: torch.Tensor, weight: torch.Tensor, gram: torch.Tensor) -> float:
-    """||delta X||² / ||weight X||², from the input Gram matrix X^T X."""
-    delta, weight = delta.double(), weight.double()
-    return float(((delta @ gram) * delta).sum() / ((weight @ gram) * weight).sum())
+    """||delta X||² / ||weight X||², from the input Gram matrix X^T X (products in fp32, sums in fp64)."""
+    gram = gram.float()
+    return float(((delta.float() @ gram) * delta).double().sum() / ((weight.float() @ gram) * weight).double().sum())
 
 
 def weights_of(model) -> dict[str, torch.Tensor]:
