@@ -5,7 +5,11 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config.yaml"
+# The default study, unless --configfile names another: a second config is a whole study, not a patch on this
+# one (Snakemake would otherwise merge them, and configs/full.yaml would inherit this file's models and study).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config.yaml"
 
 
 include: "workflow/rules/common.smk"

@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from realign.data.sequences import collate
+from realign.device import autocast, model_device, on_device
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ def train(model, examples: list[dict], loss_fn, cfg: TrainConfig, pad_id: int) -
     per_step = cfg.batch_size * cfg.grad_accum
     order = example_order(len(examples), cfg.steps * per_step, cfg.seed)
     curve = []
+    device = model_device(model)
     model.train()
     bar = tqdm(range(cfg.steps), desc="train", file=sys.stderr, mininterval=5, ascii=True)
     for step in bar:
@@ -78,8 +80,9 @@ def train(model, examples: list[dict], loss_fn, cfg: TrainConfig, pad_id: int) -
         step_loss = 0.0
         for micro in range(cfg.grad_accum):
             start = step * per_step + micro * cfg.batch_size
-            batch = collate([examples[i] for i in order[start:start + cfg.batch_size]], pad_id)
-            loss = loss_fn(model, batch)
+            batch = on_device(collate([examples[i] for i in order[start:start + cfg.batch_size]], pad_id), device)
+            with autocast(device):
+                loss = loss_fn(model, batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training diverged: loss is {loss.item()} at step {step} "
                                          f"(micro-batch {micro}); lower the learning rate (lr={cfg.lr})")

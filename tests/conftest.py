@@ -21,3 +21,18 @@ def tiny(tiny_model_dir):
     """A fresh (model, tokenizer) pair for tests that modify weights."""
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory):
+    """The whole tiny study run once, locally: (workdir, config, dry-run log). Shared by the workflow tests and
+    by the Slurm test, which compares its outputs with this run's."""
+    from tiny_study import snakemake, write_study
+
+    workdir = tmp_path_factory.mktemp("study")
+    config = write_study(workdir)
+    dry = snakemake(workdir, "-n")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    run = snakemake(workdir)
+    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-5000:]
+    return workdir, config, dry.stdout + dry.stderr

@@ -1,6 +1,7 @@
 """A bad config stops before any job, with a message that names the key and what is allowed."""
 
 import copy
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 import yaml
 
 from realign.config import ConfigError, load_schema, study_cells, validate_config
+from realign.resources import job_resources, parameter_count_b
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = load_schema(REPO / "workflow/schemas/config.schema.yaml")
@@ -125,3 +127,62 @@ def test_study_blocks_are_a_union_of_cross_products():
     assert study_cells(config) == [("magnitude-50", "none")]  # a damaged model measured without recovery
     del config["study"]
     assert len(study_cells(config)) == len(config["degradations"]) * (1 + len(config["recoveries"]))
+
+
+def _dry_run(config_path: Path, workdir: Path) -> str:
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--configfile",
+                             str(config_path), "--cores", "1", "-n", "--directory", str(workdir)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def _job_count(log: str, rule: str) -> int:
+    return int(re.search(rf"^{rule}\s+(\d+)$", log, re.M).group(1))
+
+
+@pytest.mark.parametrize("name, models, degradations, recoveries",
+                         [("full.yaml", 1, 31, 3), ("qwen2.5.yaml", 2, 31, 3)])
+def test_shipped_study_configs_plan_their_whole_grid(tmp_path, name, models, degradations, recoveries):
+    """`--configfile configs/X.yaml` is the whole study, not merged into config.yaml's models and study."""
+    log = _dry_run(REPO / "configs" / name, tmp_path)
+    artifacts = models * (1 + degradations * (1 + recoveries))
+    assert _job_count(log, "prepare_teacher") == models
+    assert _job_count(log, "degrade") == models * degradations
+    assert _job_count(log, "recover") == models * degradations * recoveries
+    assert _job_count(log, "evaluate") == _job_count(log, "cka") == artifacts
+    if name == "qwen2.5.yaml":  # sized from params_b: a 1.5B training job asks for ~34 GB and one GPU
+        assert re.search(r"wildcards: model=qwen2.5-1.5b, degradation=[^,]+, recovery=kd\n\s+resources: .*"
+                         r"mem_mb=33800,.*gpu=1", log)
+
+
+def test_job_resources_grow_with_model_size_and_attempt():
+    small, big = job_resources("train", 0.135, 0), job_resources("train", 7.0, 0)
+    assert small["mem_mb"] < big["mem_mb"] and small["runtime"] < big["runtime"]
+    assert job_resources("train", 0.135, 0, attempt=2)["mem_mb"] == 2 * small["mem_mb"]
+    assert job_resources("train", 7.0, 1)["gpu"] == 1 and big["gpu"] == 0
+    assert job_resources("train", 7.0, 1)["runtime"] < big["runtime"]  # GPU jobs get a shorter time limit
+    assert job_resources("light", 7.0, 1) == job_resources("light", 0.0, 0)  # CKA and tables never ask for GPUs
+
+
+def test_parameter_count_is_read_from_a_local_checkpoint(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    expected = sum(p.numel() for p in model.parameters()) / 1e9
+    assert parameter_count_b({"source": "path", "path": str(tiny_model_dir)}, "tiny") == pytest.approx(expected)
+    assert parameter_count_b({"source": "path", "path": "x", "params_b": 1.5}, "m") == 1.5
+
+
+def test_parameter_count_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"models\.q\.params_b is required for source hf"):
+        parameter_count_b({"source": "hf", "id": "Qwen/Qwen2.5-0.5B"}, "q")
+    with pytest.raises(ConfigError, match=r"models\.m\.path: .* has no config.json"):
+        parameter_count_b({"source": "path", "path": str(tmp_path)}, "m")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"models\.m\.path: .*config.json is not valid JSON"):
+        parameter_count_b({"source": "path", "path": str(tmp_path)}, "m")
+    config = copy.deepcopy(DEFAULT)
+    del config["models"]["smollm2-135m"]["params_b"]
+    with pytest.raises(ConfigError, match=r"models\.smollm2-135m: 'params_b' is a required property"):
+        validate_config(config, SCHEMA)

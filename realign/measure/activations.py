@@ -13,6 +13,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from realign.device import autocast, model_device
+
 from realign.io import atomic_path
 
 FLOAT16_MAX = 65504.0
@@ -33,17 +35,19 @@ def sample_positions(lengths: list[int], per_sequence: int, seed: int) -> list[t
 def capture(model, sequences: list[torch.Tensor], per_sequence: int, seed: int) -> dict[str, torch.Tensor]:
     """Returns {"layer.{i}": [n_tokens, d] float32 for i in 0..L (0 = embeddings), "token_index": [n, 2]}."""
     model.eval()
+    device = model_device(model)
     pairs = sample_positions([len(s) for s in sequences], per_sequence, seed)
     by_sequence: dict[int, list[int]] = {}
     for seq, pos in pairs:
         by_sequence.setdefault(seq, []).append(pos)
     layers: list[list[torch.Tensor]] | None = None
     for seq, positions in by_sequence.items():
-        hidden = model(input_ids=sequences[seq][None], output_hidden_states=True).hidden_states
+        with autocast(device):
+            hidden = model(input_ids=sequences[seq][None].to(device), output_hidden_states=True).hidden_states
         if layers is None:
             layers = [[] for _ in hidden]
         for i, h in enumerate(hidden):
-            layers[i].append(h[0, positions].float())
+            layers[i].append(h[0, positions].float().cpu())
     if layers is None:
         raise ValueError("probe set is empty or every probe sequence has a single token")
     out = {f"layer.{i}": torch.cat(chunks) for i, chunks in enumerate(layers)}

@@ -8,20 +8,26 @@ import torch
 import torch.nn.functional as F
 
 from realign.data.sequences import IGNORE, collate
+from realign.device import autocast, model_device, on_device
 
 
 @torch.no_grad()
 def output_divergence(teacher, model, examples: list[dict], pad_id: int, batch_size: int = 8) -> dict:
     """Per-token KL(teacher || model) and top-1 agreement over the supervised tokens of `examples`."""
     kls, agree = [], []
+    device = model_device(model)
+    if model_device(teacher) != device:
+        raise ValueError(f"teacher on {model_device(teacher)}, artifact on {device}: load both on one device")
     for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start:start + batch_size], pad_id)
+        batch = on_device(collate(examples[start:start + batch_size], pad_id), device)
         kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         mask = batch["labels"][:, 1:] != IGNORE
-        t = F.log_softmax(teacher(**kwargs).logits[:, :-1][mask].double(), -1)
-        s = F.log_softmax(model(**kwargs).logits[:, :-1][mask].double(), -1)
-        kls.append((t.exp() * (t - s)).sum(-1))
-        agree.append(t.argmax(-1) == s.argmax(-1))
+        with autocast(device):
+            teacher_logits, logits = teacher(**kwargs).logits, model(**kwargs).logits
+        t = F.log_softmax(teacher_logits[:, :-1][mask].double(), -1)
+        s = F.log_softmax(logits[:, :-1][mask].double(), -1)
+        kls.append((t.exp() * (t - s)).sum(-1).cpu())
+        agree.append((t.argmax(-1) == s.argmax(-1)).cpu())
     kl = torch.cat(kls)
     n = kl.numel()
     return {"kl_teacher_artifact": float(kl.mean()),
@@ -34,9 +40,11 @@ def output_divergence(teacher, model, examples: list[dict], pad_id: int, batch_s
 def mean_nll(model, examples: list[dict], pad_id: int, batch_size: int = 8) -> dict:
     """Mean negative log-likelihood (nats/token) and perplexity over the supervised tokens."""
     total, count = 0.0, 0
+    device = model_device(model)
     for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start:start + batch_size], pad_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        batch = on_device(collate(examples[start:start + batch_size], pad_id), device)
+        with autocast(device):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         targets = batch["labels"][:, 1:]
         nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)).double(), targets.reshape(-1),
                               ignore_index=IGNORE, reduction="sum")

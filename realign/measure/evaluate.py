@@ -10,6 +10,8 @@ from pathlib import Path
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from realign.device import autocast, model_device  # noqa: E402  (after the offline switches)
+
 SEED = 1234
 
 
@@ -48,16 +50,17 @@ def run_lm_eval(model, tokenizer, task_dir: Path, tasks: list[str], batch_size: 
     model.eval()
     try:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        results = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=[f"realign_{t}" for t in tasks],
-            # include_defaults=False: indexing the ~10k built-in task YAMLs costs ~8 s per call on this CPU
-            task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
-            num_fewshot=0,
-            log_samples=False,
-            random_seed=SEED, numpy_random_seed=SEED, torch_random_seed=SEED, fewshot_random_seed=SEED,
-            bootstrap_iters=1000,
-        )
+        with autocast(model_device(model)):  # bf16 matmuls on CUDA, plain fp32 on CPU
+            results = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=[f"realign_{t}" for t in tasks],
+                # include_defaults=False: indexing the ~10k built-in task YAMLs costs ~8 s per call on this CPU
+                task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+                num_fewshot=0,
+                log_samples=False,
+                random_seed=SEED, numpy_random_seed=SEED, torch_random_seed=SEED, fewshot_random_seed=SEED,
+                bootstrap_iters=1000,
+            )
     finally:
         model.train(was_training)
 

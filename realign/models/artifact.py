@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from realign.device import compute_device
 from realign.io import atomic_path, read_json, write_json
 
 ARTIFACT_JSON = "artifact.json"
@@ -71,7 +72,7 @@ def save_artifact(model, tokenizer, out_dir: str | Path, meta: dict,
             model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if constraint_tensors:
-            save_file({k: v.contiguous() for k, v in constraint_tensors.items()}, str(tmp / CONSTRAINT_FILE))
+            save_file({k: v.detach().cpu().contiguous() for k, v in constraint_tensors.items()}, str(tmp / CONSTRAINT_FILE))
         write_json(tmp / ARTIFACT_JSON, meta)
     return Path(out_dir)
 
@@ -80,8 +81,9 @@ def read_meta(artifact_dir: str | Path) -> dict:
     return read_json(Path(artifact_dir) / ARTIFACT_JSON)
 
 
-def load_artifact(artifact_dir: str | Path):
-    """Load (model, tokenizer, meta) in fp32 on CPU; a damaged or incomplete directory is a clear error."""
+def load_artifact(artifact_dir: str | Path, device: str | None = None):
+    """Load (model, tokenizer, meta) in fp32 on `device` (default: realign.device.compute_device(), the GPU when
+    there is one); a damaged or incomplete directory is a clear error."""
     artifact_dir = Path(artifact_dir)
     if not (artifact_dir / ARTIFACT_JSON).is_file():
         raise FileNotFoundError(f"{artifact_dir} is not a complete artifact (no {ARTIFACT_JSON})")
@@ -89,14 +91,17 @@ def load_artifact(artifact_dir: str | Path):
     if not (artifact_dir / "config.json").is_file():
         raise FileNotFoundError(f"{artifact_dir} is not a complete artifact (no config.json)")
     quantized = "quantization_config" in json.loads((artifact_dir / "config.json").read_text())
-    # bitsandbytes layers must be placed at load time; everything else loads on CPU in fp32.
-    placement = {"device_map": {"": "cpu"}} if quantized else {}
+    device = device or compute_device()
+    # bitsandbytes layers must be placed at load time; everything else loads in fp32 and then moves.
+    placement = {"device_map": {"": device}} if quantized else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(artifact_dir, dtype=torch.float32, **placement)
         if quantized:
             from realign.degrade.bnb import keep_canonical_format
 
             keep_canonical_format(model)
+        else:
+            model.to(device)
         if (artifact_dir / ADAPTER_DIR).is_dir():
             from peft import PeftModel
 
@@ -110,11 +115,11 @@ def load_artifact(artifact_dir: str | Path):
     return model, tokenizer, meta
 
 
-def load_constraint_tensors(artifact_dir: str | Path) -> dict[str, torch.Tensor]:
+def load_constraint_tensors(artifact_dir: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     path = Path(artifact_dir) / CONSTRAINT_FILE
     if not path.is_file():
         return {}
     try:
-        return load_file(str(path))
+        return load_file(str(path), device=str(device))
     except SafetensorError as err:
         raise RuntimeError(f"constraint file {path} is corrupted: {err}") from err

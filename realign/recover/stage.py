@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from realign.degrade.stage import train_config
+from realign.device import model_device
 from realign.io import read_json, read_jsonl, write_jsonl
 from realign.models.artifact import load_artifact, load_constraint_tensors, save_artifact
 from realign.recover.methods import recover
@@ -25,7 +26,7 @@ def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, answers_path:
                  name: str, params: dict, seed: int) -> dict:
     start = time.time()
     student, tokenizer, parent_meta = load_artifact(damaged_dir)
-    constraint_tensors = load_constraint_tensors(damaged_dir)
+    constraint_tensors = load_constraint_tensors(damaged_dir, device=model_device(student))
     teacher = load_artifact(teacher_dir)[0] if params["method"] == "kd" else None
     records = read_jsonl(answers_path)
     student, curve, check = recover(student, teacher, tokenizer, params["method"], records, train_config(params, seed),

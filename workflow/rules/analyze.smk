@@ -19,8 +19,7 @@ rule table:
         "results/benchmarks/table/all.tsv"
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=10,
+        **sized("light"),
     conda:
         CONDA_ENV
     script:
@@ -48,8 +47,7 @@ rule report:
         "results/benchmarks/report/all.tsv"
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=10,
+        **sized("light"),
     conda:
         CONDA_ENV
     script:

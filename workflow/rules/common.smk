@@ -4,6 +4,7 @@ import re
 from realign.config import (ConfigError, config_hash, load_schema, study_cells, study_degradations,
                             study_recoveries,
                             training_params, validate_config)
+from realign.resources import job_resources, parameter_count_b
 
 try:
     config = validate_config(config, load_schema(workflow.source_path("../schemas/config.schema.yaml")))
@@ -16,6 +17,21 @@ DEGRADATIONS = study_degradations(config)
 RECOVERIES = study_recoveries(config)
 RESOURCES = config["data"].get("resources_dir", "resources")
 CONDA_ENV = "../../envs/realign.yaml"
+try:
+    PARAMS_B = {name: parameter_count_b(spec, name) for name, spec in config["models"].items()}
+except ConfigError as err:
+    raise WorkflowError(f"config error: {err}") from None
+GPUS = config["workflow"]["gpus"]
+
+
+def sized(kind):
+    """`resources:` of a rule whose jobs are of `kind` (realign.resources.JOB_SIZES), scaled by the parameter
+    count of the job's model (none for rules without a {model} wildcard) and by the retry attempt."""
+
+    def one(key):
+        return lambda wc, attempt: job_resources(kind, PARAMS_B.get(wc.get("model"), 0.0), GPUS, attempt)[key]
+
+    return {"mem_mb": one("mem_mb"), "runtime": one("runtime"), "gpu": one("gpu")}
 
 
 def _alternatives(names):

@@ -13,8 +13,7 @@ rule prompt_splits:
         "results/benchmarks/prompt_splits/all.tsv"
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=10,
+        **sized("data"),
     conda:
         CONDA_ENV
     script:
@@ -40,8 +39,7 @@ rule narrow_corpus:
         "results/benchmarks/narrow_corpus/{corpus}.tsv"
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=10,
+        **sized("data"),
     conda:
         CONDA_ENV
     script:
@@ -59,8 +57,7 @@ rule export_benchmarks:
         "results/benchmarks/export_benchmarks/all.tsv"
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=10,
+        **sized("data"),
     conda:
         CONDA_ENV
     script:
@@ -79,8 +76,7 @@ rule teacher_answers:
         "results/benchmarks/teacher_answers/{model}.tsv"
     threads: 2
     resources:
-        mem_mb=6000,
-        runtime=60,
+        **sized("generate"),
     conda:
         CONDA_ENV
     script:

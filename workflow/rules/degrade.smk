@@ -27,8 +27,7 @@ rule degrade:
         "results/benchmarks/degrade/{model}/{degradation}.tsv"
     threads: 2
     resources:
-        mem_mb=8000,
-        runtime=120,
+        **sized("train"),
     conda:
         CONDA_ENV
     script:

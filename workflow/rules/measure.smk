@@ -13,8 +13,7 @@ rule activations:
         "results/benchmarks/activations/{model}/{degradation}/{recovery}.tsv"
     threads: 2
     resources:
-        mem_mb=4000,
-        runtime=30,
+        **sized("measure"),
     conda:
         CONDA_ENV
     script:
@@ -33,8 +32,7 @@ rule cka:
         "results/benchmarks/cka/{model}/{degradation}/{recovery}.tsv"
     threads: 2
     resources:
-        mem_mb=2000,
-        runtime=10,
+        **sized("light"),
     conda:
         CONDA_ENV
     script:
@@ -54,8 +52,7 @@ rule divergence:
         "results/benchmarks/divergence/{model}/{degradation}/{recovery}.tsv"
     threads: 2
     resources:
-        mem_mb=6000,
-        runtime=30,
+        **sized("measure"),
     conda:
         CONDA_ENV
     script:
@@ -77,8 +74,7 @@ rule evaluate:
         "results/benchmarks/evaluate/{model}/{degradation}/{recovery}.tsv"
     threads: 2
     resources:
-        mem_mb=6000,
-        runtime=60,
+        **sized("measure"),
     conda:
         CONDA_ENV
     script:

@@ -10,8 +10,7 @@ rule fetch_wheel:
         "results/benchmarks/fetch_wheel/{requirement}.tsv"
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=20,
+        **sized("fetch"),
     conda:
         CONDA_ENV
     script:
@@ -34,8 +33,7 @@ rule prepare_teacher:
         "results/benchmarks/prepare_teacher/{model}.tsv"
     threads: 2
     resources:
-        mem_mb=6000,
-        runtime=30,
+        **sized("prepare"),
     conda:
         CONDA_ENV
     script:

@@ -19,8 +19,7 @@ rule recover:
         "results/benchmarks/recover/{model}/{degradation}/{recovery}.tsv"
     threads: 2
     resources:
-        mem_mb=10000,
-        runtime=180,
+        **sized("train"),
     conda:
         CONDA_ENV
     script:
