@@ -36,3 +36,10 @@ def tiny_study(tmp_path_factory):
     run = snakemake(workdir)
     assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-5000:]
     return workdir, config, dry.stdout + dry.stderr
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    jobs = getattr(config, "realign_slurm_jobs", None)
+    if jobs:
+        terminalreporter.write_line(f"tiny study through Slurm: {len(jobs)} jobs, all COMPLETED: "
+                                    + ", ".join(f"{job_id} {rule}" for job_id, rule in jobs))

@@ -52,7 +52,7 @@ def slurm_run(cluster, tiny_study, tmp_path_factory):
     return local_dir, workdir, log
 
 
-def test_jobs_ran_as_slurm_jobs(slurm_run):
+def test_jobs_ran_as_slurm_jobs(slurm_run, request):
     _, _, log = slurm_run
     job_ids = set(re.findall(r"SLURM jobid (\d+)", log))
     rules = set(re.findall(r"rule (\w+):", log))
@@ -63,6 +63,10 @@ def test_jobs_ran_as_slurm_jobs(slurm_run):
     listed = subprocess.run(["squeue", "--states=all", "-h", "-o", "%i %T"], capture_output=True, text=True)
     states = dict(line.split() for line in listed.stdout.splitlines())
     assert {states.get(i) for i in job_ids} == {"COMPLETED"}, (job_ids, states)
+    # Shown at the end of the pytest run (conftest.py), so the CI log names the Slurm jobs.
+    submitted = re.findall(r"submitted with SLURM jobid (\d+) \(log: \S*/slurm_logs/rule_(\w+)/", log)
+    assert {i for i, _ in submitted} == job_ids
+    request.config.realign_slurm_jobs = sorted((int(i), rule) for i, rule in submitted)
 
 
 def test_outputs_equal_the_local_run(slurm_run):

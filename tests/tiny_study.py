@@ -50,9 +50,10 @@ def snakemake(workdir: Path, *args: str, timeout: int = 1500) -> subprocess.Comp
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--configfile",
            str(workdir / "config.yaml"), "--directory", str(workdir),
            # tiny-model jobs are dominated by interpreter start-up: single-threaded jobs, two at a time
-           "--max-threads", "1", *args]
+           "--max-threads", "1"]
     if "--profile" not in args:
         cmd += ["--cores", "2"]
+    cmd += args
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
