@@ -14,7 +14,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from realign.device import autocast, model_device
-
 from realign.io import atomic_path
 
 FLOAT16_MAX = 65504.0

@@ -72,7 +72,8 @@ def save_artifact(model, tokenizer, out_dir: str | Path, meta: dict,
             model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if constraint_tensors:
-            save_file({k: v.detach().cpu().contiguous() for k, v in constraint_tensors.items()}, str(tmp / CONSTRAINT_FILE))
+            tensors = {k: v.detach().cpu().contiguous() for k, v in constraint_tensors.items()}
+            save_file(tensors, str(tmp / CONSTRAINT_FILE))
         write_json(tmp / ARTIFACT_JSON, meta)
     return Path(out_dir)
 
