@@ -87,7 +87,7 @@ def test_outputs_equal_the_local_run(slurm_run):
 
 
 def test_jobs_asked_for_the_sized_resources(slurm_run):
-    _, workdir, log = slurm_run
+    _, _, log = slurm_run
     # The recover job of the tiny model: sized by realign.resources from its parameter count (no GPU here).
     block = log[log.index("rule recover:"):]
     block = block[:block.index("\n\n")]

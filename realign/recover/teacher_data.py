@@ -28,8 +28,8 @@ def generate_answers(model, tokenizer, instructions: list[str], max_new_tokens: 
             input_ids[i, width - len(p):] = torch.tensor(p)
             attention[i, width - len(p):] = 1
         with autocast(device):
-            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id,
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                                  eos_token_id=tokenizer.eos_token_id)
         answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     return [a.strip() for a in answers]

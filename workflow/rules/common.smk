@@ -8,6 +8,7 @@ from realign.resources import job_resources, parameter_count_b
 
 try:
     config = validate_config(config, load_schema(workflow.source_path("../schemas/config.schema.yaml")))
+    PARAMS_B = {name: parameter_count_b(spec, name) for name, spec in config["models"].items()}
 except ConfigError as err:
     raise WorkflowError(f"config error: {err}") from None
 
@@ -17,10 +18,6 @@ DEGRADATIONS = study_degradations(config)
 RECOVERIES = study_recoveries(config)
 RESOURCES = config["data"].get("resources_dir", "resources")
 CONDA_ENV = "../../envs/realign.yaml"
-try:
-    PARAMS_B = {name: parameter_count_b(spec, name) for name, spec in config["models"].items()}
-except ConfigError as err:
-    raise WorkflowError(f"config error: {err}") from None
 GPUS = config["workflow"]["gpus"]
 
 
