@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import jsonschema
@@ -73,15 +74,41 @@ def _study_blocks(config: dict) -> list[dict]:
     return study if isinstance(study, list) else [study]
 
 
+# Options a recovery method reads beyond the shared ones; any other key is a mistake worth an error.
+_LOGIT_OPTIONS = ("temperature", "divergence", "beta", "top_k")
+_ALIGN_OPTIONS = ("layers", "align_weight")
+RECOVERY_OPTIONS = {"kd": _LOGIT_OPTIONS, "sdft": ("targets",), "onpolicy": ("max_new_tokens", "sample_temperature"),
+                    "cka-kd": _LOGIT_OPTIONS + _ALIGN_OPTIONS, "alignment-blocked": _LOGIT_OPTIONS + _ALIGN_OPTIONS,
+                    "alignment-only": _ALIGN_OPTIONS + ("align_loss",), "sft": ()}
+SHARED_RECOVERY_KEYS = ("method", "steps", "lr", "teacher", "checkpoints")
+TRAINING_KEYS = ("batch_size", "grad_accum", "max_len", "schedule", "warmup_steps", "max_grad_norm")
+
+
 def _check_cross_references(config: dict) -> None:
     blocks = _study_blocks(config)
     for index, block in enumerate(blocks):
         where = f"study[{index}]" if isinstance(config.get("study"), list) else "study"
         for kind in ("degradations", "recoveries"):
             for name in block.get(kind, []):
-                if name not in config[kind]:
+                if name not in config[kind] and not (kind == "degradations" and name == "none"):
                     raise ConfigError(f"invalid config key {where}.{kind}: {name!r} is not defined under {kind}: "
-                                      f"defined are {', '.join(config[kind])}")
+                                      f"defined are {', '.join(config[kind])}"
+                                      + (" (or 'none', the undamaged model)" if kind == "degradations" else ""))
+    for name, spec in config["recoveries"].items():
+        teacher = spec.get("teacher", "none")
+        if teacher != "none" and teacher not in config["degradations"]:
+            raise ConfigError(f"invalid config key recoveries.{name}.teacher: {teacher!r} is not defined under "
+                              f"degradations (or 'none', the undamaged original)")
+        for fraction in spec.get("checkpoints", []):
+            if not 0 < round(fraction * spec["steps"]) < spec["steps"]:
+                raise ConfigError(f"invalid config key recoveries.{name}.checkpoints: {fraction} of "
+                                  f"{spec['steps']} steps rounds to step {round(fraction * spec['steps'])}, "
+                                  "not strictly inside the run")
+        options = RECOVERY_OPTIONS[spec["method"]]
+        for key in spec:
+            if key not in options + SHARED_RECOVERY_KEYS + TRAINING_KEYS:
+                raise ConfigError(f"invalid config key recoveries.{name}.{key}: not an option of method "
+                                  f"{spec['method']}; its options: {', '.join(options) or 'none'}")
     performance = config["analysis"]["performance"]
     if performance.startswith("acc:") and performance[4:] not in config["measure"]["benchmarks"]:
         raise ConfigError(f"invalid config key analysis.performance: task {performance[4:]!r} is not in "
@@ -91,27 +118,86 @@ def _check_cross_references(config: dict) -> None:
             raise ConfigError(f"invalid config key models.{name}.path: directory {model['path']} does not exist")
 
 
-def study_cells(config: dict) -> list[tuple[str, str]]:
-    """The (degradation, recovery) pairs of the study, recovery `none` (the damaged model) included.
+# Artifact names of recoveries: `<recovery>[+seed<N>][@step<K>]`. A replicate trained with another seed than
+# the config's carries `+seed<N>`; `@step<K>` is the checkpoint of that run after K optimizer steps.
+_RECOVERY_NAME = re.compile(r"^(?P<recovery>.+?)(?:\+seed(?P<seed>[0-9]+))?(?:@step(?P<step>[0-9]+))?$")
 
-    `study` is absent (all x all), one block {degradations, recoveries} (its cross product; a missing list means
-    all), or a list of such blocks (the union), so a study can cross a long damage ladder with one recovery and
-    a few damages with every control."""
+
+def recovery_name(recovery: str, seed: int | None = None, step: int | None = None) -> str:
+    return recovery + (f"+seed{seed}" if seed is not None else "") + (f"@step{step}" if step is not None else "")
+
+
+def parse_recovery_name(name: str) -> tuple[str, int | None, int | None]:
+    """(recovery, replicate seed or None, checkpoint step or None) of an artifact's recovery name."""
+    match = _RECOVERY_NAME.match(name)
+    seed, step = match["seed"], match["step"]
+    return match["recovery"], int(seed) if seed else None, int(step) if step else None
+
+
+def run_dir(model: str, degradation: str, recovery: str) -> str:
+    """The directory a DAG job writes for an artifact: a checkpoint lives inside its training run's directory."""
+    base, seed, step = parse_recovery_name(recovery)
+    return f"results/models/{model}/{degradation}/{recovery_name(base, seed) if step is not None else recovery}"
+
+
+def artifact_location(model: str, degradation: str, recovery: str) -> str:
+    """Where the artifact itself lies (its artifact.json, weights and tokenizer), relative to the study."""
+    step = parse_recovery_name(recovery)[2]
+    return run_dir(model, degradation, recovery) + (f"/checkpoints/step-{step}" if step is not None else "")
+
+
+def checkpoint_steps(spec: dict) -> list[int]:
+    """The optimizer steps at which a recovery saves a measurable checkpoint (`checkpoints`: fractions of
+    its steps); the final model is the recovery itself and the damaged model is step 0."""
+    return sorted({round(f * spec["steps"]) for f in spec.get("checkpoints", [])})
+
+
+def study_cells(config: dict) -> list[tuple[str, str]]:
+    """The (degradation, recovery artifact) pairs of the study, recovery `none` (the damaged model) included.
+
+    `study` is absent (all x all), one block {degradations, recoveries, seeds} (its cross product; a missing list
+    means all), or a list of such blocks (the union), so a study can cross a long damage ladder with one recovery
+    and a few damages with every control. `seeds` replicates the block's recoveries; degradation `none` trains the
+    undamaged model (a control: self-distillation should change nothing). Checkpoints are artifacts too."""
     cells: list[tuple[str, str]] = []
+
+    def add(cell):
+        if cell not in cells and cell != ("none", "none"):
+            cells.append(cell)
+
     for block in _study_blocks(config):
+        seeds = block.get("seeds", [config["seed"]])
         for degradation in block.get("degradations", list(config["degradations"])):
-            for recovery in ["none"] + list(block.get("recoveries", list(config["recoveries"]))):
-                if (degradation, recovery) not in cells:
-                    cells.append((degradation, recovery))
+            add((degradation, "none"))
+            for recovery in block.get("recoveries", list(config["recoveries"])):
+                for seed in seeds:
+                    replicate = None if seed == config["seed"] else seed
+                    for step in checkpoint_steps(config["recoveries"][recovery]) + [None]:
+                        add((degradation, recovery_name(recovery, replicate, step)))
     return cells
 
 
 def study_degradations(config: dict) -> list[str]:
-    return list(dict.fromkeys(d for d, _ in study_cells(config)))
+    """The degradations the study applies (`none`, the undamaged model, is not one), damaged teachers included."""
+    names = [d for d, _ in study_cells(config)]
+    names += [config["recoveries"][parse_recovery_name(r)[0]].get("teacher", "none") for r in study_recoveries(config)]
+    return [d for d in dict.fromkeys(names) if d != "none"]
 
 
 def study_recoveries(config: dict) -> list[str]:
+    """Every recovery artifact name of the study (replicates and checkpoints included)."""
     return list(dict.fromkeys(r for _, r in study_cells(config) if r != "none"))
+
+
+def trained_recoveries(config: dict) -> list[str]:
+    """The recovery runs of the study (one training job each; checkpoints come out of the same job)."""
+    return list(dict.fromkeys(r for r in study_recoveries(config) if parse_recovery_name(r)[2] is None))
+
+
+def recovery_spec(config: dict, name: str) -> tuple[dict, int]:
+    """(training parameters, seed) of a recovery artifact name."""
+    recovery, seed, _ = parse_recovery_name(name)
+    return training_params(config, "recoveries", recovery), config["seed"] if seed is None else seed
 
 
 def training_params(config: dict, section: str, name: str) -> dict:

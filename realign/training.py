@@ -63,8 +63,15 @@ def example_order(n_examples: int, n_needed: int, seed: int) -> list[int]:
     return order[:n_needed]
 
 
-def train(model, examples: list[dict], loss_fn, cfg: TrainConfig, pad_id: int) -> list[dict]:
-    """Run `cfg.steps` optimizer steps; returns the training curve [{step, loss, lr}]."""
+def train(model, examples: list[dict], loss_fn, cfg: TrainConfig, pad_id: int, checkpoint_steps=(),
+          on_checkpoint=None) -> list[dict]:
+    """Run `cfg.steps` optimizer steps; returns the training curve [{step, loss, lr}].
+
+    After each step in `checkpoint_steps`, `on_checkpoint(model, step, curve_so_far)` may save the model (the
+    schedule is that of the whole run, so a checkpoint is the state of the full run at that step)."""
+    bad = [s for s in checkpoint_steps if not 0 < s < cfg.steps]
+    if bad:
+        raise ValueError(f"checkpoint steps {bad} must lie strictly between 0 and the run's {cfg.steps} steps")
     torch.manual_seed(cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -96,5 +103,9 @@ def train(model, examples: list[dict], loss_fn, cfg: TrainConfig, pad_id: int) -
         curve.append({"step": step + 1, "loss": step_loss, "lr": optimizer.param_groups[0]["lr"]})
         bar.set_postfix(loss=f"{step_loss:.4f}")
         log.info("step %d/%d loss %.4f", step + 1, cfg.steps, step_loss)
+        if step + 1 in checkpoint_steps and on_checkpoint is not None:
+            model.eval()
+            on_checkpoint(model, step + 1, list(curve))
+            model.train()
     model.eval()
     return curve

@@ -3,5 +3,5 @@ from realign.measure.stage import activations
 
 route_to(snakemake.log[0], snakemake.threads)
 measure = snakemake.config["measure"]
-activations(snakemake.input.model, snakemake.input.prompts, snakemake.output[0], measure["probe_max_tokens"],
+activations(snakemake.params.artifact, snakemake.input.prompts, snakemake.output[0], measure["probe_max_tokens"],
             measure["positions_per_sequence"], snakemake.config["seed"])

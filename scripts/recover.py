@@ -2,5 +2,7 @@ from realign.logs import route_to
 from realign.recover.stage import run_recovery
 
 route_to(snakemake.log[0], snakemake.threads)
-run_recovery(snakemake.input.teacher, snakemake.input.damaged, snakemake.input.answers, snakemake.output[0],
-             snakemake.wildcards.recovery, snakemake.params.spec, snakemake.config["seed"])
+run_recovery(snakemake.input.teacher, snakemake.input.damaged, snakemake.input.records, snakemake.output[0],
+             snakemake.wildcards.recovery, snakemake.params.spec, snakemake.params.seed,
+             teacher_top_k_path=getattr(snakemake.input, "teacher_top_k", None),
+             checkpoint_steps=snakemake.params.checkpoint_steps)

@@ -3,7 +3,7 @@ from realign.logs import route_to
 
 route_to(snakemake.log[0])
 rows = [collect_row(f"{model_dir}/artifact.json", eval_json, divergence_json, cka)
-        for model_dir, eval_json, divergence_json, cka in zip(snakemake.input.artifacts, snakemake.input.evals,
+        for model_dir, eval_json, divergence_json, cka in zip(snakemake.params.artifact_paths, snakemake.input.evals,
                                                               snakemake.input.divergences, snakemake.input.ckas)]
 write_table(build_table(rows, snakemake.params.performance), snakemake.output.table)
 cells = [tuple(cell) for cell in snakemake.params.cells]

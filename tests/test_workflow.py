@@ -8,9 +8,9 @@ import pytest
 import torch
 from tiny_study import snakemake
 
-from realign.config import study_cells
+from realign.config import artifact_location, parse_recovery_name, recovery_spec, run_dir, study_cells
 from realign.degrade import constraints
-from realign.io import read_json
+from realign.io import read_json, read_jsonl
 from realign.models.artifact import load_artifact, load_constraint_tensors
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ def cells(config):
 def test_dry_run_lists_every_artifact_and_measurement(study):
     workdir, config, dry = study
     for degradation, recovery in cells(config):
-        assert f"results/models/tiny/{degradation}/{recovery}" in dry
+        assert run_dir("tiny", degradation, recovery) in dry
         for kind, suffix in (("activations", "safetensors"), ("cka", "parquet"), ("divergence", "json"),
                              ("eval", "json")):
             assert f"results/{kind}/tiny/{degradation}/{recovery}.{suffix}" in dry
@@ -72,18 +72,22 @@ def test_saved_artifacts_keep_their_constraint_after_every_recovery(study):
     workdir, config, _ = study
     checked = set()
     for degradation, recovery in cells(config):
-        artifact = workdir / f"results/models/tiny/{degradation}/{recovery}"
+        artifact = workdir / artifact_location("tiny", degradation, recovery)
         model, _, meta = load_artifact(artifact)
+        assert meta["recovery"] == recovery
         masks = load_constraint_tensors(artifact)
         result = constraints.check(model, meta["constraint"], masks)
         assert result["ok"]
         checked.add(meta["constraint"]["kind"])
         if recovery != "none":
             curve = meta["training_curve"]
-            assert len(curve) == config["recoveries"][recovery]["steps"]
+            spec, seed = recovery_spec(config, recovery)
+            expected_steps = parse_recovery_name(recovery)[2] or spec["steps"]
+            assert len(curve) == meta["step"] == expected_steps
+            assert meta["seed"] == seed
             assert all(math.isfinite(point["loss"]) for point in curve)
             # the constraint is the damaged parent's own, not one re-derived from the recovered weights
-            parent = workdir / f"results/models/tiny/{degradation}/none"
+            parent = workdir / artifact_location("tiny", degradation, "none")
             assert meta["constraint"] == read_json(parent / "artifact.json")["constraint"]
             parent_tensors = load_constraint_tensors(parent)
             assert masks.keys() == parent_tensors.keys()
@@ -94,6 +98,36 @@ def test_saved_artifacts_keep_their_constraint_after_every_recovery(study):
 
                 assert isinstance(model, PeftModel)
     assert checked == {"none", "grid", "fp4-grid", "mask", "frozen"}
+
+
+def test_methods_controls_replicates_and_checkpoints_are_artifacts(study):
+    workdir, config, _ = study
+    models = workdir / "results/models/tiny"
+    table = pd.read_parquet(workdir / "results/table.parquet").set_index(["degradation", "recovery"])
+    # kd-topk trained on the cached top-k of the original teacher, and saved its half-way checkpoint inside its run
+    topk = read_json(models / "magnitude-60/kd-topk/artifact.json")
+    cache = Path(topk["data_split"]["teacher_top_k"])
+    assert cache.name == "none.len64.k16.t1.0.safetensors" and (workdir / cache).is_file()
+    assert topk["checkpoints"] == [2]
+    checkpoint = read_json(models / "magnitude-60/kd-topk/checkpoints/step-2/artifact.json")
+    assert checkpoint["training_curve"] == topk["training_curve"][:2]
+    assert bool(table.loc[("magnitude-60", "kd-topk@step2"), "checkpoint"])
+    assert table.loc[("magnitude-60", "kd-topk@step2"), "step"] == 2
+    # the damaged-teacher control learned from the RTN model, the replicate from another seed
+    damaged = read_json(models / "magnitude-60/kd-damaged-teacher/artifact.json")
+    assert damaged["teacher"].endswith("results/models/tiny/rtn-w2g32/none")
+    assert table.loc[("magnitude-60", "kd-damaged-teacher"), "teacher"] == "rtn-w2g32"
+    replicate = read_json(models / "magnitude-60/kd+seed1/artifact.json")
+    assert replicate["seed"] == 1 and replicate["training_curve"] != read_json(
+        models / "magnitude-60/kd/artifact.json")["training_curve"]
+    assert table.loc[("magnitude-60", "kd+seed1"), "recovery_base"] == "kd"
+    # self-distillation of the undamaged model: no damage, so no recovery fraction; the sdft arm used rewrites
+    assert math.isnan(table.loc[("none", "kd"), "recovery_fraction"])
+    rewrites = read_jsonl(workdir / "results/data/tiny/teacher_rewrites.jsonl")
+    assert len(rewrites) == config["data"]["prompt_splits"]["distill"]
+    assert all(r["rewrite"] == r["rewrite_raw"] if r["rewrite_accepted"] else r["rewrite"] == r["reference"]
+               for r in rewrites)
+    assert read_json(models / "sft-code/sdft/artifact.json")["data_split"]["targets"] == "rewrite"
 
 
 def test_second_run_has_nothing_to_do(study):

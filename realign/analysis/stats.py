@@ -218,7 +218,9 @@ def select_analysed(table: pd.DataFrame) -> tuple[pd.DataFrame, list[dict]]:
     keep, excluded = [], []
     for i, row in cand.iterrows():
         reason = None
-        if bool(row.get("damage_within_noise", False)):
+        if bool(row.get("checkpoint", False)):
+            reason = "checkpoint (dose-response, not an independent arm)"
+        elif bool(row.get("damage_within_noise", False)):
             reason = "damage within noise"
         elif not np.isfinite(float(row["recovery_fraction"])):
             reason = "recovery fraction undefined"

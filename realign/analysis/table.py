@@ -33,6 +33,7 @@ from typing import Iterable, Mapping
 import numpy as np
 import pandas as pd
 
+from realign.config import parse_recovery_name
 from realign.io import atomic_path, read_json
 
 TEACHER = "none"
@@ -54,7 +55,9 @@ def _f(x) -> float:
 def collect_row(artifact_json, eval_json, divergence_json, cka_parquet) -> dict:
     """Read the four per-artifact files and return one flat row (scalars only).
 
-    Columns: model, degradation, recovery, family, degradation_method, recovery_method, seed,
+    Columns: model, degradation, recovery, family, degradation_method, recovery_method, seed, recovery_base
+    (the configured recovery of a replicate or checkpoint), checkpoint (bool), step (optimizer steps of a
+    recovery or checkpoint), teacher (the teacher's degradation: none = the undamaged original),
     tasks (comma-joined sorted task names), acc_<task>, acc_<task>_stderr, bench_mean, bench_mean_stderr
     (stderr of the unweighted mean assuming independent tasks: sqrt(sum se^2) / k), nll_general, nll_code, nll_math,
     kl, kl_stderr, top1, cka_mean (mean linear CKA over layers >= 1; layer 0 = embeddings is excluded),
@@ -81,6 +84,12 @@ def collect_row(artifact_json, eval_json, divergence_json, cka_parquet) -> dict:
         "recovery_method": str(art.get("recovery_method", "none")),
         "seed": int(art["seed"]) if art.get("seed") is not None else -1,
     }
+    # Recovery artifact names carry replicates and checkpoints: `<recovery>[+seed<N>][@step<K>]`.
+    base, _, checkpoint_step = parse_recovery_name(row["recovery"])
+    row["recovery_base"] = base
+    row["checkpoint"] = checkpoint_step is not None
+    row["step"] = float(art["step"]) if art.get("step") is not None else math.nan
+    row["teacher"] = str((art.get("recovery_params") or {}).get("teacher", "none"))
 
     benches = ev.get("benchmarks") or {}
     tasks = sorted(benches)

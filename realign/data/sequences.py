@@ -44,7 +44,8 @@ def packed_chunks(tokenizer, texts: list[str], seq_len: int, max_chunks: int | N
 
 
 def collate(examples: list[dict], pad_id: int) -> dict:
-    """Right-pad a list of examples into a batch with an attention mask."""
+    """Right-pad a list of examples into a batch with an attention mask; examples that carry an `index` (their
+    position in the training set, used to look up cached teacher outputs) pass it on as `batch["index"]`."""
     length = max(len(e["input_ids"]) for e in examples)
     batch = {"input_ids": torch.full((len(examples), length), pad_id, dtype=torch.long),
              "labels": torch.full((len(examples), length), IGNORE, dtype=torch.long),
@@ -54,4 +55,17 @@ def collate(examples: list[dict], pad_id: int) -> dict:
         batch["input_ids"][i, :n] = e["input_ids"]
         batch["labels"][i, :n] = e["labels"]
         batch["attention_mask"][i, :n] = 1
+    if all("index" in e for e in examples):
+        batch["index"] = torch.tensor([e["index"] for e in examples])
     return batch
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded [batch, width] token ids and attention mask, the layout generation continues from."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    for i, s in enumerate(sequences):
+        input_ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        attention[i, width - len(s):] = 1
+    return input_ids, attention

@@ -77,6 +77,23 @@ def detach(model) -> None:
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
 
 
+def baked_copy(model):
+    """A separate model with the constrained weights baked in, leaving `model` (and its training) untouched.
+
+    Not `copy.deepcopy`: a deep copy shares the parametrized module classes, so removing the copy's
+    parametrizations would remove the original's too."""
+    state = {}
+    for key, value in model.state_dict().items():
+        if ".parametrizations." not in key:
+            state[key] = value.detach().clone()
+        elif key.endswith(".parametrizations.weight.original"):
+            module_name = key[: -len(".parametrizations.weight.original")]
+            state[f"{module_name}.weight"] = model.get_submodule(module_name).weight.detach().clone()
+    copy = type(model)(model.config)
+    copy.load_state_dict(state, strict=True)
+    return copy.to(next(model.parameters()).device).eval()
+
+
 def _check_mask(name: str, weight: torch.Tensor, mask: torch.Tensor, pattern: str | None) -> None:
     nonzero_pruned = int((weight[~mask] != 0).sum())
     if nonzero_pruned:

@@ -53,9 +53,11 @@ def _is_peft(model) -> bool:
 
 def save_artifact(model, tokenizer, out_dir: str | Path, meta: dict,
                   constraint_tensors: dict[str, torch.Tensor] | None = None,
-                  frozen_base_dir: str | Path | None = None) -> Path:
+                  frozen_base_dir: str | Path | None = None, include: dict[str, Path] | None = None) -> Path:
     """Write the whole artifact into a temporary directory, then rename it into place.
 
+    `include` moves finished directories into the artifact before the rename ({name inside: source}; a missing
+    source is skipped), so e.g. a run's checkpoints appear together with the final model or not at all.
     A LoRA-wrapped model (recovery of a frozen quantized base) saves its adapter; the base weights are copied
     from `frozen_base_dir`, whose weights the caller has verified unchanged (constraint check)."""
     meta = dict(meta)
@@ -74,6 +76,9 @@ def save_artifact(model, tokenizer, out_dir: str | Path, meta: dict,
         if constraint_tensors:
             tensors = {k: v.detach().cpu().contiguous() for k, v in constraint_tensors.items()}
             save_file(tensors, str(tmp / CONSTRAINT_FILE))
+        for inside, source in (include or {}).items():
+            if Path(source).is_dir():
+                shutil.move(str(source), str(tmp / inside))
         write_json(tmp / ARTIFACT_JSON, meta)
     return Path(out_dir)
 

@@ -1,20 +1,45 @@
-"""Recovery methods. Each trains the damaged student under its damage's constraint.
+"""Recovery methods and controls. Each trains the damaged student under its damage's constraint with the one
+training loop (realign.training.train); a method is only a choice of training data and of a loss composed
+from realign.recover.losses.
 
-- `kd`:   token-level KL(teacher || student) on the teacher's own answers (logit self-distillation);
-- `sdft`: SFT on the teacher's own answers (sequence-level self-distillation);
-- `sft`:  SFT on external reference answers, no teacher (control).
+Self-distillation:
+- `kd`:  token-level divergence (forward KL, reverse KL or generalized JSD; temperature; full vocabulary
+         from a live teacher, or the teacher's cached top-k) on the teacher's own answers;
+- `sdft`: SFT on the teacher's rewrites of the reference answers (Yang et al. 2024), or on its own answers;
+- `onpolicy`: the student samples an answer, the teacher conditioned on the reference answer (a demonstration)
+         scores it; reverse KL on the student's tokens (Shenfeld et al. 2026, arXiv 2601.19897);
+- `cka-kd`: kd + align_weight * (1 - minibatch linear CKA) at `layers` (CKA-regularised distillation).
+Controls:
+- `alignment-blocked`: kd + align_weight * CKA: the logits are matched while layer CKA is pushed down;
+- `alignment-only`: align_weight * (1 - CKA) (or the hidden-state MSE), no logits;
+- `sft`: SFT on external reference answers, no teacher.
 """
 
 from __future__ import annotations
 
 import torch
 
-from realign.data.sequences import chat_example
+from realign.data.sequences import IGNORE, chat_example, chat_prompt_ids, collate, left_pad
 from realign.degrade import constraints
-from realign.recover.losses import cross_entropy, forward_kl
+from realign.device import autocast
+from realign.recover.losses import (coarsen_top_k, cross_entropy, divergence, layer_cka, layer_mse,
+                                    supervised_log_probs, supervised_mask, top_k_with_tail)
 from realign.training import TrainConfig, train
 
-METHODS = ("kd", "sdft", "sft")
+METHODS = ("kd", "sdft", "onpolicy", "cka-kd", "alignment-blocked", "alignment-only", "sft")
+NEEDS_TEACHER_LOGITS = ("kd", "cka-kd", "alignment-blocked")
+NEEDS_TEACHER_HIDDEN = ("cka-kd", "alignment-blocked", "alignment-only")
+DEMONSTRATION_TEMPLATE = ("{instruction}\n\nThis is an example of a good response:\n{reference}\n\n"
+                          "Now write your own response to the request.")
+
+
+def training_targets(method: str, params: dict) -> str:
+    """Which text of a distillation record the student is trained on (the key of the record)."""
+    if method == "sft":
+        return "reference"
+    if method == "sdft" and params.get("targets", "rewrite") == "rewrite":
+        return "rewrite"
+    return "teacher_answer"
 
 
 def build_examples(tokenizer, records: list[dict], answer_key: str, max_len: int) -> list[dict]:
@@ -22,37 +47,144 @@ def build_examples(tokenizer, records: list[dict], answer_key: str, max_len: int
     usable = [r for r in records if isinstance(r.get(answer_key), str)]
     if not usable:
         raise ValueError(f"no distillation record has a {answer_key!r} text")
-    return [chat_example(tokenizer, r["instruction"], r[answer_key], max_len) for r in usable]
+    return [{**chat_example(tokenizer, r["instruction"], r[answer_key], max_len), "index": i}
+            for i, r in enumerate(usable)]
 
 
-def recover(student, teacher, tokenizer, method: str, records: list[dict], cfg: TrainConfig, max_len: int,
-            constraint: dict, constraint_tensors: dict, temperature: float = 1.0):
-    """Train `student` under its constraint; returns (trained model, training curve, constraint check).
+def _forward(model, batch: dict, hidden: bool):
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=hidden)
 
-    The trained model is `student` itself, or a PeftModel wrapping it when the constraint is a frozen base."""
+
+def _hidden_layers(params: dict, n_hidden: int) -> list[int]:
+    layers = params.get("layers") or list(range(1, n_hidden))
+    bad = [i for i in layers if not 0 <= i < n_hidden]
+    if bad:
+        raise ValueError(f"recovery layers {bad} out of range: the model has hidden states 0..{n_hidden - 1}")
+    return layers
+
+
+def distillation_loss(params: dict, teacher=None, teacher_top_k=None):
+    """The loss of kd, cka-kd, alignment-blocked and alignment-only as `loss_fn(model, batch)`."""
+    method = params["method"]
+    temperature = params.get("temperature", 1.0)
+    kind, beta = params.get("divergence", "forward_kl"), params.get("beta", 0.5)
+    weight = params.get("align_weight", 1.0)
+    needs_hidden = method in NEEDS_TEACHER_HIDDEN
+    if teacher is None and (needs_hidden or teacher_top_k is None):
+        raise ValueError(f"recovery method {method} needs the teacher model")
+
+    def loss_fn(model, batch):
+        teacher_out = None
+        if teacher is not None and (needs_hidden or teacher_top_k is None):
+            with torch.no_grad():
+                teacher_out = _forward(teacher, batch, needs_hidden)
+        out = _forward(model, batch, needs_hidden)
+        loss = torch.zeros((), device=out.logits.device)
+        if method in NEEDS_TEACHER_LOGITS:
+            student_logp = supervised_log_probs(out.logits, batch["labels"], temperature)
+            if teacher_top_k is not None:
+                values, indices = teacher_top_k.rows(batch)
+                loss = divergence(top_k_with_tail(values), coarsen_top_k(student_logp, indices), kind, beta)
+            else:
+                teacher_logp = supervised_log_probs(teacher_out.logits, batch["labels"], temperature)
+                loss = divergence(teacher_logp, student_logp, kind, beta)
+            loss = loss * temperature**2
+        if needs_hidden:
+            mask = supervised_mask(batch["labels"])
+            layers = _hidden_layers(params, len(out.hidden_states))
+            if method == "alignment-only" and params.get("align_loss", "cka") == "mse":
+                loss = loss + weight * layer_mse(out.hidden_states, teacher_out.hidden_states, mask, layers)
+            else:
+                cka = layer_cka(out.hidden_states, teacher_out.hidden_states, mask, layers)
+                loss = loss + weight * (cka if method == "alignment-blocked" else 1 - cka)
+        return loss
+
+    return loss_fn
+
+
+def demonstration_instruction(instruction: str, reference: str) -> str:
+    return DEMONSTRATION_TEMPLATE.format(instruction=instruction, reference=reference)
+
+
+def onpolicy_loss(teacher, tokenizer, records: list[dict], params: dict, max_len: int):
+    """Shenfeld et al.'s on-policy self-distillation as `loss_fn(model, batch)`; batches carry record indices."""
+    max_new_tokens = params.get("max_new_tokens", 64)
+    sample_temperature = params.get("sample_temperature", 1.0)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    student_prompts = [chat_prompt_ids(tokenizer, r["instruction"]) for r in records]
+    teacher_prompts = [chat_prompt_ids(tokenizer, demonstration_instruction(r["instruction"], r["reference"]))
+                       for r in records]
+
+    def sample(model, prompts: list[list[int]]) -> list[list[int]]:
+        input_ids, attention = left_pad(prompts, pad)
+        device = next(model.parameters()).device
+        with torch.no_grad(), autocast(device):
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                 max_new_tokens=max_new_tokens, do_sample=True, temperature=sample_temperature,
+                                 top_k=0, top_p=1.0, pad_token_id=pad, eos_token_id=eos)
+        responses = []
+        for row in out[:, input_ids.shape[1]:].tolist():
+            responses.append(row[:row.index(eos) + 1] if eos in row else row)
+        return responses
+
+    def scored_batch(prompts: list[list[int]], responses: list[list[int]], device, length: int) -> dict:
+        examples = []
+        for prompt, response in zip(prompts, responses):
+            prompt = prompt[-max(1, length - len(response)):]
+            examples.append({"input_ids": torch.tensor(prompt + response),
+                             "labels": torch.tensor([IGNORE] * len(prompt) + response)})
+        return {k: v.to(device) for k, v in collate(examples, pad).items()}
+
+    def loss_fn(model, batch):
+        indices = batch["index"].tolist()
+        responses = sample(model, [student_prompts[i] for i in indices])
+        device = batch["input_ids"].device
+        student_batch = scored_batch([student_prompts[i] for i in indices], responses, device, max_len)
+        # The teacher reads the demonstration too; it runs without gradients, so it may see a longer context.
+        teacher_batch = scored_batch([teacher_prompts[i] for i in indices], responses, device, max(max_len, 512))
+        with torch.no_grad():
+            teacher_logp = supervised_log_probs(_forward(teacher, teacher_batch, False).logits, teacher_batch["labels"])
+        student_logp = supervised_log_probs(_forward(model, student_batch, False).logits, student_batch["labels"])
+        return divergence(teacher_logp, student_logp, "reverse_kl")
+
+    return loss_fn
+
+
+def recover(student, teacher, tokenizer, params: dict, records: list[dict], cfg: TrainConfig, max_len: int,
+            constraint: dict, constraint_tensors: dict, teacher_top_k_path=None, on_checkpoint=None,
+            checkpoint_steps=()):
+    """Train `student` under its constraint with recovery `params` (method + options); returns (trained model,
+    training curve, constraint check). The trained model is `student` itself, or a PeftModel wrapping it when
+    the constraint is a frozen base. `on_checkpoint(model, step, curve)` is called at `checkpoint_steps`."""
+    method = params["method"]
     if method not in METHODS:
         raise ValueError(f"unknown recovery method {method!r}; allowed: {', '.join(METHODS)}")
-    answer_key = "reference" if method == "sft" else "teacher_answer"
-    examples = build_examples(tokenizer, records, answer_key, max_len)
-
-    if method == "kd":
+    if method == "onpolicy":
         if teacher is None:
-            raise ValueError("kd needs the teacher model")
-        teacher.eval()
-
-        def loss_fn(model, batch):
-            with torch.no_grad():
-                teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            return forward_kl(logits, teacher_logits, batch["labels"], temperature)
+            raise ValueError("onpolicy needs the teacher model")
+        usable = [r for r in records if isinstance(r.get("reference"), str)]
+        examples = [{**chat_example(tokenizer, r["instruction"], "", max_len), "index": i}
+                    for i, r in enumerate(usable)]
+        loss_fn = onpolicy_loss(teacher, tokenizer, usable, params, max_len)
     else:
-        def loss_fn(model, batch):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            return cross_entropy(logits, batch["labels"])
+        examples = build_examples(tokenizer, records, training_targets(method, params), max_len)
+        if method in ("kd",) + NEEDS_TEACHER_HIDDEN:
+            top_k = None
+            if teacher_top_k_path is not None:
+                from realign.recover.teacher_logits import TeacherTopK
+
+                top_k = TeacherTopK(teacher_top_k_path, examples, params.get("temperature", 1.0))
+            loss_fn = distillation_loss(params, teacher, top_k)
+        else:
+            def loss_fn(model, batch):
+                return cross_entropy(_forward(model, batch, False).logits, batch["labels"])
+    if teacher is not None:
+        teacher.eval()
 
     student = constraints.attach(student, constraint, constraint_tensors, seed=cfg.seed)
     try:
-        curve = train(student, examples, loss_fn, cfg, pad_id=tokenizer.pad_token_id)
+        curve = train(student, examples, loss_fn, cfg, pad_id=tokenizer.pad_token_id,
+                      checkpoint_steps=checkpoint_steps, on_checkpoint=on_checkpoint)
     finally:
         constraints.detach(student)
     return student, curve, constraints.check(student, constraint, constraint_tensors)

@@ -1,16 +1,26 @@
-"""Recovery steps of the DAG: the teacher's answers (once per model) and each recovery run."""
+"""Recovery steps of the DAG: the teacher's answers, rewrites and top-k logits (once per model) and each
+recovery run, whose checkpoints are saved as artifacts of their own inside the run's directory."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
+from realign.config import recovery_name
+from realign.degrade import constraints
 from realign.degrade.stage import train_config
 from realign.device import model_device
 from realign.io import read_json, read_jsonl, write_jsonl
 from realign.models.artifact import load_artifact, load_constraint_tensors, save_artifact
-from realign.recover.methods import recover
-from realign.recover.teacher_data import generate_answers
+from realign.recover.methods import NEEDS_TEACHER_HIDDEN, build_examples, recover, training_targets
+from realign.recover.teacher_data import generate_answers, generate_rewrites
+
+CHECKPOINTS_DIR = "checkpoints"
+
+
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS_DIR / f"step-{step}"
 
 
 def teacher_answers(teacher_dir: str | Path, prompts_path: str | Path, max_new_tokens: int, out_path: str | Path,
@@ -22,22 +32,69 @@ def teacher_answers(teacher_dir: str | Path, prompts_path: str | Path, max_new_t
     return sum(1 for a in answers if a)
 
 
-def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, answers_path: str | Path, out_dir: str | Path,
-                 name: str, params: dict, seed: int) -> dict:
+def teacher_rewrites(teacher_dir: str | Path, prompts_path: str | Path, max_new_tokens: int, out_path: str | Path,
+                     batch_size: int = 8) -> dict:
+    """The teacher's rewrites of the reference answers (self-distilled fine-tuning); returns acceptance counts."""
+    model, tokenizer, _ = load_artifact(teacher_dir)
+    rows = generate_rewrites(model, tokenizer, read_json(prompts_path)["distill"], max_new_tokens, batch_size)
+    write_jsonl(out_path, rows)
+    return {"records": len(rows), "accepted": sum(r["rewrite_accepted"] for r in rows)}
+
+
+def teacher_top_k(teacher_dir: str | Path, answers_path: str | Path, out_path: str | Path, max_len: int,
+                  top_k: int, temperature: float, batch_size: int = 8) -> None:
+    """Cache the teacher's top-k log-probabilities on the kd examples (the original teacher's answers)."""
+    from realign.recover.teacher_logits import compute_teacher_top_k, save_teacher_top_k
+
+    model, tokenizer, _ = load_artifact(teacher_dir)
+    examples = build_examples(tokenizer, read_jsonl(answers_path), "teacher_answer", max_len)
+    cache = compute_teacher_top_k(model, examples, top_k, temperature, tokenizer.pad_token_id, batch_size)
+    save_teacher_top_k(cache, out_path, examples, temperature)
+
+
+def _needs_live_teacher(params: dict) -> bool:
+    method = params["method"]
+    return (method in NEEDS_TEACHER_HIDDEN or method == "onpolicy"
+            or (method == "kd" and params.get("top_k") is None))
+
+
+def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, records_path: str | Path, out_dir: str | Path,
+                 name: str, params: dict, seed: int, teacher_top_k_path: str | Path | None = None,
+                 checkpoint_steps: list[int] = ()) -> dict:
     start = time.time()
+    out_dir = Path(out_dir)
     student, tokenizer, parent_meta = load_artifact(damaged_dir)
+    constraint = parent_meta["constraint"]
     constraint_tensors = load_constraint_tensors(damaged_dir, device=model_device(student))
-    teacher = load_artifact(teacher_dir)[0] if params["method"] == "kd" else None
-    records = read_jsonl(answers_path)
-    student, curve, check = recover(student, teacher, tokenizer, params["method"], records, train_config(params, seed),
-                           params["max_len"], parent_meta["constraint"], constraint_tensors,
-                           temperature=params.get("temperature", 1.0))
-    meta = {**{k: parent_meta[k] for k in ("model", "degradation", "family", "degradation_method",
-                                           "degradation_params", "constraint")},
-            "recovery": name, "recovery_method": params["method"], "recovery_params": params,
-            "constraint_check": check, "seed": seed, "parents": [str(damaged_dir), str(teacher_dir)],
-            "data_split": {"train": "distill", "answers": str(answers_path), "n_records": len(records)},
-            "training_curve": curve, "timings": {"seconds": time.time() - start}}
+    teacher = load_artifact(teacher_dir)[0] if _needs_live_teacher(params) else None
+    records = read_jsonl(records_path)
+    base_meta = {**{k: parent_meta[k] for k in ("model", "degradation", "family", "degradation_method",
+                                                "degradation_params", "constraint")},
+                 "recovery_method": params["method"], "recovery_params": params, "seed": seed,
+                 "teacher": str(teacher_dir), "parents": [str(damaged_dir), str(teacher_dir)],
+                 "data_split": {"train": "distill", "records": str(records_path), "n_records": len(records),
+                                "targets": training_targets(params["method"], params),
+                                "teacher_top_k": str(teacher_top_k_path) if teacher_top_k_path else None}}
+    staging = out_dir.parent / f".{out_dir.name}.checkpoints.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+
+    def save_checkpoint(model, step: int, curve: list[dict]) -> None:
+        # The run goes on training `model`; the checkpoint is a copy with the constraint baked in.
+        snapshot = model if constraint.get("kind") == "frozen" else constraints.baked_copy(model)
+        check = constraints.check(snapshot, constraint, constraint_tensors)
+        meta = {**base_meta, "recovery": recovery_name(name, step=step), "checkpoint_of": name, "step": step,
+                "constraint_check": check, "training_curve": curve}
+        save_artifact(snapshot, tokenizer, checkpoint_dir(staging, step), meta, constraint_tensors=constraint_tensors,
+                      frozen_base_dir=damaged_dir)
+
+    student, curve, check = recover(student, teacher, tokenizer, params, records, train_config(params, seed),
+                                    params["max_len"], constraint, constraint_tensors,
+                                    teacher_top_k_path=teacher_top_k_path, on_checkpoint=save_checkpoint,
+                                    checkpoint_steps=checkpoint_steps)
+    meta = {**base_meta, "recovery": name, "step": params["steps"], "constraint_check": check,
+            "checkpoints": list(checkpoint_steps), "training_curve": curve,
+            "timings": {"seconds": time.time() - start}}
     save_artifact(student, tokenizer, out_dir, meta, constraint_tensors=constraint_tensors,
-                  frozen_base_dir=damaged_dir)
+                  frozen_base_dir=damaged_dir, include={CHECKPOINTS_DIR: staging / CHECKPOINTS_DIR})
+    shutil.rmtree(staging, ignore_errors=True)
     return meta

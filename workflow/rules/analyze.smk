@@ -3,7 +3,7 @@
 
 rule table:
     input:
-        artifacts=[artifact_dir(*cell) for cell in artifacts()],
+        artifacts=[run_dir(*cell) for cell in artifacts()],
         evals=measurement_files("eval", "json"),
         divergences=measurement_files("divergence", "json"),
         ckas=measurement_files("cka", "parquet"),
@@ -12,6 +12,7 @@ rule table:
         cka_layers="results/cka_layers.parquet",
     params:
         cells=artifacts(),
+        artifact_paths=[artifact_location(*cell) for cell in artifacts()],
         performance=config["analysis"]["performance"],
     log:
         "logs/analyze/table.log",

@@ -1,9 +1,9 @@
 # Config validation (before any job), wildcard constraints, and the input functions shared by the rules.
 import re
 
-from realign.config import (ConfigError, config_hash, load_schema, study_cells, study_degradations,
-                            study_recoveries,
-                            training_params, validate_config)
+from realign.config import (ConfigError, artifact_location, checkpoint_steps, config_hash, load_schema,
+                            recovery_spec, run_dir, study_cells, study_degradations, study_recoveries,
+                            trained_recoveries, training_params, validate_config)
 from realign.resources import job_resources, parameter_count_b
 
 try:
@@ -15,7 +15,8 @@ except ConfigError as err:
 SEED = config["seed"]
 MODELS = list(config["models"])
 DEGRADATIONS = study_degradations(config)
-RECOVERIES = study_recoveries(config)
+RECOVERIES = study_recoveries(config)  # every recovery artifact name: replicates and checkpoints included
+TRAINED = trained_recoveries(config)  # the training runs behind them
 RESOURCES = config["data"].get("resources_dir", "resources")
 CONDA_ENV = "../../envs/realign.yaml"
 GPUS = config["workflow"]["gpus"]
@@ -56,7 +57,11 @@ def artifact_dir(model, degradation, recovery):
 
 
 def model_dir(wildcards):
-    return artifact_dir(wildcards.model, wildcards.degradation, wildcards.recovery)
+    return run_dir(wildcards.model, wildcards.degradation, wildcards.recovery)
+
+
+def model_path(wildcards):
+    return artifact_location(wildcards.model, wildcards.degradation, wildcards.recovery)
 
 
 def teacher_dir(wildcards):

@@ -81,3 +81,22 @@ rule teacher_answers:
         CONDA_ENV
     script:
         "../../scripts/teacher_answers.py"
+
+
+rule teacher_rewrites:
+    input:
+        teacher=teacher_dir,
+        prompts="results/data/prompts.json",
+    output:
+        "results/data/{model}/teacher_rewrites.jsonl",
+    log:
+        "logs/teacher_rewrites/{model}.log",
+    benchmark:
+        "results/benchmarks/teacher_rewrites/{model}.tsv"
+    threads: 2
+    resources:
+        **sized("generate"),
+    conda:
+        CONDA_ENV
+    script:
+        "../../scripts/teacher_rewrites.py"

@@ -5,6 +5,8 @@ rule activations:
     input:
         model=model_dir,
         prompts="results/data/prompts.json",
+    params:
+        artifact=model_path,
     output:
         "results/activations/{model}/{degradation}/{recovery}.safetensors",
     log:
@@ -44,6 +46,8 @@ rule divergence:
         teacher=teacher_dir,
         model=model_dir,
         prompts="results/data/prompts.json",
+    params:
+        artifact=model_path,
     output:
         "results/divergence/{model}/{degradation}/{recovery}.json",
     log:
@@ -66,6 +70,8 @@ rule evaluate:
         code_heldout="results/data/code_heldout.jsonl",
         math_heldout="results/data/math_heldout.jsonl",
         tasks="results/data/benchmarks",
+    params:
+        artifact=model_path,
     output:
         "results/eval/{model}/{degradation}/{recovery}.json",
     log:

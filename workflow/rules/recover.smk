@@ -1,18 +1,67 @@
-# Recover a damaged model under its damage's constraint: kd, sdft, or the sft control.
+# Recover a damaged model under its damage's constraint (realign.recover.methods: self-distillation methods and
+# the controls), from the teacher's cached answers, rewrites or top-k logits.
+
+
+def recovery_teacher(wildcards):
+    """The teacher of a recovery: the undamaged original, or a damaged model for the damaged-teacher control."""
+    teacher = recovery_spec(config, wildcards.recovery)[0].get("teacher", "none")
+    return artifact_dir(wildcards.model, teacher, "none")
+
+
+def top_k_cache(model, spec):
+    teacher = spec.get("teacher", "none")
+    return (f"results/data/{model}/teacher_top_k/{teacher}.len{spec['max_len']}.k{spec['top_k']}"
+            f".t{float(spec.get('temperature', 1.0))}.safetensors")
+
+
+def recovery_inputs(wildcards):
+    spec = recovery_spec(config, wildcards.recovery)[0]
+    records = "teacher_rewrites" if spec["method"] == "sdft" and spec.get("targets", "rewrite") == "rewrite" \
+        else "teacher_answers"
+    inputs = {"teacher": recovery_teacher(wildcards),
+              "damaged": artifact_dir(wildcards.model, wildcards.degradation, "none"),
+              "records": f"results/data/{wildcards.model}/{records}.jsonl"}
+    if spec.get("top_k") is not None:
+        inputs["teacher_top_k"] = top_k_cache(wildcards.model, spec)
+    return inputs
+
+
+rule teacher_top_k:
+    input:
+        teacher=lambda wc: artifact_dir(wc.model, wc.teacher, "none"),
+        answers="results/data/{model}/teacher_answers.jsonl",
+    output:
+        "results/data/{model}/teacher_top_k/{teacher}.len{max_len}.k{top_k}.t{temperature}.safetensors",
+    wildcard_constraints:
+        teacher=_alternatives(["none"] + list(config["degradations"])),
+        max_len=r"[0-9]+",
+        top_k=r"[0-9]+",
+        temperature=r"[0-9.]+",
+    log:
+        "logs/teacher_top_k/{model}/{teacher}.len{max_len}.k{top_k}.t{temperature}.log",
+    benchmark:
+        "results/benchmarks/teacher_top_k/{model}/{teacher}.len{max_len}.k{top_k}.t{temperature}.tsv"
+    threads: 2
+    resources:
+        **sized("measure"),
+    conda:
+        CONDA_ENV
+    script:
+        "../../scripts/teacher_top_k.py"
 
 
 rule recover:
     input:
-        teacher=teacher_dir,
-        damaged="results/models/{model}/{degradation}/none",
-        answers="results/data/{model}/teacher_answers.jsonl",
+        unpack(recovery_inputs),
     output:
         maybe_temp(directory("results/models/{model}/{degradation}/{recovery}")),
     wildcard_constraints:
-        degradation=_alternatives(DEGRADATIONS),
-        recovery=_alternatives(RECOVERIES),
+        degradation=_alternatives(["none"] + DEGRADATIONS),
+        recovery=_alternatives(TRAINED),
     params:
-        spec=lambda wc: training_params(config, "recoveries", wc.recovery),
+        spec=lambda wc: recovery_spec(config, wc.recovery)[0],
+        seed=lambda wc: recovery_spec(config, wc.recovery)[1],
+        checkpoint_steps=lambda wc: checkpoint_steps(recovery_spec(config, wc.recovery)[0]),
     log:
         "logs/recover/{model}/{degradation}/{recovery}.log",
     benchmark:
