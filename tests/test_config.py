@@ -119,6 +119,7 @@ def test_shipped_configs_are_valid(path):
 
 def test_study_blocks_are_a_union_of_cross_products():
     config = validate_config(DEFAULT, SCHEMA)
+    config["recoveries"]["kd"].pop("checkpoints", None)
     config["study"] = [{"degradations": ["rtn-w3g64"], "recoveries": ["kd"]},
                        {"degradations": ["rtn-w3g64", "magnitude-50"], "recoveries": ["kd", "sft"]}]
     assert study_cells(config) == [("rtn-w3g64", "none"), ("rtn-w3g64", "kd"), ("rtn-w3g64", "sft"),
@@ -141,15 +142,18 @@ def _job_count(log: str, rule: str) -> int:
     return int(re.search(rf"^{rule}\s+(\d+)$", log, re.M).group(1))
 
 
-@pytest.mark.parametrize("name, models, degradations, recoveries",
-                         [("full.yaml", 1, 31, 3), ("qwen2.5.yaml", 2, 31, 3)])
-def test_shipped_study_configs_plan_their_whole_grid(tmp_path, name, models, degradations, recoveries):
-    """`--configfile configs/X.yaml` is the whole study, not merged into config.yaml's models and study."""
+@pytest.mark.parametrize("name, models, degradations, recover_jobs, artifacts",
+                         [("full.yaml", 1, 31, 31 * 8 + 7 * 8 * 2 + 1, 1 + 31 * 10 + 7 * 8 * 2 + 7 * 2 + 2),
+                          ("qwen2.5.yaml", 2, 31, 2 * 31 * 3, 2 * (1 + 31 * 4))])
+def test_shipped_study_configs_plan_their_whole_grid(tmp_path, name, models, degradations, recover_jobs, artifacts):
+    """`--configfile configs/X.yaml` is the whole study, not merged into config.yaml's models and study.
+
+    full.yaml: every damage x (none + 8 recoveries + kd's checkpoint), replicates 2 x 8 (+ 2 kd checkpoints) on 7
+    damages, the undamaged model's kd and its checkpoint."""
     log = _dry_run(REPO / "configs" / name, tmp_path)
-    artifacts = models * (1 + degradations * (1 + recoveries))
     assert _job_count(log, "prepare_teacher") == models
     assert _job_count(log, "degrade") == models * degradations
-    assert _job_count(log, "recover") == models * degradations * recoveries
+    assert _job_count(log, "recover") == recover_jobs
     assert _job_count(log, "evaluate") == _job_count(log, "cka") == artifacts
     if name == "qwen2.5.yaml":  # sized from params_b: a 1.5B training job asks for ~34 GB and one GPU
         assert re.search(r"wildcards: model=qwen2.5-1.5b, degradation=[^,]+, recovery=kd\n\s+resources: .*"

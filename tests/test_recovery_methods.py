@@ -230,3 +230,42 @@ def test_a_baked_checkpoint_copy_leaves_the_training_model_parametrized(tiny):
     name = constraint["modules"][0]
     assert block_linears(student)[name].weight.shape == block_linears(baked)[name].weight.shape  # still usable
     constraints.detach(student)
+
+
+RECOVERY_CONFIG_ERRORS = [
+    ("an option of another method", {"kd": {"method": "kd", "steps": 2, "lr": 1e-4, "targets": "rewrite"}},
+     r"recoveries\.kd\.targets: not an option of method kd"),
+    ("an undefined damaged teacher", {"kd": {"method": "kd", "steps": 2, "lr": 1e-4, "teacher": "gptq-9"}},
+     r"recoveries\.kd\.teacher: 'gptq-9' is not defined under degradations"),
+    ("a checkpoint that rounds to step 0", {"kd": {"method": "kd", "steps": 2, "lr": 1e-4, "checkpoints": [0.1]}},
+     r"recoveries\.kd\.checkpoints: 0\.1 of 2 steps rounds to step 0"),
+    ("an unknown divergence", {"kd": {"method": "kd", "steps": 2, "lr": 1e-4, "divergence": "tvd"}},
+     r"recoveries\.kd\.divergence: 'tvd' is not allowed"),
+    ("jsd beta of 1", {"kd": {"method": "kd", "steps": 2, "lr": 1e-4, "divergence": "jsd", "beta": 1}},
+     r"recoveries\.kd\.beta"),
+]
+
+
+@pytest.mark.parametrize("recoveries, pattern", [(r, p) for _, r, p in RECOVERY_CONFIG_ERRORS],
+                         ids=[name for name, _, _ in RECOVERY_CONFIG_ERRORS])
+def test_recovery_config_errors_name_the_key(recoveries, pattern):
+    import yaml
+
+    from realign.config import ConfigError, load_schema, validate_config
+    from tiny_study import REPO
+
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["recoveries"] = recoveries
+    config["study"] = [{"degradations": ["magnitude-50"], "recoveries": list(recoveries)}]
+    with pytest.raises(ConfigError, match=pattern):
+        validate_config(config, load_schema(REPO / "workflow/schemas/config.schema.yaml"))
+
+
+def test_recovery_names_round_trip():
+    from realign.config import artifact_location, parse_recovery_name, recovery_name
+
+    for name in ("kd", "kd-topk.v2", "a+b"):
+        for seed in (None, 3):
+            for step in (None, 7):
+                assert parse_recovery_name(recovery_name(name, seed, step)) == (name, seed, step)
+    assert artifact_location("m", "d", "kd+seed1@step3") == "results/models/m/d/kd+seed1/checkpoints/step-3"
