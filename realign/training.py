@@ -6,16 +6,19 @@ to the model before the loop, so the loop itself never needs to know what kind o
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from realign.data.sequences import collate
 from realign.device import autocast, model_device, on_device
+from realign.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -63,25 +66,69 @@ def example_order(n_examples: int, n_needed: int, seed: int) -> list[int]:
     return order[:n_needed]
 
 
+def _fingerprint(cfg: TrainConfig, n_examples: int, params: list[tuple[str, torch.nn.Parameter]]) -> str:
+    return json.dumps({"cfg": asdict(cfg), "n_examples": n_examples,
+                       "params": [(name, list(p.shape)) for name, p in params]}, sort_keys=True)
+
+
+def save_train_state(path: Path, step: int, curve: list[dict], params, optimizer, scheduler, fingerprint: str):
+    """Everything needed to continue the run bit for bit: trainable weights, optimizer and schedule, RNG, curve."""
+    state = {"step": step, "curve": curve, "fingerprint": fingerprint,
+             "params": {name: p.detach().cpu() for name, p in params},
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "torch_rng": torch.get_rng_state()}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_train_state(path: Path, params, optimizer, scheduler, fingerprint: str) -> tuple[int, list[dict]]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file: say which, never train on a half-read state
+        raise ValueError(f"training state {path} is unreadable ({type(err).__name__}: {err}); delete it to "
+                         "restart the run from step 0") from None
+    if state.get("fingerprint") != fingerprint:
+        raise ValueError(f"training state {path} belongs to another run (config, data or model differ); delete "
+                         "it to restart from step 0")
+    with torch.no_grad():
+        for name, p in params:
+            p.copy_(state["params"][name].to(p.device))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["step"], state["curve"]
+
+
 def train(model, examples: list[dict], loss_fn, cfg: TrainConfig, pad_id: int, checkpoint_steps=(),
-          on_checkpoint=None) -> list[dict]:
+          on_checkpoint=None, state_path: str | Path | None = None, state_every: int = 0) -> list[dict]:
     """Run `cfg.steps` optimizer steps; returns the training curve [{step, loss, lr}].
 
     After each step in `checkpoint_steps`, `on_checkpoint(model, step, curve_so_far)` may save the model (the
-    schedule is that of the whole run, so a checkpoint is the state of the full run at that step)."""
+    schedule is that of the whole run, so a checkpoint is the state of the full run at that step).
+    With `state_path` and `state_every` > 0, the training state is saved every `state_every` steps, and a run
+    that finds a state there (left by an interrupted run of the same config) continues from it, giving the same
+    result as an uninterrupted run; the state file is removed when the run completes."""
     bad = [s for s in checkpoint_steps if not 0 < s < cfg.steps]
     if bad:
         raise ValueError(f"checkpoint steps {bad} must lie strictly between 0 and the run's {cfg.steps} steps")
     torch.manual_seed(cfg.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     per_step = cfg.batch_size * cfg.grad_accum
     order = example_order(len(examples), cfg.steps * per_step, cfg.seed)
-    curve = []
+    curve: list[dict] = []
+    first_step = 0
+    state_path = Path(state_path) if state_path and state_every > 0 else None
+    fingerprint = _fingerprint(cfg, len(examples), named)
+    if state_path is not None and state_path.is_file():
+        first_step, curve = load_train_state(state_path, named, optimizer, scheduler, fingerprint)
+        log.info("resuming from %s at step %d of %d", state_path, first_step, cfg.steps)
     device = model_device(model)
     model.train()
-    bar = tqdm(range(cfg.steps), desc="train", file=sys.stderr, mininterval=5, ascii=True)
+    bar = tqdm(range(first_step, cfg.steps), desc="train", file=sys.stderr, mininterval=5, ascii=True,
+               initial=first_step, total=cfg.steps)
     for step in bar:
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
@@ -107,5 +154,9 @@ def train(model, examples: list[dict], loss_fn, cfg: TrainConfig, pad_id: int, c
             model.eval()
             on_checkpoint(model, step + 1, list(curve))
             model.train()
+        if state_path is not None and (step + 1) % state_every == 0 and step + 1 < cfg.steps:
+            save_train_state(state_path, step + 1, curve, named, optimizer, scheduler, fingerprint)
     model.eval()
+    if state_path is not None:
+        state_path.unlink(missing_ok=True)
     return curve

@@ -2,7 +2,7 @@ from pathlib import Path
 
 from realign.analysis.provenance import hardware, rule_timings
 from realign.analysis.report import render_report
-from realign.analysis.stats import analyze, jsonable
+from realign.analysis.stats import analyze_with_controls, jsonable
 from realign.analysis.table import read_table
 from realign.io import read_json, write_json
 from realign.logs import route_to
@@ -10,8 +10,8 @@ from realign.logs import route_to
 route_to(snakemake.log[0])
 analysis = snakemake.params.analysis
 table = read_table(snakemake.input.table)
-stats = analyze(table, alpha=analysis["alpha"], min_effect=analysis["min_effect"], n_boot=analysis["n_boot"],
-                n_perm=analysis["n_perm"], seed=snakemake.params.seed)
+stats = analyze_with_controls(table, alpha=analysis["alpha"], min_effect=analysis["min_effect"],
+                              n_boot=analysis["n_boot"], n_perm=analysis["n_perm"], seed=snakemake.params.seed)
 write_json(snakemake.output.stats, jsonable(stats))
 prompts = read_json(snakemake.input.prompts)
 teacher_meta = read_json(Path(snakemake.input.teachers[0]) / "artifact.json")

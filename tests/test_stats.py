@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import pandas as pd
 
 from realign.analysis.stats import analyze
@@ -113,3 +114,41 @@ def test_families_and_collinear_kl_do_not_crash():
     json.dumps(out, allow_nan=False)
     out = analyze(_planted(n=4), **FAST)  # minimal n: must not crash
     json.dumps(out, allow_nan=False)
+
+
+def _arm_row(recovery, method, P, se=0.02, cka=0.9, kl=0.5, teacher="none", degradation="mag", checkpoint=False):
+    return {"model": "m", "degradation": degradation, "recovery": recovery, "recovery_method": method, "P": P,
+            "P_stderr": se, "cka_mean": cka, "kl": kl, "teacher": teacher, "checkpoint": checkpoint,
+            "role": "teacher" if degradation == "none" and recovery == "none" else "recovered"}
+
+
+def test_control_contrasts_pick_the_arms_and_holm_correct():
+    from statsmodels.stats.multitest import multipletests
+
+    from realign.analysis.stats import control_contrasts, undamaged_self_distillation
+
+    table = pd.DataFrame([
+        _arm_row("none", "none", 0.50, degradation="none", cka=1.0, kl=0.0),
+        _arm_row("kd", "kd", 0.70, degradation="none", cka=0.99, kl=0.01),
+        _arm_row("none", "none", 0.40, cka=0.80, kl=1.0),
+        _arm_row("kd", "kd", 0.48, cka=0.90, kl=0.4),
+        _arm_row("kd@step6", "kd", 0.10, checkpoint=True),  # checkpoints are never an arm
+        _arm_row("kd+seed1", "kd", 0.10),  # nor replicates
+        _arm_row("blocked", "alignment-blocked", 0.47, cka=0.60, kl=0.45),
+        _arm_row("align", "alignment-only", 0.41, cka=0.95, kl=0.9),
+        _arm_row("sft", "sft", 0.40, cka=0.85, kl=0.8),
+        _arm_row("bad-teacher", "kd", 0.30, teacher="wanda-70", cka=0.7, kl=2.0),
+    ])
+    rows = {r["contrast"]: r for r in control_contrasts(table, alpha=0.05)}
+    assert set(rows) == {"kd vs alignment-blocked", "alignment-only vs damaged", "kd vs sft",
+                         "kd vs kd from a damaged teacher"}
+    kd_blocked = rows["kd vs alignment-blocked"]
+    assert kd_blocked["diff_P"] == pytest.approx(0.01) and kd_blocked["diff_cka"] == pytest.approx(0.30)
+    assert kd_blocked["se"] == pytest.approx(np.sqrt(2) * 0.02)
+    assert rows["kd vs kd from a damaged teacher"]["b"] == "m/mag/bad-teacher"
+    ordered = list(rows.values())
+    expected = multipletests([r["p"] for r in ordered], method="holm")[1]
+    np.testing.assert_allclose([r["p_holm"] for r in ordered], expected)
+    assert rows["kd vs kd from a damaged teacher"]["significant"] and not kd_blocked["significant"]
+    (undamaged,) = undamaged_self_distillation(table)
+    assert undamaged["artifact"] == "m/none/kd" and undamaged["diff_P"] == pytest.approx(0.20)

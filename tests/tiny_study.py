@@ -29,19 +29,23 @@ def tiny_config(model_dir: Path, resources_dir: Path) -> dict:
         "wanda-2of4": {"method": "wanda", "pattern": "2:4"},
         "sparsegpt-50": {"method": "sparsegpt", "sparsity": 0.5},
     }
-    # Every recovery on one damage per family; kd under each remaining constraint kind (NVFP4 grid, frozen
-    # QLoRA base, N:M mask); the other methods, whose constraint kinds are already trained under, damaged only.
-    config["study"] = [{"degradations": ["sft-code", "rtn-w2g32", "magnitude-60"], "recoveries": ["kd", "sdft", "sft"]},
-                       {"degradations": ["nvfp4", "bnb-nf4", "wanda-2of4"], "recoveries": ["kd"]},
+    # kd under every constraint kind (none, integer grid, NVFP4 grid, frozen QLoRA base, mask, N:M mask); the
+    # SFT-type arms on forgetting; the other damages measured without recovery.
+    config["study"] = [{"degradations": ["sft-code"], "recoveries": ["kd", "sdft", "sft"]},
+                       {"degradations": ["rtn-w2g32", "nvfp4", "bnb-nf4", "magnitude-60", "wanda-2of4"],
+                        "recoveries": ["kd"]},
                        {"degradations": ["sft-math", "gptq-w2g32", "sparsegpt-50"], "recoveries": []}]
     # The other methods and the controls on one damage: top-k cached reverse-KL kd with a checkpoint, on-policy,
     # alignment-blocked, kd from a damaged teacher; a replicate seed; self-distillation of the undamaged model.
-    config["recoveries"].update({
+    config["recoveries"] = {
+        "kd": {"method": "kd"},
+        "sdft": {"method": "sdft"},
+        "sft": {"method": "sft"},
         "kd-topk": {"method": "kd", "divergence": "reverse_kl", "top_k": 16, "checkpoints": [0.5]},
         "onpolicy": {"method": "onpolicy", "max_new_tokens": 6},
         "blocked": {"method": "alignment-blocked", "align_weight": 0.5, "layers": [1, 2]},
         "kd-damaged-teacher": {"method": "kd", "teacher": "rtn-w2g32"},
-    })
+    }
     config["study"] += [{"degradations": ["magnitude-60"],
                          "recoveries": ["kd-topk", "onpolicy", "blocked", "kd-damaged-teacher"]},
                         {"degradations": ["magnitude-60"], "recoveries": ["kd"], "seeds": [1]},

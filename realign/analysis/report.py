@@ -221,6 +221,8 @@ def render_report(
         "excluded": stats.get("excluded", []),
         "counterexamples": stats.get("counterexamples", []),
         "cka_without_recovery": stats.get("cka_without_recovery", []),
+        "contrasts": stats.get("contrasts", []),
+        "undamaged": stats.get("undamaged_self_distillation", []),
         "setup": _setup(table, provenance),
         "columns": [label for _, label in ROW_COLS],
         "rows": _table_rows(table, out_path.parent),

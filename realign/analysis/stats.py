@@ -321,6 +321,93 @@ def analyze(
     return jsonable(out)
 
 
+def analyze_with_controls(table: pd.DataFrame, alpha: float = 0.05, **kwargs) -> dict:
+    """`analyze` plus the paired control contrasts and the undamaged model's self-distillation."""
+    out = analyze(table, alpha=alpha, **kwargs)
+    out["contrasts"] = control_contrasts(table, alpha) if "P" in table else []
+    out["undamaged_self_distillation"] = undamaged_self_distillation(table) if "P" in table else []
+    return jsonable(out)
+
+
+# Paired ablations on the same damaged model: (label, arm A, arm B, what a difference means). Arms are chosen
+# by recovery method (and teacher); "damaged" is the damaged model itself (recovery none).
+CONTRASTS = (
+    ("kd vs alignment-blocked", "kd", "alignment-blocked",
+     "kd better: recovery needs re-alignment; equal with blocked CKA low: it does not"),
+    ("alignment-only vs damaged", "alignment-only", "damaged", "re-alignment alone recovers performance"),
+    ("kd vs sft", "kd", "sft", "the teacher's signal beats external answers"),
+    ("kd vs kd from a damaged teacher", "kd", "kd-damaged-teacher", "the undamaged teacher matters"),
+    ("cka-kd vs kd", "cka-kd", "kd", "an explicit alignment term adds recovery"),
+)
+
+
+def _arm(group: pd.DataFrame, arm: str) -> pd.Series | None:
+    final = group[~group.get("checkpoint", pd.Series(False, index=group.index)).astype(bool)]
+    teacher = final.get("teacher", pd.Series("none", index=final.index)).astype(str)
+    seeded = final.get("recovery", pd.Series("", index=final.index)).astype(str).str.contains(r"\+seed")
+    if arm == "damaged":
+        rows = final[final["recovery"] == "none"]
+    elif arm == "kd-damaged-teacher":
+        rows = final[(final["recovery_method"] == "kd") & (teacher != "none") & ~seeded]
+    else:
+        rows = final[(final["recovery_method"] == arm) & (teacher == "none") & ~seeded]
+    return rows.iloc[0] if len(rows) else None
+
+
+def _holm(p_values: list[float]) -> list[float]:
+    order = np.argsort(p_values)
+    adjusted, running = np.empty(len(p_values)), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted.tolist()
+
+
+def control_contrasts(table: pd.DataFrame, alpha: float = 0.05) -> list[dict]:
+    """Paired ablation contrasts of performance P (and CKA, KL) between arms on the same damaged model.
+
+    z = (P_A - P_B) / sqrt(se_A^2 + se_B^2), two-sided normal p, Holm-corrected over all contrasts made. The arms
+    are scored on the same benchmark items, whose positive correlation makes this variance conservative."""
+    from scipy.stats import norm
+
+    rows = []
+    damaged = table[(table["degradation"] != "none") & (table.get("role") != "teacher")]
+    for (model, degradation), group in damaged.groupby(["model", "degradation"], sort=False):
+        for label, a_name, b_name, meaning in CONTRASTS:
+            a, b = _arm(group, a_name), _arm(group, b_name)
+            if a is None or b is None:
+                continue
+            diff = float(a["P"] - b["P"])
+            se = float(np.sqrt(a["P_stderr"] ** 2 + b["P_stderr"] ** 2))
+            p = float(2 * norm.sf(abs(diff) / se)) if se > 0 and math.isfinite(se) else math.nan
+            rows.append({"model": model, "degradation": degradation, "contrast": label, "meaning": meaning,
+                         "a": f"{model}/{degradation}/{a['recovery']}", "b": f"{model}/{degradation}/{b['recovery']}",
+                         "diff_P": diff, "se": se, "ci_low": diff - norm.ppf(1 - alpha / 2) * se,
+                         "ci_high": diff + norm.ppf(1 - alpha / 2) * se, "p": p,
+                         "diff_cka": float(a["cka_mean"] - b["cka_mean"]), "diff_kl": float(a["kl"] - b["kl"])})
+    finite = [i for i, r in enumerate(rows) if math.isfinite(r["p"])]
+    for i, adjusted in zip(finite, _holm([rows[i]["p"] for i in finite])):
+        rows[i]["p_holm"] = adjusted
+        rows[i]["significant"] = adjusted < alpha
+    return rows
+
+
+def undamaged_self_distillation(table: pd.DataFrame) -> list[dict]:
+    """Self-distillation of the undamaged model (degradation none): should change nothing."""
+    out = []
+    for model, group in table.groupby("model", sort=False):
+        teacher = group[(group["degradation"] == "none") & (group["recovery"] == "none")]
+        arms = group[(group["degradation"] == "none") & (group["recovery"] != "none")]
+        if teacher.empty:
+            continue
+        t = teacher.iloc[0]
+        for _, r in arms.iterrows():
+            out.append({"artifact": f"{model}/none/{r['recovery']}", "diff_P": float(r["P"] - t["P"]),
+                        "se": float(np.sqrt(r["P_stderr"] ** 2 + t["P_stderr"] ** 2)),
+                        "cka_mean": float(r["cka_mean"]), "kl": float(r["kl"])})
+    return out
+
+
 def _fmt(x, nd=2) -> str:
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{nd}f}"
 

@@ -76,7 +76,10 @@ def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, records_path:
                                 "targets": training_targets(params["method"], params),
                                 "teacher_top_k": str(teacher_top_k_path) if teacher_top_k_path else None}}
     staging = out_dir.parent / f".{out_dir.name}.checkpoints.partial"
-    shutil.rmtree(staging, ignore_errors=True)
+    state_path = out_dir.parent / f".{out_dir.name}.train_state.pt"
+    state_every = params.get("state_every", 0)
+    if not (state_every and state_path.is_file()):  # checkpoints already saved by an interrupted run are kept
+        shutil.rmtree(staging, ignore_errors=True)
 
     def save_checkpoint(model, step: int, curve: list[dict]) -> None:
         # The run goes on training `model`; the checkpoint is a copy with the constraint baked in.
@@ -90,7 +93,7 @@ def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, records_path:
     student, curve, check = recover(student, teacher, tokenizer, params, records, train_config(params, seed),
                                     params["max_len"], constraint, constraint_tensors,
                                     teacher_top_k_path=teacher_top_k_path, on_checkpoint=save_checkpoint,
-                                    checkpoint_steps=checkpoint_steps)
+                                    checkpoint_steps=checkpoint_steps, state_path=state_path, state_every=state_every)
     meta = {**base_meta, "recovery": name, "step": params["steps"], "constraint_check": check,
             "checkpoints": list(checkpoint_steps), "training_curve": curve,
             "timings": {"seconds": time.time() - start}}
