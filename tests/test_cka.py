@@ -159,3 +159,22 @@ def test_teacher_cka_bad_inputs_are_clear_errors(xy):
         fast.layer(0, torch.ones_like(y))
     with pytest.raises(ValueError, match="teacher layer 0 must be"):
         TeacherCKA([x[0]])
+
+
+def test_measurement_stage_values_equal_float64_linear_cka(tmp_path):
+    from realign.measure.activations import load_activations, save_activations
+    from realign.measure.stage import cka_vs_teacher
+
+    index = torch.stack([torch.arange(300), torch.arange(300)], 1)
+    g = torch.Generator().manual_seed(4)
+    teacher = {f"layer.{i}": hidden_states(300, 40, i) for i in range(3)}
+    artifact = {k: v + torch.randn(v.shape, generator=g) for k, v in teacher.items()}
+    for name, acts in (("teacher", teacher), ("artifact", artifact)):
+        save_activations({**acts, "token_index": index}, tmp_path / f"{name}.safetensors", {"artifact": name})
+    frame = cka_vs_teacher(tmp_path / "teacher.safetensors", tmp_path / "artifact.safetensors", tmp_path / "cka.parquet")
+    (t_layers, _), (a_layers, _) = (load_activations(tmp_path / f"{n}.safetensors") for n in ("teacher", "artifact"))
+    assert list(frame["layer"]) == [0, 1, 2]
+    for row, t, a in zip(frame.itertuples(), t_layers, a_layers):
+        assert row.linear_cka == pytest.approx(linear_cka(t, a), abs=1e-6)
+        assert row.debiased_cka == pytest.approx(linear_cka(t, a, debiased=True), abs=1e-6)
+        assert row.linear_cka < 1 - 1e-4
