@@ -1,5 +1,6 @@
 """Reliability: a killed writer leaves nothing trusted behind, corrupted caches are errors that name the file,
-CKA does not depend on the thread count and nothing unpickles or runs remote code."""
+CKA does not depend on the thread count, nothing unpickles or runs remote code, and the per-rule benchmark
+summary reads Snakemake's benchmark files."""
 
 from __future__ import annotations
 
@@ -261,3 +262,44 @@ def test_trust_remote_code_is_off_unless_the_config_turns_it_on():
     for config in [REPO / "config.yaml", *sorted((REPO / "configs").glob("*.yaml"))]:
         models = yaml.safe_load(config.read_text()).get("models", {})
         assert not any(m.get("trust_remote_code") for m in models.values()), f"{config} trusts remote code"
+
+
+# --- benchmarks/study_rules.py ----------------------------------------------------------------------------------
+
+HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+
+
+def _benchmark(root: Path, relative: str, *rows: tuple[float, str]) -> None:
+    path = root / "results" / "benchmarks" / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(HEADER + "".join(f"{s}\t0:00:00\t{rss}\t1\t1\t1\t0\t0\t50\t1\n" for s, rss in rows))
+
+
+def test_study_rules_summarises_benchmark_files_per_rule(tmp_path):
+    _benchmark(tmp_path, "recover/m/wanda-50/kd.tsv", (100.0, "4000.5"))
+    _benchmark(tmp_path, "recover/m/rtn/kd.tsv", (30.0, "3900"))
+    _benchmark(tmp_path, "cka/m/none/none.tsv", (2.0, "NA"))
+    _benchmark(tmp_path, "cka/m/rtn/none.tsv", (4.0, "-"))
+    _benchmark(tmp_path, "evaluate/m/none/none.tsv", (10.0, "1000"), (20.0, "1200"))  # repeat(): mean, max RSS
+    _benchmark(tmp_path, "report/all.tsv", (1.5, "300"))
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks/study_rules.py"), str(tmp_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:] if not line.startswith("-")}
+    assert [line.split()[0] for line in lines[1:5]] == ["recover", "evaluate", "cka", "report"]  # slowest first
+    assert rows["recover"] == ["2", "130.0", "100.0", "4000"]
+    assert rows["evaluate"] == ["1", "15.0", "15.0", "1200"]
+    assert rows["cka"] == ["2", "6.0", "4.0", "-"]
+    assert rows["total"] == ["6", "152.5", "100.0", "4000"]
+
+
+def test_study_rules_errors_name_the_directory_or_file(tmp_path):
+    run = [sys.executable, str(REPO / "benchmarks/study_rules.py"), str(tmp_path)]
+    result = subprocess.run(run, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and f"no Snakemake benchmark files (*.tsv) under {tmp_path}" in result.stderr
+    bad = tmp_path / "results" / "benchmarks" / "cka" / "x.tsv"
+    bad.parent.mkdir(parents=True)
+    bad.write_text("seconds\n3\n")
+    result = subprocess.run(run, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and f"{bad} is not a Snakemake benchmark file" in result.stderr
