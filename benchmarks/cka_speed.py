@@ -157,8 +157,9 @@ def main() -> None:
     print(f"  Gram baseline {gram_s:7.2f} s per artifact, {args.gram_dtype}{scaled}: "
           f"fast path is {gram_s / fast_s:.1f}x faster ({gram_s / (fast_s + prep_s):.1f}x with the teacher prep)")
     print(f"  float64 linear_cka (linear + debiased) {reference_s:.2f} s: fast path {reference_s / fast_s:.1f}x faster")
-    print(f"  max |diff|: fast vs float64 {diff_fast_ref:.1e} (linear and debiased), fast vs Gram {diff_fast_gram:.1e}, "
-          f"Gram vs float64 {diff_gram_ref:.1e}; linear CKA spans {figures['cka_range'][0]:.4f}..{figures['cka_range'][1]:.4f}")
+    low, high = figures["cka_range"]
+    print(f"  max |diff|: fast vs float64 {diff_fast_ref:.1e} (linear and debiased), fast vs Gram "
+          f"{diff_fast_gram:.1e}, Gram vs float64 {diff_gram_ref:.1e}; linear CKA spans {low:.4f}..{high:.4f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)

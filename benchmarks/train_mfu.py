@@ -86,7 +86,8 @@ VARIANTS = {"naive": dict(full_log_softmax=True, fused_adamw=False),
             "fused": dict(full_log_softmax=False, fused_adamw=True)}
 
 
-def run_variant(full_log_softmax: bool, fused_adamw: bool, batch: int, seq: int, k: int, steps: int, warmup: int) -> dict:
+def run_variant(full_log_softmax: bool, fused_adamw: bool, batch: int, seq: int, k: int, steps: int,
+                warmup: int) -> dict:
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M))
     model.config.use_cache = False

@@ -171,7 +171,8 @@ def test_measurement_stage_values_equal_float64_linear_cka(tmp_path):
     artifact = {k: v + torch.randn(v.shape, generator=g) for k, v in teacher.items()}
     for name, acts in (("teacher", teacher), ("artifact", artifact)):
         save_activations({**acts, "token_index": index}, tmp_path / f"{name}.safetensors", {"artifact": name})
-    frame = cka_vs_teacher(tmp_path / "teacher.safetensors", tmp_path / "artifact.safetensors", tmp_path / "cka.parquet")
+    frame = cka_vs_teacher(tmp_path / "teacher.safetensors", tmp_path / "artifact.safetensors",
+                           tmp_path / "cka.parquet")
     (t_layers, _), (a_layers, _) = (load_activations(tmp_path / f"{n}.safetensors") for n in ("teacher", "artifact"))
     assert list(frame["layer"]) == [0, 1, 2]
     for row, t, a in zip(frame.itertuples(), t_layers, a_layers):

@@ -194,11 +194,12 @@ def unsafe_loads(source: str, filename: str) -> list[str]:
             names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
             problems += [f"{filename}:{node.lineno} imports {n}" for n in names if n and n.split(".")[0] in UNPICKLERS]
         if isinstance(node, ast.FunctionDef):
-            arguments = node.args.args + node.args.kwonlyargs
-            defaults = [None] * (len(node.args.args) - len(node.args.defaults)) + node.args.defaults + node.args.kw_defaults
-            for argument, default in zip(arguments, defaults):
-                if argument.arg == "trust_remote_code" and not (isinstance(default, ast.Constant) and default.value is False):
-                    problems.append(f"{filename}:{node.lineno} {node.name}(trust_remote_code) does not default to False")
+            args = node.args
+            defaults = [None] * (len(args.args) - len(args.defaults)) + args.defaults + args.kw_defaults
+            for argument, default in zip(args.args + args.kwonlyargs, defaults):
+                off_by_default = isinstance(default, ast.Constant) and default.value is False
+                if argument.arg == "trust_remote_code" and not off_by_default:
+                    problems.append(f"{filename}:{node.lineno} {node.name}(trust_remote_code) is not False by default")
         if not isinstance(node, ast.Call):
             continue
         name, keywords = _dotted(node.func), {k.arg: k.value for k in node.keywords}
