@@ -10,6 +10,7 @@ versions, timings and the training curve, so every number in the report can be t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import shutil
@@ -76,11 +77,34 @@ def save_artifact(model, tokenizer, out_dir: str | Path, meta: dict,
         if constraint_tensors:
             tensors = {k: v.detach().cpu().contiguous() for k, v in constraint_tensors.items()}
             save_file(tensors, str(tmp / CONSTRAINT_FILE))
+        # A digest per weight file: a flipped byte passes safetensors' own (format-only) checks.
+        meta["weights_sha256"] = {path.name: _sha256(path) for path in sorted(tmp.glob("*.safetensors"))
+                                  + sorted(tmp.glob(f"{ADAPTER_DIR}/*.safetensors"))}
         for inside, source in (include or {}).items():
             if Path(source).is_dir():
                 shutil.move(str(source), str(tmp / inside))
         write_json(tmp / ARTIFACT_JSON, meta)
     return Path(out_dir)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_weights(artifact_dir: Path, meta: dict) -> None:
+    """Compare every weight file with the digest saved with the artifact (artifacts saved before digests were
+    recorded carry none and are not checked)."""
+    for name, expected in (meta.get("weights_sha256") or {}).items():
+        path = artifact_dir / name if (artifact_dir / name).is_file() else artifact_dir / ADAPTER_DIR / name
+        if not path.is_file():
+            raise RuntimeError(f"cannot load weights of artifact {artifact_dir}: {name} is missing")
+        if _sha256(path) != expected:
+            raise RuntimeError(f"cannot load weights of artifact {artifact_dir}: {path} does not match its saved "
+                               "sha256 (corrupted on disk?); delete the artifact and rerun")
 
 
 def read_meta(artifact_dir: str | Path) -> dict:
@@ -96,6 +120,7 @@ def load_artifact(artifact_dir: str | Path, device: str | None = None):
     meta = read_meta(artifact_dir)
     if not (artifact_dir / "config.json").is_file():
         raise FileNotFoundError(f"{artifact_dir} is not a complete artifact (no config.json)")
+    verify_weights(artifact_dir, meta)
     quantized = "quantization_config" in json.loads((artifact_dir / "config.json").read_text())
     device = device or compute_device()
     # bitsandbytes layers must be placed at load time; everything else loads in fp32 and then moves.
