@@ -34,6 +34,8 @@ import time
 
 import torch
 
+from _timing import matmul_gflops
+
 from realign.measure.cka import _SYRK_BLOCK, TeacherCKA, linear_cka
 
 
@@ -55,10 +57,8 @@ def synthetic_hidden_states(n: int, d: int, layers: int, seed: int) -> tuple[lis
 
 
 def gemm_gflops(n: int, d: int, dtype: torch.dtype, repeats: int = 5) -> float:
-    a, b = torch.randn(n, d, dtype=dtype), torch.randn(n, d, dtype=dtype)
-    a.T @ b  # warm-up
-    best = min(_timed(lambda: a.T @ b) for _ in range(repeats))
-    return 2 * n * d * d / best / 1e9
+    """The rate of the CKA's own product shape: [d, n] (transposed view) @ [n, d]."""
+    return matmul_gflops(torch.randn(n, d, dtype=dtype).T, torch.randn(n, d, dtype=dtype), repeats)
 
 
 def fast_path_flops(n: int, d: int, layers: int) -> float:
@@ -81,12 +81,6 @@ def _center_gram(gram: torch.Tensor) -> torch.Tensor:
     gram -= means[:, None]
     gram += means.mean()
     return gram
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def main() -> None:

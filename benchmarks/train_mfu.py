@@ -37,6 +37,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _timing import matmul_gflops
 from transformers import LlamaConfig, LlamaForCausalLM
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -67,18 +68,9 @@ def topk_kd_loss(logits: torch.Tensor, top_values: torch.Tensor, top_index: torc
 
 def gemm_peak() -> dict[str, float]:
     def rate(m, k, n):
-        a, b = torch.randn(m, k), torch.randn(k, n)
-        a @ b
-        best = min(_timed(lambda: a @ b) for _ in range(5))
-        return 2 * m * k * n / best / 1e9
+        return matmul_gflops(torch.randn(m, k), torch.randn(k, n))
 
     return {"square_2048": rate(2048, 2048, 2048), "model_640x576x1536": rate(640, 576, 1536)}
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 VARIANTS = {"naive": dict(full_log_softmax=True, fused_adamw=False),

@@ -43,6 +43,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from realign.config import parse_recovery_name
+
 RECOVERED_MIN = 0.5
 
 
@@ -342,15 +344,15 @@ CONTRASTS = (
 
 
 def _arm(group: pd.DataFrame, arm: str) -> pd.Series | None:
-    final = group[~group.get("checkpoint", pd.Series(False, index=group.index)).astype(bool)]
-    teacher = final.get("teacher", pd.Series("none", index=final.index)).astype(str)
-    seeded = final.get("recovery", pd.Series("", index=final.index)).astype(str).str.contains(r"\+seed")
+    # The configured run itself: neither a replicate (+seedN) nor a checkpoint (@stepK).
+    final = group[[parse_recovery_name(r)[1:] == (None, None) for r in group["recovery"]]]
+    teacher = final["teacher"].astype(str) if "teacher" in final else pd.Series("none", index=final.index)
     if arm == "damaged":
         rows = final[final["recovery"] == "none"]
     elif arm == "kd-damaged-teacher":
-        rows = final[(final["recovery_method"] == "kd") & (teacher != "none") & ~seeded]
+        rows = final[(final["recovery_method"] == "kd") & (teacher != "none")]
     else:
-        rows = final[(final["recovery_method"] == arm) & (teacher == "none") & ~seeded]
+        rows = final[(final["recovery_method"] == arm) & (teacher == "none")]
     return rows.iloc[0] if len(rows) else None
 
 
@@ -368,8 +370,6 @@ def control_contrasts(table: pd.DataFrame, alpha: float = 0.05) -> list[dict]:
 
     z = (P_A - P_B) / sqrt(se_A^2 + se_B^2), two-sided normal p, Holm-corrected over all contrasts made. The arms
     are scored on the same benchmark items, whose positive correlation makes this variance conservative."""
-    from scipy.stats import norm
-
     rows = []
     damaged = table[(table["degradation"] != "none") & (table.get("role") != "teacher")]
     for (model, degradation), group in damaged.groupby(["model", "degradation"], sort=False):
@@ -379,11 +379,11 @@ def control_contrasts(table: pd.DataFrame, alpha: float = 0.05) -> list[dict]:
                 continue
             diff = float(a["P"] - b["P"])
             se = float(np.sqrt(a["P_stderr"] ** 2 + b["P_stderr"] ** 2))
-            p = float(2 * norm.sf(abs(diff) / se)) if se > 0 and math.isfinite(se) else math.nan
+            p = float(2 * sps.norm.sf(abs(diff) / se)) if se > 0 and math.isfinite(se) else math.nan
             rows.append({"model": model, "degradation": degradation, "contrast": label, "meaning": meaning,
                          "a": f"{model}/{degradation}/{a['recovery']}", "b": f"{model}/{degradation}/{b['recovery']}",
-                         "diff_P": diff, "se": se, "ci_low": diff - norm.ppf(1 - alpha / 2) * se,
-                         "ci_high": diff + norm.ppf(1 - alpha / 2) * se, "p": p,
+                         "diff_P": diff, "se": se, "ci_low": diff - sps.norm.ppf(1 - alpha / 2) * se,
+                         "ci_high": diff + sps.norm.ppf(1 - alpha / 2) * se, "p": p,
                          "diff_cka": float(a["cka_mean"] - b["cka_mean"]), "diff_kl": float(a["kl"] - b["kl"])})
     finite = [i for i, r in enumerate(rows) if math.isfinite(r["p"])]
     for i, adjusted in zip(finite, _holm([rows[i]["p"] for i in finite])):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ast
 import gzip
-import hashlib
 import json
 import random
 import re
@@ -29,7 +28,7 @@ from typing import Callable
 
 import yaml
 
-from realign.io import atomic_path, write_json, write_jsonl
+from realign.io import atomic_path, file_sha256, write_json, write_jsonl
 
 _UNCOND_OFFSET = 1_000_000  # OLMES "unconditional" requests have doc_id >= this
 
@@ -177,14 +176,6 @@ def task_yaml(task: str, jsonl_path: Path) -> dict:
     return cfg
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def export_benchmarks(olmo_root: Path, out_dir: Path, limits: dict[str, int], seed: int) -> dict:
     """Export a seeded subset (`limits[task]` items, 0 = all) of each task; return the manifest."""
     olmo_root, out_dir = Path(olmo_root), Path(out_dir)
@@ -217,6 +208,6 @@ def export_benchmarks(olmo_root: Path, out_dir: Path, limits: dict[str, int], se
         with atomic_path(out_dir / f"realign_{task}.yaml") as tmp:
             tmp.write_text(yaml.safe_dump(task_yaml(task, jsonl), sort_keys=False, allow_unicode=True))
         manifest[task] = {"source": rel, "split": split, "n_total": n_total, "n_used": len(docs), "seed": seed,
-                          "sha256": _sha256(jsonl)}
+                          "sha256": file_sha256(jsonl)}
     write_json(out_dir / "manifest.json", manifest)
     return manifest

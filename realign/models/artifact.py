@@ -10,7 +10,6 @@ versions, timings and the training curve, so every number in the report can be t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import shutil
@@ -22,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from realign.device import compute_device
-from realign.io import atomic_path, read_json, write_json
+from realign.io import atomic_path, file_sha256, read_json, write_json
 
 ARTIFACT_JSON = "artifact.json"
 CONSTRAINT_FILE = "constraint.safetensors"
@@ -78,21 +77,13 @@ def save_artifact(model, tokenizer, out_dir: str | Path, meta: dict,
             tensors = {k: v.detach().cpu().contiguous() for k, v in constraint_tensors.items()}
             save_file(tensors, str(tmp / CONSTRAINT_FILE))
         # A digest per weight file: a flipped byte passes safetensors' own (format-only) checks.
-        meta["weights_sha256"] = {path.name: _sha256(path) for path in sorted(tmp.glob("*.safetensors"))
+        meta["weights_sha256"] = {path.name: file_sha256(path) for path in sorted(tmp.glob("*.safetensors"))
                                   + sorted(tmp.glob(f"{ADAPTER_DIR}/*.safetensors"))}
         for inside, source in (include or {}).items():
             if Path(source).is_dir():
                 shutil.move(str(source), str(tmp / inside))
         write_json(tmp / ARTIFACT_JSON, meta)
     return Path(out_dir)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_weights(artifact_dir: Path, meta: dict) -> None:
@@ -102,7 +93,7 @@ def verify_weights(artifact_dir: Path, meta: dict) -> None:
         path = artifact_dir / name if (artifact_dir / name).is_file() else artifact_dir / ADAPTER_DIR / name
         if not path.is_file():
             raise RuntimeError(f"cannot load weights of artifact {artifact_dir}: {name} is missing")
-        if _sha256(path) != expected:
+        if file_sha256(path) != expected:
             raise RuntimeError(f"cannot load weights of artifact {artifact_dir}: {path} does not match its saved "
                                "sha256 (corrupted on disk?); delete the artifact and rerun")
 

@@ -21,7 +21,7 @@ import torch
 
 from realign.data.sequences import IGNORE, chat_example, chat_prompt_ids, collate, left_pad
 from realign.degrade import constraints
-from realign.device import autocast
+from realign.device import autocast, model_device, on_device
 from realign.recover.losses import (coarsen_top_k, cross_entropy, divergence, layer_cka, layer_mse,
                                     supervised_log_probs, supervised_mask, top_k_with_tail)
 from realign.training import TrainConfig, train
@@ -31,6 +31,14 @@ NEEDS_TEACHER_LOGITS = ("kd", "cka-kd", "alignment-blocked")
 NEEDS_TEACHER_HIDDEN = ("cka-kd", "alignment-blocked", "alignment-only")
 DEMONSTRATION_TEMPLATE = ("{instruction}\n\nThis is an example of a good response:\n{reference}\n\n"
                           "Now write your own response to the request.")
+
+
+def needs_live_teacher(params: dict) -> bool:
+    """Whether a recovery runs the teacher model during training (hidden states, on-policy scoring, or logits
+    without a top-k cache)."""
+    method = params["method"]
+    return (method in NEEDS_TEACHER_HIDDEN or method == "onpolicy"
+            or (method in NEEDS_TEACHER_LOGITS and params.get("top_k") is None))
 
 
 def training_targets(method: str, params: dict) -> str:
@@ -117,7 +125,7 @@ def onpolicy_loss(teacher, tokenizer, records: list[dict], params: dict, max_len
 
     def sample(model, prompts: list[list[int]]) -> list[list[int]]:
         input_ids, attention = left_pad(prompts, pad)
-        device = next(model.parameters()).device
+        device = model_device(model)
         with torch.no_grad(), autocast(device):
             out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                                  max_new_tokens=max_new_tokens, do_sample=True, temperature=sample_temperature,
@@ -133,7 +141,7 @@ def onpolicy_loss(teacher, tokenizer, records: list[dict], params: dict, max_len
             prompt = prompt[-max(1, length - len(response)):]
             examples.append({"input_ids": torch.tensor(prompt + response),
                              "labels": torch.tensor([IGNORE] * len(prompt) + response)})
-        return {k: v.to(device) for k, v in collate(examples, pad).items()}
+        return on_device(collate(examples, pad), device)
 
     def loss_fn(model, batch):
         indices = batch["index"].tolist()

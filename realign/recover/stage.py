@@ -13,7 +13,7 @@ from realign.degrade.stage import train_config
 from realign.device import model_device
 from realign.io import read_json, read_jsonl, write_jsonl
 from realign.models.artifact import load_artifact, load_constraint_tensors, save_artifact
-from realign.recover.methods import NEEDS_TEACHER_HIDDEN, build_examples, recover, training_targets
+from realign.recover.methods import build_examples, needs_live_teacher, recover, training_targets
 from realign.recover.teacher_data import generate_answers, generate_rewrites
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -52,12 +52,6 @@ def teacher_top_k(teacher_dir: str | Path, answers_path: str | Path, out_path: s
     save_teacher_top_k(cache, out_path, examples, temperature)
 
 
-def _needs_live_teacher(params: dict) -> bool:
-    method = params["method"]
-    return (method in NEEDS_TEACHER_HIDDEN or method == "onpolicy"
-            or (method == "kd" and params.get("top_k") is None))
-
-
 def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, records_path: str | Path, out_dir: str | Path,
                  name: str, params: dict, seed: int, teacher_top_k_path: str | Path | None = None,
                  checkpoint_steps: list[int] = ()) -> dict:
@@ -66,7 +60,7 @@ def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, records_path:
     student, tokenizer, parent_meta = load_artifact(damaged_dir)
     constraint = parent_meta["constraint"]
     constraint_tensors = load_constraint_tensors(damaged_dir, device=model_device(student))
-    teacher = load_artifact(teacher_dir)[0] if _needs_live_teacher(params) else None
+    teacher = load_artifact(teacher_dir)[0] if needs_live_teacher(params) else None
     records = read_jsonl(records_path)
     base_meta = {**{k: parent_meta[k] for k in ("model", "degradation", "family", "degradation_method",
                                                 "degradation_params", "constraint")},

@@ -53,7 +53,7 @@ def artifacts():
 
 
 def artifact_dir(model, degradation, recovery):
-    return f"results/models/{model}/{degradation}/{recovery}"
+    return run_dir(model, degradation, recovery)
 
 
 def model_dir(wildcards):
