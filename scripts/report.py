@@ -11,7 +11,8 @@ route_to(snakemake.log[0])
 analysis = snakemake.params.analysis
 table = read_table(snakemake.input.table)
 stats = analyze_with_controls(table, alpha=analysis["alpha"], min_effect=analysis["min_effect"],
-                              n_boot=analysis["n_boot"], n_perm=analysis["n_perm"], seed=snakemake.params.seed)
+                              n_boot=analysis["n_boot"], n_perm=analysis["n_perm"], seed=snakemake.params.seed,
+                              min_n=analysis.get("min_n", 4), min_n_ci=analysis.get("min_n_ci", 8))
 write_json(snakemake.output.stats, jsonable(stats))
 prompts = read_json(snakemake.input.prompts)
 teacher_meta = read_json(Path(snakemake.input.teachers[0]) / "artifact.json")
