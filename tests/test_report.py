@@ -85,3 +85,41 @@ def test_figures_deterministic(tmp_path):
     curves = figures.cka_layer_curves(cka)
     assert set(curves) == {f"tiny / d{i}" for i in range(6)}
     assert figures.damage_recovery_bars(table) == figures.damage_recovery_bars(table)
+
+
+def test_report_shows_measures_nulls_heatmaps_controls_and_trajectories(tmp_path):
+    from realign.analysis.stats import analyze_with_controls
+
+    table, cka = _study(tmp_path)
+    table["cka_estimator"] = "debiased"
+    for measure, shift in (("procrustes_sim", 0.1), ("knn_overlap", -0.3)):
+        table[f"{measure}_mean"] = table["cka_mean"] + shift
+        table[f"delta_{measure}"] = table["delta_cka"]
+    stats = analyze_with_controls(table, n_boot=100, n_perm=100)
+    assert [m["measure"] for m in stats["by_measure"]] == ["procrustes_sim", "knn_overlap"]
+    floors = pd.DataFrame([{"model": "tiny", "null": null, "n_samples": n, "layer": layer,
+                            "linear_cka": 0.5 * 16 / n, "debiased_cka": 0.001, "procrustes_sim": 0.3}
+                           for null in ("random-init", "token-shuffled") for n in (16, 64, 256) for layer in range(5)])
+    matrices = {("tiny", f"d{i}", r): {"matrix": {"debiased": np.eye(5).tolist()}}
+                for i in range(6) for r in ("none", "kd", "sdft")}
+    stats["dose_response"] = [{"artifact": "tiny/d0/kd", "degradation": "d0", "recovery": "kd", "points": [
+        {"step_fraction": f, "P": 0.4 + 0.1 * f, "P_stderr": 0.01, "cka_mean": 0.6 + 0.2 * f} for f in (0, 0.5, 1)],
+        "slopes": {"P_vs_cka": {"slope": 0.5, "ci_low": 0.1, "ci_high": 0.9}, "cka_vs_step": {"slope": 0.2},
+                   "P_vs_step": {"slope": 0.1}}}]
+    stats["contrasts"] = [{"degradation": "d0", "contrast": "kd vs sft", "diff_P": 0.02, "ci_low": -0.01,
+                           "ci_high": 0.05, "p_holm": 0.2, "significant": False, "diff_cka": 0.1, "diff_kl": -0.1,
+                           "meaning": "m"}]
+    out = tmp_path / "results" / "report.html"
+    render_report(table, stats, cka, {}, out, null_floors=floors, matrices=matrices)
+    html = out.read_text()
+    for anchor in ("heatmaps", "nulls", "measures", "controls", "dose", "benchmarks"):
+        assert f'id="{anchor}"' in html
+    section = html[html.index('id="heatmaps"'):html.index('id="nulls"')]
+    assert section.count("<svg") == 6  # one heatmap grid per damaged model
+    nulls = html[html.index('id="nulls"'):html.index('id="measures"')]
+    assert "random-init" in nulls and "token-shuffled" in nulls and "<svg" in nulls
+    assert "orthogonal Procrustes similarity" in html and "mutual k-NN overlap" in html
+    controls = html[html.index('id="controls"'):html.index('id="dose"')]
+    assert "<svg" in controls and "kd vs sft" in controls
+    assert "<svg" in html[html.index('id="dose"'):html.index('id="benchmarks"')]
+    assert "mean debiased CKA" in html

@@ -44,14 +44,31 @@ def test_report_and_table(study):
     assert "<svg" in report and "https://" not in report.split("</style>")[-1]
     table = pd.read_parquet(workdir / "results/table.parquet")
     assert len(table) == len(list(cells(config)))
-    for column in ("damage", "recovery_fraction", "delta_cka", "delta_kl", "nll_general", "acc_arc_easy"):
+    for column in ("damage", "recovery_fraction", "delta_cka", "delta_kl", "nll_general", "acc_arc_easy",
+                   "delta_procrustes_sim", "delta_knn_overlap", "delta_cka_ci_low", "cka_mean_ci_high"):
         assert column in table.columns
+    assert (table["cka_estimator"] == "debiased").all()
+    for anchor in ("heatmaps", "nulls", "measures", "controls", "dose", "benchmarks"):
+        assert f'id="{anchor}"' in report
+    assert stats["dose_response"] and stats["by_measure"] and stats["per_benchmark"]["rows"]
+
+
+def test_null_floors_are_measured_against_a_different_model(study):
+    workdir, _, _ = study
+    floors = pd.read_parquet(workdir / "results/null/tiny/floors.parquet")
+    full = floors[(floors["n_samples"] == floors["n_samples"].max()) & (floors["layer"] >= 1)]
+    random_init = full[full["null"] == "random-init"]
+    assert len(random_init) and random_init["debiased_cka"].max() < 0.999  # not the teacher again
+    shuffled = full[full["null"] == "token-shuffled"]
+    # 48 probe tokens against a 64-wide model: the biased estimator's floor is far above the debiased one's ~0
+    assert abs(shuffled["debiased_cka"].mean()) < 0.1 and shuffled["linear_cka"].mean() > 0.3
 
 
 def test_teacher_measures_identical_to_itself(study):
     workdir, _, _ = study
     cka = pd.read_parquet(workdir / "results/cka/tiny/none/none.parquet")
-    assert cka["linear_cka"].sub(1).abs().max() < 1e-6
+    for measure in ("linear_cka", "debiased_cka", "rbf_cka", "procrustes_sim", "knn_overlap"):
+        assert cka[measure].sub(1).abs().max() < 1e-6, measure
     divergence = read_json(workdir / "results/divergence/tiny/none/none.json")
     assert abs(divergence["kl_teacher_artifact"]) < 1e-9 and divergence["top1_agreement"] == 1.0
 

@@ -49,35 +49,159 @@ def _empty(msg: str) -> str:
         return _svg(fig)
 
 
-def cka_layer_curves(cka_layers: pd.DataFrame, metric: str = "linear_cka") -> dict[str, str]:
-    """One SVG per (model, degradation): CKA vs the teacher by layer, one line per recovery.
+def _final_recoveries(recoveries) -> list[str]:
+    """The configured runs: neither replicates (+seedN) nor checkpoints (@stepK), which would crowd a figure."""
+    return [r for r in recoveries if "+seed" not in r and "@step" not in r]
 
-    Keys are "model / degradation". The teacher is CKA = 1 at every layer (dashed line).
+
+def cka_layer_curves(cka_layers: pd.DataFrame, metric: str = "debiased_cka",
+                     null_floors: pd.DataFrame | None = None) -> dict[str, str]:
+    """One SVG per (model, degradation): similarity to the teacher by layer, one line per recovery (configured
+    runs only), the 95% bootstrap band over probe sequences where known, and the null floors of the model
+    (teacher vs a random-init model, vs its own token-shuffled activations) as grey dotted lines.
+
+    Keys are "model / degradation". The teacher is 1 at every layer (dashed line).
     """
     out: dict[str, str] = {}
     if cka_layers is None or cka_layers.empty:
         return out
     df = cka_layers[cka_layers["degradation"] != "none"]
+    df = df[df["recovery"].isin(["none", *_final_recoveries(df["recovery"].unique())])]
     all_recs = sorted(r for r in df["recovery"].unique() if r != "none")
     for (m, d), g in df.groupby(["model", "degradation"], sort=True):
         with plt.rc_context(_RC):
-            fig, ax = plt.subplots(figsize=(6, 3.2))
+            fig, ax = plt.subplots(figsize=(6.4, 3.4))
             layers = np.sort(g["layer"].unique())
             ax.axhline(1.0, color="black", lw=1, ls="--", label="teacher")
             recs = sorted(g["recovery"].unique(), key=lambda r: (r != "none", r))
             for r in recs:
                 gg = g[g["recovery"] == r].sort_values("layer")
                 label = "damaged (no recovery)" if r == "none" else r
-                style = dict(color="grey", lw=2) if r == "none" else dict(color=_rec_color(r, all_recs), lw=1.5)
-                ax.plot(gg["layer"], gg[metric], marker="o", ms=3, label=label, **style)
+                color = "grey" if r == "none" else _rec_color(r, all_recs)
+                ax.plot(gg["layer"], gg[metric], marker="o", ms=2.5, label=label, color=color,
+                        lw=2 if r == "none" else 1.3)
+                low, high = f"{metric}_ci_low", f"{metric}_ci_high"
+                if low in gg and np.isfinite(gg[low].astype(float)).any():
+                    ax.fill_between(gg["layer"], gg[low].astype(float), gg[high].astype(float), color=color,
+                                    alpha=0.15, lw=0)
+            if null_floors is not None and not null_floors.empty and metric in null_floors:
+                floors = null_floors[(null_floors.get("model", m) == m)]
+                full = floors[floors["n_samples"] == floors["n_samples"].max()]
+                for (name, style) in (("random-init", ":"), ("token-shuffled", "-.")):
+                    nf = full[full["null"] == name].sort_values("layer")
+                    if len(nf):
+                        ax.plot(nf["layer"], nf[metric], color="dimgrey", ls=style, lw=1, label=f"null: {name}")
             ax.set_xlabel("layer (0 = embeddings)")
             ax.set_ylabel(metric.replace("_", " "))
             ax.set_title(f"{m} / {d}")
             if len(layers) <= 40:
                 ax.set_xticks(layers[:: max(1, len(layers) // 12)])
-            ax.legend(fontsize=7, frameon=False, loc="lower left")
+            ax.legend(fontsize=6.5, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
             out[f"{m} / {d}"] = _svg(fig)
     return out
+
+
+def cka_heatmaps(table: pd.DataFrame, matrices: dict, estimator: str = "debiased") -> dict[str, str]:
+    """One SVG per (model, degradation): the teacher-layer x artifact-layer CKA matrix of the damaged model and
+    of each configured recovery, on one colour scale. `matrices`: {(model, degradation, recovery): summary
+    dict with "matrix": {estimator: [[...]]}}. A well-aligned artifact has its maximum on the diagonal."""
+    out: dict[str, str] = {}
+    damaged = table[table["degradation"] != "none"]
+    for (m, d), g in damaged.groupby(["model", "degradation"], sort=True):
+        names = ["none", *sorted(_final_recoveries(r for r in g["recovery"].unique() if r != "none"))]
+        panels = [(r, np.asarray(matrices[(m, d, r)]["matrix"][estimator], float))
+                  for r in names if (m, d, r) in matrices and "matrix" in matrices[(m, d, r)]]
+        if not panels:
+            continue
+        columns = min(4, len(panels))
+        rows = math.ceil(len(panels) / columns)
+        with plt.rc_context(_RC):
+            fig, axes = plt.subplots(rows, columns, figsize=(2.3 * columns + 0.8, 2.3 * rows), squeeze=False)
+            image = None
+            for ax, (r, matrix) in zip(axes.flat, panels):
+                image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis", origin="lower", interpolation="nearest")
+                ax.set_title("damaged" if r == "none" else r, fontsize=8)
+                ax.set_xlabel("artifact layer", fontsize=7)
+                ax.set_ylabel("teacher layer", fontsize=7)
+                ax.tick_params(labelsize=6)
+            for ax in list(axes.flat)[len(panels):]:
+                ax.axis("off")
+            fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label=f"{estimator} CKA")
+            fig.suptitle(f"{m} / {d}: layer x layer CKA vs the teacher", fontsize=9)
+            out[f"{m} / {d}"] = _svg(fig)
+    return out
+
+
+def small_n_inflation(null_floors: pd.DataFrame) -> str:
+    """Null CKA (mean over layers >= 1) against the number of probe tokens: the biased estimator reads well
+    above 0 on unrelated representations at small n; the debiased one stays near 0."""
+    if null_floors is None or null_floors.empty:
+        return _empty("no null floors measured")
+    body = null_floors[null_floors["layer"] >= 1]
+    with plt.rc_context(_RC):
+        fig, ax = plt.subplots(figsize=(5.5, 3.2))
+        for j, name in enumerate(sorted(body["null"].unique())):
+            g = body[body["null"] == name].groupby("n_samples")[["linear_cka", "debiased_cka"]].mean()
+            ax.plot(g.index, g["linear_cka"], marker="o", color=_COLORS[j], label=f"{name}: linear (biased)")
+            ax.plot(g.index, g["debiased_cka"], marker="s", ls="--", color=_COLORS[j],
+                    label=f"{name}: debiased")
+        ax.axhline(0, color="black", lw=0.6)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("probe tokens n")
+        ax.set_ylabel("CKA with the teacher (layer mean)")
+        ax.set_title("null CKA vs sample size")
+        ax.legend(fontsize=7, frameon=False)
+        return _svg(fig)
+
+
+def _floats(values) -> np.ndarray:
+    """Values from the JSON-able statistics (None = missing) as a float array with NaN."""
+    return np.array([math.nan if v is None else float(v) for v in values], float)
+
+
+def contrast_forest(contrasts: list[dict]) -> str:
+    """Forest plot of the paired control contrasts: A - B in the performance measure with its CI; filled markers
+    where the Holm-corrected p is below alpha."""
+    if not contrasts:
+        return _empty("no control contrasts in this study")
+    with plt.rc_context(_RC):
+        fig, ax = plt.subplots(figsize=(6.4, 0.45 * len(contrasts) + 1.1))
+        ys = np.arange(len(contrasts))[::-1]
+        for y, c in zip(ys, contrasts):
+            diff, low, high = _floats(c.get(k) for k in ("diff_P", "ci_low", "ci_high"))
+            ax.plot([low, high], [y, y], color="black", lw=1.2)
+            ax.plot(diff, y, "o", color="black", mfc="black" if c.get("significant") else "white", ms=6)
+        ax.axvline(0, color="grey", lw=0.8, ls="--")
+        ax.set_yticks(ys)
+        ax.set_yticklabels([f"{c['degradation']}: {c['contrast']}" for c in contrasts], fontsize=8)
+        ax.set_xlabel("difference in P (A - B), 95% CI; filled: Holm p < alpha")
+        ax.set_title("controls: paired contrasts")
+        return _svg(fig)
+
+
+def dose_response_trajectories(runs: list[dict]) -> str:
+    """P and mean CKA along each training run measured at checkpoints (step 0 = the damaged model)."""
+    runs = [r for r in runs or [] if len(r.get("points") or []) >= 2]
+    if not runs:
+        return _empty("no run was measured at checkpoints")
+    with plt.rc_context(_RC):
+        fig, (left, right) = plt.subplots(1, 2, figsize=(8.5, 3.2))
+        for j, run in enumerate(runs):
+            points = run["points"]
+            fraction = [p["step_fraction"] for p in points]
+            label = f"{run['degradation']} / {run['recovery']}"
+            perf, stderr, cka = (_floats(p.get(k) for p in points) for k in ("P", "P_stderr", "cka_mean"))
+            left.errorbar(_floats(fraction), perf, yerr=np.nan_to_num(2 * stderr), marker="o", ms=3, capsize=2,
+                          color=_COLORS[j % 10], label=label)
+            right.plot(_floats(fraction), cka, marker="o", ms=3, color=_COLORS[j % 10], label=label)
+        left.set_xlabel("fraction of recovery steps")
+        left.set_ylabel("P (error bars: 2 SE)")
+        right.set_xlabel("fraction of recovery steps")
+        right.set_ylabel("mean CKA vs the teacher")
+        left.set_title("performance along recovery")
+        right.set_title("alignment along recovery")
+        right.legend(fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        return _svg(fig)
 
 
 def _rec_color(rec: str, all_recs: list[str]):
@@ -130,7 +254,8 @@ def cka_recovery_scatter(table: pd.DataFrame, stats: dict | None = None, n_boot:
         ax.axhline(0, color="grey", lw=0.6)
         ax.axhline(1, color="grey", lw=0.6, ls=":")
         ax.axvline(0, color="grey", lw=0.6)
-        ax.set_xlabel("delta CKA vs damaged parent (mean linear CKA, layers >= 1)")
+        estimator = str(d["cka_estimator"].iloc[0]) if "cka_estimator" in d and len(d) else "linear"
+        ax.set_xlabel(f"delta CKA vs damaged parent (mean {estimator} CKA, layers >= 1)")
         ax.set_ylabel("recovery fraction")
         title = "recovery vs re-alignment"
         sp = ((stats or {}).get("correlations") or {}).get("spearman")

@@ -179,6 +179,37 @@ def _ols_view(stats: dict) -> dict | None:
             "r2_adj": fmt_num(ols["r2_adj"]), "coefs": coefs, "notes": ols.get("notes", [])}
 
 
+MEASURE_COLS = [("debiased_cka_mean", "debiased CKA"), ("linear_cka_mean", "linear CKA"),
+                ("rbf_cka_mean", "RBF CKA"), ("procrustes_sim_mean", "Procrustes sim."),
+                ("knn_overlap_mean", "mutual k-NN")]
+
+
+def _measure_rows(table: pd.DataFrame, base: Path) -> list[dict]:
+    """Every similarity measure's layer mean per artifact, and the debiased CKA's bootstrap CI."""
+    rows = []
+    for _, r in table.iterrows():
+        rows.append({"artifact": f"{r['model']} / {r['degradation']} / {r['recovery']}",
+                     "href": _rel(r.get("path_cka_summary") or r.get("path_cka"), base),
+                     "cells": [fmt_num(r.get(c)) for c, _ in MEASURE_COLS],
+                     "ci": f"[{fmt_num(r.get('cka_mean_ci_low'))}, {fmt_num(r.get('cka_mean_ci_high'))}]",
+                     "delta": fmt_num(r.get("delta_cka")),
+                     "delta_ci": f"[{fmt_num(r.get('delta_cka_ci_low'))}, {fmt_num(r.get('delta_cka_ci_high'))}]"})
+    return rows
+
+
+def _floor_rows(null_floors: pd.DataFrame | None) -> list[dict]:
+    """The null floors at the full probe size, as layer means (layers >= 1) per model and null."""
+    if null_floors is None or null_floors.empty:
+        return []
+    rows = []
+    full = null_floors[(null_floors["layer"] >= 1)]
+    for (model, name), g in full.groupby(["model", "null"], sort=True):
+        g = g[g["n_samples"] == g["n_samples"].max()]
+        rows.append({"model": model, "null": name, "n": int(g["n_samples"].iloc[0]),
+                     "cells": [fmt_num(g[c[:-5]].mean()) if c[:-5] in g else "—" for c, _ in MEASURE_COLS]})
+    return rows
+
+
 def render_report(
     table: pd.DataFrame,
     stats: dict,
@@ -187,12 +218,16 @@ def render_report(
     out_path,
     *,
     template_dir: str | os.PathLike | None = None,
+    null_floors: pd.DataFrame | None = None,
+    matrices: dict | None = None,
 ) -> None:
     """Render the HTML report to `out_path` (atomically).
 
     provenance (all keys optional): title, config (dict), config_hash (str), versions (dict), timings
     ({rule kind: seconds | [seconds] | {"n", "seconds"}}), hardware (dict or str), data_splits (dict).
-    Artifact file links are relative to the report's directory.
+    Artifact file links are relative to the report's directory. null_floors: the long tables of
+    realign.measure.stage.null_floors with a `model` column; matrices: {(model, degradation, recovery): CKA
+    summary dict of realign.measure.stage.cka_vs_teacher} for the layer x layer heatmaps.
     """
     out_path = Path(out_path)
     tdir = Path(template_dir) if template_dir else TEMPLATE_DIR
@@ -209,6 +244,7 @@ def render_report(
     provenance = provenance or {}
     stats = stats or {}
     hardware = provenance.get("hardware")
+    estimator = str(table["cka_estimator"].iloc[0]) if "cka_estimator" in table and len(table) else "linear"
     ctx = {
         "title": provenance.get("title", "realign: does recovery go with re-alignment?"),
         "css": css,
@@ -226,7 +262,19 @@ def render_report(
         "setup": _setup(table, provenance),
         "columns": [label for _, label in ROW_COLS],
         "rows": _table_rows(table, out_path.parent),
-        "cka_figs": figures.cka_layer_curves(cka_layers),
+        "estimator": estimator,
+        "cka_figs": figures.cka_layer_curves(cka_layers, f"{estimator}_cka", null_floors),
+        "heatmaps": figures.cka_heatmaps(table, matrices or {}, estimator),
+        "inflation": figures.small_n_inflation(null_floors) if null_floors is not None else None,
+        "floors": _floor_rows(null_floors),
+        "forest": figures.contrast_forest(stats.get("contrasts") or []),
+        "trajectories": figures.dose_response_trajectories(stats.get("dose_response") or []),
+        "dose_response": stats.get("dose_response") or [],
+        "by_measure": stats.get("by_measure") or [],
+        "measure_rows": _measure_rows(table, out_path.parent),
+        "measure_columns": [label for _, label in MEASURE_COLS],
+        "per_benchmark": stats.get("per_benchmark") or {},
+        "mixed": stats.get("mixed_model") or {},
         "scatter": figures.cka_recovery_scatter(table, stats),
         "bars": figures.damage_recovery_bars(table),
         "corr": _corr_rows(stats),

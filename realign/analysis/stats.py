@@ -371,7 +371,39 @@ def analyze_with_controls(
     out["undamaged_self_distillation"] = undamaged_self_distillation(table) if has_p else []
     out["per_benchmark"] = per_benchmark(table, alpha, n_boot, n_perm, seed, min_n=min_n)
     out["dose_response"] = dose_response(table, alpha) if has_p else []
+    out["by_measure"] = by_measure(table, alpha, n_boot, n_perm, seed, min_n=min_n)
     return jsonable(out)
+
+
+# Each similarity measure's layer mean, from realign.analysis.table; the first family is CKA, the second is not.
+MEASURE_LABELS = {
+    "debiased_cka": "debiased linear CKA", "linear_cka": "linear CKA (biased)", "rbf_cka": "RBF CKA (median)",
+    "procrustes_sim": "orthogonal Procrustes similarity", "knn_overlap": "mutual k-NN overlap",
+}
+
+
+def by_measure(table: pd.DataFrame, alpha: float = 0.05, n_boot: int = 2000, n_perm: int = 2000, seed: int = 0,
+               *, min_n: int = 4) -> list[dict]:
+    """Spearman of recovery fraction with the change of each similarity measure vs the damaged parent, over the
+    analysed artifacts: does the association hold whichever measure of geometry is used (Davari et al. 2023
+    show CKA alone can be steered)? Measures missing from the table are left out."""
+    d, _ = select_analysed(table)
+    out = []
+    for measure, label in MEASURE_LABELS.items():
+        column = f"delta_{measure}"
+        if column not in d:
+            continue
+        rows = d[np.isfinite(d[column].astype(float))]
+        entry = {"measure": measure, "label": label, "n": len(rows)}
+        if len(rows) < min_n:
+            out.append({**entry, "skipped": f"n = {len(rows)} < {min_n}"})
+            continue
+        rng = np.random.default_rng(seed)
+        entry.update(_correlation(rows[column].to_numpy(float), rows["recovery_fraction"].to_numpy(float), None,
+                                  "spearman", alpha, n_boot, n_perm, rng))
+        entry["mean_delta"] = float(rows[column].mean())
+        out.append(entry)
+    return out
 
 
 # Paired ablations on the same damaged model: (label, arm A, arm B, what a difference means). Arms are chosen

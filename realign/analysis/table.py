@@ -52,16 +52,25 @@ def _f(x) -> float:
         return math.nan
 
 
-def collect_row(artifact_json, eval_json, divergence_json, cka_parquet) -> dict:
-    """Read the four per-artifact files and return one flat row (scalars only).
+SIMILARITY_MEASURES = ("linear_cka", "debiased_cka", "rbf_cka", "procrustes_sim", "knn_overlap")
+CKA_ESTIMATORS = ("debiased", "linear")
+LAYER_COLUMNS = (*SIMILARITY_MEASURES, "debiased_cka_ci_low", "debiased_cka_ci_high")
+
+
+def collect_row(artifact_json, eval_json, divergence_json, cka_parquet, cka_summary=None,
+                cka_estimator: str = "debiased") -> dict:
+    """Read the per-artifact files and return one flat row (scalars, plus the `cka_boot` replicate list).
 
     Columns: model, degradation, recovery, family, degradation_method, recovery_method, seed, recovery_base
     (the configured recovery of a replicate or checkpoint), checkpoint (bool), step (optimizer steps of a
     recovery or checkpoint), teacher (the teacher's degradation: none = the undamaged original),
     tasks (comma-joined sorted task names), acc_<task>, acc_<task>_stderr, bench_mean, bench_mean_stderr
     (stderr of the unweighted mean assuming independent tasks: sqrt(sum se^2) / k), nll_general, nll_code, nll_math,
-    kl, kl_stderr, top1, cka_mean (mean linear CKA over layers >= 1; layer 0 = embeddings is excluded),
-    cka_min (same layers), debiased_cka_mean, n_layers, seconds (training/degradation time of the
+    kl, kl_stderr, top1, cka_mean and cka_min (mean and minimum over layers >= 1 of the `cka_estimator`'s CKA,
+    debiased or linear; layer 0 = embeddings is excluded), <measure>_mean for every similarity measure in the
+    parquet (linear_cka, debiased_cka, rbf_cka, procrustes_sim, knn_overlap; NaN where absent), n_layers;
+    from the JSON summary of the CKA step (when given, debiased estimator only): cka_mean_ci_low/high (95%
+    bootstrap over probe sequences) and cka_boot (the replicates, paired across artifacts); seconds (training/degradation time of the
     artifact), eval_seconds, divergence_seconds, path_artifact, path_eval, path_divergence, path_cka.
     """
     art = read_json(artifact_json)
@@ -118,15 +127,29 @@ def collect_row(artifact_json, eval_json, divergence_json, cka_parquet) -> dict:
     row["kl_stderr"] = _f(div.get("kl_stderr"))
     row["top1"] = _f(div.get("top1_agreement"))
 
+    if cka_estimator not in CKA_ESTIMATORS:
+        raise ValueError(f"analysis.cka_estimator must be one of {CKA_ESTIMATORS}, got {cka_estimator!r}")
+    column = f"{cka_estimator}_cka"
+    if column not in cka:
+        raise ValueError(f"{cka_parquet}: no {column!r} column for analysis.cka_estimator {cka_estimator!r}")
     body = cka[cka["layer"] >= 1]
     if body.empty:
         raise ValueError(f"{cka_parquet}: no layers >= 1 (layer 0 is the embedding and is excluded)")
-    row["cka_mean"] = float(body["linear_cka"].mean())
-    row["cka_min"] = float(body["linear_cka"].min())
-    row["debiased_cka_mean"] = (
-        float(body["debiased_cka"].mean()) if "debiased_cka" in body else math.nan
-    )
+    row["cka_estimator"] = cka_estimator
+    row["cka_mean"] = float(body[column].mean())
+    row["cka_min"] = float(body[column].min())
+    for measure in SIMILARITY_MEASURES:
+        row[f"{measure}_mean"] = float(body[measure].mean()) if measure in body else math.nan
     row["n_layers"] = int(body["layer"].nunique())
+    row["cka_mean_ci_low"] = row["cka_mean_ci_high"] = math.nan
+    row["cka_boot"] = []
+    if cka_summary is not None and cka_estimator == "debiased":
+        summary = read_json(cka_summary)
+        if summary.get("first_body_layer", 1) != 1:
+            raise ValueError(f"{cka_summary}: layer means start at layer {summary['first_body_layer']}, expected 1")
+        low, high = summary["debiased_cka_mean_ci"]
+        row["cka_mean_ci_low"], row["cka_mean_ci_high"] = _f(low), _f(high)
+        row["cka_boot"] = [float(v) for v in summary["debiased_cka_mean_replicates"]]
 
     row["seconds"] = _f((art.get("timings") or {}).get("seconds"))
     row["eval_seconds"] = _f(ev.get("seconds"))
@@ -136,6 +159,7 @@ def collect_row(artifact_json, eval_json, divergence_json, cka_parquet) -> dict:
     row["path_eval"] = str(eval_json)
     row["path_divergence"] = str(divergence_json)
     row["path_cka"] = str(cka_parquet)
+    row["path_cka_summary"] = str(cka_summary) if cka_summary is not None else ""
     return row
 
 
@@ -155,7 +179,8 @@ def _iter_keyed_paths(paths_with_keys) -> Iterable[tuple[tuple[str, str, str], s
 
 
 def load_cka_layers(paths_with_keys) -> pd.DataFrame:
-    """Long table of per-layer CKA: columns model, degradation, recovery, layer, linear_cka, debiased_cka.
+    """Long table of per-layer similarity: columns model, degradation, recovery, layer, and every measure of
+    SIMILARITY_MEASURES with its CI columns where the parquet has them (NaN otherwise).
 
     ``paths_with_keys``: a mapping ``{(model, degradation, recovery): path}``, an iterable of
     ``((model, degradation, recovery), path)`` pairs, or an iterable of dicts with those four keys.
@@ -163,16 +188,17 @@ def load_cka_layers(paths_with_keys) -> pd.DataFrame:
     frames = []
     for (m, d, r), path in _iter_keyed_paths(paths_with_keys):
         df = pd.read_parquet(path)
-        if "debiased_cka" not in df:
-            df["debiased_cka"] = math.nan
-        df = df[["layer", "linear_cka", "debiased_cka"]].copy()
+        for column in LAYER_COLUMNS:
+            if column not in df:
+                df[column] = math.nan
+        df = df[["layer", *LAYER_COLUMNS]].copy()
         df.insert(0, "recovery", str(r))
         df.insert(0, "degradation", str(d))
         df.insert(0, "model", str(m))
         frames.append(df)
-    cols = KEY + ["layer", "linear_cka", "debiased_cka"]
     if not frames:
-        return pd.DataFrame({c: pd.Series(dtype="float64" if "cka" in c else "object") for c in cols})
+        return pd.DataFrame({**{c: pd.Series(dtype="object") for c in KEY + ["layer"]},
+                             **{c: pd.Series(dtype="float64") for c in LAYER_COLUMNS}})
     out = pd.concat(frames, ignore_index=True)
     out["layer"] = out["layer"].astype("int64")
     return out.sort_values(KEY + ["layer"], kind="stable").reset_index(drop=True)
@@ -209,7 +235,8 @@ def build_table(rows: list[dict], performance: str, *, nll_noise: float = NLL_NO
 
     Added columns: performance_metric, P, P_stderr, role ('teacher' | 'degraded' | 'recovered'),
     P_teacher, P_parent, damage, damage_stderr, damage_within_noise (bool), gain, gain_within_noise (bool),
-    recovery_fraction, cka_parent, delta_cka, kl_parent, delta_kl.
+    recovery_fraction, cka_parent, delta_cka, delta_cka_ci_low/high (paired bootstrap over probe sequences),
+    delta_<measure> for each similarity measure, kl_parent, delta_kl.
     The teacher rows have NaN damage/deltas and False flags; a parent row has gain 0, delta_cka 0, delta_kl 0
     and NaN recovery_fraction. Raises ValueError naming any missing teacher or parent artifact, duplicates,
     or rows whose benchmark task sets differ (bench_mean would not be comparable).
@@ -281,11 +308,32 @@ def build_table(rows: list[dict], performance: str, *, nll_noise: float = NLL_NO
     df["delta_cka"] = np.where(is_teacher, nan, cka - cka[p_idx])
     df["kl_parent"] = np.where(is_teacher, nan, kl[p_idx])
     df["delta_kl"] = np.where(is_teacher, nan, kl - kl[p_idx])
+    for measure in SIMILARITY_MEASURES:
+        if f"{measure}_mean" in df:
+            values = df[f"{measure}_mean"].to_numpy(float)
+            df[f"delta_{measure}"] = np.where(is_teacher, nan, values - values[p_idx])
+    df["delta_cka_ci_low"], df["delta_cka_ci_high"] = _paired_delta_ci(df, p_idx, is_teacher)
+    df = df.drop(columns=["cka_boot"], errors="ignore")
 
     role_order = df["role"].map({"teacher": 0, "degraded": 1, "recovered": 2})
     df = df.assign(_ro=role_order, _nt=role_order > 0)
     df = df.sort_values(["model", "_nt", "degradation", "_ro", "recovery"], kind="stable")
     return df.drop(columns=["_ro", "_nt"]).reset_index(drop=True)
+
+
+def _paired_delta_ci(df: pd.DataFrame, p_idx: np.ndarray, is_teacher: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """95% percentile CI of delta_cka from the paired bootstrap replicates over probe sequences: the same
+    resampled sequences for an artifact and its parent, so the probe-set noise they share cancels."""
+    low, high = np.full(len(df), np.nan), np.full(len(df), np.nan)
+    if "cka_boot" not in df:
+        return low, high
+    boots = [np.asarray(b if b is not None else [], float) for b in df["cka_boot"]]
+    for i, parent in enumerate(p_idx):
+        own, theirs = boots[i], boots[parent]
+        if is_teacher[i] or parent == i or own.size < 10 or own.size != theirs.size:
+            continue
+        low[i], high[i] = np.percentile(own - theirs, [2.5, 97.5])
+    return low, high
 
 
 def write_table(table: pd.DataFrame, path: str | os.PathLike) -> None:

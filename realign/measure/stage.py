@@ -9,11 +9,17 @@ import pandas as pd
 import torch
 
 from realign.data.sequences import chat_example, chat_prompt_ids, packed_chunks
-from realign.io import atomic_path, read_json, read_jsonl
+from realign.io import atomic_path, read_json, read_jsonl, write_json
 from realign.measure.activations import capture, load_activations, save_activations
-from realign.measure.cka import TeacherCKA
+from realign.measure.cka import linear_cka
 from realign.measure.divergence import mean_nll, output_divergence
+from realign.measure.similarity import compare_layers, percentile_ci
 from realign.models.artifact import load_artifact
+
+# Layer 0 is the token embedding: identical input handling, not a computed representation. Layer means skip it.
+FIRST_BODY_LAYER = 1
+NULL_SEED_OFFSET = 7919  # the random-init null model's seed is the study seed + this
+MEASURES = ("linear_cka", "debiased_cka", "rbf_cka", "procrustes_sim", "knn_overlap")
 
 
 def probe_sequences(tokenizer, records: list[dict], max_tokens: int) -> list[torch.Tensor]:
@@ -35,18 +41,97 @@ def activations(artifact_dir, prompts_path, out_path, max_tokens: int, per_seque
     return {"n_tokens": int(acts["token_index"].shape[0]), "seconds": time.time() - start}
 
 
-def cka_vs_teacher(teacher_acts, artifact_acts, out_path) -> pd.DataFrame:
+def null_activations(teacher_dir, prompts_path, out_path, max_tokens: int, per_sequence: int, seed: int) -> dict:
+    """Activations of a randomly initialised model of the teacher's architecture on the same probe tokens."""
+    from transformers import AutoModelForCausalLM
+
+    start = time.time()
+    teacher, tokenizer, _ = load_artifact(teacher_dir, device="cpu")
+    # A seed of its own: a teacher that is itself a seeded random model (tests build one) must not be recreated.
+    torch.manual_seed(seed + NULL_SEED_OFFSET)
+    model = AutoModelForCausalLM.from_config(teacher.config, dtype=torch.float32)
+    teacher_weights, weights = teacher.state_dict(), model.state_dict()
+    if all(torch.equal(teacher_weights[k], w) for k, w in weights.items() if k in teacher_weights):
+        raise ValueError(f"the random initialisation equals the teacher {teacher_dir}: it is no null model")
+    del teacher
+    sequences = probe_sequences(tokenizer, read_json(prompts_path)["probe"], max_tokens)
+    acts = capture(model, sequences, per_sequence, seed)
+    save_activations(acts, out_path, {"artifact": f"random init of {teacher_dir}", "seed": str(seed),
+                                      "probe_split": "probe", "n_sequences": str(len(sequences))})
+    return {"n_tokens": int(acts["token_index"].shape[0]), "seconds": time.time() - start}
+
+
+def _matched(teacher_acts, artifact_acts):
     teacher_layers, teacher_index = load_activations(teacher_acts)
     layers, index = load_activations(artifact_acts)
     if not torch.equal(teacher_index, index) or len(teacher_layers) != len(layers):
         raise ValueError(f"{artifact_acts} was not captured at the same probe tokens/layers as {teacher_acts}")
-    # Equal to linear_cka(t, a) and linear_cka(t, a, debiased=True) within 1e-6, at a fraction of the cost.
-    rows = [{"layer": i, "linear_cka": linear, "debiased_cka": debiased}
-            for i, (linear, debiased) in enumerate(TeacherCKA(teacher_layers).compare(layers))]
-    frame = pd.DataFrame(rows)
+    return teacher_layers, layers, teacher_index[:, 0]
+
+
+def cka_vs_teacher(teacher_acts, artifact_acts, out_path, summary_path, *, n_boot: int = 1000, seed: int = 0,
+                   knn_k: int = 10) -> pd.DataFrame:
+    """Per-layer similarity of an artifact to the teacher (parquet) and a JSON summary: the layer means of every
+    measure, the debiased CKA layer mean's bootstrap replicates (paired across artifacts: same seed, same probe
+    sequences) and CI, and the teacher-layer x artifact-layer CKA matrices."""
+    teacher_layers, layers, sequence_of_token = _matched(teacher_acts, artifact_acts)
+    result = compare_layers(teacher_layers, layers, sequence_of_token, n_boot=n_boot, seed=seed, knn_k=knn_k)
+    frame = pd.DataFrame(result["layers"])
+    body = frame[frame["layer"] >= FIRST_BODY_LAYER]
+    mean_replicates = result["replicates"][:, FIRST_BODY_LAYER:].mean(1)
+    low, high = percentile_ci(mean_replicates)
+    summary = {
+        "layer_means": {m: float(body[m].mean()) for m in MEASURES},
+        "layer_mins": {m: float(body[m].min()) for m in MEASURES},
+        "debiased_cka_mean_ci": [low, high],
+        "debiased_cka_mean_replicates": mean_replicates.tolist(),
+        "matrix": {k: v.tolist() for k, v in result["matrix"].items()},
+        **{k: result[k] for k in ("n_tokens", "n_sequences", "n_boot", "seed", "knn_k")},
+        "first_body_layer": FIRST_BODY_LAYER,
+        "teacher": str(teacher_acts), "artifact": str(artifact_acts),
+    }
     with atomic_path(out_path) as tmp:
         frame.to_parquet(tmp, index=False)
+    write_json(summary_path, summary)
     return frame
+
+
+def null_floors(teacher_acts, random_acts, out_path, *, seed: int = 0, knn_k: int = 10,
+                sample_sizes=(16, 32, 64, 128, 256), repeats: int = 5) -> pd.DataFrame:
+    """What the measures say when there is nothing to find, per layer, in a long table (null, n_samples, layer,
+    measures...):
+
+    * `random-init`: the teacher vs a randomly initialised model of the same architecture on the same tokens;
+    * `token-shuffled`: the teacher vs its own activations with the tokens permuted (right representation,
+      wrong pairing);
+    * the same two at small token counts (`n_samples` < all; linear and debiased CKA only, mean of `repeats`
+      random token subsets), which shows the biased estimator's inflation when n is small against the width."""
+    teacher_layers, random_layers, sequence_of_token = _matched(teacher_acts, random_acts)
+    n = len(sequence_of_token)
+    generator = torch.Generator().manual_seed(seed)
+    permutation = torch.randperm(n, generator=generator)
+    nulls = {"random-init": random_layers, "token-shuffled": [t[permutation] for t in teacher_layers]}
+    frames = []
+    for name, layers in nulls.items():
+        result = compare_layers(teacher_layers, layers, sequence_of_token, n_boot=0, seed=seed, knn_k=knn_k,
+                                matrix=False)
+        frame = pd.DataFrame(result["layers"]).drop(columns=["debiased_cka_ci_low", "debiased_cka_ci_high"])
+        frames.append(frame.assign(null=name, n_samples=n))
+        for size in sample_sizes:
+            if size >= n:
+                continue
+            rows = []
+            for i, (t, a) in enumerate(zip(teacher_layers, layers)):
+                picks = [torch.randperm(n, generator=generator)[:size] for _ in range(repeats)]
+                rows.append({"layer": i,
+                             "linear_cka": sum(linear_cka(t[p], a[p]) for p in picks) / repeats,
+                             "debiased_cka": sum(linear_cka(t[p], a[p], debiased=True) for p in picks) / repeats})
+            frames.append(pd.DataFrame(rows).assign(null=name, n_samples=size))
+    out = pd.concat(frames, ignore_index=True)
+    out = out[["null", "n_samples", "layer", *[m for m in MEASURES if m in out]]]
+    with atomic_path(out_path) as tmp:
+        out.to_parquet(tmp, index=False)
+    return out
 
 
 def _reference_examples(tokenizer, records: list[dict], max_len: int) -> list[dict]:

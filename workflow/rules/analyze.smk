@@ -7,6 +7,7 @@ rule table:
         evals=measurement_files("eval", "json"),
         divergences=measurement_files("divergence", "json"),
         ckas=measurement_files("cka", "parquet"),
+        cka_summaries=measurement_files("cka", "json"),
     output:
         table="results/table.parquet",
         cka_layers="results/cka_layers.parquet",
@@ -14,6 +15,7 @@ rule table:
         cells=artifacts(),
         artifact_paths=[artifact_location(*cell) for cell in artifacts()],
         performance=config["analysis"]["performance"],
+        cka_estimator=config["analysis"]["cka_estimator"],
     log:
         "logs/analyze/table.log",
     benchmark:
@@ -31,6 +33,7 @@ rule report:
     input:
         table="results/table.parquet",
         cka_layers="results/cka_layers.parquet",
+        null_floors=[f"results/null/{m}/floors.parquet" for m in MODELS],
         prompts="results/data/prompts.json",
         benchmarks="results/data/benchmarks",
         teachers=[artifact_dir(m, "none", "none") for m in MODELS],

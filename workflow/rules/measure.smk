@@ -22,12 +22,51 @@ rule activations:
         "../../scripts/activations.py"
 
 
+rule null_activations:
+    input:
+        teacher=teacher_dir,
+        prompts="results/data/prompts.json",
+    output:
+        "results/null/{model}/random-init.safetensors",
+    log:
+        "logs/null/{model}/activations.log",
+    benchmark:
+        "results/benchmarks/null_activations/{model}.tsv"
+    threads: 2
+    resources:
+        **sized("measure"),
+    conda:
+        CONDA_ENV
+    script:
+        "../../scripts/null_activations.py"
+
+
+rule null_floors:
+    input:
+        teacher="results/activations/{model}/none/none.safetensors",
+        random="results/null/{model}/random-init.safetensors",
+    output:
+        "results/null/{model}/floors.parquet",
+    log:
+        "logs/null/{model}/floors.log",
+    benchmark:
+        "results/benchmarks/null_floors/{model}.tsv"
+    threads: 2
+    resources:
+        **sized("light"),
+    conda:
+        CONDA_ENV
+    script:
+        "../../scripts/null_floors.py"
+
+
 rule cka:
     input:
         teacher="results/activations/{model}/none/none.safetensors",
         artifact="results/activations/{model}/{degradation}/{recovery}.safetensors",
     output:
-        "results/cka/{model}/{degradation}/{recovery}.parquet",
+        layers="results/cka/{model}/{degradation}/{recovery}.parquet",
+        summary="results/cka/{model}/{degradation}/{recovery}.json",
     log:
         "logs/cka/{model}/{degradation}/{recovery}.log",
     benchmark:
