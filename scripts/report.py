@@ -36,4 +36,4 @@ null_floors = pd.concat([pd.read_parquet(path).assign(model=Path(path).parent.na
 matrices = {(r.model, r.degradation, r.recovery): read_json(r.path_cka_summary)
             for r in table.itertuples() if getattr(r, "path_cka_summary", "")}
 render_report(table, stats, read_table(snakemake.input.cka_layers), provenance, snakemake.output.report,
-              null_floors=null_floors, matrices=matrices)
+              null_floors=null_floors, matrices=matrices, figures_dir=snakemake.output.figures)

@@ -1,6 +1,7 @@
 """The real DAG end to end on a tiny random Llama: every rule, every degradation family, every recovery."""
 
 import math
+import zipfile
 from pathlib import Path
 
 import pandas as pd
@@ -62,6 +63,27 @@ def test_null_floors_are_measured_against_a_different_model(study):
     shuffled = full[full["null"] == "token-shuffled"]
     # 48 probe tokens against a 64-wide model: the biased estimator's floor is far above the debiased one's ~0
     assert abs(shuffled["debiased_cka"].mean()) < 0.1 and shuffled["linear_cka"].mean() > 0.3
+
+
+def test_snakemake_report_archive_holds_the_report_and_its_figures(study, tmp_path):
+    workdir, config, _ = study
+    figures = sorted(p.name for p in (workdir / "results/figures").glob("*.svg"))  # + Snakemake's timestamp
+    expected = {f"cka-tiny-{d}.svg" for d in config["degradations"]} | {"scatter.svg", "bars.svg"}
+    assert expected <= set(figures)
+    for name in figures:
+        svg = (workdir / "results/figures" / name).read_text()
+        assert svg.startswith("<?xml") and "<svg" in svg and 'width="' in svg.split(">", 2)[1]
+    archive = tmp_path / "report.zip"
+    made = snakemake(workdir, "--report", str(archive))
+    assert made.returncode == 0, made.stdout[-3000:] + made.stderr[-3000:]
+    with zipfile.ZipFile(archive) as zf:
+        names = zf.namelist()
+        assert "report/report.html" in names  # Snakemake's own report page
+        kept = {Path(n).name: n for n in names if "/data/raw/" in n}
+        assert set(figures) | {"report.html"} <= set(kept), sorted(kept)
+        assert zf.read(kept["scatter.svg"]) == (workdir / "results/figures/scatter.svg").read_bytes()
+        page = zf.read("report/report.html").decode()
+    assert "Layerwise alignment for one damaged model" in page and "Recovery vs re-alignment" in page
 
 
 def test_teacher_measures_identical_to_itself(study):

@@ -109,8 +109,8 @@ def cka_heatmaps(table: pd.DataFrame, matrices: dict, estimator: str = "debiased
     damaged = table[table["degradation"] != "none"]
     for (m, d), g in damaged.groupby(["model", "degradation"], sort=True):
         names = ["none", *sorted(_final_recoveries(r for r in g["recovery"].unique() if r != "none"))]
-        panels = [(r, np.asarray(matrices[(m, d, r)]["matrix"][estimator], float))
-                  for r in names if (m, d, r) in matrices and "matrix" in matrices[(m, d, r)]]
+        panels = [(r, np.asarray(matrices[(m, d, r)]["matrix"][estimator], float)) for r in names
+                  if estimator in (matrices.get((m, d, r)) or {}).get("matrix", {})]
         if not panels:
             continue
         columns = min(4, len(panels))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import jinja2
@@ -210,6 +211,34 @@ def _floor_rows(null_floors: pd.DataFrame | None) -> list[dict]:
     return rows
 
 
+def figure_files(ctx: dict) -> dict[str, str]:
+    """Every figure of a report context as a standalone SVG file: {"{section}-{slug}.svg" or "{section}.svg": svg}.
+
+    A figure is a context value that is an inline SVG string, or a dict of them (the section is the context key
+    without "_figs", the slug the dict key); width and height are put back from the viewBox so that an SVG viewer
+    (or Snakemake's report) shows it at its natural size."""
+    out: dict[str, str] = {}
+
+    def add(name: str, svg: str) -> None:
+        stem, i = name, 1
+        while f"{stem}.svg" in out:
+            i += 1
+            stem = f"{name}-{i}"
+        box = re.search(r'viewBox="[\d.]+ [\d.]+ ([\d.]+) ([\d.]+)"', svg[: svg.find(">")])
+        if box:
+            svg = svg.replace("<svg", f'<svg width="{box[1]}pt" height="{box[2]}pt"', 1)
+        out[f"{stem}.svg"] = '<?xml version="1.0" encoding="utf-8" standalone="no"?>\n' + svg
+
+    for key, value in ctx.items():
+        section = key.removesuffix("_figs").replace("-", "_")
+        if isinstance(value, str) and value.startswith("<svg"):
+            add(section, value)
+        elif isinstance(value, dict) and value and all(isinstance(v, str) and v.startswith("<svg") for v in value.values()):
+            for name, svg in sorted(value.items()):
+                add(f"{section}-{re.sub(r'[^A-Za-z0-9_.]+', '-', str(name)).strip('-.') or 'figure'}", svg)
+    return out
+
+
 def render_report(
     table: pd.DataFrame,
     stats: dict,
@@ -220,8 +249,10 @@ def render_report(
     template_dir: str | os.PathLike | None = None,
     null_floors: pd.DataFrame | None = None,
     matrices: dict | None = None,
-) -> None:
-    """Render the HTML report to `out_path` (atomically).
+    figures_dir: str | os.PathLike | None = None,
+) -> dict[str, str]:
+    """Render the HTML report to `out_path` (atomically); return its figures as {file name: standalone SVG}
+    (see `figure_files`), also written to `figures_dir` when given (for Snakemake's `report()`).
 
     provenance (all keys optional): title, config (dict), config_hash (str), versions (dict), timings
     ({rule kind: seconds | [seconds] | {"n", "seconds"}}), hardware (dict or str), data_splits (dict).
@@ -289,3 +320,9 @@ def render_report(
     html = env.get_template(TEMPLATE_NAME).render(**ctx)
     with atomic_path(out_path) as tmp:
         tmp.write_text(html, encoding="utf-8")
+    figs = figure_files(ctx)
+    if figures_dir is not None:
+        for name, svg in figs.items():
+            with atomic_path(Path(figures_dir) / name) as tmp:
+                tmp.write_text(svg, encoding="utf-8")
+    return figs

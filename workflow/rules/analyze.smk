@@ -39,7 +39,11 @@ rule report:
         teachers=[artifact_dir(m, "none", "none") for m in MODELS],
     output:
         stats="results/stats.json",
-        report="results/report.html",
+        # Both also go into `snakemake --report results/report.zip`: the HTML report and each of its figures as
+        # an SVG file ({section}-{slug}.svg or {section}.svg), captions in report/captions/.
+        report=report("results/report.html", caption="../../report/captions/report.rst", category="Report"),
+        figures=report(directory("results/figures"), patterns=["{name}.svg"],
+                       caption="../../report/captions/figures.rst", category="Figures", labels={"figure": "{name}"}),
     params:
         analysis=config["analysis"],
         config=config,
