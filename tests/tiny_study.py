@@ -61,7 +61,7 @@ def tiny_config(model_dir: Path, resources_dir: Path) -> dict:
     return copy.deepcopy(config)
 
 
-def snakemake(workdir: Path, *args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
+def snakemake(workdir: Path, *args: str, timeout: int = 3000) -> subprocess.CompletedProcess:
     """The repository's workflow on the config in `workdir`, run there (local executor unless `args` say so)."""
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--configfile",
            str(workdir / "config.yaml"), "--directory", str(workdir),
