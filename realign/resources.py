@@ -34,6 +34,9 @@ JOB_SIZES = {
     "train": JobSize(3000, 20000, 30, 1200, True),
     "measure": JobSize(3000, 8000, 30, 600, True),
     "light": JobSize(2000, 0, 10, 0, False),
+    # CKA and the other similarity measures: two activation caches (width grows with the model) and a few n x n
+    # Gram matrices of the probe tokens per layer (n = 8192 in configs/qwen2.5.yaml: about 6 GB); no GPU.
+    "similarity": JobSize(3000, 4000, 10, 10, False),
 }
 
 

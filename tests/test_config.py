@@ -182,7 +182,9 @@ def test_job_resources_grow_with_model_size_and_attempt():
     assert job_resources("train", 0.135, 0, attempt=2)["mem_mb"] == 2 * small["mem_mb"]
     assert job_resources("train", 7.0, 1)["gpu"] == 1 and big["gpu"] == 0
     assert job_resources("train", 7.0, 1)["runtime"] < big["runtime"]  # GPU jobs get a shorter time limit
-    assert job_resources("light", 7.0, 1) == job_resources("light", 0.0, 0)  # CKA and tables never ask for GPUs
+    assert job_resources("light", 7.0, 1) == job_resources("light", 0.0, 0)  # tables never ask for GPUs
+    assert job_resources("similarity", 7.0, 1)["gpu"] == 0  # neither does CKA
+    assert job_resources("similarity", 7.0, 1)["mem_mb"] > job_resources("similarity", 0.135, 1)["mem_mb"]
 
 
 def test_parameter_count_is_read_from_a_local_checkpoint(tiny_model_dir):

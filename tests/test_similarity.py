@@ -40,6 +40,20 @@ def test_every_measure_equals_its_reference_formulation():
         assert row["knn_overlap"] == pytest.approx(mutual_knn(x, y, 5), abs=1e-12)
     torch.testing.assert_close(out["matrix"]["linear"], cka_matrix(xs, ys), atol=1e-12, rtol=0)
     torch.testing.assert_close(out["matrix"]["debiased"], cka_matrix(xs, ys, debiased=True), atol=1e-12, rtol=0)
+    assert out["matrix"]["n_tokens"] == len(seq)
+
+
+def test_matrix_on_a_token_subset_above_the_cap():
+    seq = _sequences(10, 10)
+    pairs = [_pair(len(seq), 6, seed) for seed in range(2)]
+    xs, ys = [p[0] for p in pairs], [p[1] for p in pairs]
+    capped = compare_layers(xs, xs, seq, n_boot=0, matrix_tokens=40)["matrix"]
+    assert capped["n_tokens"] == 40
+    torch.testing.assert_close(torch.diagonal(capped["debiased"]), torch.ones(2, dtype=torch.float64))
+    picked = torch.randperm(100, generator=torch.Generator().manual_seed(0))[:40].sort().values
+    expected = cka_matrix([x[picked] for x in xs], [y[picked] for y in ys], debiased=True)
+    got = compare_layers(xs, ys, seq, n_boot=0, matrix_tokens=40)["matrix"]["debiased"]
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
 
 
 def _unbiased_cka_on_rows(x, y, origin):

@@ -153,13 +153,15 @@ def _cka(hxy, hxx, hyy):
 
 
 def compare_layers(teacher_layers, artifact_layers, sequence_of_token: torch.Tensor, *, n_boot: int = 1000,
-                   seed: int = 0, knn_k: int = 10, matrix: bool = True) -> dict:
+                   seed: int = 0, knn_k: int = 10, matrix: bool = True, matrix_tokens: int = 2048) -> dict:
     """Every measure, layer by layer, of an artifact against the teacher on the same probe tokens.
 
     Returns {"layers": [per-layer dicts: layer, linear_cka, debiased_cka, rbf_cka, procrustes_sim, knn_overlap,
     debiased_cka_ci_low/high (95% percentile bootstrap over sequences)], "replicates": [B, L] tensor of the
     debiased CKA per bootstrap replicate and layer, "matrix": {"linear": [L, L], "debiased": [L, L]} (teacher layer x artifact
-    layer) when `matrix`}."""
+    layer, on at most `matrix_tokens` tokens; see cka_matrices) when `matrix`}.
+
+    Memory: the n x n Gram matrices of one layer pair at a time (about 8 n^2 float64 values)."""
     if len(teacher_layers) != len(artifact_layers):
         raise ValueError(f"the artifact has {len(artifact_layers)} layers, the teacher {len(teacher_layers)}")
     sequence_of_token = torch.unique(sequence_of_token, return_inverse=True)[1]
@@ -169,7 +171,7 @@ def compare_layers(teacher_layers, artifact_layers, sequence_of_token: torch.Ten
         raise ValueError(f"need at least 4 probe tokens, got {n}")
     onehot = torch.nn.functional.one_hot(sequence_of_token, n_sequences).to(torch.float64)
     counts = bootstrap_counts(n_sequences, n_boot, seed)
-    teacher_grams, artifact_grams, rows, replicates = [], [], [], []
+    rows, replicates = [], []
     for i, (t, a) in enumerate(zip(teacher_layers, artifact_layers)):
         xt, xa = centered64(t, f"teacher layer {i}"), centered64(a, f"artifact layer {i}")
         if xt.shape[0] != n or xa.shape[0] != n:
@@ -186,14 +188,11 @@ def compare_layers(teacher_layers, artifact_layers, sequence_of_token: torch.Ten
         row["debiased_cka_ci_low"], row["debiased_cka_ci_high"] = percentile_ci(debiased[1:])
         rows.append(row)
         replicates.append(debiased[1:])
-        if matrix:
-            teacher_grams.append(gt)
-            artifact_grams.append(ga)
     out = {"layers": rows, "n_tokens": n, "n_sequences": n_sequences, "n_boot": n_boot, "seed": seed,
            "knn_k": knn_k,
            "replicates": torch.stack(replicates, 1)}
     if matrix:
-        out["matrix"] = cka_matrices(teacher_grams, artifact_grams)
+        out["matrix"] = cka_matrices(teacher_layers, artifact_layers, matrix_tokens, seed)
     return out
 
 
@@ -206,27 +205,40 @@ def percentile_ci(values: torch.Tensor, level: float = 0.95) -> tuple[float, flo
     return low, high
 
 
-def cka_matrices(teacher_grams: list[Gram], artifact_grams: list[Gram]) -> dict[str, torch.Tensor]:
-    """Linear and debiased CKA of every teacher layer (rows) with every artifact layer (columns)."""
+def cka_matrices(teacher_layers, artifact_layers, max_tokens: int = 2048, seed: int = 0) -> dict:
+    """Linear and debiased CKA of every teacher layer (rows) with every artifact layer (columns).
 
-    def flat(grams, attr):
-        return torch.stack([getattr(g, attr).reshape(-1) for g in grams])
+    All layers' Gram matrices are held at once, so above `max_tokens` probe tokens a seeded random subset of that
+    size is used (the debiased estimator keeps the subset free of small-sample inflation): memory is
+    2 x layers x max_tokens^2 float64 values. Terms of the zero-diagonal Grams come from the full ones minus
+    their diagonals, so only one Gram per layer is stored."""
+    n = teacher_layers[0].shape[0]
+    pick = torch.arange(n) if n <= max_tokens else torch.randperm(n, generator=torch.Generator().manual_seed(seed))[
+        :max_tokens].sort().values
+    m = len(pick)
 
-    n = teacher_grams[0].gram.shape[0]
-    kt, ka = flat(teacher_grams, "gram"), flat(artifact_grams, "gram")
-    biased = kt @ ka.T
-    biased_t, biased_a = (kt * kt).sum(1), (ka * ka).sum(1)
-    kt0, ka0 = flat(teacher_grams, "zero_diag"), flat(artifact_grams, "zero_diag")
-    rt = torch.stack([g.zero_diag.sum(1) for g in teacher_grams])  # [L, n] row sums
-    ra = torch.stack([g.zero_diag.sum(1) for g in artifact_grams])
+    def grams(layers):
+        flat = []
+        for x in layers:
+            xc = centered64(x[pick])
+            flat.append((xc @ xc.T).reshape(-1))
+        stacked = torch.stack(flat)  # [L, m * m]
+        diag = stacked[:, :: m + 1]  # [L, m]
+        rows0 = stacked.view(len(layers), m, m).sum(2) - diag  # row sums of K with a zero diagonal
+        return stacked, diag, rows0
 
-    def unbiased(k0_a, k0_b, r_a, r_b):
-        trace = k0_a @ k0_b.T
+    kt, dt, rt = grams(teacher_layers)
+    ka, da, ra = grams(artifact_layers)
+
+    def unbiased(k_a, d_a, r_a, k_b, d_b, r_b):
+        trace0 = k_a @ k_b.T - d_a @ d_b.T
         sums = r_a.sum(1)[:, None] * r_b.sum(1)[None, :]
-        return (trace + sums / ((n - 1) * (n - 2)) - 2 * (r_a @ r_b.T) / (n - 2)) / (n * (n - 3))
+        return (trace0 + sums / ((m - 1) * (m - 2)) - 2 * (r_a @ r_b.T) / (m - 2)) / (m * (m - 3))
 
-    u_ta = unbiased(kt0, ka0, rt, ra)
-    u_t = torch.diagonal(unbiased(kt0, kt0, rt, rt))
-    u_a = torch.diagonal(unbiased(ka0, ka0, ra, ra))
-    return {"linear": biased / torch.sqrt(biased_t[:, None] * biased_a[None, :]),
-            "debiased": u_ta / torch.sqrt(u_t[:, None] * u_a[None, :])}
+    biased = kt @ ka.T
+    self_t, self_a = (kt * kt).sum(1), (ka * ka).sum(1)
+    u_ta = unbiased(kt, dt, rt, ka, da, ra)
+    u_t = torch.diagonal(unbiased(kt, dt, rt, kt, dt, rt))
+    u_a = torch.diagonal(unbiased(ka, da, ra, ka, da, ra))
+    return {"linear": biased / torch.sqrt(self_t[:, None] * self_a[None, :]),
+            "debiased": u_ta / torch.sqrt(u_t[:, None] * u_a[None, :]), "n_tokens": m}

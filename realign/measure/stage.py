@@ -85,7 +85,7 @@ def cka_vs_teacher(teacher_acts, artifact_acts, out_path, summary_path, *, n_boo
         "layer_mins": {m: float(body[m].min()) for m in MEASURES},
         "debiased_cka_mean_ci": [low, high],
         "debiased_cka_mean_replicates": mean_replicates.tolist(),
-        "matrix": {k: v.tolist() for k, v in result["matrix"].items()},
+        "matrix": {k: v.tolist() if torch.is_tensor(v) else v for k, v in result["matrix"].items()},
         **{k: result[k] for k in ("n_tokens", "n_sequences", "n_boot", "seed", "knn_k")},
         "first_body_layer": FIRST_BODY_LAYER,
         "teacher": str(teacher_acts), "artifact": str(artifact_acts),

@@ -53,7 +53,7 @@ rule null_floors:
         "results/benchmarks/null_floors/{model}.tsv"
     threads: 2
     resources:
-        **sized("light"),
+        **sized("similarity"),
     conda:
         CONDA_ENV
     script:
@@ -73,7 +73,7 @@ rule cka:
         "results/benchmarks/cka/{model}/{degradation}/{recovery}.tsv"
     threads: 2
     resources:
-        **sized("light"),
+        **sized("similarity"),
     conda:
         CONDA_ENV
     script:
