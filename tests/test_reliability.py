@@ -102,8 +102,8 @@ def test_corrupted_activation_cache_is_an_error_naming_the_file(tmp_path, corrup
         load_activations(artifact)
     # ...and the CKA step refuses it rather than writing numbers computed from it.
     with pytest.raises(RuntimeError, match=str(artifact)):
-        cka_vs_teacher(teacher, artifact, tmp_path / "cka.parquet")
-    assert not (tmp_path / "cka.parquet").exists()
+        cka_vs_teacher(teacher, artifact, tmp_path / "cka.parquet", tmp_path / "cka.json")
+    assert not (tmp_path / "cka.parquet").exists() and not (tmp_path / "cka.json").exists()
     assert len(load_activations(teacher)[0]) == 3  # the intact file next to it still loads
 
 
@@ -153,12 +153,13 @@ CKA_CHILD = textwrap.dedent("""
     import sys, torch
     torch.set_num_threads(int(sys.argv[1]))
     from realign.measure.stage import cka_vs_teacher
-    cka_vs_teacher(sys.argv[2], sys.argv[3], sys.argv[4])
+    cka_vs_teacher(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[4] + ".json", n_boot=200)
 """)
 
 
 def test_cka_stage_is_deterministic_and_independent_of_the_thread_count(tmp_path):
-    """Feature form with several column blocks (n > d > block): the path the real study takes."""
+    """Every measure, the sequence bootstrap and the layer x layer matrices: bit-identical on a rerun, equal to
+    1e-9 across thread counts."""
     g = torch.Generator().manual_seed(0)
     teacher = {f"layer.{i}": torch.randn(600, 8, generator=g) @ torch.randn(8, 200, generator=g)
                + torch.randn(600, 200, generator=g) for i in range(3)}
@@ -167,9 +168,11 @@ def test_cka_stage_is_deterministic_and_independent_of_the_thread_count(tmp_path
     for name, acts in (("teacher", teacher), ("artifact", artifact)):
         save_activations({**acts, "token_index": index}, tmp_path / f"{name}.safetensors", {})
     paths = [str(tmp_path / "teacher.safetensors"), str(tmp_path / "artifact.safetensors")]
-    first = cka_vs_teacher(*paths, tmp_path / "a.parquet")
-    pd.testing.assert_frame_equal(first, cka_vs_teacher(*paths, tmp_path / "b.parquet"), check_exact=True)
+    first = cka_vs_teacher(*paths, tmp_path / "a.parquet", tmp_path / "a.json", n_boot=200)
+    again = cka_vs_teacher(*paths, tmp_path / "b.parquet", tmp_path / "b.json", n_boot=200)
+    pd.testing.assert_frame_equal(first, again, check_exact=True)
     assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()  # bootstrap and matrices too
     script = tmp_path / "cka.py"
     script.write_text(CKA_CHILD)
     for threads in (1, 2):
