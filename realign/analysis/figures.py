@@ -301,9 +301,11 @@ def damage_recovery_bars(table: pd.DataFrame) -> str:
                    label=s if s == "damage" else f"gain: {s}", capsize=2, error_kw={"lw": 0.8})
         ax.axhline(0, color="black", lw=0.6)
         ax.set_xticks(xs)
-        ax.set_xticklabels([f"{m}\n{d}" for (m, d), _ in groups], fontsize=8)
+        ax.set_xticklabels([f"{m}\n{d}" for (m, d), _ in groups], fontsize=8,
+                           rotation=30 if len(groups) > 6 else 0, ha="right" if len(groups) > 6 else "center")
         metric = str(table["performance_metric"].iloc[0]) if "performance_metric" in table else "P"
         ax.set_ylabel(f"change in P ({metric}; higher = better)")
         ax.set_title("damage and recovery (error bars: 2 standard errors)")
-        ax.legend(fontsize=7, frameon=False)
+        # Beside the axes: with a dozen arms a legend inside covers the bars.
+        ax.legend(fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
         return _svg(fig)
