@@ -116,7 +116,8 @@ def cka_heatmaps(table: pd.DataFrame, matrices: dict, estimator: str = "debiased
         columns = min(4, len(panels))
         rows = math.ceil(len(panels) / columns)
         with plt.rc_context(_RC):
-            fig, axes = plt.subplots(rows, columns, figsize=(2.3 * columns + 0.8, 2.3 * rows), squeeze=False)
+            fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns + 0.8, 2.5 * rows), squeeze=False)
+            fig.subplots_adjust(wspace=0.5, hspace=0.6)
             image = None
             for ax, (r, matrix) in zip(axes.flat, panels):
                 image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis", origin="lower", interpolation="nearest")
@@ -204,9 +205,13 @@ def dose_response_trajectories(runs: list[dict]) -> str:
         return _svg(fig)
 
 
+# Recovery colours: tab10 without its grey, which marks the damaged model and the damage bars.
+_REC_COLORS = [c for i, c in enumerate(_COLORS) if i != 7] + list(plt.get_cmap("tab20b").colors)
+
+
 def _rec_color(rec: str, all_recs: list[str]):
     """The same recovery gets the same colour in every figure."""
-    return _COLORS[all_recs.index(rec) % 10] if rec in all_recs else "black"
+    return _REC_COLORS[all_recs.index(rec) % len(_REC_COLORS)] if rec in all_recs else "black"
 
 
 def _simple_fit(x, y):
