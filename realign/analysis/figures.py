@@ -85,7 +85,7 @@ def cka_layer_curves(cka_layers: pd.DataFrame, metric: str = "debiased_cka",
                     ax.fill_between(gg["layer"], gg[low].astype(float), gg[high].astype(float), color=color,
                                     alpha=0.15, lw=0)
             if null_floors is not None and not null_floors.empty and metric in null_floors:
-                floors = null_floors[(null_floors.get("model", m) == m)]
+                floors = null_floors[null_floors["model"] == m] if "model" in null_floors else null_floors
                 full = floors[floors["n_samples"] == floors["n_samples"].max()]
                 for (name, style) in (("random-init", ":"), ("token-shuffled", "-.")):
                     nf = full[full["null"] == name].sort_values("layer")

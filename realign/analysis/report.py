@@ -207,7 +207,8 @@ def _floor_rows(null_floors: pd.DataFrame | None) -> list[dict]:
     for (model, name), g in full.groupby(["model", "null"], sort=True):
         g = g[g["n_samples"] == g["n_samples"].max()]
         rows.append({"model": model, "null": name, "n": int(g["n_samples"].iloc[0]),
-                     "cells": [fmt_num(g[c[:-5]].mean()) if c[:-5] in g else "—" for c, _ in MEASURE_COLS]})
+                     "cells": [fmt_num(g[measure].mean()) if measure in g else "—"
+                               for measure in (c.removesuffix("_mean") for c, _ in MEASURE_COLS)]})
     return rows
 
 
