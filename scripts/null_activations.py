@@ -2,6 +2,6 @@ from realign.logs import route_to
 from realign.measure.stage import null_activations
 
 route_to(snakemake.log[0], snakemake.threads)
-measure = snakemake.config["measure"]
-null_activations(snakemake.input.teacher, snakemake.input.prompts, snakemake.output[0], measure["probe_max_tokens"],
-                 measure["positions_per_sequence"], snakemake.config["seed"])
+probe = snakemake.params.probe
+null_activations(snakemake.input.teacher, snakemake.input.prompts, snakemake.output[0], probe["max_tokens"],
+                 probe["positions"], probe["seed"])

@@ -61,10 +61,12 @@ def tiny_config(model_dir: Path, resources_dir: Path) -> dict:
     return copy.deepcopy(config)
 
 
-def snakemake(workdir: Path, *args: str, timeout: int = 3000) -> subprocess.CompletedProcess:
-    """The repository's workflow on the config in `workdir`, run there (local executor unless `args` say so)."""
+def snakemake(workdir: Path, *args: str, timeout: int = 3000, configfile: Path | None = None
+              ) -> subprocess.CompletedProcess:
+    """The repository's workflow on the config in `workdir` (or `configfile`), run there (local executor unless
+    `args` say so)."""
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--configfile",
-           str(workdir / "config.yaml"), "--directory", str(workdir),
+           str(configfile or workdir / "config.yaml"), "--directory", str(workdir),
            # tiny-model jobs are dominated by interpreter start-up: single-threaded jobs, two at a time
            "--max-threads", "1"]
     if "--profile" not in args:
@@ -87,3 +89,23 @@ def write_study(workdir: Path) -> dict:
     config = tiny_config(model_dir, resources)
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     return config
+
+
+def jobs_to_run(workdir: Path, configfile: Path | None = None) -> dict[str, int]:
+    """{rule: number of jobs} a run on `configfile` would start in `workdir` now (a dry run's job stats; the
+    target rule `all` left out); {} when there is nothing to do."""
+    dry = snakemake(workdir, "-n", "--quiet", "rules", configfile=configfile)
+    assert dry.returncode == 0, dry.stdout[-3000:] + dry.stderr[-3000:]
+    lines = (dry.stdout + dry.stderr).splitlines()
+    if not any(line.split() == ["job", "count"] for line in lines):
+        assert "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout + dry.stderr
+        return {}
+    start = next(i for i, line in enumerate(lines) if line.split() == ["job", "count"]) + 2  # header, dashes
+    counts = {}
+    for line in lines[start:]:
+        rule, count = line.split()
+        if rule == "total":
+            break
+        counts[rule] = int(count)
+    counts.pop("all", None)
+    return counts

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from realign.config import CALIBRATED_METHODS as CALIBRATED
 from realign.data.sequences import chat_example
 from realign.degrade import constraints
 from realign.degrade.forgetting import forget_by_sft
@@ -25,7 +26,6 @@ log = logging.getLogger(__name__)
 FAMILIES = {"sft": "forgetting",
             "rtn": "quantization", "gptq": "quantization", "nvfp4": "quantization", "bnb": "quantization",
             "magnitude": "pruning", "wanda": "pruning", "sparsegpt": "pruning"}
-CALIBRATED = ("gptq", "wanda", "sparsegpt")
 
 
 def train_config(params: dict, seed: int) -> TrainConfig:

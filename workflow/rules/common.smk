@@ -1,9 +1,10 @@
 # Config validation (before any job), wildcard constraints, and the input functions shared by the rules.
 import re
 
-from realign.config import (ConfigError, artifact_location, checkpoint_steps, config_hash, load_schema,
-                            recovery_spec, run_dir, study_cells, study_degradations, study_recoveries,
+from realign.config import (CALIBRATED_METHODS, ConfigError, artifact_location, checkpoint_steps, config_hash,
+                            load_schema, recovery_spec, run_dir, study_cells, study_degradations, study_recoveries,
                             trained_recoveries, training_params, validate_config)
+from realign.data.stage import forgetting_chars_needed
 from realign.resources import job_resources, parameter_count_b
 
 try:
@@ -78,3 +79,39 @@ def measurement_files(kind, suffix):
 
 def maybe_temp(path):
     return temp(path) if config["workflow"].get("temp_models") else path
+
+
+# Every value a job depends on reaches it as an input or a param (never through `snakemake.config` in a script),
+# so Snakemake's params trigger reruns exactly the jobs a config change affects, and nothing else.
+def get_model_spec(wildcards):
+    """What the teacher artifact is made from; `params_b` only sizes jobs and is left out."""
+    return {k: v for k, v in config["models"][wildcards.model].items() if k != "params_b"}
+
+
+def get_degrade_params(wildcards):
+    """The damage's own entries; the training defaults and the seed only for forgetting SFT (the one damage that
+    trains), the calibration windows only for the calibrated methods."""
+    spec = config["degradations"][wildcards.degradation]
+    if spec["method"] == "sft":
+        return {"spec": training_params(config, "degradations", wildcards.degradation), "seed": SEED,
+                "calibration": None}
+    calibrated = spec["method"] in CALIBRATED_METHODS
+    return {"spec": dict(spec), "seed": None, "calibration": config["data"]["calibration"] if calibrated else None}
+
+
+# Params are compared by Snakemake as a set of values without their names, so values that could be swapped
+# (two integers) travel in one dict, whose repr keeps the names.
+def get_generation_params():
+    return {"max_new_tokens": config["data"]["teacher_max_new_tokens"],
+            "batch_size": config["measure"]["eval_batch_size"]}
+
+
+def get_similarity_params(bootstrap=False):
+    params = {"seed": SEED, "knn_k": config["measure"]["knn_k"]}
+    return {**params, "n_boot": config["measure"]["cka_bootstrap"]} if bootstrap else params
+
+
+def get_probe_params(wildcards=None):
+    measure = config["measure"]
+    return {"max_tokens": measure["probe_max_tokens"], "positions": measure["positions_per_sequence"],
+            "seed": SEED}

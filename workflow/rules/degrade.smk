@@ -7,7 +7,7 @@ def degrade_inputs(wildcards):
     inputs = {"teacher": teacher_dir(wildcards)}
     if spec["method"] == "sft":
         inputs["narrow_train"] = f"results/data/{spec.get('corpus', 'code')}_train.jsonl"
-    if spec["method"] in ("gptq", "wanda", "sparsegpt"):  # calibrated on the distillation split only
+    if spec["method"] in CALIBRATED_METHODS:  # calibrated on the distillation split only
         inputs["prompts"] = "results/data/prompts.json"
     return inputs
 
@@ -20,7 +20,7 @@ rule degrade:
     wildcard_constraints:
         degradation=_alternatives(DEGRADATIONS),
     params:
-        spec=lambda wc: training_params(config, "degradations", wc.degradation),
+        damage=get_degrade_params,
     log:
         "logs/degrade/{model}/{degradation}.log",
     benchmark:

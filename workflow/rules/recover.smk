@@ -37,6 +37,8 @@ rule teacher_top_k:
         max_len=r"[0-9]+",
         top_k=r"[0-9]+",
         temperature=r"[0-9.]+",
+    params:
+        batch_size=config["measure"]["eval_batch_size"],
     log:
         "logs/teacher_top_k/{model}/{teacher}.len{max_len}.k{top_k}.t{temperature}.log",
     benchmark:

@@ -1,0 +1,133 @@
+"""A results/ directory reused after a config change reruns exactly the jobs the change affects, and nothing else.
+
+Every value a job depends on reaches Snakemake as an input or a param (scripts never read `snakemake.config`), so
+its params trigger sees the change. Each case below edits one key of the finished tiny study's config and compares
+the dry run's jobs with the jobs that key can affect, derived from the study's shape (tests/tiny_study.py): 25
+artifacts (the teacher, 9 damaged models, 14 training runs and one checkpoint), so 15 recovered artifacts."""
+
+import ast
+import copy
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import yaml
+from tiny_study import jobs_to_run
+
+from realign.models.tiny import build_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+ALL, RECOVERED, RUNS = 25, 15, 14
+REPORT = {"table": 1, "report": 1}
+
+
+def measured(n: int, kinds=("activations", "cka", "divergence", "evaluate")) -> dict[str, int]:
+    """The measurement jobs of `n` artifacts."""
+    return {kind: n for kind in kinds}
+
+
+TEACHER_DATA = {"teacher_answers": 1, "teacher_rewrites": 1, "teacher_top_k": 1, "recover": RUNS}
+
+# key edited -> (edit, the jobs a run must start)
+CASES = {
+    "analysis.alpha": (lambda c: c["analysis"].update(alpha=0.1), {"report": 1}),
+    "analysis.performance": (lambda c: c["analysis"].update(performance="nll_general"), REPORT),
+    "analysis.cka_estimator": (lambda c: c["analysis"].update(cka_estimator="linear"), REPORT),
+    # params_b sizes jobs only: the report (which prints the whole config) is the one job to rerun
+    "models.tiny.params_b": (lambda c: c["models"]["tiny"].update(params_b=0.001), {"report": 1}),
+    "measure.cka_bootstrap": (lambda c: c["measure"].update(cka_bootstrap=50), {"cka": ALL, **REPORT}),
+    "measure.knn_k": (lambda c: c["measure"].update(knn_k=3), {"cka": ALL, "null_floors": 1, **REPORT}),
+    "measure.probe_max_tokens": (lambda c: c["measure"].update(probe_max_tokens=24),
+                                 {"activations": ALL, "cka": ALL, "null_activations": 1, "null_floors": 1, **REPORT}),
+    "measure.positions_per_sequence": (lambda c: c["measure"].update(positions_per_sequence=6),
+                                       {"activations": ALL, "cka": ALL, "null_activations": 1, "null_floors": 1,
+                                        **REPORT}),
+    "measure.benchmarks": (lambda c: c["measure"]["benchmarks"].update(arc_easy=5),
+                           {"export_benchmarks": 1, "evaluate": ALL, **REPORT}),
+    # batched generation and scoring: the teacher's data and every output measurement, not the hidden states of
+    # the teacher and the damaged models (their probe pass is unbatched)
+    "measure.eval_batch_size": (lambda c: c["measure"].update(eval_batch_size=4),
+                                {**TEACHER_DATA, "divergence": ALL, "evaluate": ALL, "activations": RECOVERED,
+                                 "cka": RECOVERED, **REPORT}),
+    "data.code_heldout_chunks": (lambda c: c["data"].update(code_heldout_chunks=3), {"evaluate": ALL, **REPORT}),
+    # the narrow corpora: both forgetting damages, the 3 recoveries of sft-code, and every held-out NLL
+    "data.code_heldout_fraction": (lambda c: c["data"].update(code_heldout_fraction=0.2),
+                                   {"narrow_corpus": 2, "degrade": 2, "recover": 3, "activations": 5, "cka": 5,
+                                    "divergence": 5, "evaluate": ALL, **REPORT}),
+    "data.teacher_max_new_tokens": (lambda c: c["data"].update(teacher_max_new_tokens=10),
+                                    {**TEACHER_DATA, **measured(RECOVERED), **REPORT}),
+    # GPTQ, Wanda, SparseGPT and the one recovery of a calibrated damage (wanda-2of4/kd)
+    "data.calibration": (lambda c: c["data"]["calibration"].update(sequences=3),
+                         {"degrade": 3, "recover": 1, **measured(4), **REPORT}),
+    "data.prompt_splits": (lambda c: c["data"]["prompt_splits"].update(probe=5),
+                           {"prompt_splits": 1, **TEACHER_DATA, "degrade": 3, **measured(ALL),
+                            "null_activations": 1, "null_floors": 1, **REPORT}),
+    # kd on 6 damages + the undamaged model + its seed-1 replicate
+    "recoveries.kd.lr": (lambda c: c["recoveries"]["kd"].update(lr=5.0e-4), {"recover": 8, **measured(8), **REPORT}),
+    # the damage, its 6 recovery runs and their checkpoint
+    "degradations.magnitude-60.sparsity": (lambda c: c["degradations"]["magnitude-60"].update(sparsity=0.5),
+                                           {"degrade": 1, "recover": 6, **measured(8), **REPORT}),
+    # forgetting SFT trains too: both forgetting damages, every run, and the top-k cache (its length is in its name)
+    "training.max_len": (lambda c: c["training"].update(max_len=48),
+                         {"degrade": 2, "recover": RUNS, "teacher_top_k": 1, "activations": 17, "cka": 17,
+                          "divergence": ALL, "evaluate": ALL, **REPORT}),
+    "training.batch_size": (lambda c: c["training"].update(batch_size=3),
+                            {"degrade": 2, "recover": RUNS, **measured(17), **REPORT}),
+    # the seed draws the prompt and benchmark subsets, the probe positions, the bootstrap and every training run;
+    # RTN, NVFP4, bitsandbytes and magnitude pruning use none of these, nor does the teacher or a narrow corpus
+    "seed": (lambda c: c.update(seed=3),
+             {"prompt_splits": 1, "export_benchmarks": 1, **TEACHER_DATA, "degrade": 5, **measured(ALL),
+              "null_activations": 1, "null_floors": 1, **REPORT}),
+}
+
+
+KEYS = list(CASES) + ["models.tiny.path"]
+
+
+@pytest.fixture(scope="module")
+def reruns(tiny_study, tmp_path_factory):
+    """{key: (expected jobs, jobs a dry run on the changed config would start)}; the dry runs (a Snakemake
+    start-up each, mostly building the DAG) two at a time, one per core."""
+    workdir, config, _ = tiny_study
+    folder = tmp_path_factory.mktemp("changed")
+    cases = {}
+    for key in KEYS:
+        changed = copy.deepcopy(config)
+        if key == "models.tiny.path":  # another model at another path: everything but the data
+            changed["models"]["tiny"]["path"] = str(build_tiny_model(folder / "another-model", seed=1))
+            expected = {"prepare_teacher": 1, **TEACHER_DATA, "degrade": 9, **measured(ALL), "null_activations": 1,
+                        "null_floors": 1, **REPORT}
+        else:
+            edit, expected = CASES[key]
+            edit(changed)
+        assert changed != config, key
+        configfile = folder / f"{key}.yaml"
+        configfile.write_text(yaml.safe_dump(changed))
+        cases[key] = (expected, configfile)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        found = dict(zip(KEYS, pool.map(lambda key: jobs_to_run(workdir, cases[key][1]), KEYS)))
+    return {key: (cases[key][0], found[key]) for key in KEYS}
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_a_config_change_reruns_exactly_the_jobs_it_affects(reruns, key):
+    expected, found = reruns[key]
+    assert found == expected
+
+
+def test_unchanged_config_reruns_nothing(tiny_study):
+    workdir, _, _ = tiny_study
+    assert jobs_to_run(workdir) == {}
+
+
+def test_scripts_read_every_value_from_their_rule_not_the_config():
+    """The params trigger only sees what a rule declares: a script reading `snakemake.config` would depend on a
+    value Snakemake does not know about."""
+    offenders = []
+    for script in sorted((REPO / "scripts").glob("*.py")):
+        for node in ast.walk(ast.parse(script.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr == "config" and \
+                    isinstance(node.value, ast.Name) and node.value.id == "snakemake":
+                offenders.append(f"{script.name}:{node.lineno}")
+    assert offenders == []
