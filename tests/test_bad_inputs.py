@@ -1,0 +1,134 @@
+"""Bad model sources and limits fail early and clearly: at config validation (before any job) when the problem
+can be seen cheaply, else at the start of the job, always naming the config key or the file."""
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from realign.config import ConfigError, load_schema, validate_config
+from realign.models.checks import read_gguf_header
+from realign.models.tiny import write_tiny_gguf
+from realign.resources import parameter_count_b
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = load_schema(REPO / "workflow/schemas/config.schema.yaml")
+DEFAULT = yaml.safe_load((REPO / "config.yaml").read_text())
+
+
+def _with_model(spec: dict, **recoveries) -> dict:
+    config = copy.deepcopy(DEFAULT)
+    config["models"] = {"m": spec}
+    for name, changes in recoveries.items():
+        config["recoveries"][name].update(changes)
+    return config
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_model_dir, tmp_path_factory):
+    return write_tiny_gguf(tiny_model_dir, tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+def _cut(source: Path, out: Path, n_bytes: int) -> Path:
+    out.write_bytes(source.read_bytes()[:n_bytes])
+    return out
+
+
+# ---- GGUF files ----------------------------------------------------------------------------------------------
+
+def test_a_valid_gguf_path_is_accepted_and_sized_from_its_header(tiny_gguf, tiny_model_dir):
+    info = read_gguf_header(tiny_gguf, "x")
+    assert info.architecture == "llama" and info.context_length == 512 and info.vocab_size == 512
+    spec = {"source": "path", "path": str(tiny_gguf)}
+    validate_config(_with_model(spec), SCHEMA)  # no params_b needed: the header counts the parameters
+    assert parameter_count_b(spec, "m") == pytest.approx(parameter_count_b(
+        {"source": "path", "path": str(tiny_model_dir)}, "m"))
+
+
+@pytest.mark.parametrize("cut", ["half", "header_only", "magic_only", "empty"])
+def test_a_truncated_gguf_path_is_rejected_at_config_validation(tiny_gguf, tmp_path, cut):
+    size = tiny_gguf.stat().st_size
+    data_start = size - sum(t.n_bytes for t in __import__("gguf").GGUFReader(tiny_gguf).tensors)
+    n_bytes = {"half": size // 2, "header_only": data_start, "magic_only": 4, "empty": 0}[cut]
+    bad = _cut(tiny_gguf, tmp_path / "bad.gguf", n_bytes)
+    with pytest.raises(ConfigError, match=rf"models\.m\.path: {bad} is not a usable GGUF file: .*\(a truncated"):
+        validate_config(_with_model({"source": "path", "path": str(bad)}), SCHEMA)
+
+
+# ---- local directories ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout, message", [
+    ("empty", r"directory .* is empty; give a directory written by save_pretrained"),
+    ("no_config", r"has no config.json, so it is not a Hugging Face model directory"),
+    ("no_weights", r"has a config.json but no weights"),
+    ("a_file", r"is a file, not a model directory"),
+])
+def test_a_local_directory_without_a_model_is_rejected_at_config_validation(tmp_path, layout, message):
+    path = tmp_path / "model"
+    path.mkdir()
+    if layout == "no_config":
+        (path / "model.safetensors").write_bytes(b"")
+    if layout == "no_weights":
+        (path / "config.json").write_text("{}")
+    if layout == "a_file":
+        path.rmdir()
+        path.write_text("weights?")
+    for config in (_with_model({"source": "path", "path": str(path)}),
+                   _with_model({"source": "path", "path": str(path), "params_b": 0.1})):
+        with pytest.raises(ConfigError, match=r"models\.m\.path: .*" + message):
+            validate_config(config, SCHEMA)
+    with pytest.raises(ConfigError, match=r"models\.m\.path: .*" + message):  # not "give params_b"
+        parameter_count_b({"source": "path", "path": str(path)}, "m")
+
+
+def _remote_code_model(tiny_model_dir, path: Path, safetensors: bool) -> Path:
+    """A model whose config.json maps to code of its own; importing that code leaves a marker file."""
+    shutil.copytree(tiny_model_dir, path)
+    config = json.loads((path / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "custom.CustomConfig", "AutoModelForCausalLM": "custom.CustomModel"}
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "custom.py").write_text(f"open({str(path.parent / 'REMOTE_CODE_RAN')!r}, 'w').write('ran')\n")
+    if not safetensors:
+        (path / "model.safetensors").rename(path / "pytorch_model.bin")
+    return path
+
+
+def test_trust_remote_code_never_runs_while_the_dag_is_built(tiny_model_dir, tmp_path):
+    counted = _remote_code_model(tiny_model_dir, tmp_path / "counted", safetensors=True)
+    spec = {"source": "path", "path": str(counted), "trust_remote_code": True}
+    validate_config(_with_model(spec), SCHEMA)
+    expected = parameter_count_b({"source": "path", "path": str(tiny_model_dir)}, "m")
+    assert parameter_count_b(spec, "m") == pytest.approx(expected)  # from the safetensors headers
+    uncounted = _remote_code_model(tiny_model_dir, tmp_path / "uncounted", safetensors=False)
+    with pytest.raises(ConfigError, match=r"models\.m\.params_b is required: .* would run the model's remote code"):
+        parameter_count_b({**spec, "path": str(uncounted)}, "m")
+    assert not (tmp_path / "REMOTE_CODE_RAN").exists()
+
+
+# ---- vocabulary and context limits ---------------------------------------------------------------------------
+
+def test_top_k_beyond_the_vocabulary_is_rejected_at_config_validation(tiny_model_dir, tiny_gguf):
+    for path in (tiny_model_dir, tiny_gguf):
+        config = _with_model({"source": "path", "path": str(path)}, kd={"top_k": 1000})
+        with pytest.raises(ConfigError, match=r"recoveries\.kd\.top_k: 1000 is not smaller than the vocabulary "
+                                              r"of models\.m \(512 tokens\)"):
+            validate_config(config, SCHEMA)
+
+
+@pytest.mark.parametrize("path, value, key", [
+    (["training", "max_len"], 600, r"training\.max_len: 600 tokens"),
+    (["recoveries", "onpolicy", "max_new_tokens"], 1024, r"recoveries\.onpolicy\.max_new_tokens: 1025 tokens"),
+    (["data", "teacher_max_new_tokens"], 512, r"data\.teacher_max_new_tokens: 513 tokens"),
+])
+def test_lengths_beyond_the_context_are_rejected_at_config_validation(tiny_model_dir, path, value, key):
+    config = _with_model({"source": "path", "path": str(tiny_model_dir)})
+    *parents, last = path
+    node = config
+    for name in parents:
+        node = node[name]
+    node[last] = value
+    with pytest.raises(ConfigError, match=key + r" do not fit in the context of models\.m \(512 tokens"):
+        validate_config(config, SCHEMA)
