@@ -4,13 +4,16 @@ can be seen cheaply, else at the start of the job, always naming the config key 
 import copy
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 import yaml
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from realign.config import ConfigError, load_schema, validate_config
 from realign.models.checks import read_gguf_header
+from realign.models.stage import prepare_teacher
 from realign.models.tiny import write_tiny_gguf
 from realign.resources import parameter_count_b
 
@@ -56,6 +59,22 @@ def test_a_truncated_gguf_path_is_rejected_at_config_validation(tiny_gguf, tmp_p
     bad = _cut(tiny_gguf, tmp_path / "bad.gguf", n_bytes)
     with pytest.raises(ConfigError, match=rf"models\.m\.path: {bad} is not a usable GGUF file: .*\(a truncated"):
         validate_config(_with_model({"source": "path", "path": str(bad)}), SCHEMA)
+
+
+def test_a_truncated_gguf_in_a_wheel_is_rejected_at_job_start(tiny_gguf, tmp_path):
+    wheel = tmp_path / "wheel"
+    (wheel / "pkg").mkdir(parents=True)
+    _cut(tiny_gguf, wheel / "pkg/model.gguf", tiny_gguf.stat().st_size - 100)
+    spec = {"source": "gguf-wheel", "wheel": "pkg==1", "gguf_file": "pkg/model.gguf", "params_b": 0.1}
+    with pytest.raises(ConfigError, match=r"models\.m\.gguf_file: .*model.gguf is not a usable GGUF file: tensor "
+                                          r".* needs bytes up to \d+, but the file has only \d+"):
+        prepare_teacher("m", spec, tmp_path / "out", wheel_dir=wheel)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_gguf_path_becomes_the_teacher(tiny_gguf, tmp_path):
+    out = prepare_teacher("m", {"source": "path", "path": str(tiny_gguf)}, tmp_path / "teacher")
+    assert (out / "config.json").is_file() and (out / "artifact.json").is_file()
 
 
 # ---- local directories ---------------------------------------------------------------------------------------
@@ -106,6 +125,37 @@ def test_trust_remote_code_never_runs_while_the_dag_is_built(tiny_model_dir, tmp
     with pytest.raises(ConfigError, match=r"models\.m\.params_b is required: .* would run the model's remote code"):
         parameter_count_b({**spec, "path": str(uncounted)}, "m")
     assert not (tmp_path / "REMOTE_CODE_RAN").exists()
+
+
+# ---- hub ids without network ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_an_unreachable_hub_is_reported_in_seconds_naming_the_key_and_id(tmp_path, monkeypatch, offline):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    spec = {"source": "hf", "id": "realign-test/no-such-model", "params_b": 0.1}
+    start = time.time()
+    expected = (r"HF_HUB_OFFLINE is set and realign-test/no-such-model is not in the local Hugging Face cache"
+                if offline else r"could not reach the Hugging Face hub for realign-test/no-such-model within 5 s")
+    with pytest.raises(ConfigError, match=rf"models\.m\.id: {expected}.*give `source: path`"):
+        prepare_teacher("m", spec, tmp_path / "out")
+    assert time.time() - start < 10
+
+
+# ---- tokenizers ----------------------------------------------------------------------------------------------
+
+def test_a_tokenizer_without_eos_and_pad_is_rejected_naming_the_model(tiny_model_dir, tmp_path):
+    path = tmp_path / "no-eos"
+    shutil.copytree(tiny_model_dir, path)
+    bare = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (path / name).unlink(missing_ok=True)
+    bare.save_pretrained(path)
+    assert AutoTokenizer.from_pretrained(path).eos_token is None
+    with pytest.raises(ValueError, match=r"models\.m: its tokenizer has neither an eos_token nor a pad_token"):
+        prepare_teacher("m", {"source": "path", "path": str(path)}, tmp_path / "out")
 
 
 # ---- vocabulary and context limits ---------------------------------------------------------------------------
