@@ -3,13 +3,15 @@ can be seen cheaply, else at the start of the job, always naming the config key 
 
 import copy
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from realign.config import ConfigError, load_schema, validate_config
 from realign.models.checks import read_gguf_header
@@ -168,6 +170,19 @@ def test_top_k_beyond_the_vocabulary_is_rejected_at_config_validation(tiny_model
             validate_config(config, SCHEMA)
 
 
+def test_top_k_beyond_the_vocabulary_is_rejected_at_job_start(tiny_model_dir, tmp_path):
+    from realign.recover.stage import run_recovery, teacher_top_k
+
+    with pytest.raises(ConfigError, match=r"recoveries\.kd\.top_k / recoveries\.cka-kd\.top_k: 4096 is not "
+                                          r"smaller than the vocabulary of the teacher"):
+        teacher_top_k(tiny_model_dir, tmp_path / "answers.jsonl", tmp_path / "out", 64, 4096, 1.0,
+                      recoveries=["kd", "cka-kd"])
+    with pytest.raises(ConfigError, match=r"recoveries\.kd\.top_k: 600 is not smaller"):
+        run_recovery(tiny_model_dir, tiny_model_dir, tmp_path / "r.jsonl", tmp_path / "out", "kd",
+                     {"method": "kd", "top_k": 600, "max_len": 64}, 0)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("path, value, key", [
     (["training", "max_len"], 600, r"training\.max_len: 600 tokens"),
     (["recoveries", "onpolicy", "max_new_tokens"], 1024, r"recoveries\.onpolicy\.max_new_tokens: 1025 tokens"),
@@ -182,3 +197,43 @@ def test_lengths_beyond_the_context_are_rejected_at_config_validation(tiny_model
     node[last] = value
     with pytest.raises(ConfigError, match=key + r" do not fit in the context of models\.m \(512 tokens"):
         validate_config(config, SCHEMA)
+
+
+@pytest.fixture
+def short_context(tiny_model_dir):
+    """A tiny GPT-2 (learned positions: a prompt longer than its 64-token context is an IndexError)."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=1, n_head=2,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return GPT2LMHeadModel(config).eval(), tokenizer
+
+
+LONG = [{"instruction": "Explain this code: " + "x = x + 1; " * 60, "reference": "It counts. " * 20},
+        {"instruction": "Say hi.", "reference": "Hi."}]
+
+
+def test_teacher_prompts_longer_than_the_context_are_clamped(short_context, caplog):
+    from realign.recover.teacher_data import generate_answers, generate_rewrites
+
+    model, tokenizer = short_context
+    with caplog.at_level(logging.INFO):
+        answers = generate_answers(model, tokenizer, [r["instruction"] for r in LONG], max_new_tokens=8)
+        rows = generate_rewrites(model, tokenizer, LONG, max_new_tokens=8)
+    assert len(answers) == len(rows) == 2
+    assert "clamped 1 of 2 prompts to their last 56 tokens (context 64 tokens minus 8 to generate" in caplog.text
+    assert "clamped 2 of 2 prompts" in caplog.text  # both rewrite prompts quote a reference
+    with pytest.raises(ValueError, match=r"data\.teacher_max_new_tokens = 64 leaves no room for a prompt"):
+        generate_answers(model, tokenizer, ["hi"], max_new_tokens=64)
+
+
+def test_onpolicy_prompts_longer_than_the_context_are_clamped(short_context, caplog):
+    from realign.recover.methods import onpolicy_loss
+
+    model, tokenizer = short_context
+    with caplog.at_level(logging.INFO):
+        loss_fn = onpolicy_loss(model, tokenizer, LONG, {"max_new_tokens": 8}, max_len=48)
+    assert "onpolicy: clamped 1 of 2 prompts to their last 56 tokens (context 64 minus 8 to sample)" in caplog.text
+    ids = torch.zeros((2, 4), dtype=torch.long)
+    batch = {"index": torch.tensor([0, 1]), "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    assert torch.isfinite(loss_fn(model, batch))
