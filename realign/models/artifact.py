@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from realign.device import compute_device
 from realign.io import atomic_path, file_sha256, read_json, write_json
+from realign.models.sources import require_eos
 
 ARTIFACT_JSON = "artifact.json"
 CONSTRAINT_FILE = "constraint.safetensors"
@@ -102,6 +103,14 @@ def read_meta(artifact_dir: str | Path) -> dict:
     return read_json(Path(artifact_dir) / ARTIFACT_JSON)
 
 
+def artifact_facts(artifact_dir: str | Path):
+    """Vocabulary and context of an artifact from its config.json, without loading it (realign.models.checks)."""
+    from realign.models.checks import ModelFacts, facts_from_config
+
+    config_file = Path(artifact_dir) / "config.json"
+    return facts_from_config(read_json(config_file)) if config_file.is_file() else ModelFacts()
+
+
 def load_artifact(artifact_dir: str | Path, device: str | None = None):
     """Load (model, tokenizer, meta) in fp32 on `device` (default: realign.device.compute_device(), the GPU when
     there is one); a damaged or incomplete directory is a clear error."""
@@ -131,8 +140,7 @@ def load_artifact(artifact_dir: str | Path, device: str | None = None):
     except (OSError, SafetensorError, RuntimeError, ValueError) as err:
         raise RuntimeError(f"cannot load weights of artifact {artifact_dir}: {err}") from err
     tokenizer = AutoTokenizer.from_pretrained(artifact_dir)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    require_eos(tokenizer, f"artifact {artifact_dir}")
     model.eval()
     return model, tokenizer, meta
 

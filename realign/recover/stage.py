@@ -12,7 +12,8 @@ from realign.degrade import constraints
 from realign.degrade.stage import train_config
 from realign.device import model_device
 from realign.io import read_json, read_jsonl, write_jsonl
-from realign.models.artifact import load_artifact, load_constraint_tensors, save_artifact
+from realign.models.artifact import artifact_facts, load_artifact, load_constraint_tensors, save_artifact
+from realign.models.checks import check_fits
 from realign.recover.methods import build_examples, needs_live_teacher, recover, training_targets
 from realign.recover.teacher_data import generate_answers, generate_rewrites
 
@@ -42,10 +43,14 @@ def teacher_rewrites(teacher_dir: str | Path, prompts_path: str | Path, max_new_
 
 
 def teacher_top_k(teacher_dir: str | Path, answers_path: str | Path, out_path: str | Path, max_len: int,
-                  top_k: int, temperature: float, batch_size: int = 8) -> None:
-    """Cache the teacher's top-k log-probabilities on the kd examples (the original teacher's answers)."""
+                  top_k: int, temperature: float, batch_size: int = 8, recoveries: list[str] = ()) -> None:
+    """Cache the teacher's top-k log-probabilities on the kd examples (the original teacher's answers);
+    `recoveries`: the names of the recoveries that read this cache (named by errors)."""
     from realign.recover.teacher_logits import compute_teacher_top_k, save_teacher_top_k
 
+    keys = [f"recoveries.{name}.top_k" for name in recoveries] or ["recoveries.<name>.top_k"]
+    check_fits(artifact_facts(teacher_dir), f"the teacher {teacher_dir}", {" / ".join(keys): top_k},
+               {"training.max_len (or recoveries.<name>.max_len)": max_len})
     model, tokenizer, _ = load_artifact(teacher_dir)
     examples = build_examples(tokenizer, read_jsonl(answers_path), "teacher_answer", max_len)
     cache = compute_teacher_top_k(model, examples, top_k, temperature, tokenizer.pad_token_id, batch_size)
@@ -57,6 +62,11 @@ def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, records_path:
                  checkpoint_steps: list[int] = ()) -> dict:
     start = time.time()
     out_dir = Path(out_dir)
+    lengths = {f"recoveries.{name}.max_len (or training.max_len)": params["max_len"]}
+    if params["method"] == "onpolicy":
+        lengths[f"recoveries.{name}.max_new_tokens"] = params.get("max_new_tokens", 64) + 1
+    check_fits(artifact_facts(damaged_dir), f"the model {damaged_dir}",
+               {f"recoveries.{name}.top_k": params["top_k"]} if "top_k" in params else {}, lengths)
     student, tokenizer, parent_meta = load_artifact(damaged_dir)
     constraint = parent_meta["constraint"]
     constraint_tensors = load_constraint_tensors(damaged_dir, device=model_device(student))
