@@ -16,7 +16,8 @@ from realign.data.sequences import chat_example
 from realign.degrade import constraints
 from realign.degrade.forgetting import forget_by_sft
 from realign.device import compute_device
-from realign.io import read_json, read_jsonl
+from realign.data.stage import read_prompts
+from realign.io import read_jsonl
 from realign.models.artifact import load_artifact, save_artifact
 from realign.training import TrainConfig
 
@@ -104,7 +105,7 @@ def degrade(teacher_dir: str | Path, out_dir: str | Path, model_name: str, name:
     else:
         model, tokenizer, _ = load_artifact(teacher_dir)
         if method == "sft":
-            texts = [row["text"] for row in read_jsonl(narrow_train)]
+            texts = [row["text"] for row in read_jsonl(narrow_train, verify=True, producer="the `narrow_corpus` rule")]
             curve, n_chunks = forget_by_sft(model, tokenizer, texts, train_config(params, seed), params["max_len"])
             constraint = dict(constraints.NO_CONSTRAINT)
             extra["data"] = {"corpus": params.get("corpus", "code"), "path": str(narrow_train), "chunks": n_chunks,
@@ -112,7 +113,7 @@ def degrade(teacher_dir: str | Path, out_dir: str | Path, model_name: str, name:
         else:
             ids = None
             if method in CALIBRATED:
-                ids = calibration_ids(tokenizer, read_json(prompts_path)["distill"], calibration["sequences"],
+                ids = calibration_ids(tokenizer, read_prompts(prompts_path)["distill"], calibration["sequences"],
                                       calibration["max_len"])
                 extra["calibration"] = {"split": "distill (instruction + reference answer)",
                                         "sequences": ids.shape[0], "tokens_per_sequence": ids.shape[1]}
