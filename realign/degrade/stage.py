@@ -18,7 +18,7 @@ from realign.degrade.forgetting import forget_by_sft
 from realign.device import compute_device
 from realign.data.stage import read_prompts
 from realign.io import read_jsonl
-from realign.models.artifact import load_artifact, save_artifact
+from realign.models.artifact import artifact_digest, load_artifact, save_artifact
 from realign.training import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -103,10 +103,11 @@ def degrade(teacher_dir: str | Path, out_dir: str | Path, model_name: str, name:
         model = load_quantized(teacher_dir, params["quant_type"], device=device, key=key)
         constraint = frozen_constraint(model, params["quant_type"], params["lora_r"], params["lora_alpha"])
     else:
-        model, tokenizer, _ = load_artifact(teacher_dir)
+        model, tokenizer, teacher_meta = load_artifact(teacher_dir)
         if method == "sft":
             texts = [row["text"] for row in read_jsonl(narrow_train, verify=True, producer="the `narrow_corpus` rule")]
-            curve, n_chunks = forget_by_sft(model, tokenizer, texts, train_config(params, seed), params["max_len"])
+            curve, n_chunks = forget_by_sft(model, tokenizer, texts, train_config(params, seed), params["max_len"],
+                                            run_identity={"parent": artifact_digest(teacher_meta), "params": params})
             constraint = dict(constraints.NO_CONSTRAINT)
             extra["data"] = {"corpus": params.get("corpus", "code"), "path": str(narrow_train), "chunks": n_chunks,
                              "tokens_per_chunk": params["max_len"]}

@@ -12,8 +12,8 @@ from realign.degrade import constraints
 from realign.degrade.stage import train_config
 from realign.device import model_device
 from realign.data.stage import read_prompts
-from realign.io import read_jsonl, write_jsonl
-from realign.models.artifact import load_artifact, load_constraint_tensors, save_artifact
+from realign.io import file_sha256, read_jsonl, write_jsonl
+from realign.models.artifact import artifact_digest, load_artifact, load_constraint_tensors, read_meta, save_artifact
 from realign.recover.methods import build_examples, needs_live_teacher, recover, training_targets
 from realign.recover.teacher_data import generate_answers, generate_rewrites
 
@@ -78,8 +78,13 @@ def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, records_path:
     staging = out_dir.parent / f".{out_dir.name}.checkpoints.partial"
     state_path = out_dir.parent / f".{out_dir.name}.train_state.pt"
     state_every = params.get("state_every", 0)
-    if not (state_every and state_path.is_file()):  # checkpoints already saved by an interrupted run are kept
-        shutil.rmtree(staging, ignore_errors=True)
+    # A saved state is continued only by the run that saved it: same parent and teacher (their content digests),
+    # constraint, training records, teacher top-k cache and method parameters (realign.training.train).
+    identity = {"parent": artifact_digest(parent_meta), "teacher": artifact_digest(read_meta(teacher_dir)),
+                "constraint": constraint, "records": file_sha256(records_path),
+                "teacher_top_k": file_sha256(teacher_top_k_path) if teacher_top_k_path else None,
+                "params": {k: v for k, v in params.items() if k != "state_every"},
+                "checkpoint_steps": list(checkpoint_steps)}
 
     def save_checkpoint(model, step: int, curve: list[dict]) -> None:
         # The run goes on training `model`; the checkpoint is a copy with the constraint baked in.
@@ -93,7 +98,10 @@ def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, records_path:
     student, curve, check = recover(student, teacher, tokenizer, params, records, train_config(params, seed),
                                     params["max_len"], constraint, constraint_tensors,
                                     teacher_top_k_path=teacher_top_k_path, on_checkpoint=save_checkpoint,
-                                    checkpoint_steps=checkpoint_steps, state_path=state_path, state_every=state_every)
+                                    checkpoint_steps=checkpoint_steps, state_path=state_path, state_every=state_every,
+                                    run_identity=identity,
+                                    # checkpoints saved by an interrupted run are kept only while its state is
+                                    on_restart=lambda: shutil.rmtree(staging, ignore_errors=True))
     meta = {**base_meta, "recovery": name, "step": params["steps"], "constraint_check": check,
             "checkpoints": list(checkpoint_steps), "training_curve": curve,
             "timings": {"seconds": time.time() - start}}

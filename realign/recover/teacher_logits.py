@@ -9,7 +9,6 @@ where example i's rows start. A fingerprint of the examples' tokens guards again
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from pathlib import Path
 
@@ -22,15 +21,7 @@ from realign.data.sequences import collate
 from realign.device import autocast, model_device, on_device
 from realign.io import IntegrityError, atomic_path, tensors_sha256
 from realign.recover.losses import supervised_log_probs, supervised_mask
-
-
-def examples_fingerprint(examples: list[dict]) -> str:
-    digest = hashlib.sha256()
-    for e in examples:
-        digest.update(e["input_ids"].numpy().astype("int64").tobytes())
-        digest.update(e["labels"].numpy().astype("int64").tobytes())
-        digest.update(b"|")
-    return digest.hexdigest()
+from realign.training import examples_fingerprint
 
 
 @torch.no_grad()
