@@ -17,8 +17,9 @@ from realign.degrade import constraints
 from realign.degrade.coverage import CALIBRATED, DamageNotApplied, check_supported, damage_report, snapshot
 from realign.degrade.forgetting import forget_by_sft
 from realign.device import compute_device
-from realign.io import read_json, read_jsonl
-from realign.models.artifact import load_artifact, save_artifact
+from realign.data.stage import read_prompts
+from realign.io import read_jsonl
+from realign.models.artifact import artifact_digest, load_artifact, save_artifact
 from realign.training import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -120,10 +121,11 @@ def degrade(teacher_dir: str | Path, out_dir: str | Path, model_name: str, name:
         constraint = frozen_constraint(model, params["quant_type"], params["lora_r"], params["lora_alpha"])
         extra["damage"] = bnb_report(model, targets, key)
     else:
-        model, tokenizer, _ = load_artifact(teacher_dir)
+        model, tokenizer, teacher_meta = load_artifact(teacher_dir)
         if method == "sft":
-            texts = [row["text"] for row in read_jsonl(narrow_train)]
-            curve, n_chunks = forget_by_sft(model, tokenizer, texts, train_config(params, seed), params["max_len"])
+            texts = [row["text"] for row in read_jsonl(narrow_train, verify=True, producer="the `narrow_corpus` rule")]
+            curve, n_chunks = forget_by_sft(model, tokenizer, texts, train_config(params, seed), params["max_len"],
+                                            run_identity={"parent": artifact_digest(teacher_meta), "params": params})
             constraint = dict(constraints.NO_CONSTRAINT)
             extra["data"] = {"corpus": params.get("corpus", "code"), "path": str(narrow_train), "chunks": n_chunks,
                              "tokens_per_chunk": params["max_len"]}
@@ -131,7 +133,7 @@ def degrade(teacher_dir: str | Path, out_dir: str | Path, model_name: str, name:
             check_supported(model, params, key=key)  # refuse before any work
             ids = None
             if method in CALIBRATED:
-                ids = calibration_ids(tokenizer, read_json(prompts_path)["distill"], calibration["sequences"],
+                ids = calibration_ids(tokenizer, read_prompts(prompts_path)["distill"], calibration["sequences"],
                                       calibration["max_len"])
                 extra["calibration"] = {"split": "distill (instruction + reference answer)",
                                         "sequences": ids.shape[0], "tokens_per_sequence": ids.shape[1]}

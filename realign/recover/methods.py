@@ -169,11 +169,12 @@ def onpolicy_loss(teacher, tokenizer, records: list[dict], params: dict, max_len
 
 def recover(student, teacher, tokenizer, params: dict, records: list[dict], cfg: TrainConfig, max_len: int,
             constraint: dict, constraint_tensors: dict, teacher_top_k_path=None, on_checkpoint=None,
-            checkpoint_steps=(), state_path=None, state_every: int = 0):
+            checkpoint_steps=(), state_path=None, state_every: int = 0, run_identity: dict | None = None,
+            on_restart=None):
     """Train `student` under its constraint with recovery `params` (method + options); returns (trained model,
     training curve, constraint check). The trained model is `student` itself, or a PeftModel wrapping it when
     the constraint is a frozen base. `on_checkpoint(model, step, curve)` is called at `checkpoint_steps`;
-    `state_path`/`state_every`: resumable training (realign.training.train)."""
+    `state_path`/`state_every`/`run_identity`/`on_restart`: resumable training (realign.training.train)."""
     method = params["method"]
     if method not in METHODS:
         raise ValueError(f"unknown recovery method {method!r}; allowed: {', '.join(METHODS)}")
@@ -203,7 +204,7 @@ def recover(student, teacher, tokenizer, params: dict, records: list[dict], cfg:
     try:
         curve = train(student, examples, loss_fn, cfg, pad_id=tokenizer.pad_token_id,
                       checkpoint_steps=checkpoint_steps, on_checkpoint=on_checkpoint, state_path=state_path,
-                      state_every=state_every)
+                      state_every=state_every, run_identity=run_identity, on_restart=on_restart)
     finally:
         constraints.detach(student)
     return student, curve, constraints.check(student, constraint, constraint_tensors)
