@@ -118,9 +118,9 @@ def _check_cross_references(config: dict) -> None:
     if performance.startswith("acc:") and performance[4:] not in config["measure"]["benchmarks"]:
         raise ConfigError(f"invalid config key analysis.performance: task {performance[4:]!r} is not in "
                           f"measure.benchmarks ({', '.join(config['measure']['benchmarks'])})")
-    for name, model in config["models"].items():
-        if model["source"] == "path" and not Path(model["path"]).is_dir():
-            raise ConfigError(f"invalid config key models.{name}.path: directory {model['path']} does not exist")
+    from realign.models.checks import check_models  # imports this module's ConfigError
+
+    check_models(config)
 
 
 # Artifact names of recoveries: `<recovery>[+seed<N>][@step<K>]`. A replicate trained with another seed than

@@ -4,12 +4,11 @@ model gets a 7B-sized job without editing rules. Used by every rule; the Slurm p
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 from realign.config import ConfigError
+from realign.models.checks import GGUFInfo, check_local_model, safetensors_parameter_count
 
 
 @dataclass(frozen=True)
@@ -41,27 +40,35 @@ JOB_SIZES = {
 
 
 def parameter_count_b(spec: dict, name: str) -> float:
-    """Billions of parameters of `models.<name>`: `params_b` if given, else counted from a local checkpoint's
-    config.json (instantiated on the meta device, so nothing is allocated)."""
+    """Billions of parameters of `models.<name>`: `params_b` if given, else counted from a local source: a GGUF
+    file's header, the headers of a directory's safetensors files, or (weights in another format) a model
+    instantiated from config.json on the meta device. Runs while the DAG is built, so it never runs a model's
+    own code (trust_remote_code) and never allocates weights."""
     if "params_b" in spec:
         return float(spec["params_b"])
     if spec["source"] != "path":
         raise ConfigError(f"models.{name}.params_b is required for source {spec['source']} "
                           "(the billions of parameters that size its jobs)")
-    config_file = Path(spec["path"]) / "config.json"
-    if not config_file.is_file():
-        raise ConfigError(f"models.{name}.path: {spec['path']} has no config.json; give models.{name}.params_b")
-    try:
-        json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"models.{name}.path: {config_file} is not valid JSON ({err})") from None
+    local = check_local_model(spec["path"], name)
+    if isinstance(local, GGUFInfo):
+        return local.n_parameters / 1e9
+    counted = safetensors_parameter_count(spec["path"])
+    if counted is not None:
+        return counted / 1e9
+    if spec.get("trust_remote_code", False):
+        raise ConfigError(f"models.{name}.params_b is required: {spec['path']} has no safetensors weights whose "
+                          "headers could be counted, and counting otherwise would run the model's remote code "
+                          "(trust_remote_code: true) while the workflow is planned")
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    model_config = AutoConfig.from_pretrained(str(config_file.parent),
-                                              trust_remote_code=spec.get("trust_remote_code", False))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config)
+    try:
+        model_config = AutoConfig.from_pretrained(spec["path"], trust_remote_code=False)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_config)
+    except (ValueError, KeyError, OSError) as err:
+        raise ConfigError(f"models.{name}.path: cannot count the parameters of {spec['path']} from its "
+                          f"config.json ({err}); give models.{name}.params_b") from None
     return sum(p.numel() for p in model.parameters()) / 1e9
 
 

@@ -6,6 +6,7 @@ to the model before the loop, so the loop itself never needs to know what kind o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -66,9 +67,39 @@ def example_order(n_examples: int, n_needed: int, seed: int) -> list[int]:
     return order[:n_needed]
 
 
-def _fingerprint(cfg: TrainConfig, n_examples: int, params: list[tuple[str, torch.nn.Parameter]]) -> str:
-    return json.dumps({"cfg": asdict(cfg), "n_examples": n_examples,
-                       "params": [(name, list(p.shape)) for name, p in params]}, sort_keys=True)
+def examples_fingerprint(examples: list[dict]) -> str:
+    """sha256 of the training examples' token ids and labels, in order."""
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(e["input_ids"].numpy().astype("int64").tobytes())
+        digest.update(e["labels"].numpy().astype("int64").tobytes())
+        digest.update(b"|")
+    return digest.hexdigest()
+
+
+def _fingerprint(cfg: TrainConfig, examples: list[dict], params: list[tuple[str, torch.nn.Parameter]],
+                 run_identity: dict | None) -> str:
+    """What a saved state must share with the run to be continued: the config, the examples (their digest), the
+    trainable parameters' names and shapes, and the caller's `run_identity` (parent weights, teacher, data...)."""
+    return json.dumps({"cfg": asdict(cfg), "n_examples": len(examples), "examples": examples_fingerprint(examples),
+                       "params": [(name, list(p.shape)) for name, p in params], "run": run_identity or {}},
+                      sort_keys=True, default=str)
+
+
+def _differences(saved, current: str) -> str:
+    """Which parts of two fingerprints differ, for the log ("run.parent, cfg"), or "all" when unparsable."""
+    try:
+        saved, current = json.loads(saved), json.loads(current)
+    except (TypeError, ValueError):
+        return "its fingerprint is of another format"
+    keys = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += [f"{key}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            keys.append(key)
+    return ", ".join(keys)
 
 
 def save_train_state(path: Path, step: int, curve: list[dict], params, optimizer, scheduler, fingerprint: str):
@@ -81,15 +112,20 @@ def save_train_state(path: Path, step: int, curve: list[dict], params, optimizer
         torch.save(state, tmp)
 
 
-def load_train_state(path: Path, params, optimizer, scheduler, fingerprint: str) -> tuple[int, list[dict]]:
+def load_train_state(path: Path, params, optimizer, scheduler, fingerprint: str) -> tuple[int, list[dict]] | None:
+    """Restore a saved state into params/optimizer/scheduler/RNG; returns (step, curve), or None after deleting a
+    stale state (one saved by another run: other config, examples, parent model, teacher...), which must not be
+    continued; an unreadable state is an error."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated or foreign file: say which, never train on a half-read state
         raise ValueError(f"training state {path} is unreadable ({type(err).__name__}: {err}); delete it to "
                          "restart the run from step 0") from None
     if state.get("fingerprint") != fingerprint:
-        raise ValueError(f"training state {path} belongs to another run (config, data or model differ); delete "
-                         "it to restart from step 0")
+        log.warning("discarding training state %s: it belongs to another run (%s differ); restarting from step 0",
+                    path, _differences(state.get("fingerprint"), fingerprint))
+        path.unlink(missing_ok=True)
+        return None
     with torch.no_grad():
         for name, p in params:
             p.copy_(state["params"][name].to(p.device))
@@ -100,14 +136,19 @@ def load_train_state(path: Path, params, optimizer, scheduler, fingerprint: str)
 
 
 def train(model, examples: list[dict], loss_fn, cfg: TrainConfig, pad_id: int, checkpoint_steps=(),
-          on_checkpoint=None, state_path: str | Path | None = None, state_every: int = 0) -> list[dict]:
+          on_checkpoint=None, state_path: str | Path | None = None, state_every: int = 0,
+          run_identity: dict | None = None, on_restart=None) -> list[dict]:
     """Run `cfg.steps` optimizer steps; returns the training curve [{step, loss, lr}].
 
     After each step in `checkpoint_steps`, `on_checkpoint(model, step, curve_so_far)` may save the model (the
     schedule is that of the whole run, so a checkpoint is the state of the full run at that step).
     With `state_path` and `state_every` > 0, the training state is saved every `state_every` steps, and a run
     that finds a state there (left by an interrupted run of the same config) continues from it, giving the same
-    result as an uninterrupted run; the state file is removed when the run completes."""
+    result as an uninterrupted run; the state file is removed when the run completes. `run_identity` (JSON-able:
+    digests of the parent model, teacher and data, the method's parameters) joins the state's fingerprint, so a
+    state left by a run with another parent, teacher or data is discarded (logged), never continued.
+    `on_restart()` is called when the run starts from step 0 (no state, or a stale one discarded), e.g. to drop
+    checkpoints that an interrupted run had saved."""
     bad = [s for s in checkpoint_steps if not 0 < s < cfg.steps]
     if bad:
         raise ValueError(f"checkpoint steps {bad} must lie strictly between 0 and the run's {cfg.steps} steps")
@@ -121,10 +162,15 @@ def train(model, examples: list[dict], loss_fn, cfg: TrainConfig, pad_id: int, c
     curve: list[dict] = []
     first_step = 0
     state_path = Path(state_path) if state_path and state_every > 0 else None
-    fingerprint = _fingerprint(cfg, len(examples), named)
+    fingerprint = _fingerprint(cfg, examples, named, run_identity)
+    resumed = None
     if state_path is not None and state_path.is_file():
-        first_step, curve = load_train_state(state_path, named, optimizer, scheduler, fingerprint)
+        resumed = load_train_state(state_path, named, optimizer, scheduler, fingerprint)
+    if resumed is not None:
+        first_step, curve = resumed
         log.info("resuming from %s at step %d of %d", state_path, first_step, cfg.steps)
+    elif on_restart is not None:
+        on_restart()
     device = model_device(model)
     model.train()
     bar = tqdm(range(first_step, cfg.steps), desc="train", file=sys.stderr, mininterval=5, ascii=True,

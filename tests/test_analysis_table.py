@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from realign.analysis.table import build_table, collect_row, load_cka_layers, write_table
-from realign.io import write_json
+from realign.analysis.table import build_table, collect_row, load_cka_layers, read_table, write_table
+from realign.io import IntegrityError, digest_path, write_json, write_parquet
 
 
 def _row(model, deg, rec, bench, se, cka, kl, nll=2.0, family="quantization"):
@@ -89,7 +89,7 @@ def test_missing_teacher_and_parent_named():
 def _write_artifact(root, model, deg, rec, accs, cka_vals):
     d = root / model / deg / rec
     d.mkdir(parents=True)
-    write_json(d / "artifact.json", {
+    write_json(d / "artifact.json", digest=True, obj={
         "model": model, "degradation": deg, "recovery": rec, "family": "pruning",
         "degradation_method": "magnitude", "degradation_params": {"sparsity": 0.5}, "recovery_method": "kd",
         "recovery_params": {}, "constraint": {}, "seed": 3, "timings": {"seconds": 12.5},
@@ -104,8 +104,8 @@ def _write_artifact(root, model, deg, rec, accs, cka_vals):
     })
     write_json(d / "divergence.json", {"kl_teacher_artifact": 0.2, "kl_stderr": 0.01, "top1_agreement": 0.8,
                                        "n_tokens": 500, "n_prompts": 10, "seconds": 1.0})
-    pd.DataFrame({"layer": list(range(len(cka_vals))), "linear_cka": cka_vals,
-                  "debiased_cka": [v - 0.01 for v in cka_vals]}).to_parquet(d / "cka.parquet")
+    write_parquet(pd.DataFrame({"layer": list(range(len(cka_vals))), "linear_cka": cka_vals,
+                                "debiased_cka": [v - 0.01 for v in cka_vals]}), d / "cka.parquet")
     return [d / f for f in ("artifact.json", "eval.json", "divergence.json", "cka.parquet")]
 
 
@@ -141,6 +141,40 @@ def test_table_parquet_roundtrip(tmp_path):
     back = pd.read_parquet(tmp_path / "table.parquet")
     assert list(back.columns) == list(t.columns)
     np.testing.assert_allclose(back["recovery_fraction"], t["recovery_fraction"], equal_nan=True)
+    pd.testing.assert_frame_equal(read_table(tmp_path / "table.parquet"), back)
+
+
+def test_every_single_bit_flip_in_the_table_is_refused(tmp_path):
+    """A digest over every byte (data and parquet metadata): 40 single-bit flips, 40 refusals naming the file."""
+    path = tmp_path / "table.parquet"
+    write_table(build_table(_rows(), "bench_mean"), path)
+    assert digest_path(path).read_text().split() == [__import__("hashlib").sha256(path.read_bytes()).hexdigest(),
+                                                     "table.parquet"]  # sha256sum -c format
+    original = path.read_bytes()
+    rng = np.random.default_rng(0)
+    for position in rng.choice(len(original) * 8, 40, replace=False):
+        data = bytearray(original)
+        data[position // 8] ^= 1 << (position % 8)
+        path.write_bytes(bytes(data))
+        with pytest.raises(IntegrityError, match=f"{path} does not match the sha256 digest recorded in table.parquet.sha256"):
+            read_table(path)
+    path.write_bytes(original)
+    read_table(path)
+    digest_path(path).unlink()
+    with pytest.raises(IntegrityError, match=f"{path} has no sha256 digest.*rerun the `table` rule"):
+        read_table(path)
+
+
+def test_table_inputs_are_verified(tmp_path):
+    artifact_json, eval_json, divergence_json, cka = _write_artifact(tmp_path, "m", "p50", "kd", {"arc": 0.5}, [0.2, 0.9])
+    cka.write_bytes(cka.read_bytes()[:-1] + bytes([cka.read_bytes()[-1] ^ 1]))
+    with pytest.raises(IntegrityError, match=f"{cka} does not match"):
+        collect_row(artifact_json, eval_json, divergence_json, cka)
+    with pytest.raises(IntegrityError, match=f"{cka} does not match"):
+        load_cka_layers({("m", "p50", "kd"): cka})
+    digest_path(artifact_json).unlink()
+    with pytest.raises(IntegrityError, match=f"{artifact_json} has no sha256 digest"):
+        collect_row(artifact_json, eval_json, divergence_json, cka)
 
 
 def test_paired_bootstrap_delta_ci(tmp_path):
@@ -155,7 +189,7 @@ def test_paired_bootstrap_delta_ci(tmp_path):
             paths = _write_artifact(tmp_path, "m", deg, rec, accs if deg != "none" else {"arc": 0.7, "hella": 0.8},
                                     [0.2, lv, lv])
             summary = paths[3].with_suffix(".json")
-            write_json(summary, {"first_body_layer": 1, "debiased_cka_mean_ci": [lv - 0.1, lv + 0.1],
+            write_json(summary, digest=True, obj={"first_body_layer": 1, "debiased_cka_mean_ci": [lv - 0.1, lv + 0.1],
                                  "debiased_cka_mean_replicates": (lv - 0.01 + shared + 0.001 * rng.normal(size=200)).tolist()})
             rows.append(collect_row(*paths, summary))
     t = build_table(rows, "bench_mean")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from realign.degrade import constraints
-from realign.degrade.calibration import collect_hessians, collect_input_sq_norms, linears_by_layer, sequential_layers
+from realign.degrade.calibration import collect_hessians, collect_input_sq_norms, targets_by_layer, sequential_layers
 from realign.degrade.gptq import gptq_quantize_model, gptq_quantize_weight
 from realign.degrade.nm import nm_mask, nm_violations, parse_pattern
 from realign.degrade.prune import magnitude_mask
@@ -40,7 +40,7 @@ def output_error(W, W_hat, H):
 
 def layer_hessians(model, calibration):
     """Every block Linear's input Hessian on the *uncompressed* model (sequential_layers without modification)."""
-    groups = linears_by_layer(model)
+    groups = targets_by_layer(model)
     hessians = {}
     for index, _layer, run in sequential_layers(model, calibration):
         hessians.update(collect_hessians(groups[index], run))
@@ -82,7 +82,7 @@ def test_sequential_layers_restores_the_layers_and_training_mode(tiny):
 
 
 def test_sequential_layers_rejects_models_without_decoder_layers():
-    with pytest.raises(ValueError, match="model.model.layers"):
+    with pytest.raises(ValueError, match="no stack of decoder layers"):
         next(sequential_layers(torch.nn.Linear(4, 4), random_calibration()))
 
 
@@ -270,7 +270,7 @@ def test_sparsegpt_model_masks_and_reconstruction(tiny, sparsity, pattern):
         if pattern:
             assert nm_violations(linear.weight, 2, 4) == 0
     # Layer 0 saw the uncompressed inputs: there SparseGPT must beat magnitude pruning (with the same structure).
-    for name in linears_by_layer(model)[0]:
+    for name in targets_by_layer(model)[0]:
         W, H = before[name].to(torch.float64), hessians[name]
         magnitude = nm_mask(W.abs(), 2, 4) if pattern else magnitude_mask(W, 0.5)
         error = output_error(W, block_linears(model)[name].weight.detach(), H)
@@ -300,7 +300,7 @@ def test_wanda_model_masks(tiny, sparsity, pattern):
     model, _ = tiny
     calibration = random_calibration()
     before = {name: linear.weight.detach().clone() for name, linear in block_linears(model).items()}
-    first_layer = linears_by_layer(model)[0]
+    first_layer = targets_by_layer(model)[0]
     norms = collect_input_sq_norms(first_layer, next(sequential_layers(model, calibration))[2])
     constraint, masks = wanda_prune_model(model, calibration, sparsity=sparsity, pattern=pattern)
     assert constraint["scheme"] == "wanda" and constraint["pattern"] == pattern

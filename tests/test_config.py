@@ -199,6 +199,9 @@ def test_parameter_count_is_read_from_a_local_checkpoint(tiny_model_dir):
 def test_parameter_count_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"models\.q\.params_b is required for source hf"):
         parameter_count_b({"source": "hf", "id": "Qwen/Qwen2.5-0.5B"}, "q")
+    with pytest.raises(ConfigError, match=r"models\.m\.path: directory .* is empty"):
+        parameter_count_b({"source": "path", "path": str(tmp_path)}, "m")
+    (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(ConfigError, match=r"models\.m\.path: .* has no config.json"):
         parameter_count_b({"source": "path", "path": str(tmp_path)}, "m")
     (tmp_path / "config.json").write_text("{not json")

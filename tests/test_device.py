@@ -26,12 +26,12 @@ def test_cpu_autocast_keeps_fp32_matmuls():
 
 
 def test_batches_follow_the_model(tiny_model_dir, tmp_path, monkeypatch):
-    import shutil
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from realign.models.artifact import ARTIFACT_JSON
+    from realign.models.artifact import save_artifact
 
-    artifact = shutil.copytree(tiny_model_dir, tmp_path / "artifact")
-    (artifact / ARTIFACT_JSON).write_text('{"model": "tiny"}')
+    artifact = save_artifact(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                             AutoTokenizer.from_pretrained(tiny_model_dir), tmp_path / "artifact", {"model": "tiny"})
     monkeypatch.setenv("REALIGN_DEVICE", "cpu")
     model, _, _ = load_artifact(artifact)
     device = model_device(model)

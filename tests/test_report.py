@@ -123,3 +123,23 @@ def test_report_shows_measures_nulls_heatmaps_controls_and_trajectories(tmp_path
     assert "<svg" in controls and "kd vs sft" in controls
     assert "<svg" in html[html.index('id="dose"'):html.index('id="benchmarks"')]
     assert "mean debiased CKA" in html
+
+
+def test_report_renders_a_contrast_with_zero_standard_error(tmp_path):
+    """Two arms at accuracy 0 on a task (stderr 0): no test is possible; the report says so instead of crashing."""
+    from realign.analysis.stats import analyze_with_controls
+
+    table, cka = _study(tmp_path)
+    table["teacher"] = "none"
+    extra = table[(table.degradation == "d0") & (table.recovery == "kd")].assign(recovery="sft", recovery_method="sft")
+    table = pd.concat([table, extra], ignore_index=True)
+    arms = (table.degradation == "d0") & table.recovery.isin(["kd", "sft"])
+    table.loc[arms, ["P", "P_stderr"]] = 0.0
+    stats = analyze_with_controls(table, n_boot=50, n_perm=50)
+    (zero,) = [c for c in stats["contrasts"] if c["degradation"] == "d0"]
+    assert zero["p_holm"] is None and zero["significant"] is False and "standard error" in zero["note"]
+    out = tmp_path / "report.html"
+    render_report(table, stats, cka, {}, out)
+    controls = out.read_text()
+    controls = controls[controls.index('id="controls"'):controls.index('id="dose"')]
+    assert "kd vs sft" in controls and "n/a" in controls and "standard error" in controls

@@ -1,5 +1,6 @@
 """A training run killed with SIGKILL resumes from its saved state and ends exactly where an uninterrupted run
-ends; a foreign or truncated state is refused with its file name."""
+ends; a state left by another run (other config, data, parent model) is discarded, with a log line, and the run
+restarts from step 0; a truncated state is refused with its file name."""
 
 from __future__ import annotations
 
@@ -92,11 +93,72 @@ def test_foreign_or_truncated_state_is_refused(tiny_model_dir, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         train(model, examples, stop_after_two, cfg, tokenizer.pad_token_id, state_path=state_path, state_every=1)
+    saved = state_path.read_bytes()
     other = TrainConfig(**{**CFG, "steps": 3, "lr": 5e-4})
-    with pytest.raises(ValueError, match="belongs to another run"):
-        train(fresh(tiny_model_dir)[0], examples, loss_fn, other, tokenizer.pad_token_id, state_path=state_path,
-              state_every=1)
-    state_path.write_bytes(state_path.read_bytes()[:200])
+    discarded = fresh(tiny_model_dir)[0]
+    curve = train(discarded, examples, loss_fn, other, tokenizer.pad_token_id, state_path=state_path, state_every=1)
+    clean = fresh(tiny_model_dir)[0]
+    assert curve == train(clean, examples, loss_fn, other, tokenizer.pad_token_id)  # restarted from step 0
+    assert all(torch.equal(a, b) for a, b in zip(discarded.state_dict().values(), clean.state_dict().values()))
+    state_path.write_bytes(saved[:200])
     with pytest.raises(ValueError, match="state.pt is unreadable"):
         train(fresh(tiny_model_dir)[0], examples, loss_fn, cfg, tokenizer.pad_token_id, state_path=state_path,
               state_every=1)
+
+
+def _recovery_inputs(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from realign.degrade.stage import degrade
+    from realign.io import write_jsonl
+    from realign.models.artifact import save_artifact
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+    teacher = save_artifact(model, tokenizer, tmp_path / "tiny/none/none", {"model": "tiny", "constraint": {}})
+    parents = {}
+    for sparsity in (0.6, 0.3):
+        parents[sparsity] = tmp_path / f"tiny/magnitude-{sparsity}/none"
+        degrade(teacher, parents[sparsity], "tiny", f"magnitude-{sparsity}", {"method": "magnitude",
+                                                                              "sparsity": sparsity}, seed=0)
+    records = tmp_path / "teacher_answers.jsonl"
+    write_jsonl(records, [{"instruction": f"q{i}", "reference": f"answer number {i}", "teacher_answer": f"a{i}"}
+                          for i in range(6)], digest=True)
+    return teacher, parents, records
+
+
+def test_a_state_saved_under_another_parent_is_discarded_and_the_rerun_equals_a_clean_run(
+        tiny_model_dir, tmp_path, monkeypatch, caplog):
+    """Killed under parent 0.6 after step 2 (with a checkpoint at step 1 staged); the damage is then changed to
+    0.3: the rerun must not continue the old state or keep its checkpoint, and equals a clean 0.3 run bit for bit."""
+    import realign.training as training
+    from realign.models.artifact import read_meta
+    from realign.recover.stage import checkpoint_dir, run_recovery
+
+    teacher, parents, records = _recovery_inputs(tiny_model_dir, tmp_path)
+    params = {"method": "sft", "steps": 4, "lr": 1e-3, "batch_size": 2, "max_len": 32, "state_every": 1}
+    out = tmp_path / "tiny/magnitude/sft"
+    save = training.save_train_state
+
+    def save_then_die(path, step, *args):
+        save(path, step, *args)
+        if step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "save_train_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_recovery(teacher, parents[0.6], records, out, "sft", params, 0, checkpoint_steps=[1])
+    monkeypatch.undo()
+    state = out.parent / ".sft.train_state.pt"
+    assert torch.load(state, weights_only=True)["step"] == 2
+    assert checkpoint_dir(out.parent / ".sft.checkpoints.partial", 1).is_dir()
+
+    with caplog.at_level("WARNING", logger="realign.training"):
+        rerun = run_recovery(teacher, parents[0.3], records, out, "sft", params, 0, checkpoint_steps=[1])
+    assert "discarding training state" in caplog.text and "run.parent" in caplog.text
+    clean = run_recovery(teacher, parents[0.3], records, tmp_path / "clean/sft", "sft", params, 0, checkpoint_steps=[1])
+    assert [c["step"] for c in rerun["training_curve"]] == [1, 2, 3, 4]
+    assert rerun["training_curve"] == clean["training_curve"]
+    assert read_meta(out)["weights_sha256"] == read_meta(tmp_path / "clean/sft")["weights_sha256"]
+    assert (read_meta(checkpoint_dir(out, 1))["weights_sha256"]
+            == read_meta(checkpoint_dir(tmp_path / "clean/sft", 1))["weights_sha256"])
+    assert not state.exists()

@@ -461,6 +461,9 @@ def control_contrasts(table: pd.DataFrame, alpha: float = 0.05) -> list[dict]:
                          "ci_high": diff + sps.norm.ppf(1 - alpha / 2) * se, "p": p,
                          "diff_cka": float(a["cka_mean"] - b["cka_mean"]), "diff_kl": float(a["kl"] - b["kl"])})
     finite = [i for i, r in enumerate(rows) if math.isfinite(r["p"])]
+    for row in rows:  # no test without a positive, finite standard error (e.g. both arms at accuracy 0)
+        row.update(p_holm=math.nan, significant=False, note=None if math.isfinite(row["p"]) else
+                   f"no test: the standard error of A - B is {row['se']:g} (both arms' standard errors are 0 or missing)")
     for i, adjusted in zip(finite, _holm([rows[i]["p"] for i in finite])):
         rows[i]["p_holm"] = adjusted
         rows[i]["significant"] = adjusted < alpha

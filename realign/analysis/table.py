@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from realign.config import parse_recovery_name
-from realign.io import atomic_path, read_json
+from realign.io import read_json, read_parquet, write_parquet
 
 TEACHER = "none"
 NLL_NOISE_NATS = 0.01
@@ -73,10 +73,10 @@ def collect_row(artifact_json, eval_json, divergence_json, cka_parquet, cka_summ
     bootstrap over probe sequences) and cka_boot (the replicates, paired across artifacts); seconds (training/degradation time of the
     artifact), eval_seconds, divergence_seconds, path_artifact, path_eval, path_divergence, path_cka.
     """
-    art = read_json(artifact_json)
+    art = read_json(artifact_json, verify=True, producer="the step that made the artifact")
     ev = read_json(eval_json)
     div = read_json(divergence_json)
-    cka = pd.read_parquet(cka_parquet)
+    cka = read_parquet(cka_parquet, producer="the `cka` rule")
     missing = {"layer", "linear_cka"} - set(cka.columns)
     if missing:
         raise ValueError(f"{cka_parquet}: missing column(s) {sorted(missing)}")
@@ -144,7 +144,7 @@ def collect_row(artifact_json, eval_json, divergence_json, cka_parquet, cka_summ
     row["cka_mean_ci_low"] = row["cka_mean_ci_high"] = math.nan
     row["cka_boot"] = []
     if cka_summary is not None and cka_estimator == "debiased":
-        summary = read_json(cka_summary)
+        summary = read_json(cka_summary, verify=True, producer="the `cka` rule")
         if summary.get("first_body_layer", 1) != 1:
             raise ValueError(f"{cka_summary}: layer means start at layer {summary['first_body_layer']}, expected 1")
         low, high = summary["debiased_cka_mean_ci"]
@@ -187,7 +187,7 @@ def load_cka_layers(paths_with_keys) -> pd.DataFrame:
     """
     frames = []
     for (m, d, r), path in _iter_keyed_paths(paths_with_keys):
-        df = pd.read_parquet(path)
+        df = read_parquet(path, producer="the `cka` rule")
         for column in LAYER_COLUMNS:
             if column not in df:
                 df[column] = math.nan
@@ -337,10 +337,10 @@ def _paired_delta_ci(df: pd.DataFrame, p_idx: np.ndarray, is_teacher: np.ndarray
 
 
 def write_table(table: pd.DataFrame, path: str | os.PathLike) -> None:
-    """Write the table as parquet, atomically."""
-    with atomic_path(path) as tmp:
-        table.to_parquet(tmp, index=False)
+    """Write the table as parquet, atomically, with its digest in the sidecar `<path>.sha256`."""
+    write_parquet(table, path)
 
 
 def read_table(path: str | os.PathLike) -> pd.DataFrame:
-    return pd.read_parquet(Path(path))
+    """A table written by write_table, verified against its sidecar digest (a flipped bit is an error)."""
+    return read_parquet(Path(path), producer="the `table` rule")

@@ -208,6 +208,30 @@ def export_benchmarks(olmo_root: Path, out_dir: Path, limits: dict[str, int], se
         with atomic_path(out_dir / f"realign_{task}.yaml") as tmp:
             tmp.write_text(yaml.safe_dump(task_yaml(task, jsonl), sort_keys=False, allow_unicode=True))
         manifest[task] = {"source": rel, "split": split, "n_total": n_total, "n_used": len(docs), "seed": seed,
-                          "sha256": file_sha256(jsonl)}
+                          "sha256": file_sha256(jsonl), "yaml_sha256": file_sha256(out_dir / f"realign_{task}.yaml")}
     write_json(out_dir / "manifest.json", manifest)
     return manifest
+
+
+def verify_benchmarks(task_dir: Path, tasks: list[str]) -> None:
+    """Before evaluating: each task's data file and YAML must match the sha256 that the export recorded in
+    manifest.json (a missing digest is an error), and the YAML must read the data file of this directory."""
+    from realign.io import IntegrityError, read_json, verify_file
+
+    task_dir = Path(task_dir)
+    manifest_path = task_dir / "manifest.json"
+    manifest = read_json(manifest_path)
+    rerun = "the export_benchmarks rule (delete the benchmark directory first)"
+    for task in tasks:
+        entry = manifest.get(task)
+        if not isinstance(entry, dict):
+            raise IntegrityError(f"{manifest_path} has no entry for task {task!r}: its files cannot be verified; "
+                                 f"rerun {rerun}")
+        jsonl, task_yaml_path = task_dir / f"{task}.jsonl", task_dir / f"realign_{task}.yaml"
+        verify_file(jsonl, entry.get("sha256"), f"{manifest_path} ({task}.sha256)", rerun)
+        verify_file(task_yaml_path, entry.get("yaml_sha256"), f"{manifest_path} ({task}.yaml_sha256)", rerun)
+        data_file = (yaml.safe_load(task_yaml_path.read_text()).get("dataset_kwargs") or {}).get("data_files", {})
+        data_file = data_file.get("test") if isinstance(data_file, dict) else data_file
+        if not data_file or Path(data_file).resolve() != jsonl.resolve():
+            raise IntegrityError(f"{task_yaml_path} reads {data_file}, not the verified {jsonl} (the directory was "
+                                 f"moved or copied?); rerun {rerun}")

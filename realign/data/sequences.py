@@ -17,6 +17,33 @@ def chat_prompt_ids(tokenizer, instruction: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def model_context(model) -> int | None:
+    """Positions the model can attend over (its config's max_position_embeddings), None if it declares none."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    context = getattr(config, "max_position_embeddings", None)
+    return context if isinstance(context, int) and context > 0 else None
+
+
+def prompt_budget(model, max_new_tokens: int, what: str, limit: int | None = None) -> int | None:
+    """The most prompt tokens that leave room for `max_new_tokens` generated ones in the model's context
+    (capped at `limit`); ValueError naming `what` (the config key of the generation budget) if there is none."""
+    context = model_context(model)
+    if context is None:
+        return limit
+    if max_new_tokens >= context:
+        raise ValueError(f"{what} = {max_new_tokens} leaves no room for a prompt in the model's context of "
+                         f"{context} tokens")
+    return context - max_new_tokens if limit is None else min(limit, context - max_new_tokens)
+
+
+def clamp_prompts(prompts: list[list[int]], budget: int | None) -> tuple[list[list[int]], int]:
+    """Keep the last `budget` tokens of each prompt (the end holds the chat template's generation prompt);
+    returns (prompts, how many were cut)."""
+    if budget is None:
+        return prompts, 0
+    return [p[-budget:] for p in prompts], sum(len(p) > budget for p in prompts)
+
+
 def chat_example(tokenizer, instruction: str, answer: str, max_len: int) -> dict:
     """Prompt tokens (no loss) + answer tokens + EOS (loss), truncated to `max_len` tokens."""
     prompt = chat_prompt_ids(tokenizer, instruction)

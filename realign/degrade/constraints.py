@@ -1,13 +1,18 @@
 """The constraint a damaged model must keep through recovery, or recovery would just undo the damage.
 
 - `none`:     nothing to keep (forgetting, the teacher).
-- `grid`:     every block Linear stays on its integer affine grid (RTN, GPTQ); straight-through fake quantization.
-- `fp4-grid`: every block Linear stays on its NVFP4 grid (E2M1 values x fixed FP8 block scales x FP32 scale).
+- `grid`:     every damage target stays on its integer affine grid (RTN, GPTQ); straight-through fake quantization.
+- `fp4-grid`: every damage target stays on its NVFP4 grid (E2M1 values x fixed FP8 block scales x FP32 scale).
 - `mask`:     every pruned weight stays exactly zero (and an N:M pattern stays N:M); training multiplies by the mask.
 - `frozen`:   a bitsandbytes-quantized base that cannot change at all; training adds LoRA adapters (QLoRA).
 
 The grids, scales and masks are fixed when the model is damaged and saved with the artifact
 (`constraint.safetensors`); recovery never re-fits them, and `check` re-verifies them on every saved artifact.
+
+Targets (targets.py) are Linear and Conv1D weights and each expert matrix of stacked MoE weights. Grids and masks
+are stored per target in its [out, in] orientation; the parametrization of a Conv1D weight ([in, out]) transposes
+around it, and that of a stacked [E, ...] expert parameter applies each expert's own.
+A constraint must cover every target of the model and at least one: a check over nothing proves nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch.nn.utils import parametrize
 
-from realign.degrade.targets import block_linears
+from realign.degrade.targets import damage_targets, targets_by_parameter
 
 NO_CONSTRAINT = {"kind": "none"}
 KINDS = ("none", "grid", "fp4-grid", "mask", "frozen")
@@ -35,24 +40,73 @@ def _kind(constraint: dict) -> str:
 
 
 def _parametrization(kind: str, name: str, constraint: dict, tensors: dict, device) -> torch.nn.Module:
+    """The parametrization of one target's [out, in] matrix."""
     if kind == "grid":
         from realign.degrade.quantize import STEFakeQuant
 
-        return STEFakeQuant(tensors[f"{name}.scale"], tensors[f"{name}.zero"], constraint["bits"])
+        return STEFakeQuant(tensors[f"{name}.scale"].to(device), tensors[f"{name}.zero"].to(device),
+                            constraint["bits"])
     if kind == "fp4-grid":
         from realign.degrade.nvfp4 import STENVFP4
 
-        return STENVFP4(tensors[f"{name}.block_scale"], tensors[f"{name}.global_scale"])
+        return STENVFP4(tensors[f"{name}.block_scale"].to(device), tensors[f"{name}.global_scale"].to(device))
     from realign.degrade.prune import ApplyMask
 
     return ApplyMask(tensors[name].to(device))
+
+
+class Transposed(torch.nn.Module):
+    """Applies an [out, in] parametrization to a weight stored [in, out] (transformers Conv1D)."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.inner(weight.T).T
+
+
+class PerExpert(torch.nn.Module):
+    """Applies each expert's own [out, in] parametrization to a stacked [E, out, in] (or, transposed,
+    [E, in, out]) expert parameter."""
+
+    def __init__(self, inners: list[torch.nn.Module], transposed: bool):
+        super().__init__()
+        self.inners = torch.nn.ModuleList(inners)
+        self.transposed = transposed
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if weight.shape[0] != len(self.inners):
+            raise ValueError(f"{weight.shape[0]} experts, but constraints for {len(self.inners)}")
+        if self.transposed:
+            return torch.stack([inner(weight[e].T).T for e, inner in enumerate(self.inners)])
+        return torch.stack([inner(weight[e]) for e, inner in enumerate(self.inners)])
+
+
+def constrained_targets(model, constraint: dict) -> dict:
+    """The model's damage targets, which must be exactly the (non-empty) modules the constraint lists."""
+    names = constraint.get("modules") or []
+    if not names:
+        raise ConstraintViolation(f"the {constraint.get('scheme', constraint.get('kind'))} constraint lists no "
+                                  f"module: a damage that touched nothing, or a check over nothing")
+    targets = damage_targets(model)
+    unknown = sorted(set(names) - set(targets))
+    if unknown:
+        raise ConstraintViolation(f"constraint names module {unknown[0]!r} which the model does not have "
+                                  f"({len(unknown)} unknown)")
+    uncovered = sorted(set(targets) - set(names))
+    if uncovered:
+        raise ConstraintViolation(f"the constraint covers {len(names)} of the model's {len(targets)} weight matrices; "
+                                  f"not {uncovered[0]!r} ({len(uncovered)} uncovered): the damage skipped them "
+                                  f"(made by an older realign that only targeted nn.Linear?)")
+    return {name: targets[name] for name in names}
 
 
 def attach(model, constraint: dict, tensors: dict[str, torch.Tensor], seed: int = 0):
     """Prepare `model` for training under the constraint; returns the model to train.
 
     Grids and masks become parametrizations of the same model; a frozen base is wrapped in LoRA adapters
-    (a new PeftModel object). `tensors` holds the constraint's data by module name.
+    (a new PeftModel object). `tensors` holds the constraint's data by target name.
     """
     kind = _kind(constraint)
     if kind == "none":
@@ -61,20 +115,31 @@ def attach(model, constraint: dict, tensors: dict[str, torch.Tensor], seed: int 
         from realign.degrade.bnb import attach_lora
 
         return attach_lora(model, constraint["lora"], seed=seed)
-    layers = block_linears(model)
-    for name in constraint["modules"]:
-        if name not in layers:
-            raise ConstraintViolation(f"constraint names module {name!r} which the model does not have")
-        module = _parametrization(kind, name, constraint, tensors, layers[name].weight.device)
-        parametrize.register_parametrization(layers[name], "weight", module)
+    targets = constrained_targets(model, constraint)
+    for group in targets_by_parameter(targets).values():
+        first = group[0]
+        device = getattr(first.module, first.param).device
+        if first.kind == "experts":
+            by_expert = {t.expert: _parametrization(kind, t.name, constraint, tensors, device) for t in group}
+            n_experts = getattr(first.module, first.param).shape[0]
+            if sorted(by_expert) != list(range(n_experts)):
+                raise ConstraintViolation(f"{first.parameter_name}: the constraint covers {len(by_expert)} of "
+                                          f"{n_experts} experts")
+            module = PerExpert([by_expert[e] for e in range(n_experts)], first.transposed)
+        else:
+            module = _parametrization(kind, first.name, constraint, tensors, device)
+            if first.transposed:
+                module = Transposed(module)
+        parametrize.register_parametrization(first.module, first.param, module)
     return model
 
 
 def detach(model) -> None:
     """Bake the constrained weights in (quantized / masked values) and remove the parametrizations."""
     for module in list(model.modules()):
-        if parametrize.is_parametrized(module, "weight"):
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        if parametrize.is_parametrized(module):
+            for name in list(module.parametrizations.keys()):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
 
 
 def baked_copy(model):
@@ -86,9 +151,9 @@ def baked_copy(model):
     for key, value in model.state_dict().items():
         if ".parametrizations." not in key:
             state[key] = value.detach().clone()
-        elif key.endswith(".parametrizations.weight.original"):
-            module_name = key[: -len(".parametrizations.weight.original")]
-            state[f"{module_name}.weight"] = model.get_submodule(module_name).weight.detach().clone()
+        elif key.endswith(".original"):
+            module_name, param = key[: -len(".original")].split(".parametrizations.")
+            state[f"{module_name}.{param}"] = getattr(model.get_submodule(module_name), param).detach().clone()
     copy = type(model)(model.config)
     copy.load_state_dict(state, strict=True)
     return copy.to(next(model.parameters()).device).eval()
@@ -118,6 +183,8 @@ def check(model, constraint: dict, tensors: dict[str, torch.Tensor]) -> dict:
 
         digests = base_digests(model)
         expected = constraint["digests"]
+        if not expected:
+            raise ConstraintViolation("the frozen constraint lists no quantized layer: a check over nothing")
         if sorted(digests) != sorted(expected):
             raise ConstraintViolation(f"quantized layers differ from the saved base: expected {len(expected)}, "
                                       f"found {len(digests)}")
@@ -126,10 +193,10 @@ def check(model, constraint: dict, tensors: dict[str, torch.Tensor]) -> dict:
             raise ConstraintViolation(f"{changed[0]}: the frozen quantized base weights changed "
                                       f"({len(changed)} layers differ from their saved digest)")
         return {"kind": kind, "ok": True, "modules_checked": len(expected)}
-    layers = block_linears(model)
+    targets = constrained_targets(model, constraint)
     worst = 0.0
-    for name in constraint["modules"]:
-        weight = layers[name].weight.detach()
+    for name, target in targets.items():
+        weight = target.weight.detach()
         if kind == "grid":
             from realign.degrade.quantize import grid_violation
 
@@ -146,7 +213,7 @@ def check(model, constraint: dict, tensors: dict[str, torch.Tensor]) -> dict:
         if violation > GRID_TOLERANCE:
             raise ConstraintViolation(f"{name}: weights are {violation:.3g} grid steps off their saved "
                                       f"{constraint.get('scheme', kind)} grid")
-    result = {"kind": kind, "ok": True, "modules_checked": len(constraint["modules"])}
+    result = {"kind": kind, "ok": True, "modules_checked": len(targets)}
     if kind in ("grid", "fp4-grid"):
         result["max_grid_violation_steps"] = worst
     return result

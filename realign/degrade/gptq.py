@@ -24,7 +24,7 @@ import torch
 
 from realign.degrade.calibration import (
     calibration_summary, check_calibration, check_damp_block, collect_hessians, damped_inverse_cholesky,
-    linears_by_layer, sequential_layers,
+    targets_by_layer, sequential_layers,
 )
 from realign.degrade.quantize import rtn_grid, validate_rtn
 
@@ -65,7 +65,7 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int,
     validate_rtn(bits, group_size, weight.shape[1])
     check_damp_block(damp, block_size)
     rows, cols = weight.shape
-    W = weight.detach().to(torch.float64).clone()
+    W = weight.detach().to(torch.float64, memory_format=torch.contiguous_format, copy=True)
     hessian = hessian.to(W.device)
     order = activation_order(hessian) if act_order else None
     U, dead = damped_inverse_cholesky(hessian, damp, order)
@@ -115,29 +115,28 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int,
 def gptq_quantize_model(model, calibration, bits: int, group_size: int, sym: bool = False, act_order: bool = False,
                         damp: float = 0.01, block_size: int = 128,
                         key: str = "") -> tuple[dict, dict[str, torch.Tensor]]:
-    """Quantize every block Linear in place with GPTQ, decoder layer by decoder layer (each layer's Hessians
-    from inputs produced by the already-quantized layers before it).
+    """Quantize every damage target (targets.py) in place with GPTQ, decoder layer by decoder layer (each
+    layer's Hessians from inputs produced by the already-quantized layers before it).
 
     `calibration`: [sequences, length] token ids. Returns (constraint description, {name.scale/name.zero: grid})
     in the format of quantize.quantize_model; `key` prefixes error messages with the config key."""
     validate_rtn(bits, group_size, key=key)
     check_damp_block(damp, block_size, key=key)
     calibration = check_calibration(calibration, key=key)
-    groups = linears_by_layer(model)
+    groups = targets_by_layer(model)
     for group in groups:
-        for name, linear in group.items():
-            validate_rtn(bits, group_size, linear.in_features, key=f"{key}({name}) ")
+        for name, target in group.items():
+            validate_rtn(bits, group_size, target.in_features, key=f"{key}({name}) ")
 
     grids = {}
     for index, layer, run in sequential_layers(model, calibration):
         modules = groups[index]
         hessians = collect_hessians(modules, run)
-        for name, linear in modules.items():
-            quantized, scale, zero = gptq_quantize_weight(linear.weight, hessians.pop(name), bits, group_size,
+        for name, target in modules.items():
+            quantized, scale, zero = gptq_quantize_weight(target.weight, hessians.pop(name), bits, group_size,
                                                           sym=sym, act_order=act_order, damp=damp,
                                                           block_size=block_size)
-            with torch.no_grad():
-                linear.weight.copy_(quantized)
+            target.assign(quantized)
             grids[f"{name}.scale"], grids[f"{name}.zero"] = scale, zero
     names = sorted(name for group in groups for name in group)
     constraint = {"kind": "grid", "scheme": "gptq-sym" if sym else "gptq-asym", "bits": bits,

@@ -63,8 +63,8 @@ def resolve_target(sparsity, pattern, key: str = "") -> tuple[float, tuple[int, 
     return 1 - n / m, (n, m)
 
 
-def check_widths(modules: dict[str, torch.nn.Linear], m: int, key: str = "") -> None:
-    """Every module's input width must split into whole groups of m."""
+def check_widths(modules: dict, m: int, key: str = "") -> None:
+    """Every target's (targets.Target) input width must split into whole groups of m."""
     for name, module in modules.items():
         if module.in_features % m:
             raise ValueError(f"{key}pattern: group size M={m} does not divide the input width {module.in_features} "

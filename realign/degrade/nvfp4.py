@@ -45,7 +45,7 @@ import functools
 
 import torch
 
-from realign.degrade.targets import block_linears
+from realign.degrade.targets import damage_targets
 
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0
@@ -111,7 +111,7 @@ def _tables(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, tor
 def round_to_e2m1(x: torch.Tensor) -> torch.Tensor:
     """Nearest signed E2M1 value (ties to the even code, i.e. mantissa bit 0), saturating at +-6."""
     values, midpoints = _tables(x.device, x.dtype)
-    magnitude = x.abs()
+    magnitude = x.abs().contiguous()  # a Conv1D or transposed-expert weight arrives as a transposed view
     code = torch.searchsorted(midpoints, magnitude)  # first midpoint >= |x|: an exact tie picks the lower value
     at_midpoint = magnitude == midpoints[code.clamp(max=len(midpoints) - 1)]
     code = code + (at_midpoint & (code % 2 == 1)).long()  # tie between codes 2k+1 and 2k+2: take the even one
@@ -169,16 +169,15 @@ class STENVFP4(torch.nn.Module):
 
 
 def nvfp4_quantize_model(model, key: str = "") -> tuple[dict, dict[str, torch.Tensor]]:
-    """Quantize every block Linear in place to NVFP4; returns (constraint description,
+    """Quantize every damage target in place to NVFP4; returns (constraint description,
     {name.block_scale / name.global_scale: scales})."""
-    layers = block_linears(model)
-    scales = {name: nvfp4_scales(linear.weight, NVFP4_BLOCK_SIZE, key=f"{key}({name}) ")
-              for name, linear in layers.items()}  # validate every layer before touching any
+    layers = damage_targets(model)
+    scales = {name: nvfp4_scales(target.weight, NVFP4_BLOCK_SIZE, key=f"{key}({name}) ")
+              for name, target in layers.items()}  # validate every layer before touching any
     tensors = {}
-    for name, linear in layers.items():
+    for name, target in layers.items():
         block_scale, global_scale = scales[name]
-        with torch.no_grad():
-            linear.weight.copy_(nvfp4_fake_quantize(linear.weight, block_scale, global_scale))
+        target.assign(nvfp4_fake_quantize(target.weight, block_scale, global_scale))
         tensors[f"{name}.block_scale"], tensors[f"{name}.global_scale"] = block_scale, global_scale
     constraint = {"kind": "fp4-grid", "scheme": "nvfp4", "block_size": NVFP4_BLOCK_SIZE, "modules": sorted(layers)}
     return constraint, tensors

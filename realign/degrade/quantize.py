@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from realign.degrade.targets import block_linears
+from realign.degrade.targets import damage_targets
 
 
 def validate_rtn(bits: int, group_size: int, in_features: int | None = None, key: str = "") -> None:
@@ -70,13 +70,14 @@ class STEFakeQuant(torch.nn.Module):
 
 
 def quantize_model(model, bits: int, group_size: int, key: str = "") -> tuple[dict, dict[str, torch.Tensor]]:
-    """Quantize every block Linear in place; returns (constraint description, {name.scale/name.zero: grid})."""
+    """Quantize every damage target in place; returns (constraint description, {name.scale/name.zero: grid})."""
     grids = {}
-    layers = block_linears(model)
-    for name, linear in layers.items():
-        scale, zero = rtn_grid(linear.weight, bits, group_size, key=f"{key}({name}) ")
-        with torch.no_grad():
-            linear.weight.copy_(fake_quantize(linear.weight, scale, zero, bits))
+    layers = damage_targets(model)
+    for name, target in layers.items():  # validate every target before touching any
+        validate_rtn(bits, group_size, target.in_features, key=f"{key}({name}) ")
+    for name, target in layers.items():
+        scale, zero = rtn_grid(target.weight, bits, group_size, key=f"{key}({name}) ")
+        target.assign(fake_quantize(target.weight, scale, zero, bits))
         grids[f"{name}.scale"], grids[f"{name}.zero"] = scale, zero
     constraint = {"kind": "grid", "scheme": "rtn-asym-minmax", "bits": bits, "group_size": group_size,
                   "modules": sorted(layers)}

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 
 from realign.degrade.calibration import (
-    calibration_summary, check_calibration, check_damp_block, collect_hessians, damped_inverse_cholesky, linears_by_layer,
-    sequential_layers,
+    calibration_summary, check_calibration, check_damp_block, collect_hessians, damped_inverse_cholesky,
+    sequential_layers, targets_by_layer,
 )
 from realign.degrade.nm import check_widths, nm_mask, resolve_target
 from realign.degrade.prune import mask_constraint, validate_sparsity
@@ -44,7 +44,7 @@ def sparsegpt_prune_weight(weight: torch.Tensor, hessian: torch.Tensor, sparsity
         if cols % m:
             raise ValueError(f"N:M group size {m} does not divide the input width {cols}")
         block_size = max(m, block_size // m * m)
-    W = weight.detach().to(torch.float64).clone()
+    W = weight.detach().to(torch.float64, memory_format=torch.contiguous_format, copy=True)
     U, dead = damped_inverse_cholesky(hessian.to(W.device), damp)
     W[:, dead] = 0
 
@@ -81,15 +81,15 @@ def sparsegpt_prune_weight(weight: torch.Tensor, hessian: torch.Tensor, sparsity
 def sparsegpt_prune_model(model, calibration, sparsity: float | None = None, pattern: str | None = None,
                           damp: float = 0.01, block_size: int = 128,
                           key: str = "") -> tuple[dict, dict[str, torch.Tensor]]:
-    """Prune every block Linear in place with SparseGPT, decoder layer by decoder layer (each layer's Hessians
-    from inputs produced by the already-pruned layers before it).
+    """Prune every damage target (targets.py) in place with SparseGPT, decoder layer by decoder layer (each
+    layer's Hessians from inputs produced by the already-pruned layers before it).
 
     Exactly one of `sparsity` / `pattern` ("2:4"). Returns (constraint description, {module name: keep-mask})
     in the format of prune.prune_model; `key` prefixes error messages with the config key."""
-    target, nm = resolve_target(sparsity, pattern, key=key)
+    goal, nm = resolve_target(sparsity, pattern, key=key)
     check_damp_block(damp, block_size, key=key)
     calibration = check_calibration(calibration, key=key)
-    groups = linears_by_layer(model)
+    groups = targets_by_layer(model)
     if nm is not None:
         for group in groups:
             check_widths(group, nm[1], key=key)
@@ -98,11 +98,10 @@ def sparsegpt_prune_model(model, calibration, sparsity: float | None = None, pat
     for index, layer, run in sequential_layers(model, calibration):
         modules = groups[index]
         hessians = collect_hessians(modules, run)
-        for name, linear in modules.items():
-            pruned, mask = sparsegpt_prune_weight(linear.weight, hessians.pop(name),
-                                                  sparsity=target if nm is None else None, nm=nm, damp=damp,
+        for name, target in modules.items():
+            pruned, mask = sparsegpt_prune_weight(target.weight, hessians.pop(name),
+                                                  sparsity=goal if nm is None else None, nm=nm, damp=damp,
                                                   block_size=block_size)
-            with torch.no_grad():
-                linear.weight.copy_(pruned)
+            target.assign(pruned)
             masks[name] = mask
-    return mask_constraint("sparsegpt", nm, target, masks, calibration=calibration_summary(calibration)), masks
+    return mask_constraint("sparsegpt", nm, goal, masks, calibration=calibration_summary(calibration)), masks

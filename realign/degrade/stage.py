@@ -15,10 +15,12 @@ import torch
 from realign.config import CALIBRATED_METHODS as CALIBRATED
 from realign.data.sequences import chat_example
 from realign.degrade import constraints
+from realign.degrade.coverage import CALIBRATED, DamageNotApplied, check_supported, damage_report, snapshot
 from realign.degrade.forgetting import forget_by_sft
 from realign.device import compute_device
-from realign.io import read_json, read_jsonl
-from realign.models.artifact import load_artifact, save_artifact
+from realign.data.stage import read_prompts
+from realign.io import read_jsonl
+from realign.models.artifact import artifact_digest, load_artifact, save_artifact
 from realign.training import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,21 @@ def apply_method(model, params: dict, calibration: torch.Tensor | None, key: str
     raise ValueError(f"{key}method: unknown method {method!r}; known: {', '.join(FAMILIES)}")
 
 
+def bnb_report(model, targets: dict, key: str) -> dict:
+    """Every Linear/Conv1D target of the teacher must have become a bitsandbytes layer."""
+    from realign.degrade.bnb import quantized_modules
+
+    quantized = set(quantized_modules(model))
+    missing = sorted(set(targets) - quantized)
+    if missing or not quantized:
+        raise DamageNotApplied(f"{key}method: bitsandbytes left {len(missing)} of {len(targets)} weight matrices "
+                               f"unquantized (e.g. {missing[:1]})")
+    total = sum(t.weight.numel() for t in targets.values())
+    return {"targets": {kind: sum(t.kind == kind for t in targets.values()) for kind in ("linear", "conv1d")},
+            "targeted_parameters": total, "claim": "every targeted layer is a bitsandbytes layer",
+            "expected_fraction": 1.0, "touched_fraction": len(quantized & set(targets)) / len(targets)}
+
+
 def degrade(teacher_dir: str | Path, out_dir: str | Path, model_name: str, name: str, params: dict, seed: int,
             narrow_train: str | Path | None = None, prompts_path: str | Path | None = None,
             calibration: dict | None = None) -> dict:
@@ -98,29 +115,40 @@ def degrade(teacher_dir: str | Path, out_dir: str | Path, model_name: str, name:
     if method == "bnb":
         from realign.degrade.bnb import frozen_constraint, load_quantized
 
-        _, tokenizer, _ = load_artifact(teacher_dir)
+        teacher, tokenizer, _ = load_artifact(teacher_dir, device="cpu")
+        targets = check_supported(teacher, params, key=key)
+        del teacher
         model = load_quantized(teacher_dir, params["quant_type"], device=device, key=key)
         constraint = frozen_constraint(model, params["quant_type"], params["lora_r"], params["lora_alpha"])
+        extra["damage"] = bnb_report(model, targets, key)
     else:
-        model, tokenizer, _ = load_artifact(teacher_dir)
+        model, tokenizer, teacher_meta = load_artifact(teacher_dir)
         if method == "sft":
-            texts = [row["text"] for row in read_jsonl(narrow_train)]
-            curve, n_chunks = forget_by_sft(model, tokenizer, texts, train_config(params, seed), params["max_len"])
+            texts = [row["text"] for row in read_jsonl(narrow_train, verify=True, producer="the `narrow_corpus` rule")]
+            curve, n_chunks = forget_by_sft(model, tokenizer, texts, train_config(params, seed), params["max_len"],
+                                            run_identity={"parent": artifact_digest(teacher_meta), "params": params})
             constraint = dict(constraints.NO_CONSTRAINT)
             extra["data"] = {"corpus": params.get("corpus", "code"), "path": str(narrow_train), "chunks": n_chunks,
                              "tokens_per_chunk": params["max_len"]}
         else:
+            check_supported(model, params, key=key)  # refuse before any work
             ids = None
             if method in CALIBRATED:
-                ids = calibration_ids(tokenizer, read_json(prompts_path)["distill"], calibration["sequences"],
+                ids = calibration_ids(tokenizer, read_prompts(prompts_path)["distill"], calibration["sequences"],
                                       calibration["max_len"])
                 extra["calibration"] = {"split": "distill (instruction + reference answer)",
                                         "sequences": ids.shape[0], "tokens_per_sequence": ids.shape[1]}
+            before = snapshot(model)
             model.to(device)
             constraint, tensors = apply_method(model, params, ids, key)
             model.to("cpu")
             tensors = {k: v.cpu() for k, v in tensors.items()}
     check = constraints.check(model, constraint, tensors)
+    if method not in ("sft", "bnb"):
+        extra["damage"] = damage_report(model, constraint, check, before, key=key)
+        log.info("%s: %s touched %.4f of %d targeted weights (%s)", name, method,
+                 extra["damage"]["touched_fraction"], extra["damage"]["targeted_parameters"],
+                 extra["damage"]["claim"])
     seconds = time.time() - start
     log.info("%s: %s applied in %.1f s on %s; constraint check %s", name, method, seconds, device, check)
     meta = {"model": model_name, "degradation": name, "recovery": "none", "family": FAMILIES[method],

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from realign.degrade.calibration import (
-    calibration_summary, check_calibration, collect_input_sq_norms, linears_by_layer, sequential_layers,
+    calibration_summary, check_calibration, collect_input_sq_norms, targets_by_layer, sequential_layers,
 )
 from realign.degrade.nm import check_widths, nm_mask, resolve_target
 from realign.degrade.prune import mask_constraint, validate_sparsity
@@ -36,14 +36,14 @@ def wanda_mask(weight: torch.Tensor, input_sq_norm: torch.Tensor, sparsity: floa
 
 def wanda_prune_model(model, calibration, sparsity: float | None = None, pattern: str | None = None,
                       key: str = "") -> tuple[dict, dict[str, torch.Tensor]]:
-    """Prune every block Linear in place with Wanda, decoder layer by decoder layer (each layer scored on
-    inputs from the already-pruned layers before it).
+    """Prune every damage target (targets.py) in place with Wanda, decoder layer by decoder layer (each layer
+    scored on inputs from the already-pruned layers before it).
 
     Exactly one of `sparsity` / `pattern` ("2:4"). Returns (constraint description, {module name: keep-mask})
     in the format of prune.prune_model; `key` prefixes error messages with the config key."""
-    target, nm = resolve_target(sparsity, pattern, key=key)
+    goal, nm = resolve_target(sparsity, pattern, key=key)
     calibration = check_calibration(calibration, key=key)
-    groups = linears_by_layer(model)
+    groups = targets_by_layer(model)
     if nm is not None:
         for group in groups:
             check_widths(group, nm[1], key=key)
@@ -52,10 +52,9 @@ def wanda_prune_model(model, calibration, sparsity: float | None = None, pattern
     for index, layer, run in sequential_layers(model, calibration):
         modules = groups[index]
         norms = collect_input_sq_norms(modules, run)
-        for name, linear in modules.items():
-            mask = wanda_mask(linear.weight, norms[name], sparsity=target if nm is None else None, nm=nm)
-            with torch.no_grad():
-                linear.weight.masked_fill_(~mask, 0)
+        for name, target in modules.items():
+            mask = wanda_mask(target.weight, norms[name], sparsity=goal if nm is None else None, nm=nm)
+            target.assign(target.weight.detach().masked_fill(~mask, 0))
             masks[name] = mask
-    return mask_constraint("wanda", nm, target, masks, calibration=calibration_summary(calibration)), masks
+    return mask_constraint("wanda", nm, goal, masks, calibration=calibration_summary(calibration)), masks
 

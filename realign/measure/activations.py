@@ -7,7 +7,6 @@ tokenizer) is measured at exactly the same tokens, which is what CKA against the
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
@@ -15,7 +14,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from realign.device import autocast, model_device
-from realign.io import atomic_path
+from realign.io import IntegrityError, atomic_path, tensors_sha256
 
 FLOAT16_MAX = 65504.0
 
@@ -55,16 +54,6 @@ def capture(model, sequences: list[torch.Tensor], per_sequence: int, seed: int) 
     return out
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over names, dtypes, shapes and bytes: safetensors itself detects truncation, not flipped bytes."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
 def save_activations(activations: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
     """float16 storage, or bfloat16 where some activation exceeds float16's range; a content digest goes in the
     metadata so that a corrupted cache is an error, not a silently wrong CKA."""
@@ -72,21 +61,24 @@ def save_activations(activations: dict[str, torch.Tensor], path: str | Path, met
     dtype = torch.float16 if biggest < FLOAT16_MAX else torch.bfloat16
     tensors = {k: (v.to(dtype) if k.startswith("layer.") else v).contiguous() for k, v in activations.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={**metadata, "storage_dtype": str(dtype), "sha256": _digest(tensors)})
+        save_file(tensors, str(tmp), metadata={**metadata, "storage_dtype": str(dtype), "sha256": tensors_sha256(tensors)})
 
 
 def load_activations(path: str | Path) -> tuple[list[torch.Tensor], torch.Tensor]:
     """(per-layer tensors in layer order, token_index); a truncated, corrupted or incomplete file is a clear error.
 
-    Caches written before the digest existed have none and are read unverified."""
+    A cache without its digest (written before digests existed, or not by save_activations) is an error too."""
     try:
         tensors = load_file(str(path))
         with safe_open(str(path), "pt") as f:
             expected = (f.metadata() or {}).get("sha256")
     except (SafetensorError, OSError) as err:
         raise RuntimeError(f"activation cache {path} is unreadable (truncated or corrupted?): {err}") from err
-    if expected is not None and _digest(tensors) != expected:
-        raise RuntimeError(f"activation cache {path} is corrupted: its content does not match the sha256 digest "
+    if expected is None:
+        raise IntegrityError(f"activation cache {path} has no sha256 digest in its metadata, so it cannot be "
+                             "verified; delete it and rerun the activations step")
+    if tensors_sha256(tensors) != expected:
+        raise IntegrityError(f"activation cache {path} is corrupted: its content does not match the sha256 digest "
                            "written with it; delete it and rerun the activations step")
     n_layers = sum(1 for k in tensors if k.startswith("layer."))
     missing = [k for k in ["token_index", *(f"layer.{i}" for i in range(n_layers))] if k not in tensors]

@@ -45,6 +45,9 @@ def run_lm_eval(model, tokenizer, task_dir: Path, tasks: list[str], batch_size: 
     missing = [t for t in tasks if not (task_dir / f"realign_{t}.yaml").exists()]
     if missing:
         raise FileNotFoundError(f"no exported task YAML for {missing} in {task_dir}")
+    from realign.data.benchmarks import verify_benchmarks
+
+    verify_benchmarks(task_dir, tasks)  # the items scored are those exported, gold labels included
 
     was_training = model.training
     model.eval()

@@ -9,7 +9,8 @@ import pandas as pd
 import torch
 
 from realign.data.sequences import chat_example, chat_prompt_ids, packed_chunks
-from realign.io import atomic_path, read_json, read_jsonl, write_json
+from realign.data.stage import read_prompts
+from realign.io import read_jsonl, write_json, write_parquet
 from realign.measure.activations import capture, load_activations, save_activations
 from realign.measure.cka import linear_cka
 from realign.measure.divergence import mean_nll, output_divergence
@@ -34,7 +35,7 @@ def probe_sequences(tokenizer, records: list[dict], max_tokens: int) -> list[tor
 def activations(artifact_dir, prompts_path, out_path, max_tokens: int, per_sequence: int, seed: int) -> dict:
     start = time.time()
     model, tokenizer, _ = load_artifact(artifact_dir)
-    sequences = probe_sequences(tokenizer, read_json(prompts_path)["probe"], max_tokens)
+    sequences = probe_sequences(tokenizer, read_prompts(prompts_path)["probe"], max_tokens)
     acts = capture(model, sequences, per_sequence, seed)
     save_activations(acts, out_path, {"artifact": str(artifact_dir), "seed": str(seed),
                                       "probe_split": "probe", "n_sequences": str(len(sequences))})
@@ -54,7 +55,7 @@ def null_activations(teacher_dir, prompts_path, out_path, max_tokens: int, per_s
     if all(torch.equal(teacher_weights[k], w) for k, w in weights.items() if k in teacher_weights):
         raise ValueError(f"the random initialisation equals the teacher {teacher_dir}: it is no null model")
     del teacher
-    sequences = probe_sequences(tokenizer, read_json(prompts_path)["probe"], max_tokens)
+    sequences = probe_sequences(tokenizer, read_prompts(prompts_path)["probe"], max_tokens)
     acts = capture(model, sequences, per_sequence, seed)
     save_activations(acts, out_path, {"artifact": f"random init of {teacher_dir}", "seed": str(seed),
                                       "probe_split": "probe", "n_sequences": str(len(sequences))})
@@ -90,9 +91,8 @@ def cka_vs_teacher(teacher_acts, artifact_acts, out_path, summary_path, *, n_boo
         "first_body_layer": FIRST_BODY_LAYER,
         "teacher": str(teacher_acts), "artifact": str(artifact_acts),
     }
-    with atomic_path(out_path) as tmp:
-        frame.to_parquet(tmp, index=False)
-    write_json(summary_path, summary)
+    write_parquet(frame, out_path)
+    write_json(summary_path, summary, digest=True)
     return frame
 
 
@@ -129,8 +129,7 @@ def null_floors(teacher_acts, random_acts, out_path, *, seed: int = 0, knn_k: in
             frames.append(pd.DataFrame(rows).assign(null=name, n_samples=size))
     out = pd.concat(frames, ignore_index=True)
     out = out[["null", "n_samples", "layer", *[m for m in MEASURES if m in out]]]
-    with atomic_path(out_path) as tmp:
-        out.to_parquet(tmp, index=False)
+    write_parquet(out, out_path)
     return out
 
 
@@ -142,7 +141,7 @@ def divergence(teacher_dir, artifact_dir, prompts_path, max_len: int, batch_size
     start = time.time()
     teacher = load_artifact(teacher_dir)[0]
     model, tokenizer, _ = load_artifact(artifact_dir)
-    examples = _reference_examples(tokenizer, read_json(prompts_path)["divergence"], max_len)
+    examples = _reference_examples(tokenizer, read_prompts(prompts_path)["divergence"], max_len)
     result = output_divergence(teacher, model, examples, tokenizer.pad_token_id, batch_size)
     return {**result, "split": "divergence", "seconds": time.time() - start}
 
@@ -154,10 +153,11 @@ def evaluate(artifact_dir, prompts_path, narrow_heldout: dict[str, str], task_di
 
     start = time.time()
     model, tokenizer, _ = load_artifact(artifact_dir)
-    general = _reference_examples(tokenizer, read_json(prompts_path)["heldout"], max_len)
+    general = _reference_examples(tokenizer, read_prompts(prompts_path)["heldout"], max_len)
     perplexity = {"general": mean_nll(model, general, tokenizer.pad_token_id, batch_size)}
     for corpus, path in narrow_heldout.items():
-        chunks = packed_chunks(tokenizer, [r["text"] for r in read_jsonl(path)], max_len, max_chunks=narrow_chunks)
+        texts = [r["text"] for r in read_jsonl(path, verify=True, producer="the `narrow_corpus` rule")]
+        chunks = packed_chunks(tokenizer, texts, max_len, max_chunks=narrow_chunks)
         perplexity[corpus] = mean_nll(model, chunks, tokenizer.pad_token_id, batch_size)
     benchmarks = run_lm_eval(model, tokenizer, Path(task_dir), tasks, batch_size=batch_size)
     return {"benchmarks": benchmarks, "perplexity": perplexity, "seconds": time.time() - start,

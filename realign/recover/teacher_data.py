@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import torch
 from tqdm import tqdm
 
-from realign.data.sequences import chat_prompt_ids, left_pad
+from realign.data.sequences import chat_prompt_ids, clamp_prompts, left_pad, model_context, prompt_budget
 from realign.device import autocast, model_device
 
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, instructions: list[str], max_new_tokens: int, batch_size: int = 8,
                      max_prompt_tokens: int = 256) -> list[str]:
-    """Greedy answers (deterministic), left-padded batches."""
+    """Greedy answers (deterministic), left-padded batches. Prompts keep their last `max_prompt_tokens`
+    tokens, fewer when the model's context minus `max_new_tokens` is shorter (a log line counts the cuts)."""
     model.eval()
     device = model_device(model)
-    answers = []
+    budget = prompt_budget(model, max_new_tokens, "data.teacher_max_new_tokens", max_prompt_tokens)
+    answers, clamped = [], 0
     for start in tqdm(range(0, len(instructions), batch_size), desc="generate", file=sys.stderr, ascii=True):
-        prompts = [chat_prompt_ids(tokenizer, text)[-max_prompt_tokens:]
-                   for text in instructions[start:start + batch_size]]
+        prompts, cut = clamp_prompts([chat_prompt_ids(tokenizer, text)
+                                      for text in instructions[start:start + batch_size]], budget)
+        clamped += cut
         input_ids, attention = left_pad(prompts, tokenizer.pad_token_id)
         width = input_ids.shape[1]
         with autocast(device):
@@ -28,6 +32,10 @@ def generate_answers(model, tokenizer, instructions: list[str], max_new_tokens: 
                                  max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                                  eos_token_id=tokenizer.eos_token_id)
         answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    if clamped:
+        logging.info("clamped %d of %d prompts to their last %d tokens (context %s tokens minus %d to generate, "
+                     "at most %d)", clamped, len(instructions), budget, model_context(model), max_new_tokens,
+                     max_prompt_tokens)
     return [a.strip() for a in answers]
 
 

@@ -9,7 +9,6 @@ where example i's rows start. A fingerprint of the examples' tokens guards again
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from pathlib import Path
 
@@ -20,17 +19,9 @@ from tqdm import tqdm
 
 from realign.data.sequences import collate
 from realign.device import autocast, model_device, on_device
-from realign.io import atomic_path
+from realign.io import IntegrityError, atomic_path, tensors_sha256
 from realign.recover.losses import supervised_log_probs, supervised_mask
-
-
-def examples_fingerprint(examples: list[dict]) -> str:
-    digest = hashlib.sha256()
-    for e in examples:
-        digest.update(e["input_ids"].numpy().astype("int64").tobytes())
-        digest.update(e["labels"].numpy().astype("int64").tobytes())
-        digest.update(b"|")
-    return digest.hexdigest()
+from realign.training import examples_fingerprint
 
 
 @torch.no_grad()
@@ -53,10 +44,11 @@ def compute_teacher_top_k(teacher, examples: list[dict], top_k: int, temperature
 
 
 def save_teacher_top_k(cache: dict[str, torch.Tensor], path: str | Path, examples: list[dict], temperature: float):
+    tensors = {k: v.contiguous() for k, v in cache.items()}
     metadata = {"fingerprint": examples_fingerprint(examples), "temperature": repr(float(temperature)),
-                "top_k": str(cache["values"].shape[1])}
+                "top_k": str(cache["values"].shape[1]), "sha256": tensors_sha256(tensors)}
     with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in cache.items()}, str(tmp), metadata=metadata)
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 class TeacherTopK:
@@ -72,6 +64,12 @@ class TeacherTopK:
         except (SafetensorError, OSError, ValueError) as err:
             raise ValueError(f"teacher logits cache {path} is unreadable (truncated or corrupted?): {err}; "
                              "delete it and rerun") from None
+        if "sha256" not in metadata:
+            raise IntegrityError(f"teacher logits cache {path} has no sha256 digest in its metadata, so it cannot be "
+                                 "verified; delete it and rerun the teacher_top_k step")
+        if tensors_sha256(tensors) != metadata["sha256"]:
+            raise IntegrityError(f"teacher logits cache {path} is corrupted: its content does not match the sha256 "
+                                 "digest written with it; delete it and rerun the teacher_top_k step")
         if metadata.get("fingerprint") != examples_fingerprint(examples):
             raise ValueError(f"teacher logits cache {path} was computed on other distillation examples (answers, "
                              "tokenizer or max_len differ); delete it and rerun")
