@@ -9,4 +9,4 @@ narrow_heldout = {corpus: snakemake.input[f"{corpus}_heldout"] for corpus in NAR
 result = evaluate(snakemake.params.artifact, snakemake.input.prompts, narrow_heldout, snakemake.input.tasks,
                   evaluation["tasks"], evaluation["max_len"], evaluation["code_heldout_chunks"],
                   evaluation["batch_size"])
-write_json(snakemake.output[0], result)
+write_json(snakemake.output[0], result, digest=True)

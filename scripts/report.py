@@ -6,8 +6,10 @@ from realign.analysis.provenance import hardware, rule_timings
 from realign.analysis.report import render_report
 from realign.analysis.stats import analyze_with_controls, jsonable
 from realign.analysis.table import read_table
-from realign.io import read_json, write_json
+from realign.data.stage import read_prompts
+from realign.io import read_json, read_parquet, write_json
 from realign.logs import route_to
+from realign.models.artifact import read_meta
 
 route_to(snakemake.log[0])
 analysis = snakemake.params.analysis
@@ -16,8 +18,8 @@ stats = analyze_with_controls(table, alpha=analysis["alpha"], min_effect=analysi
                               n_boot=analysis["n_boot"], n_perm=analysis["n_perm"], seed=snakemake.params.seed,
                               min_n=analysis.get("min_n", 4), min_n_ci=analysis.get("min_n_ci", 8))
 write_json(snakemake.output.stats, jsonable(stats))
-prompts = read_json(snakemake.input.prompts)
-teacher_meta = read_json(Path(snakemake.input.teachers[0]) / "artifact.json")
+prompts = read_prompts(snakemake.input.prompts)
+teacher_meta = read_meta(snakemake.input.teachers[0])
 provenance = {
     "config": snakemake.params.config,
     "config_hash": snakemake.params.config_hash,
@@ -31,9 +33,10 @@ provenance = {
     },
 }
 # The null floors of each model (its name is the folder: results/null/<model>/floors.parquet).
-null_floors = pd.concat([pd.read_parquet(path).assign(model=Path(path).parent.name)
+null_floors = pd.concat([read_parquet(path, producer="the `null_floors` rule").assign(model=Path(path).parent.name)
                          for path in snakemake.input.null_floors], ignore_index=True)
-matrices = {(r.model, r.degradation, r.recovery): read_json(r.path_cka_summary)
+matrices = {(r.model, r.degradation, r.recovery): read_json(r.path_cka_summary, verify=True,
+                                                             producer="the `cka` rule")
             for r in table.itertuples() if getattr(r, "path_cka_summary", "")}
 render_report(table, stats, read_table(snakemake.input.cka_layers), provenance, snakemake.output.report,
               null_floors=null_floors, matrices=matrices, figures_dir=snakemake.output.figures)

@@ -95,15 +95,16 @@ def _write_artifact(root, model, deg, rec, accs, cka_vals):
         "recovery_params": {}, "constraint": {}, "seed": 3, "timings": {"seconds": 12.5},
         "training_curve": [{"step": 1, "loss": 2.0}], "parents": [], "data_split": {}, "versions": {},
     })
-    write_json(d / "eval.json", {
+    write_json(d / "eval.json", digest=True, obj={
         "benchmarks": {t: {"acc": a, "acc_stderr": 0.03, "acc_norm": None, "acc_norm_stderr": None, "n": 100}
                        for t, a in accs.items()},
         "perplexity": {"general": {"nll": 2.5, "ppl": 12.18, "n_tokens": 1000},
                        "code": {"nll": 1.5, "ppl": 4.48, "n_tokens": 1000}},
         "seconds": 4.0,
     })
-    write_json(d / "divergence.json", {"kl_teacher_artifact": 0.2, "kl_stderr": 0.01, "top1_agreement": 0.8,
-                                       "n_tokens": 500, "n_prompts": 10, "seconds": 1.0})
+    write_json(d / "divergence.json", digest=True, obj={"kl_teacher_artifact": 0.2, "kl_stderr": 0.01,
+                                                        "top1_agreement": 0.8, "n_tokens": 500, "n_prompts": 10,
+                                                        "seconds": 1.0})
     write_parquet(pd.DataFrame({"layer": list(range(len(cka_vals))), "linear_cka": cka_vals,
                                 "debiased_cka": [v - 0.01 for v in cka_vals]}), d / "cka.parquet")
     return [d / f for f in ("artifact.json", "eval.json", "divergence.json", "cka.parquet")]
@@ -175,6 +176,23 @@ def test_table_inputs_are_verified(tmp_path):
     digest_path(artifact_json).unlink()
     with pytest.raises(IntegrityError, match=f"{artifact_json} has no sha256 digest"):
         collect_row(artifact_json, eval_json, divergence_json, cka)
+
+
+@pytest.mark.parametrize("name", ["eval.json", "divergence.json"])
+def test_edited_measurements_are_not_tabulated(tmp_path, name):
+    """A benchmark or divergence result edited after its rule wrote it (here one accuracy / KL digit) is refused,
+    as is one without its digest."""
+    paths = _write_artifact(tmp_path, "m", "p50", "kd", {"arc": 0.5}, [0.2, 0.9])
+    target = paths[0].parent / name
+    text = target.read_text()
+    edited = text.replace("0.5", "0.6", 1) if name == "eval.json" else text.replace("0.2", "0.1", 1)
+    assert edited != text
+    target.write_text(edited)
+    with pytest.raises(IntegrityError, match=f"{target} does not match"):
+        collect_row(*paths)
+    digest_path(target).unlink()
+    with pytest.raises(IntegrityError, match=f"{target} has no sha256 digest"):
+        collect_row(*paths)
 
 
 def test_paired_bootstrap_delta_ci(tmp_path):

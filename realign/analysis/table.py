@@ -74,8 +74,8 @@ def collect_row(artifact_json, eval_json, divergence_json, cka_parquet, cka_summ
     artifact), eval_seconds, divergence_seconds, path_artifact, path_eval, path_divergence, path_cka.
     """
     art = read_json(artifact_json, verify=True, producer="the step that made the artifact")
-    ev = read_json(eval_json)
-    div = read_json(divergence_json)
+    ev = read_json(eval_json, verify=True, producer="the `evaluate` rule")
+    div = read_json(divergence_json, verify=True, producer="the `divergence` rule")
     cka = read_parquet(cka_parquet, producer="the `cka` rule")
     missing = {"layer", "linear_cka"} - set(cka.columns)
     if missing:

@@ -11,6 +11,8 @@ rule table:
     output:
         table="results/table.parquet",
         cka_layers="results/cka_layers.parquet",
+        table_digest=digest_of("results/table.parquet"),
+        cka_layers_digest=digest_of("results/cka_layers.parquet"),
     params:
         cells=artifacts(),
         artifact_paths=[artifact_location(*cell) for cell in artifacts()],

@@ -5,6 +5,7 @@ from realign.config import (CALIBRATED_METHODS, ConfigError, artifact_location, 
                             load_schema, recovery_spec, run_dir, study_cells, study_degradations, study_recoveries,
                             trained_recoveries, training_params, validate_config)
 from realign.data.stage import forgetting_chars_needed
+from realign.io import DIGEST_SUFFIX
 from realign.resources import job_resources, parameter_count_b
 
 try:
@@ -75,6 +76,11 @@ def wheel_dir(requirement):
 
 def measurement_files(kind, suffix):
     return [f"results/{kind}/{m}/{d}/{r}.{suffix}" for m, d, r in artifacts()]
+
+
+def digest_of(path):
+    """The sidecar `<file>.sha256` that the library writes with a file (realign.io), checked by every reader."""
+    return path + DIGEST_SUFFIX
 
 
 def maybe_temp(path):

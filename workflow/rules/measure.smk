@@ -52,6 +52,7 @@ rule null_floors:
         similarity=get_similarity_params(),
     output:
         "results/null/{model}/floors.parquet",
+        digest=digest_of("results/null/{model}/floors.parquet"),
     log:
         "logs/null/{model}/floors.log",
     benchmark:
@@ -74,6 +75,8 @@ rule cka:
     output:
         layers="results/cka/{model}/{degradation}/{recovery}.parquet",
         summary="results/cka/{model}/{degradation}/{recovery}.json",
+        layers_digest=digest_of("results/cka/{model}/{degradation}/{recovery}.parquet"),
+        summary_digest=digest_of("results/cka/{model}/{degradation}/{recovery}.json"),
     log:
         "logs/cka/{model}/{degradation}/{recovery}.log",
     benchmark:
@@ -97,6 +100,7 @@ rule divergence:
         scoring={"max_len": config["training"]["max_len"], "batch_size": config["measure"]["eval_batch_size"]},
     output:
         "results/divergence/{model}/{degradation}/{recovery}.json",
+        digest=digest_of("results/divergence/{model}/{degradation}/{recovery}.json"),
     log:
         "logs/divergence/{model}/{degradation}/{recovery}.log",
     benchmark:
@@ -124,6 +128,7 @@ rule evaluate:
                     "batch_size": config["measure"]["eval_batch_size"]},
     output:
         "results/eval/{model}/{degradation}/{recovery}.json",
+        digest=digest_of("results/eval/{model}/{degradation}/{recovery}.json"),
     log:
         "logs/evaluate/{model}/{degradation}/{recovery}.log",
     benchmark:
