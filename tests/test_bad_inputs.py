@@ -237,3 +237,23 @@ def test_onpolicy_prompts_longer_than_the_context_are_clamped(short_context, cap
     ids = torch.zeros((2, 4), dtype=torch.long)
     batch = {"index": torch.tensor([0, 1]), "input_ids": ids, "attention_mask": torch.ones_like(ids)}
     assert torch.isfinite(loss_fn(model, batch))
+
+
+def test_bitsandbytes_on_a_mixture_of_experts_is_rejected_at_config_validation(tiny_model_dir, tmp_path):
+    """bnb replaces Linear layers: Mixtral's stacked expert weights would silently stay in full precision."""
+    moe = tmp_path / "moe"
+    shutil.copytree(tiny_model_dir, moe)
+    config_json = json.loads((moe / "config.json").read_text())
+    (moe / "config.json").write_text(json.dumps({**config_json, "num_local_experts": 4}))
+    config = _with_model({"source": "path", "path": str(moe)})
+    config["degradations"]["nf4"] = {"method": "bnb", "quant_type": "nf4", "lora_r": 4, "lora_alpha": 8}
+    config["study"] = [{"degradations": ["nf4"], "recoveries": ["kd"]}]
+    with pytest.raises(ConfigError, match=r"degradations\.nf4\.method: bnb cannot quantize the stacked expert "
+                                          r"weights of models\.m \(4 experts per block\)"):
+        validate_config(config, SCHEMA)
+    config["study"] = [{"degradations": ["magnitude-50"], "recoveries": ["kd"]}]  # bnb defined but not studied
+    validate_config(config, SCHEMA)
+    config_dense = _with_model({"source": "path", "path": str(tiny_model_dir)})
+    config_dense["degradations"]["nf4"] = config["degradations"]["nf4"]
+    config_dense["study"] = [{"degradations": ["nf4"], "recoveries": ["kd"]}]
+    validate_config(config_dense, SCHEMA)

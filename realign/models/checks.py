@@ -24,6 +24,7 @@ class ModelFacts:
     """What is known about a model without loading it (None: not known cheaply)."""
     vocab_size: int | None = None
     context_length: int | None = None
+    experts: int | None = None  # routed experts per MoE block (None: dense, or not known)
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,9 @@ def facts_from_config(config: dict) -> ModelFacts:
     vocab = config.get("vocab_size", text.get("vocab_size"))
     context = next((c.get(k) for c in (config, text) for k in ("max_position_embeddings", "n_positions")
                     if isinstance(c.get(k), int)), None)
-    return ModelFacts(vocab if isinstance(vocab, int) else None, context)
+    experts = next((c.get(k) for c in (config, text) for k in ("num_local_experts", "num_experts", "n_routed_experts")
+                    if isinstance(c.get(k), int) and c.get(k) > 1), None)
+    return ModelFacts(vocab if isinstance(vocab, int) else None, context, experts)
 
 
 def model_facts(spec: dict, name: str, resources_dir: str | Path = "resources") -> ModelFacts:
@@ -250,5 +253,15 @@ def check_models(config: dict) -> None:
     resources = config["data"].get("resources_dir", "resources")
     top_k = {f"recoveries.{name}.top_k": spec["top_k"] for name, spec in config["recoveries"].items()
              if "top_k" in spec}
+    from realign.config import study_degradations
+
+    # bitsandbytes replaces Linear layers: stacked MoE expert weights would stay in full precision
+    # (realign.degrade.coverage.check_supported refuses it again at the start of the job, for sources not known here)
+    bnb = [d for d in study_degradations(config) if config["degradations"][d]["method"] == "bnb"]
     for name, spec in config["models"].items():
-        check_fits(model_facts(spec, name, resources), f"models.{name}", top_k, dict(_length_keys(config)))
+        facts = model_facts(spec, name, resources)
+        check_fits(facts, f"models.{name}", top_k, dict(_length_keys(config)))
+        if facts.experts and bnb:
+            raise ConfigError(f"invalid config key degradations.{bnb[0]}.method: bnb cannot quantize the stacked "
+                              f"expert weights of models.{name} ({facts.experts} experts per block); use rtn, gptq "
+                              "or nvfp4 for a mixture-of-experts model")
