@@ -9,31 +9,17 @@ import copy
 
 import pytest
 import torch
-from transformers import (
-    AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, MixtralConfig, OPTConfig, Qwen2Config,
-)
+from transformers import AutoModelForCausalLM
 
 from realign.degrade import constraints
 from realign.degrade.calibration import decoder_layers, sequential_layers, targets_by_layer
 from realign.degrade.coverage import DamageNotApplied, check_supported, check_supported_config, damage_report, snapshot
 from realign.degrade.stage import apply_method
 from realign.degrade.targets import damage_targets, untargeted_matrices
+from realign.models.tiny import ARCHITECTURES, tiny_config
 
 VOCAB = 512
-CONFIGS = {
-    "llama": lambda: LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
-    "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64),
-    "opt": lambda: OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
-                             num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64),
-    "gpt_neox": lambda: GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, max_position_embeddings=64),
-    "qwen2": lambda: Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
-    "mixtral": lambda: MixtralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                                     num_experts_per_tok=2, max_position_embeddings=64),
-}
+CONFIGS = {arch: (lambda arch=arch: tiny_config(arch, vocab_size=VOCAB, max_positions=64)) for arch in ARCHITECTURES}
 # Damage targets per architecture, by kind: (linear, conv1d, experts).
 KINDS = {"llama": (14, 0, 0), "gpt2": (0, 8, 0), "opt": (12, 0, 0), "gpt_neox": (8, 0, 0), "qwen2": (14, 0, 0),
          "mixtral": (8, 0, 16)}

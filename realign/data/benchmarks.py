@@ -176,6 +176,18 @@ def task_yaml(task: str, jsonl_path: Path) -> dict:
     return cfg
 
 
+def scored_pairs(task: str, doc: dict) -> list[tuple[str, str]]:
+    """The (context, continuation) pairs lm-eval scores for one exported item of `task` (its construct_requests
+    for the YAML of task_yaml: multiple choice puts the default target delimiter " " before each choice,
+    winogrande before the shared continuation; lambada's continuation carries its own space)."""
+    kind = _SPECS[task][0]
+    if kind == "mc":
+        return [(doc["query"], " " + choice) for choice in doc["choices"]]
+    if kind == "multi_input":
+        return [(context, " " + doc["continuation"]) for context in doc["contexts"]]
+    return [(doc["context"], doc["continuation"])]
+
+
 def export_benchmarks(olmo_root: Path, out_dir: Path, limits: dict[str, int], seed: int) -> dict:
     """Export a seeded subset (`limits[task]` items, 0 = all) of each task; return the manifest."""
     olmo_root, out_dir = Path(olmo_root), Path(out_dir)

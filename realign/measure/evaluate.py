@@ -26,6 +26,23 @@ def _num(x) -> float | None:
     return float(x)
 
 
+def check_continuations_fit(lm, task_dir: Path, tasks: list[str]) -> None:
+    """lm-eval left-truncates a long context but asserts that every scored continuation fits the model's
+    context (lm.max_length), with a bare AssertionError in the middle of scoring. Check every item first, with
+    lm-eval's own encoding of the pair, and name the task, the item and both lengths."""
+    from realign.data.benchmarks import scored_pairs
+    from realign.io import read_jsonl
+
+    for task in tasks:
+        for doc in read_jsonl(Path(task_dir) / f"{task}.jsonl"):
+            for context, continuation in scored_pairs(task, doc):
+                n = len(lm._encode_pair(context, continuation)[1])
+                if n > lm.max_length:
+                    raise ValueError(f"measure.benchmarks.{task}: item {doc['id']} has a continuation of {n} tokens, "
+                                     f"longer than the model's context of {lm.max_length} tokens, so lm-eval cannot "
+                                     "score it; evaluate a model with a longer context or leave the task out")
+
+
 def run_lm_eval(model, tokenizer, task_dir: Path, tasks: list[str], batch_size: int = 8) -> dict:
     """Evaluate `model` (an already-loaded transformers causal LM) on tasks `realign_{task}` from `task_dir`.
 
@@ -53,6 +70,7 @@ def run_lm_eval(model, tokenizer, task_dir: Path, tasks: list[str], batch_size: 
     model.eval()
     try:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        check_continuations_fit(lm, task_dir, tasks)
         with autocast(model_device(model)):  # bf16 matmuls on CUDA, plain fp32 on CPU
             results = lm_eval.simple_evaluate(
                 model=lm,

@@ -1,4 +1,5 @@
-"""A tiny random Llama with a real (small, trained) byte-level BPE tokenizer, for tests and smoke runs.
+"""Tiny random decoders (Llama, GPT-2, OPT, GPT-NeoX, Qwen2, Mixtral) with a real (small, trained) byte-level BPE
+tokenizer, for tests and smoke runs.
 
 Everything is built locally from a config and Python's own source text, so no hub access is needed.
 """
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, MixtralConfig, OPTConfig,
+                          PreTrainedTokenizerFast, Qwen2Config)
 
 from realign.io import atomic_path
 
@@ -42,17 +44,52 @@ def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     return fast
 
 
+ARCHITECTURES = ("llama", "gpt2", "opt", "gpt_neox", "qwen2", "mixtral")
+
+
+def tiny_config(architecture: str = "llama", vocab_size: int = 512, hidden_size: int = 64, num_layers: int = 2,
+                max_positions: int = 512, token_ids: dict | None = None, **overrides):
+    """A tiny config of one of the study's decoder families: 4 attention heads (2 key/value heads where the family
+    has grouped-query attention), an MLP twice the width (Mixtral: 4 experts of the width, 2 per token).
+
+    `token_ids` ({"bos_token_id", "eos_token_id", "pad_token_id"}) replace the family's defaults (GPT-2's are
+    50256, outside a tiny vocabulary); `overrides` are passed to the config."""
+    extra = {"vocab_size": vocab_size, **(token_ids or {}), **overrides}
+    width = {**extra, "hidden_size": hidden_size, "num_hidden_layers": num_layers, "num_attention_heads": 4,
+             "max_position_embeddings": max_positions}
+    gqa = {"intermediate_size": 2 * hidden_size, "num_key_value_heads": 2}
+    builders = {
+        "llama": lambda: LlamaConfig(**width, **gqa),
+        "gpt2": lambda: GPT2Config(**extra, n_embd=hidden_size, n_layer=num_layers, n_head=4,
+                                   n_positions=max_positions),
+        "opt": lambda: OPTConfig(**width, ffn_dim=2 * hidden_size, word_embed_proj_dim=hidden_size),
+        "gpt_neox": lambda: GPTNeoXConfig(**width, intermediate_size=2 * hidden_size),
+        "qwen2": lambda: Qwen2Config(**width, **gqa),
+        "mixtral": lambda: MixtralConfig(**width, intermediate_size=hidden_size, num_key_value_heads=2,
+                                         num_local_experts=4, num_experts_per_tok=2),
+    }
+    if architecture not in builders:
+        raise ValueError(f"unknown tiny architecture {architecture!r}; known: {', '.join(ARCHITECTURES)}")
+    return builders[architecture]()
+
+
 def build_tiny_model(out_dir: str | Path, seed: int = 0, hidden_size: int = 64, num_layers: int = 2,
-                     vocab_size: int = 512) -> Path:
-    """Write a randomly initialised tiny Llama + tokenizer to `out_dir` (safetensors, loadable by transformers)."""
+                     vocab_size: int = 512, architecture: str = "llama", max_positions: int = 512,
+                     init_std: float | None = None) -> Path:
+    """Write a randomly initialised tiny decoder of `architecture` (ARCHITECTURES) + the tiny tokenizer (ChatML
+    chat template) to `out_dir` (safetensors, loadable by transformers). The Llama ties its embeddings.
+
+    `init_std`: the weights' initialisation scale (the family's initializer_range, 0.02, by default); a larger one
+    gives a random model sharper next-token distributions, so a damage changes them measurably."""
     torch.manual_seed(seed)
     tokenizer = build_tiny_tokenizer(vocab_size)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForCausalLM(config)
+    token_ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                 "pad_token_id": tokenizer.pad_token_id}
+    extra = {"tie_word_embeddings": True} if architecture == "llama" else {}
+    if init_std is not None:
+        extra["initializer_range"] = init_std
+    config = tiny_config(architecture, len(tokenizer), hidden_size, num_layers, max_positions, token_ids, **extra)
+    model = AutoModelForCausalLM.from_config(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     with atomic_path(out_dir, is_dir=True) as tmp:
         model.save_pretrained(tmp)
