@@ -261,7 +261,8 @@ def unsafe_loads(source: str, filename: str) -> list[str]:
         from_parameter = isinstance(trust, ast.Name) and trust.id == "trust_remote_code"
         from_config = (isinstance(trust, ast.Call) and _dotted(trust.func).endswith(".get")
                        and [ast.literal_eval(a) for a in trust.args] == ["trust_remote_code", False])
-        if trust is not None and not (from_parameter or from_config):
+        never = isinstance(trust, ast.Constant) and trust.value is False  # e.g. counting parameters at DAG build
+        if trust is not None and not (from_parameter or from_config or never):
             problems.append(f"{filename}:{node.lineno} trust_remote_code={ast.unparse(trust)}")
     return problems
 
@@ -285,6 +286,7 @@ def test_the_checker_catches_what_it_looks_for():
             torch.load(path, weights_only=True)
             AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code)
             AutoConfig.from_pretrained(path, trust_remote_code=spec.get("trust_remote_code", False))
+            AutoConfig.from_pretrained(path, trust_remote_code=False)
     """)
     assert unsafe_loads(good, "good.py") == []
 

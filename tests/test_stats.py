@@ -262,10 +262,13 @@ def test_mixed_model_skips_and_survives_singular_fits():
     assert "constant" in out["error"]
     json.dumps(jsonable(out), allow_nan=False)
     # no variation between the models: the group variance sits on the boundary 0; reported, not raised
+    # (a small residual, no group effect: an exact fit has zero residual variance too, and whether REML then
+    # fails as singular depends on the BLAS kernels of the machine)
     exact = _mixed_rows(3)
-    exact["recovery_fraction"] = 3.0 * exact["delta_cka"] - 0.5 * exact["delta_kl"]
+    exact["recovery_fraction"] = (3.0 * exact["delta_cka"] - 0.5 * exact["delta_kl"]
+                                  + 0.01 * np.sin(1.7 * np.arange(len(exact))))
     out = mixed_model(exact)
-    assert out["coefficients"]["delta_cka"]["coef"] == pytest.approx(3.0) and out["group_variance"] < 1e-12
+    assert out["coefficients"]["delta_cka"]["coef"] == pytest.approx(3.0, abs=0.05) and out["group_variance"] < 1e-5
     assert any("boundary" in w for w in out["warnings"])
     json.dumps(jsonable(out), allow_nan=False)
 
