@@ -192,3 +192,14 @@ def _json_default(obj):
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
+
+
+def check_tensors_digest(tensors: dict, expected: str | None, what: str, step: str) -> None:
+    """Check tensors read from a safetensors file against the tensors_sha256 stored in its metadata; `what` names
+    the file ("activation cache <path>"), `step` the step that writes it. A missing digest is an error too."""
+    if expected is None:
+        raise IntegrityError(f"{what} has no sha256 digest in its metadata, so it cannot be verified; delete it and "
+                             f"rerun the {step} step")
+    if tensors_sha256(tensors) != expected:
+        raise IntegrityError(f"{what} is corrupted: its content does not match the sha256 digest written with it; "
+                             f"delete it and rerun the {step} step")

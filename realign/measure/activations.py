@@ -14,7 +14,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from realign.device import autocast, model_device
-from realign.io import IntegrityError, atomic_path, tensors_sha256
+from realign.io import atomic_path, check_tensors_digest, tensors_sha256
 
 FLOAT16_MAX = 65504.0
 
@@ -74,12 +74,7 @@ def load_activations(path: str | Path) -> tuple[list[torch.Tensor], torch.Tensor
             expected = (f.metadata() or {}).get("sha256")
     except (SafetensorError, OSError) as err:
         raise RuntimeError(f"activation cache {path} is unreadable (truncated or corrupted?): {err}") from err
-    if expected is None:
-        raise IntegrityError(f"activation cache {path} has no sha256 digest in its metadata, so it cannot be "
-                             "verified; delete it and rerun the activations step")
-    if tensors_sha256(tensors) != expected:
-        raise IntegrityError(f"activation cache {path} is corrupted: its content does not match the sha256 digest "
-                           "written with it; delete it and rerun the activations step")
+    check_tensors_digest(tensors, expected, f"activation cache {path}", "activations")
     n_layers = sum(1 for k in tensors if k.startswith("layer."))
     missing = [k for k in ["token_index", *(f"layer.{i}" for i in range(n_layers))] if k not in tensors]
     if missing or n_layers == 0:

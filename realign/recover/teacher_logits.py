@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from realign.data.sequences import collate
 from realign.device import autocast, model_device, on_device
-from realign.io import IntegrityError, atomic_path, tensors_sha256
+from realign.io import atomic_path, check_tensors_digest, tensors_sha256
 from realign.recover.losses import supervised_log_probs, supervised_mask
 from realign.training import examples_fingerprint
 
@@ -64,12 +64,7 @@ class TeacherTopK:
         except (SafetensorError, OSError, ValueError) as err:
             raise ValueError(f"teacher logits cache {path} is unreadable (truncated or corrupted?): {err}; "
                              "delete it and rerun") from None
-        if "sha256" not in metadata:
-            raise IntegrityError(f"teacher logits cache {path} has no sha256 digest in its metadata, so it cannot be "
-                                 "verified; delete it and rerun the teacher_top_k step")
-        if tensors_sha256(tensors) != metadata["sha256"]:
-            raise IntegrityError(f"teacher logits cache {path} is corrupted: its content does not match the sha256 "
-                                 "digest written with it; delete it and rerun the teacher_top_k step")
+        check_tensors_digest(tensors, metadata.get("sha256"), f"teacher logits cache {path}", "teacher_top_k")
         if metadata.get("fingerprint") != examples_fingerprint(examples):
             raise ValueError(f"teacher logits cache {path} was computed on other distillation examples (answers, "
                              "tokenizer or max_len differ); delete it and rerun")
