@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from realign.config import CALIBRATED_METHODS
 from realign.degrade.targets import Target, damage_targets, untargeted_matrices
-
-CALIBRATED = ("gptq", "wanda", "sparsegpt")
 
 
 class DamageNotApplied(RuntimeError):
@@ -39,7 +38,7 @@ def check_supported(model, params: dict, key: str = "") -> dict[str, Target]:
             raise ValueError(f"{key}method: bnb cannot quantize stacked MoE expert weights ({experts[0]}, "
                              f"{len(experts)} in all): bitsandbytes replaces nn.Linear/Conv1D layers only, so the "
                              f"experts would stay in full precision; use rtn, gptq or nvfp4 for this model")
-    if method in CALIBRATED:
+    if method in CALIBRATED_METHODS:
         from realign.degrade.calibration import targets_by_layer
 
         try:

@@ -15,7 +15,7 @@ import torch
 from realign.config import CALIBRATED_METHODS as CALIBRATED
 from realign.data.sequences import chat_example
 from realign.degrade import constraints
-from realign.degrade.coverage import CALIBRATED, DamageNotApplied, check_supported, damage_report, snapshot
+from realign.degrade.coverage import DamageNotApplied, check_supported, damage_report, snapshot
 from realign.degrade.forgetting import forget_by_sft
 from realign.device import compute_device
 from realign.data.stage import read_prompts
