@@ -8,6 +8,7 @@ import pytest
 
 from realign.analysis.table import build_table, collect_row, load_cka_layers, read_table, write_table
 from realign.io import IntegrityError, digest_path, write_json, write_parquet
+from item_records import records_for
 
 
 def _row(model, deg, rec, bench, se, cka, kl, nll=2.0, family="quantization"):
@@ -37,7 +38,7 @@ def _get(t, d, r):
 
 
 def test_build_table_hand_computed():
-    t = build_table(_rows(), "bench_mean")
+    t = build_table(_rows(), "bench_mean", records_for(_rows()))
     kd = _get(t, "q4", "kd")
     assert kd["damage"] == pytest.approx(0.20)
     assert kd["gain"] == pytest.approx(0.15)
@@ -63,27 +64,35 @@ def test_build_table_hand_computed():
 
 
 def test_build_table_nll_orientation_and_noise():
-    t = build_table(_rows(), "nll_general")
+    t = build_table(_rows(), "nll_general", records_for(_rows()))
     kd = _get(t, "q4", "kd")
     assert kd["damage"] == pytest.approx(0.5)  # -2.0 - (-2.5)
     assert kd["recovery_fraction"] == pytest.approx(0.8)
     assert not kd["damage_within_noise"]
-    assert _get(t, "tiny", "kd")["damage_within_noise"]  # 0.005 nats < 0.01
-    t2 = build_table(_rows(), "acc:a")
+    # The sequences' own difficulty is shared by every artifact and cancels in the paired difference: 0.005 nats
+    # is beyond noise here. Noise of the damaged model's own (zero-mean, 0.2 nats/token) puts it within noise.
+    assert not _get(t, "tiny", "kd")["damage_within_noise"]
+    noisy = records_for(_rows())
+    own = (noisy.sequences.degradation == "tiny") & (noisy.sequences.recovery == "none")
+    noise = np.random.default_rng(1).normal(0.0, 2.0, own.sum())
+    noisy.sequences.loc[own, "nll_sum"] += noise - noise.mean()
+    tiny = _get(build_table(_rows(), "nll_general", noisy), "tiny", "kd")
+    assert tiny["damage"] == pytest.approx(0.005) and tiny["damage_within_noise"]
+    t2 = build_table(_rows(), "acc:a", records_for(_rows()))
     assert _get(t2, "q4", "kd")["recovery_fraction"] == pytest.approx(0.75)
-    with pytest.raises(ValueError, match="unknown performance"):
-        build_table(_rows(), "f1")
+    with pytest.raises(ValueError, match="analysis.performance: unknown measure 'f1'"):
+        build_table(_rows(), "f1", records_for(_rows()))
 
 
 def test_missing_teacher_and_parent_named():
     rows = [r for r in _rows() if r["degradation"] != "none"]
     with pytest.raises(ValueError, match=r"teacher artifact \(model='m'"):
-        build_table(rows, "bench_mean")
+        build_table(rows, "bench_mean", records_for(rows))
     rows = [r for r in _rows() if not (r["degradation"] == "q4" and r["recovery"] == "none")]
     with pytest.raises(ValueError, match=r"parent artifact \(model='m', degradation='q4'"):
-        build_table(rows, "bench_mean")
+        build_table(rows, "bench_mean", records_for(rows))
     with pytest.raises(ValueError, match="duplicate"):
-        build_table(_rows() + [_rows()[0]], "bench_mean")
+        build_table(_rows() + [_rows()[0]], "bench_mean", records_for(_rows()))
 
 
 def _write_artifact(root, model, deg, rec, accs, cka_vals):
@@ -137,7 +146,7 @@ def test_collect_row_and_cka_layers(tmp_path):
 
 
 def test_table_parquet_roundtrip(tmp_path):
-    t = build_table(_rows(), "bench_mean")
+    t = build_table(_rows(), "bench_mean", records_for(_rows()))
     write_table(t, tmp_path / "table.parquet")
     back = pd.read_parquet(tmp_path / "table.parquet")
     assert list(back.columns) == list(t.columns)
@@ -148,7 +157,7 @@ def test_table_parquet_roundtrip(tmp_path):
 def test_every_single_bit_flip_in_the_table_is_refused(tmp_path):
     """A digest over every byte (data and parquet metadata): 40 single-bit flips, 40 refusals naming the file."""
     path = tmp_path / "table.parquet"
-    write_table(build_table(_rows(), "bench_mean"), path)
+    write_table(build_table(_rows(), "bench_mean", records_for(_rows())), path)
     assert digest_path(path).read_text().split() == [__import__("hashlib").sha256(path.read_bytes()).hexdigest(),
                                                      "table.parquet"]  # sha256sum -c format
     original = path.read_bytes()
@@ -210,7 +219,7 @@ def test_paired_bootstrap_delta_ci(tmp_path):
             write_json(summary, digest=True, obj={"first_body_layer": 1, "debiased_cka_mean_ci": [lv - 0.1, lv + 0.1],
                                  "debiased_cka_mean_replicates": (lv - 0.01 + shared + 0.001 * rng.normal(size=200)).tolist()})
             rows.append(collect_row(*paths, summary))
-    t = build_table(rows, "bench_mean")
+    t = build_table(rows, "bench_mean", records_for(rows))
     kd = t[t.recovery == "kd"].iloc[0]
     assert kd["delta_cka"] == pytest.approx(0.03)
     assert 0.02 < kd["delta_cka_ci_low"] < 0.03 < kd["delta_cka_ci_high"] < 0.04  # width ~ 0.001 noise, not 0.05

@@ -212,4 +212,4 @@ def test_a_context_shorter_than_a_benchmark_answer_is_named(data, tmp_path):
     with pytest.raises(ValueError, match=rf"measure\.benchmarks\.piqa: item {longest[1]} has a continuation of "
                                          r"\d+ tokens, longer than the model's context of 64 tokens"):
         run_lm_eval(model, tokenizer, data / "benchmarks", ["arc_easy", "piqa"])
-    assert run_lm_eval(model, tokenizer, data / "benchmarks", ["arc_easy"])["arc_easy"]["n"] == BENCHMARKS["arc_easy"]
+    assert run_lm_eval(model, tokenizer, data / "benchmarks", ["arc_easy"])[0]["arc_easy"]["n"] == BENCHMARKS["arc_easy"]

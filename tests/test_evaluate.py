@@ -37,11 +37,23 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def first_run(tiny, task_dir):
+def evaluated(tiny, task_dir):
     from realign.measure.evaluate import run_lm_eval
 
     model, tok = tiny
     return run_lm_eval(model, tok, task_dir, TASKS, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def first_run(evaluated):
+    return evaluated[0]
+
+
+@pytest.fixture(scope="module")
+def items(evaluated):
+    import pandas as pd
+
+    return pd.DataFrame(evaluated[1])
 
 
 def test_results_shape_and_ranges(first_run):
@@ -61,7 +73,7 @@ def test_copy_gives_identical_numbers(tiny, task_dir, first_run):
     from realign.measure.evaluate import run_lm_eval
 
     model, tok = tiny
-    again = run_lm_eval(copy.deepcopy(model), tok, task_dir, TASKS, batch_size=8)
+    again, again_items = run_lm_eval(copy.deepcopy(model), tok, task_dir, TASKS, batch_size=8)
 
     def same(a, b):
         return (a is None and b is None) or (isinstance(a, float) and math.isnan(a) and math.isnan(b)) or a == b
@@ -79,8 +91,56 @@ def test_changed_weights_change_perplexity(tiny, task_dir, first_run):
     with torch.no_grad():
         for p in other.parameters():
             p.mul_(0.5)
-    res = run_lm_eval(other, tok, task_dir, ["lambada"])
+    res, _ = run_lm_eval(other, tok, task_dir, ["lambada"])
     assert res["lambada"]["perplexity"] != pytest.approx(first_run["lambada"]["perplexity"], rel=1e-6)
+
+
+def test_item_records_pair_by_id_and_reproduce_the_summary(items, first_run, task_dir):
+    from realign.io import read_jsonl
+
+    for task in TASKS:
+        rows = items[items["task"] == task]
+        assert rows["item_id"].tolist() == [d["id"] for d in read_jsonl(task_dir / f"{task}.jsonl")]
+        assert rows["acc"].mean() == pytest.approx(first_run[task]["acc"], abs=1e-12)
+    arc = items[items["task"] == "arc_easy"]
+    assert arc["acc_norm"].mean() == pytest.approx(first_run["arc_easy"]["acc_norm"], abs=1e-12)
+    assert (arc["accuracy"] == arc["acc_norm"]).all()
+    lambada = items[items["task"] == "lambada"]
+    assert lambada["acc_norm"].isna().all() and (lambada["accuracy"] == lambada["acc"]).all()
+    # lm-eval's perplexity of lambada is exp(-mean log-likelihood of the target)
+    mean_ll = sum(ll[0] for ll in lambada["lls"]) / len(lambada)
+    assert math.exp(-mean_ll) == pytest.approx(first_run["lambada"]["perplexity"], rel=1e-9)
+    assert (items["gold_logprob"] <= 0).all()
+
+
+def _loglikelihood(model, tok, context: str, continuation: str) -> tuple[float, int]:
+    """Hand computation: sum of log p(continuation token | prefix) over the continuation's tokens, the pair
+    encoded as lm-eval encodes it (the whole text, split where the context's own tokens end)."""
+    whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
+    n_context = len(tok(context, add_special_tokens=False)["input_ids"])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([whole])).logits[0].double(), -1)
+    return sum(float(logp[i - 1, whole[i]]) for i in range(n_context, len(whole))), len(whole) - n_context
+
+
+def test_the_continuous_measure_equals_a_hand_computation(tiny, items, task_dir):
+    from realign.io import read_jsonl
+
+    model, tok = tiny
+    docs = {d["id"]: d for task in TASKS for d in read_jsonl(task_dir / f"{task}.jsonl")}
+    for record in items[items["task"] == "arc_easy"].head(3).to_dict("records"):
+        doc = docs[record["item_id"]]
+        lls = [_loglikelihood(model, tok, doc["query"], " " + c)[0] for c in doc["choices"]]
+        norm = torch.tensor([ll / len(c) for ll, c in zip(lls, doc["choices"])], dtype=torch.float64)
+        expected = float(torch.log_softmax(norm, 0)[doc["gold"]])
+        assert record["lls"] == pytest.approx(lls, abs=1e-4)
+        assert record["gold_logprob"] == pytest.approx(expected, abs=1e-4)
+        assert record["acc_norm"] == float(int(torch.argmax(norm)) == doc["gold"])
+    for record in items[items["task"] == "lambada"].head(3).to_dict("records"):
+        doc = docs[record["item_id"]]
+        ll, n = _loglikelihood(model, tok, doc["context"], doc["continuation"])
+        assert record["n_target_tokens"] == n
+        assert record["gold_logprob"] == pytest.approx(ll / n, abs=1e-4)
 
 
 def test_missing_task_yaml(tiny, task_dir):

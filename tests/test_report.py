@@ -9,6 +9,7 @@ from realign.analysis import figures
 from realign.analysis.report import fmt_num, render_report
 from realign.analysis.stats import analyze
 from realign.analysis.table import build_table
+from item_records import records_for
 
 
 def _study(root):
@@ -40,7 +41,7 @@ def _study(root):
         for rec in ("kd", "sdft"):
             x = rng.uniform(0.02, 0.3)
             add(f"d{i}", rec, 0.40 + 0.2 * min(1.0, 0.1 + 3 * x + rng.normal(0, 0.03)), 0.6 + x, rng.uniform(0.1, 0.5), fam)
-    return build_table(rows, "bench_mean"), pd.DataFrame(cka_rows)
+    return build_table(rows, "bench_mean", records_for(rows)), pd.DataFrame(cka_rows)
 
 
 def test_render_report(tmp_path):
@@ -61,6 +62,10 @@ def test_render_report(tmp_path):
         for v in table[col].dropna():
             assert fmt_num(v) in html
     assert 'href="models/tiny/d0/kd/artifact.json"' in html
+    kd = table[(table.degradation == "d0") & (table.recovery == "kd")].iloc[0]  # gain and fraction with intervals
+    assert (f"{fmt_num(kd['recovery_fraction'])} [{fmt_num(kd['recovery_fraction_ci_low'])}, "
+            f"{fmt_num(kd['recovery_fraction_ci_high'])}]") in html
+    assert f"{fmt_num(kd['secondary_gain'])} [{fmt_num(kd['secondary_gain_ci_low'])}," in html
     assert "abc123" in html and "wikitext test[:64]" in html and "recover" in html
     assert not list(out.parent.glob(".report.html.*"))  # no temporary left
 

@@ -30,6 +30,7 @@ from PIL import Image
 from realign.analysis.report import render_report
 from realign.analysis.stats import analyze_with_controls
 from realign.analysis.table import build_table
+from item_records import records_for
 
 REPO = Path(__file__).resolve().parents[1]
 WIDTH, HEIGHT = 1366, 900  # a common laptop screen
@@ -300,7 +301,7 @@ def realistic_study(root: Path):
             x = rng.uniform(0.0, 0.25)
             add(deg, rec, 0.40 + 0.12 * min(1.1, 0.1 + 3 * x + rng.normal(0, 0.05)), parent_cka + x,
                 rng.uniform(0.05, 0.4), family, method, rec_method)
-    table = build_table(rows, "bench_mean")
+    table = build_table(rows, "bench_mean", records_for(rows))
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     provenance = {
         "config": config, "config_hash": "3f9c2a71d0be4e55",

@@ -31,8 +31,9 @@ TEACHER_DATA = {"teacher_answers": 1, "teacher_rewrites": 1, "teacher_top_k": 1,
 
 # key edited -> (edit, the jobs a run must start)
 CASES = {
-    "analysis.alpha": (lambda c: c["analysis"].update(alpha=0.1), {"report": 1}),
-    "analysis.performance": (lambda c: c["analysis"].update(performance="nll_general"), REPORT),
+    "analysis.alpha": (lambda c: c["analysis"].update(alpha=0.1), REPORT),  # the table's paired intervals
+    "analysis.n_boot": (lambda c: c["analysis"].update(n_boot=500), REPORT),
+    "analysis.performance": (lambda c: c["analysis"].update(performance="bench_accuracy"), REPORT),
     "analysis.cka_estimator": (lambda c: c["analysis"].update(cka_estimator="linear"), REPORT),
     # params_b sizes jobs only: the report (which prints the whole config) is the one job to rerun
     "models.tiny.params_b": (lambda c: c["models"]["tiny"].update(params_b=0.001), {"report": 1}),

@@ -7,6 +7,7 @@ import pytest
 import pandas as pd
 
 from realign.analysis.stats import analyze, jsonable
+from item_records import records_for
 
 FAST = dict(n_boot=300, n_perm=300)
 
@@ -116,9 +117,14 @@ def test_families_and_collinear_kl_do_not_crash():
     json.dumps(out, allow_nan=False)
 
 
+_ARM_SEEDS = iter(range(1000, 2000))
+
+
 def _arm_row(recovery, method, P, se=0.02, cka=0.9, kl=0.5, teacher="none", degradation="mag", checkpoint=False):
+    """An arm whose bootstrap replicates are P + se * z, z independent of every other arm's."""
+    boot = P + se * np.random.default_rng(next(_ARM_SEEDS)).standard_normal(4000)
     return {"model": "m", "degradation": degradation, "recovery": recovery, "recovery_method": method, "P": P,
-            "P_stderr": se, "cka_mean": cka, "kl": kl, "teacher": teacher, "checkpoint": checkpoint,
+            "P_stderr": se, "P_boot": boot, "cka_mean": cka, "kl": kl, "teacher": teacher, "checkpoint": checkpoint,
             "role": "teacher" if degradation == "none" and recovery == "none" else "recovered"}
 
 
@@ -144,7 +150,8 @@ def test_control_contrasts_pick_the_arms_and_holm_correct():
                          "kd vs kd from a damaged teacher"}
     kd_blocked = rows["kd vs alignment-blocked"]
     assert kd_blocked["diff_P"] == pytest.approx(0.01) and kd_blocked["diff_cka"] == pytest.approx(0.30)
-    assert kd_blocked["se"] == pytest.approx(np.sqrt(2) * 0.02)
+    assert kd_blocked["se"] == pytest.approx(np.sqrt(2) * 0.02, rel=0.05)  # independent replicates: se's add
+    assert kd_blocked["ci_low"] == pytest.approx(0.01 - 1.96 * np.sqrt(2) * 0.02, abs=0.004)
     assert rows["kd vs kd from a damaged teacher"]["b"] == "m/mag/bad-teacher"
     ordered = list(rows.values())
     expected = multipletests([r["p"] for r in ordered], method="holm")[1]
@@ -176,13 +183,14 @@ def _art(degradation, recovery, acc, cka, kl, se=(0.01, 0.05), model="m", step=N
 def _two_task_table():
     from realign.analysis.table import build_table
 
-    return build_table([
+    rows = [
         _art("none", "none", (0.80, 0.60), 1.0, 0.0),
         _art("none", "kd", (0.79, 0.61), 0.99, 0.01, step=12),  # self-distillation: no damage, not listed
         _art("d1", "none", (0.40, 0.55), 0.70, 2.0),
         _art("d1", "kd", (0.70, 0.58), 0.90, 1.0, step=12),
         _art("d1", "kd@step6", (0.50, 0.56), 0.80, 1.5, step=6),  # checkpoint: dose-response only
-    ], "bench_mean")
+    ]
+    return build_table(rows, "bench_mean", records_for(rows))
 
 
 def test_per_benchmark_hand_checked_two_tasks():
@@ -216,7 +224,7 @@ def test_per_benchmark_spearman_per_task():
     for i in range(5):  # task a: damage 0.4 beyond noise, recovery rises with delta_cka; task b: no damage
         rows.append(_art(f"d{i}", "none", (0.40, 0.60), 0.70, 2.0))
         rows.append(_art(f"d{i}", "kd", (0.40 + 0.05 * (i + 1), 0.60), 0.70 + 0.02 * (i + 1), 1.0, step=12))
-    out = per_benchmark(build_table(rows, "bench_mean"), n_boot=200, n_perm=200)
+    out = per_benchmark(build_table(rows, "bench_mean", records_for(rows)), n_boot=200, n_perm=200)
     sp = {s["task"]: s for s in out["spearman"]}
     assert sp["a"]["n"] == 5 and sp["a"]["estimate"] == pytest.approx(1.0)
     assert sp["a"]["p_perm"] < 0.05
@@ -286,7 +294,7 @@ def test_dose_response_planted_linear_trajectory():
         rows.append(_art("d1", name, (0.4 + 0.3 * f,) * 2, 0.7 + 0.2 * f, 2.0 - f, step=step))
     rows.append(_art("d1", "kd+seed1@step6", (0.5, 0.5), 0.75, 1.6, step=6))  # replicate, final not measured
     rows.append(_art("d1", "sdft", (0.5, 0.5), 0.75, 1.6, step=12))  # no checkpoints: no trajectory
-    (run, rep) = dose_response(build_table(rows, "bench_mean"))
+    (run, rep) = dose_response(build_table(rows, "bench_mean", records_for(rows)))
     assert run["artifact"] == "m/d1/kd" and run["final_step"] == 12 and not run["damage_within_noise"]
     assert [p["kind"] for p in run["points"]] == ["damaged", "checkpoint", "checkpoint", "checkpoint", "final"]
     assert [p["step_fraction"] for p in run["points"]] == [0, 0.25, 0.5, 0.75, 1.0]

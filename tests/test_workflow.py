@@ -52,6 +52,31 @@ def test_report_and_table(study):
     for anchor in ("heatmaps", "nulls", "measures", "controls", "dose", "benchmarks"):
         assert f'id="{anchor}"' in report
     assert stats["dose_response"] and stats["by_measure"] and stats["per_benchmark"]["rows"]
+    assert (table["performance_metric"] == "bench_logprob").all() and 'id="recovery"' in report
+    recovered = table[table["role"] == "recovered"]
+    for column in ("gain", "recovery_fraction", "secondary_gain"):
+        assert recovered[f"{column}_ci_low"].notna().all() and recovered[f"{column}_ci_high"].notna().all()
+        assert (recovered[f"{column}_ci_low"] <= recovered[column] + 1e-12).all()
+
+
+def test_items_pair_every_artifact_and_the_interval_benchmark_agrees_with_the_table(study):
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from interval_widths import widths
+
+    workdir, config, _ = study
+    ids = {(d, r): pd.read_parquet(workdir / f"results/eval/tiny/{d}/{r}.items.parquet")["item_id"].tolist()
+           for d, r in cells(config)}
+    assert len(set(map(tuple, ids.values()))) == 1  # the same items, in the same order, for every artifact
+    assert len(ids["none", "none"]) == sum(config["measure"]["benchmarks"].values())
+    table = pd.read_parquet(workdir / "results/table.parquet").set_index("recovery")
+    rows = widths(workdir, n_boot=200)
+    assert rows
+    for row in rows:
+        degradation, recovery = row["artifact"].split("/")[1:]
+        expected = table[table["degradation"] == degradation].loc[recovery, "recovery_fraction"]
+        assert row["c_paired_logprob"]["recovery_fraction"] == pytest.approx(expected, nan_ok=True)
 
 
 def test_null_floors_are_measured_against_a_different_model(study):

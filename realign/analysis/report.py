@@ -145,6 +145,32 @@ def _table_rows(table: pd.DataFrame, base: Path) -> list[dict]:
     return out
 
 
+def _interval(r, column: str) -> str:
+    low, high = r.get(f"{column}_ci_low"), r.get(f"{column}_ci_high")
+    if low is None or high is None or not (math.isfinite(float(low)) and math.isfinite(float(high))):
+        return f"{fmt_num(r.get(column))}"
+    return f"{fmt_num(r.get(column))} [{fmt_num(low)}, {fmt_num(high)}]"
+
+
+def _recovery_rows(table: pd.DataFrame) -> list[dict]:
+    """Per damaged or recovered artifact: damage, gain and recovery fraction with their paired item-bootstrap
+    intervals, on the primary measure and on accuracy, and whether the two disagree in sign."""
+    out = []
+    for _, r in table[table["role"] != "teacher"].iterrows() if "role" in table else []:
+        recovered = r["role"] == "recovered"
+        out.append({
+            "artifact": f"{r['model']} / {r['degradation']} / {r['recovery']}", "role": r["role"],
+            "damage": _interval(r, "damage"), "gain": _interval(r, "gain") if recovered else "",
+            "fraction": _interval(r, "recovery_fraction") if recovered else "",
+            "acc_damage": _interval(r, "secondary_damage") if "secondary_damage" in r else "—",
+            "acc_gain": _interval(r, "secondary_gain") if recovered and "secondary_gain" in r else "",
+            "acc_fraction": _interval(r, "secondary_recovery_fraction")
+            if recovered and "secondary_recovery_fraction" in r else "",
+            "disagree": bool(r.get("sign_disagrees", False)),
+        })
+    return out
+
+
 def _corr_rows(stats: dict) -> list[dict]:
     names = {
         "spearman": "Spearman ρ (primary)",
@@ -294,6 +320,8 @@ def render_report(
         "setup": _setup(table, provenance),
         "columns": [label for _, label in ROW_COLS],
         "rows": _table_rows(table, out_path.parent),
+        "recovery_rows": _recovery_rows(table),
+        "secondary": str(table["secondary_metric"].iloc[0]) if "secondary_metric" in table and len(table) else "",
         "estimator": estimator,
         "cka_figs": figures.cka_layer_curves(cka_layers, f"{estimator}_cka", null_floors),
         "heatmaps": figures.cka_heatmaps(table, matrices or {}, estimator),

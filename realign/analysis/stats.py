@@ -63,6 +63,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from realign.analysis.performance import bootstrap_p, interval
 from realign.analysis.table import NLL_NOISE_NATS, _within_noise
 from realign.config import parse_recovery_name, recovery_name
 
@@ -368,7 +369,7 @@ def analyze_with_controls(
                   min_n=min_n, min_n_ci=min_n_ci)
     has_p = "P" in table
     out["contrasts"] = control_contrasts(table, alpha) if has_p else []
-    out["undamaged_self_distillation"] = undamaged_self_distillation(table) if has_p else []
+    out["undamaged_self_distillation"] = undamaged_self_distillation(table, alpha) if has_p else []
     out["per_benchmark"] = per_benchmark(table, alpha, n_boot, n_perm, seed, min_n=min_n)
     out["dose_response"] = dose_response(table, alpha) if has_p else []
     out["by_measure"] = by_measure(table, alpha, n_boot, n_perm, seed, min_n=min_n)
@@ -440,11 +441,22 @@ def _holm(p_values: list[float]) -> list[float]:
     return adjusted.tolist()
 
 
+def _paired_difference(a: pd.Series, b: pd.Series, alpha: float) -> dict:
+    """P_A - P_B with its paired item-bootstrap interval, standard error and two-sided bootstrap p (the table's
+    P_boot replicates: both arms resampled on the same items)."""
+    diff = float(a["P"] - b["P"])
+    replicates = np.asarray(a["P_boot"], float) - np.asarray(b["P_boot"], float)
+    low, high = interval(replicates, alpha)
+    se = float(np.std(replicates, ddof=1)) if replicates.size > 1 else math.nan
+    p = bootstrap_p(replicates) if se > 0 else math.nan
+    return {"diff_P": diff, "se": se, "ci_low": low, "ci_high": high, "p": p}
+
+
 def control_contrasts(table: pd.DataFrame, alpha: float = 0.05) -> list[dict]:
     """Paired ablation contrasts of performance P (and CKA, KL) between arms on the same damaged model.
 
-    z = (P_A - P_B) / sqrt(se_A^2 + se_B^2), two-sided normal p, Holm-corrected over all contrasts made. The arms
-    are scored on the same benchmark items, whose positive correlation makes this variance conservative."""
+    The interval and p-value of P_A - P_B come from the paired item bootstrap (both arms resampled on the same
+    items, stratified by task: realign.analysis.performance); p-values are Holm-corrected over all contrasts."""
     rows = []
     damaged = table[(table["degradation"] != "none") & (table.get("role") != "teacher")]
     for (model, degradation), group in damaged.groupby(["model", "degradation"], sort=False):
@@ -452,25 +464,21 @@ def control_contrasts(table: pd.DataFrame, alpha: float = 0.05) -> list[dict]:
             a, b = _arm(group, a_name), _arm(group, b_name)
             if a is None or b is None:
                 continue
-            diff = float(a["P"] - b["P"])
-            se = float(np.sqrt(a["P_stderr"] ** 2 + b["P_stderr"] ** 2))
-            p = float(2 * sps.norm.sf(abs(diff) / se)) if se > 0 and math.isfinite(se) else math.nan
             rows.append({"model": model, "degradation": degradation, "contrast": label, "meaning": meaning,
                          "a": f"{model}/{degradation}/{a['recovery']}", "b": f"{model}/{degradation}/{b['recovery']}",
-                         "diff_P": diff, "se": se, "ci_low": diff - sps.norm.ppf(1 - alpha / 2) * se,
-                         "ci_high": diff + sps.norm.ppf(1 - alpha / 2) * se, "p": p,
+                         **_paired_difference(a, b, alpha),
                          "diff_cka": float(a["cka_mean"] - b["cka_mean"]), "diff_kl": float(a["kl"] - b["kl"])})
     finite = [i for i, r in enumerate(rows) if math.isfinite(r["p"])]
     for row in rows:  # no test without a positive, finite standard error (e.g. both arms at accuracy 0)
         row.update(p_holm=math.nan, significant=False, note=None if math.isfinite(row["p"]) else
-                   f"no test: the standard error of A - B is {row['se']:g} (both arms' standard errors are 0 or missing)")
+                   f"no test: the paired standard error of A - B is {row['se']:g} (the arms agree on every item)")
     for i, adjusted in zip(finite, _holm([rows[i]["p"] for i in finite])):
         rows[i]["p_holm"] = adjusted
         rows[i]["significant"] = adjusted < alpha
     return rows
 
 
-def undamaged_self_distillation(table: pd.DataFrame) -> list[dict]:
+def undamaged_self_distillation(table: pd.DataFrame, alpha: float = 0.05) -> list[dict]:
     """Self-distillation of the undamaged model (degradation none): should change nothing."""
     out = []
     for model, group in table.groupby("model", sort=False):
@@ -480,8 +488,7 @@ def undamaged_self_distillation(table: pd.DataFrame) -> list[dict]:
             continue
         t = teacher.iloc[0]
         for _, r in arms.iterrows():
-            out.append({"artifact": f"{model}/none/{r['recovery']}", "diff_P": float(r["P"] - t["P"]),
-                        "se": float(np.sqrt(r["P_stderr"] ** 2 + t["P_stderr"] ** 2)),
+            out.append({"artifact": f"{model}/none/{r['recovery']}", **_paired_difference(r, t, alpha),
                         "cka_mean": float(r["cka_mean"]), "kl": float(r["kl"])})
     return out
 

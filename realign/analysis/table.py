@@ -10,29 +10,24 @@ Vocabulary (see DESIGN.md, "Statistics and the verdict"):
 * ``recovery_fraction = gain / damage`` (NaN for the teacher, for parents and where damage == 0);
 * ``delta_cka = cka_mean(row) - cka_mean(parent)``, ``delta_kl = kl(row) - kl(parent)``.
 
-Noise rule (``damage_within_noise`` / ``gain_within_noise``):
-
-* metrics with a standard error (``bench_mean``, ``acc:<task>``): the difference is within noise when it is
-  smaller than ``2 * sqrt(se_a**2 + se_b**2)`` (two independent evaluations; about a 95% one-sided bound).
-  A negative damage (the "damaged" model is better than the teacher) is therefore always within noise.
-* ``nll_general`` (no standard error is recorded for perplexity): the difference is within noise when it is
-  smaller than ``nll_noise`` nats per token (default 0.01). This is a fixed, pre-registered floor, not a
-  statistical test: a mean NLL over many thousand tokens moves by well under 0.01 nats between evaluation
-  re-runs, so anything smaller is not a damage worth recovering.
-* if a standard error is missing (NaN) for a stderr-based metric, the difference is within noise when it is
-  <= 0 (only the sign is trusted).
+Noise rule (``damage_within_noise`` / ``gain_within_noise``): the difference is within noise when its paired
+item-bootstrap interval (realign.analysis.performance; every artifact resampled on the same items) reaches 0.
+A negative damage (the "damaged" model is better than the teacher) is therefore always within noise.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import numpy as np
 import pandas as pd
 
+from realign.analysis.performance import SECONDARY, bootstrap, interval, paired_matrices, statistic
+from realign.analysis.performance import measure as performance_measure
 from realign.config import parse_recovery_name
 from realign.io import read_json, read_parquet, write_parquet
 
@@ -204,25 +199,9 @@ def load_cka_layers(paths_with_keys) -> pd.DataFrame:
     return out.sort_values(KEY + ["layer"], kind="stable").reset_index(drop=True)
 
 
-def _performance(df: pd.DataFrame, performance: str) -> tuple[pd.Series, pd.Series, str]:
-    """(P, stderr of P, kind) with P oriented higher = better; kind is 'stderr' or 'nll'."""
-    if performance == "bench_mean":
-        return df["bench_mean"].astype(float), df["bench_mean_stderr"].astype(float), "stderr"
-    if performance == "nll_general":
-        return -df["nll_general"].astype(float), pd.Series(np.nan, index=df.index), "nll"
-    if performance.startswith("acc:"):
-        task = performance[4:]
-        col = f"acc_{task}"
-        if col not in df:
-            raise ValueError(f"performance {performance!r}: no benchmark {task!r} in the rows")
-        se = df[f"{col}_stderr"] if f"{col}_stderr" in df else pd.Series(np.nan, index=df.index)
-        return df[col].astype(float), se.astype(float), "stderr"
-    raise ValueError(
-        f"unknown performance {performance!r}: use 'bench_mean', 'nll_general' or 'acc:<task>'"
-    )
-
-
 def _within_noise(diff: np.ndarray, se_a: np.ndarray, se_b: np.ndarray, kind: str, nll_noise: float):
+    """The stderr rule of two independent evaluations (used where no item records exist: the calibration
+    simulation and the per-benchmark breakdown); the table's own flags come from the paired item bootstrap."""
     diff = np.asarray(diff, dtype=float)
     if kind == "nll":
         return diff < nll_noise
@@ -230,16 +209,63 @@ def _within_noise(diff: np.ndarray, se_a: np.ndarray, se_b: np.ndarray, kind: st
     return np.where(np.isfinite(combined), diff < 2.0 * combined, diff <= 0.0)
 
 
-def build_table(rows: list[dict], performance: str, *, nll_noise: float = NLL_NOISE_NATS) -> pd.DataFrame:
-    """Rows from :func:`collect_row` -> the analysis table (one row per artifact).
+@dataclass
+class Records:
+    """Every artifact's per-item benchmark records and per-sequence held-out NLL records (long tables from
+    realign.analysis.performance.load_records), the bootstrap's size and seed, and the intervals' alpha."""
+    items: pd.DataFrame
+    sequences: pd.DataFrame
+    n_boot: int = 2000
+    seed: int = 0
+    alpha: float = 0.05
 
-    Added columns: performance_metric, P, P_stderr, role ('teacher' | 'degraded' | 'recovered'),
-    P_teacher, P_parent, damage, damage_stderr, damage_within_noise (bool), gain, gain_within_noise (bool),
-    recovery_fraction, cka_parent, delta_cka, delta_cka_ci_low/high (paired bootstrap over probe sequences),
-    delta_<measure> for each similarity measure, kl_parent, delta_kl.
-    The teacher rows have NaN damage/deltas and False flags; a parent row has gain 0, delta_cka 0, delta_kl 0
-    and NaN recovery_fraction. Raises ValueError naming any missing teacher or parent artifact, duplicates,
-    or rows whose benchmark task sets differ (bench_mean would not be comparable).
+
+def _paired_estimates(df: pd.DataFrame, name: str, records: Records, t_idx, p_idx, is_teacher, is_parent,
+                      prefix: str = "") -> np.ndarray:
+    """Adds `{prefix}P`, `{prefix}damage`, `{prefix}gain`, `{prefix}recovery_fraction` and their paired item-bootstrap
+    intervals (`_ci_low`/`_ci_high`) and standard errors (`P_stderr`, `damage_stderr`); returns the replicates."""
+    m = performance_measure(name)
+    keys = [tuple(k) for k in df[KEY].itertuples(index=False, name=None)]
+    source = records.items if m.records == "items" else records.sequences
+    paired = paired_matrices(source, m, keys)
+    point = statistic(paired, m)
+    boot = bootstrap(paired, m, records.n_boot, records.seed)
+    nan = np.full(len(df), np.nan)
+    damage, gain = point[t_idx] - point[p_idx], point - point[p_idx]
+    damage_b, gain_b = boot[:, t_idx] - boot[:, p_idx], boot - boot[:, p_idx]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rf = np.where(damage != 0, gain / damage, np.nan)
+        rf_b = gain_b / damage_b
+    ci = {label: np.array([interval(b[:, i], records.alpha) for i in range(len(df))]).reshape(len(df), 2)
+          for label, b in (("damage", damage_b), ("gain", gain_b), ("recovery_fraction", rf_b))}
+    df[f"{prefix}P"] = point
+    df[f"{prefix}damage"] = np.where(is_teacher, nan, damage)
+    df[f"{prefix}gain"] = np.where(is_teacher, nan, gain)
+    df[f"{prefix}recovery_fraction"] = np.where(is_teacher | is_parent, nan, rf)
+    for label, bounds in ci.items():
+        mask = is_teacher if label == "damage" else is_teacher | is_parent
+        df[f"{prefix}{label}_ci_low"] = np.where(mask, nan, bounds[:, 0])
+        df[f"{prefix}{label}_ci_high"] = np.where(mask, nan, bounds[:, 1])
+    if not prefix:
+        df["P_stderr"] = boot.std(0, ddof=1)
+        df["damage_stderr"] = np.where(is_teacher, nan, damage_b.std(0, ddof=1))
+    return boot
+
+
+def build_table(rows: list[dict], performance: str, records: Records) -> pd.DataFrame:
+    """Rows from :func:`collect_row` and every artifact's item records -> the analysis table (one row per artifact).
+
+    P is computed from the records (realign.analysis.performance), and every interval is a paired bootstrap over
+    items, resampled jointly for all artifacts and stratified by task. Added columns: performance_metric, P, P_stderr
+    (bootstrap SD), P_boot (the replicates, for paired contrasts), role ('teacher' | 'degraded' | 'recovered'),
+    P_teacher, P_parent, damage (+ _ci_low/_ci_high, damage_stderr), damage_within_noise (the damage's interval
+    reaches 0), gain (+ CI), gain_within_noise (the gain's interval reaches 0), recovery_fraction (+ CI: the
+    percentile interval of the replicates' ratio); the same for the secondary measure (accuracy) prefixed
+    `secondary_`, and sign_disagrees (a recovered row whose gain has opposite signs on the two measures);
+    cka_parent, delta_cka, delta_cka_ci_low/high (paired bootstrap over probe sequences), delta_<measure> for each
+    similarity measure, kl_parent, delta_kl. The teacher rows have NaN damage/deltas and False flags; a parent row
+    has gain 0 and NaN recovery_fraction. Raises ValueError naming any missing teacher or parent artifact,
+    duplicates, or artifacts scored on different items.
     """
     if not rows:
         raise ValueError("build_table: no rows")
@@ -251,16 +277,7 @@ def build_table(rows: list[dict], performance: str, *, nll_noise: float = NLL_NO
     if dup.any():
         keys = sorted(set(map(tuple, df.loc[dup, KEY].values.tolist())))
         raise ValueError(f"build_table: duplicate artifacts {keys}")
-    if performance == "bench_mean" and "tasks" in df and df["tasks"].nunique() > 1:
-        raise ValueError(
-            "build_table: artifacts were evaluated on different benchmark sets "
-            f"{sorted(df['tasks'].unique())}; bench_mean is not comparable"
-        )
-
-    P, se, kind = _performance(df, performance)
-    df["performance_metric"] = performance
-    df["P"] = P.values
-    df["P_stderr"] = se.values
+    performance_measure(performance)  # an unknown measure is an error before anything else
 
     index = {tuple(k): i for i, k in enumerate(df[KEY].itertuples(index=False, name=None))}
     missing = []
@@ -277,41 +294,41 @@ def build_table(rows: list[dict], performance: str, *, nll_noise: float = NLL_NO
     if missing:
         raise ValueError("build_table: missing " + "; ".join(dict.fromkeys(missing)))
     t_idx, p_idx = np.array(t_idx), np.array(p_idx)
-
-    Pv, sev = df["P"].to_numpy(float), df["P_stderr"].to_numpy(float)
-    cka, kl = df["cka_mean"].to_numpy(float), df["kl"].to_numpy(float)
     is_teacher = (df["degradation"] == TEACHER).to_numpy() & (df["recovery"] == TEACHER).to_numpy()
     is_parent = (df["recovery"] == TEACHER).to_numpy() & ~is_teacher
 
+    df["performance_metric"] = performance
     df["role"] = np.where(is_teacher, "teacher", np.where(is_parent, "degraded", "recovered"))
-    df["P_teacher"] = Pv[t_idx]
-    df["P_parent"] = Pv[p_idx]
-    damage = Pv[t_idx] - Pv[p_idx]
-    gain = Pv - Pv[p_idx]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rf = np.where(damage != 0, gain / damage, np.nan)
-    rf = np.where(is_teacher | is_parent, np.nan, rf)
-    dmg_se = np.sqrt(sev[t_idx] ** 2 + sev[p_idx] ** 2)
+    boot = _paired_estimates(df, performance, records, t_idx, p_idx, is_teacher, is_parent)
+    df["P_boot"] = list(boot.T)
+    if performance == "bench_mean" and "bench_mean" in df:  # the items and the summary come from one evaluation
+        off = np.abs(df["P"].to_numpy(float) - df["bench_mean"].to_numpy(float))
+        if np.nanmax(off) > 1e-9:
+            bad = df.loc[off > 1e-9, KEY].astype(str).agg("/".join, axis=1).tolist()
+            raise ValueError(f"build_table: the item records of {bad} do not reproduce their evaluation summary's "
+                             "mean accuracy: records and summary come from different evaluations")
+    df["P_teacher"] = df["P"].to_numpy(float)[t_idx]
+    df["P_parent"] = df["P"].to_numpy(float)[p_idx]
+    df["damage_within_noise"] = np.where(is_teacher, False, ~(df["damage_ci_low"] > 0)).astype(bool)
+    df["gain_within_noise"] = np.where(is_teacher | is_parent, False, ~(df["gain_ci_low"] > 0)).astype(bool)
+    df["secondary_metric"] = SECONDARY
+    if performance_measure(SECONDARY).records == "items" and len(records.items):
+        _paired_estimates(df, SECONDARY, records, t_idx, p_idx, is_teacher, is_parent, prefix="secondary_")
+        signs = np.sign(df["gain"].to_numpy(float)) * np.sign(df["secondary_gain"].to_numpy(float))
+        df["sign_disagrees"] = (df["role"] == "recovered").to_numpy() & (signs < 0)
+    else:
+        df["sign_disagrees"] = False
 
+    cka, kl = df["cka_mean"].to_numpy(float), df["kl"].to_numpy(float)
     nan = np.full(len(df), np.nan)
-    df["damage"] = np.where(is_teacher, nan, damage)
-    df["damage_stderr"] = np.where(is_teacher | (kind == "nll"), nan, dmg_se)
-    df["damage_within_noise"] = np.where(
-        is_teacher, False, _within_noise(damage, sev[t_idx], sev[p_idx], kind, nll_noise)
-    ).astype(bool)
-    df["gain"] = np.where(is_teacher, nan, gain)
-    df["gain_within_noise"] = np.where(
-        is_teacher | is_parent, False, _within_noise(gain, sev, sev[p_idx], kind, nll_noise)
-    ).astype(bool)
-    df["recovery_fraction"] = rf
     df["cka_parent"] = np.where(is_teacher, nan, cka[p_idx])
     df["delta_cka"] = np.where(is_teacher, nan, cka - cka[p_idx])
     df["kl_parent"] = np.where(is_teacher, nan, kl[p_idx])
     df["delta_kl"] = np.where(is_teacher, nan, kl - kl[p_idx])
-    for measure in SIMILARITY_MEASURES:
-        if f"{measure}_mean" in df:
-            values = df[f"{measure}_mean"].to_numpy(float)
-            df[f"delta_{measure}"] = np.where(is_teacher, nan, values - values[p_idx])
+    for measure_name in SIMILARITY_MEASURES:
+        if f"{measure_name}_mean" in df:
+            values = df[f"{measure_name}_mean"].to_numpy(float)
+            df[f"delta_{measure_name}"] = np.where(is_teacher, nan, values - values[p_idx])
     df["delta_cka_ci_low"], df["delta_cka_ci_high"] = _paired_delta_ci(df, p_idx, is_teacher)
     df = df.drop(columns=["cka_boot"], errors="ignore")
 

@@ -149,9 +149,17 @@ _SPECS: dict[str, tuple[str, str, str, str, Callable[[int, dict], dict]]] = {
 SUPPORTED_TASKS: tuple[str, ...] = tuple(_SPECS)
 
 
+def task_kind(task: str) -> str:
+    """How lm-eval scores `task`: "mc" (choices after one context), "multi_input" (one continuation after each
+    choice's context: winogrande) or "ll" (one target's log-likelihood: lambada)."""
+    if task not in _SPECS:
+        raise ValueError(f"unknown benchmark task {task!r}; supported: {list(SUPPORTED_TASKS)}")
+    return _SPECS[task][0]
+
+
 def task_yaml(task: str, jsonl_path: Path) -> dict:
     """The lm-eval task config (as a dict) for an exported task."""
-    kind = _SPECS[task][0]
+    kind = task_kind(task)
     cfg: dict = {
         "task": f"realign_{task}",
         "dataset_path": "json",
@@ -180,7 +188,7 @@ def scored_pairs(task: str, doc: dict) -> list[tuple[str, str]]:
     """The (context, continuation) pairs lm-eval scores for one exported item of `task` (its construct_requests
     for the YAML of task_yaml: multiple choice puts the default target delimiter " " before each choice,
     winogrande before the shared continuation; lambada's continuation carries its own space)."""
-    kind = _SPECS[task][0]
+    kind = task_kind(task)
     if kind == "mc":
         return [(doc["query"], " " + choice) for choice in doc["choices"]]
     if kind == "multi_input":

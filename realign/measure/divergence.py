@@ -37,19 +37,29 @@ def output_divergence(teacher, model, examples: list[dict], pad_id: int, batch_s
 
 
 @torch.no_grad()
-def mean_nll(model, examples: list[dict], pad_id: int, batch_size: int = 8) -> dict:
-    """Mean negative log-likelihood (nats/token) and perplexity over the supervised tokens."""
-    total, count = 0.0, 0
+def sequence_nlls(model, examples: list[dict], pad_id: int, batch_size: int = 8) -> list[dict]:
+    """Per example: the summed negative log-likelihood (nats) of its supervised tokens and their count."""
+    out = []
     device = model_device(model)
     for start in range(0, len(examples), batch_size):
         batch = on_device(collate(examples[start:start + batch_size], pad_id), device)
         with autocast(device):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         targets = batch["labels"][:, 1:]
-        nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)).double(), targets.reshape(-1),
-                              ignore_index=IGNORE, reduction="sum")
-        total += float(nll)
-        count += int((targets != IGNORE).sum())
+        nll = F.cross_entropy(logits.transpose(1, 2).double(), targets, ignore_index=IGNORE, reduction="none")
+        counts = (targets != IGNORE).sum(1)
+        out += [{"nll_sum": float(total), "n_tokens": int(n)} for total, n in zip(nll.sum(1).cpu(), counts.cpu())]
+    return out
+
+
+def mean_nll(model, examples: list[dict], pad_id: int, batch_size: int = 8) -> dict:
+    """Mean negative log-likelihood (nats/token) and perplexity over the supervised tokens."""
+    return pooled_nll(sequence_nlls(model, examples, pad_id, batch_size))
+
+
+def pooled_nll(per_sequence: list[dict]) -> dict:
+    """Mean negative log-likelihood (nats/token) and perplexity over all supervised tokens of `sequence_nlls`."""
+    total, count = sum(s["nll_sum"] for s in per_sequence), sum(s["n_tokens"] for s in per_sequence)
     if count == 0:
         raise ValueError("no tokens to score")
     return {"nll": total / count, "ppl": math.exp(total / count), "n_tokens": count}

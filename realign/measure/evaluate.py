@@ -6,6 +6,8 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
+
 # Must be set before `datasets` / `lm_eval` are imported anywhere, or datasets tries the hub (telemetry).
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -43,12 +45,13 @@ def check_continuations_fit(lm, task_dir: Path, tasks: list[str]) -> None:
                                      "score it; evaluate a model with a longer context or leave the task out")
 
 
-def run_lm_eval(model, tokenizer, task_dir: Path, tasks: list[str], batch_size: int = 8) -> dict:
+def run_lm_eval(model, tokenizer, task_dir: Path, tasks: list[str], batch_size: int = 8) -> tuple[dict, list[dict]]:
     """Evaluate `model` (an already-loaded transformers causal LM) on tasks `realign_{task}` from `task_dir`.
 
-    Returns {task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "perplexity", "n"}}; keys a task does
-    not have (acc_norm for lambada/winogrande, perplexity for multiple-choice tasks) are None, and stderrs
-    lm-eval cannot compute are NaN.
+    Returns (summary, items). summary: {task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "perplexity",
+    "n"}}; keys a task does not have (acc_norm for lambada/winogrande, perplexity for multiple-choice tasks) are
+    None, and stderrs lm-eval cannot compute are NaN. items: one record per scored item (:func:`item_record`),
+    built from lm-eval's logged samples.
     """
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -78,13 +81,22 @@ def run_lm_eval(model, tokenizer, task_dir: Path, tasks: list[str], batch_size: 
                 # include_defaults=False: indexing the ~10k built-in task YAMLs costs ~8 s per call on this CPU
                 task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
                 num_fewshot=0,
-                log_samples=False,
+                log_samples=True,  # per-item log-likelihoods: the paired, continuous measure
                 random_seed=SEED, numpy_random_seed=SEED, torch_random_seed=SEED, fewshot_random_seed=SEED,
                 bootstrap_iters=1000,
             )
     finally:
         model.train(was_training)
 
+    from realign.data.benchmarks import task_kind
+
+    items = []
+    for t in tasks:
+        for sample in sorted(results["samples"][f"realign_{t}"], key=lambda s: s["doc_id"]):
+            doc = sample["doc"]
+            n_tokens = (len(lm._encode_pair(doc["context"], doc["continuation"])[1])
+                        if task_kind(t) == "ll" else None)
+            items.append(item_record(t, sample, n_tokens))
     out: dict = {}
     for t in tasks:
         r = results["results"][f"realign_{t}"]
@@ -104,4 +116,43 @@ def run_lm_eval(model, tokenizer, task_dir: Path, tasks: list[str], batch_size: 
         }
         if out[t]["acc_stderr"] is None:
             out[t]["acc_stderr"] = math.nan
-    return out
+    return out, items
+
+
+def item_record(task: str, sample: dict, n_target_tokens: int | None = None) -> dict:
+    """One benchmark item of lm-eval's logged `sample`, as realign records it.
+
+    Multiple choice: `lls` are the choices' log-likelihoods; `lls_norm` divide each by its choice's length in
+    characters, as lm-eval's acc_norm does (winogrande scores one shared continuation after each choice, so its
+    log-likelihoods are compared as they are); `gold_logprob` is the gold choice's log-probability normalised over
+    the choices, log_softmax(lls_norm)[gold]: a graded score in (-inf, 0], higher = better, log(1/n_choices) at
+    indifference. LAMBADA: `gold_logprob` is the target's log-probability per token, `acc` the greedy match.
+    `accuracy` is acc_norm where the task has it, else acc. acc and acc_norm are recomputed from the
+    log-likelihoods and must equal lm-eval's (a check that the record reads the sample as lm-eval scored it)."""
+    from realign.data.benchmarks import task_kind
+
+    doc, kind = sample["doc"], task_kind(task)
+    lls = np.array([float(resp[0]) for resp in sample["filtered_resps"]])
+    greedy = [bool(resp[1]) for resp in sample["filtered_resps"]]
+    record = {"task": task, "item_id": str(doc["id"]), "n_choices": len(lls)}
+    if kind == "ll":
+        if not n_target_tokens:
+            raise ValueError(f"{task} item {doc['id']}: the target's token count is needed for a per-token score")
+        record.update(gold=0, lls=lls.tolist(), lls_norm=(lls / n_target_tokens).tolist(),
+                      acc=float(greedy[0]), acc_norm=math.nan, gold_logprob=float(lls[0] / n_target_tokens),
+                      n_target_tokens=int(n_target_tokens))
+    else:
+        gold = int(doc["gold"])
+        lengths = (np.ones(len(lls)) if kind == "multi_input"
+                   else np.array([float(len(choice)) for choice in doc["choices"]]))
+        norm = lls / lengths
+        log_probs = norm - np.logaddexp.reduce(norm)
+        record.update(gold=gold, lls=lls.tolist(), lls_norm=norm.tolist(), acc=float(np.argmax(lls) == gold),
+                      acc_norm=float(np.argmax(norm) == gold) if kind == "mc" else math.nan,
+                      gold_logprob=float(log_probs[gold]), n_target_tokens=None)
+    record["accuracy"] = record["acc"] if math.isnan(record["acc_norm"]) else record["acc_norm"]
+    for metric in ("acc", "acc_norm"):
+        if metric in sample and float(sample[metric]) != record[metric]:
+            raise RuntimeError(f"{task} item {doc['id']}: {metric} recomputed from the log-likelihoods is "
+                               f"{record[metric]}, lm-eval scored {sample[metric]}: the record misreads the sample")
+    return record

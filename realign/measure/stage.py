@@ -13,7 +13,7 @@ from realign.data.stage import read_prompts
 from realign.io import read_jsonl, write_json, write_parquet
 from realign.measure.activations import capture, load_activations, save_activations
 from realign.measure.cka import linear_cka
-from realign.measure.divergence import mean_nll, output_divergence
+from realign.measure.divergence import output_divergence, pooled_nll, sequence_nlls
 from realign.measure.similarity import compare_layers, percentile_ci
 from realign.models.artifact import load_artifact
 
@@ -147,18 +147,26 @@ def divergence(teacher_dir, artifact_dir, prompts_path, max_len: int, batch_size
 
 
 def evaluate(artifact_dir, prompts_path, narrow_heldout: dict[str, str], task_dir, tasks: list[str], max_len: int,
-             narrow_chunks: int, batch_size: int) -> dict:
-    """lm-eval benchmarks plus held-out NLL on reference answers (`general`) and on each narrow corpus."""
+             narrow_chunks: int, batch_size: int) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+    """lm-eval benchmarks plus held-out NLL on reference answers (`general`) and on each narrow corpus.
+
+    Returns (summary, items, sequences): the summary JSON; one row per benchmark item
+    (realign.measure.evaluate.item_record); one row per held-out sequence (corpus, sequence, nll_sum, n_tokens),
+    from which the summary's NLLs are the token-weighted means."""
     from realign.measure.evaluate import run_lm_eval
 
     start = time.time()
     model, tokenizer, _ = load_artifact(artifact_dir)
-    general = _reference_examples(tokenizer, read_prompts(prompts_path)["heldout"], max_len)
-    perplexity = {"general": mean_nll(model, general, tokenizer.pad_token_id, batch_size)}
+    corpora = {"general": _reference_examples(tokenizer, read_prompts(prompts_path)["heldout"], max_len)}
     for corpus, path in narrow_heldout.items():
         texts = [r["text"] for r in read_jsonl(path, verify=True, producer="the `narrow_corpus` rule")]
-        chunks = packed_chunks(tokenizer, texts, max_len, max_chunks=narrow_chunks)
-        perplexity[corpus] = mean_nll(model, chunks, tokenizer.pad_token_id, batch_size)
-    benchmarks = run_lm_eval(model, tokenizer, Path(task_dir), tasks, batch_size=batch_size)
-    return {"benchmarks": benchmarks, "perplexity": perplexity, "seconds": time.time() - start,
-            "splits": {"general": "heldout (reference answers)", **{c: str(p) for c, p in narrow_heldout.items()}}}
+        corpora[corpus] = packed_chunks(tokenizer, texts, max_len, max_chunks=narrow_chunks)
+    sequences, perplexity = [], {}
+    for corpus, examples in corpora.items():
+        scored = sequence_nlls(model, examples, tokenizer.pad_token_id, batch_size)
+        perplexity[corpus] = pooled_nll(scored)
+        sequences += [{"corpus": corpus, "sequence": i, **s} for i, s in enumerate(scored)]
+    benchmarks, items = run_lm_eval(model, tokenizer, Path(task_dir), tasks, batch_size=batch_size)
+    summary = {"benchmarks": benchmarks, "perplexity": perplexity, "seconds": time.time() - start,
+               "splits": {"general": "heldout (reference answers)", **{c: str(p) for c, p in narrow_heldout.items()}}}
+    return summary, pd.DataFrame(items), pd.DataFrame(sequences)

@@ -5,6 +5,8 @@ rule table:
     input:
         artifacts=[run_dir(*cell) for cell in artifacts()],
         evals=measurement_files("eval", "json"),
+        item_records=measurement_files("eval", "items.parquet"),
+        sequence_records=measurement_files("eval", "sequences.parquet"),
         divergences=measurement_files("divergence", "json"),
         ckas=measurement_files("cka", "parquet"),
         cka_summaries=measurement_files("cka", "json"),
@@ -16,8 +18,8 @@ rule table:
     params:
         cells=artifacts(),
         artifact_paths=[artifact_location(*cell) for cell in artifacts()],
-        performance=config["analysis"]["performance"],
-        cka_estimator=config["analysis"]["cka_estimator"],
+        analysis={key: config["analysis"][key] for key in ("performance", "cka_estimator", "n_boot", "alpha")},
+        seed=SEED,
     log:
         "logs/analyze/table.log",
     benchmark:

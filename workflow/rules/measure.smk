@@ -127,8 +127,12 @@ rule evaluate:
                     "code_heldout_chunks": config["data"]["code_heldout_chunks"],
                     "batch_size": config["measure"]["eval_batch_size"]},
     output:
-        "results/eval/{model}/{degradation}/{recovery}.json",
+        summary="results/eval/{model}/{degradation}/{recovery}.json",
+        item_records="results/eval/{model}/{degradation}/{recovery}.items.parquet",
+        sequence_records="results/eval/{model}/{degradation}/{recovery}.sequences.parquet",
         digest=digest_of("results/eval/{model}/{degradation}/{recovery}.json"),
+        item_records_digest=digest_of("results/eval/{model}/{degradation}/{recovery}.items.parquet"),
+        sequence_records_digest=digest_of("results/eval/{model}/{degradation}/{recovery}.sequences.parquet"),
     log:
         "logs/evaluate/{model}/{degradation}/{recovery}.log",
     benchmark:
