@@ -92,7 +92,7 @@ rule cka:
 
 
 # The teacher's side of the divergence, once per model: its logits at the supervised positions of the divergence
-# examples (float32, ~0.5 GB for SmolLM2's 24 prompts), read by every artifact's divergence job.
+# examples (float32, ~400 MB for SmolLM2's 24 prompts), read by every artifact's divergence job.
 rule teacher_outputs:
     input:
         teacher=teacher_dir,
