@@ -22,7 +22,8 @@ class JobSize:
 
 # Memory per billion parameters, fp32 on the host: one model is 4 GB/B. Training holds the student, its
 # gradients and two AdamW moments (16 GB/B) plus the frozen teacher (4 GB/B); measurement holds the artifact
-# and, for divergence, the teacher (8 GB/B) plus full-vocabulary logits. Calibrated on SmolLM2-135M (peak RSS:
+# (or the teacher, for its cached outputs) and, for divergence, the teacher's cached logits plus the artifact's
+# full-vocabulary logits (it held both models before the cache). Calibrated on SmolLM2-135M (peak RSS:
 # recover 4.6 GB, evaluate 3.4 GB, divergence 3.2 GB, activations 1.1 GB on 2 cores) with ~20 % headroom;
 # retries scale memory and time with the attempt number.
 JOB_SIZES = {

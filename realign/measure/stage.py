@@ -13,7 +13,7 @@ from realign.data.stage import read_prompts
 from realign.io import read_jsonl, write_json, write_parquet
 from realign.measure.activations import capture, load_activations, save_activations
 from realign.measure.cka import linear_cka
-from realign.measure.divergence import output_divergence, pooled_nll, sequence_nlls
+from realign.measure.divergence import cached_divergence, pooled_nll, sequence_nlls
 from realign.measure.similarity import compare_layers, percentile_ci
 from realign.models.artifact import load_artifact
 
@@ -137,13 +137,34 @@ def _reference_examples(tokenizer, records: list[dict], max_len: int) -> list[di
     return [chat_example(tokenizer, r["instruction"], r["reference"], max_len) for r in records]
 
 
-def divergence(teacher_dir, artifact_dir, prompts_path, max_len: int, batch_size: int) -> dict:
+def teacher_outputs(teacher_dir, prompts_path, out_path, max_len: int, batch_size: int) -> dict:
+    """The teacher's logits at the supervised positions of the divergence examples, cached once per model for the
+    divergence job of every artifact (realign.measure.teacher_outputs)."""
+    from realign.measure.teacher_outputs import compute_teacher_outputs, save_teacher_outputs
+
     start = time.time()
-    teacher = load_artifact(teacher_dir)[0]
-    model, tokenizer, _ = load_artifact(artifact_dir)
+    teacher, tokenizer, _ = load_artifact(teacher_dir)
     examples = _reference_examples(tokenizer, read_prompts(prompts_path)["divergence"], max_len)
-    result = output_divergence(teacher, model, examples, tokenizer.pad_token_id, batch_size)
-    return {**result, "split": "divergence", "seconds": time.time() - start}
+    outputs = compute_teacher_outputs(teacher, examples, tokenizer.pad_token_id, batch_size)
+    save_teacher_outputs(outputs, out_path, examples, teacher=str(teacher_dir))
+    return {"n_tokens": int(outputs["logits"].shape[0]), "vocab": int(outputs["logits"].shape[1]),
+            "n_prompts": len(examples), "seconds": time.time() - start}
+
+
+def divergence(teacher_outputs_path, artifact_dir, prompts_path, max_len: int, batch_size: int) -> dict:
+    """KL(teacher || artifact) and top-1 agreement on the divergence prompts, the teacher's side read from the
+    cache of the `teacher_outputs` step (checked to be made on these very examples)."""
+    from realign.measure.teacher_outputs import load_teacher_outputs
+
+    start = time.time()
+    model, tokenizer, _ = load_artifact(artifact_dir)
+    records = read_prompts(prompts_path)["divergence"]
+    examples = _reference_examples(tokenizer, records, max_len)
+    cache = load_teacher_outputs(teacher_outputs_path, examples)
+    result = cached_divergence(cache, model, examples, tokenizer.pad_token_id, batch_size,
+                               ids=[r.get("id") for r in records])
+    return {**result, "split": "divergence", "teacher_outputs": str(teacher_outputs_path),
+            "seconds": time.time() - start}
 
 
 def evaluate(artifact_dir, prompts_path, narrow_heldout: dict[str, str], task_dir, tasks: list[str], max_len: int,

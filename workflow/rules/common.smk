@@ -112,6 +112,12 @@ def get_generation_params():
             "batch_size": config["measure"]["eval_batch_size"]}
 
 
+def get_scoring_params():
+    """How the divergence examples are built and batched: the teacher's cached outputs and every artifact's pass
+    use the same, so their logits are computed alike."""
+    return {"max_len": config["training"]["max_len"], "batch_size": config["measure"]["eval_batch_size"]}
+
+
 def get_similarity_params(bootstrap=False):
     params = {"seed": SEED, "knn_k": config["measure"]["knn_k"]}
     return {**params, "n_boot": config["measure"]["cka_bootstrap"]} if bootstrap else params

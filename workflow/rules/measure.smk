@@ -1,4 +1,5 @@
-# Measure every artifact: hidden states on the probe set, CKA vs the teacher, output divergence, benchmarks.
+# Measure every artifact: hidden states on the probe set, CKA vs the teacher, output divergence (against the
+# teacher's outputs cached once per model), benchmarks.
 
 
 rule activations:
@@ -90,14 +91,37 @@ rule cka:
         "../../scripts/cka.py"
 
 
-rule divergence:
+# The teacher's side of the divergence, once per model: its logits at the supervised positions of the divergence
+# examples (float32, ~400 MB for SmolLM2's 24 prompts), read by every artifact's divergence job.
+rule teacher_outputs:
     input:
         teacher=teacher_dir,
+        prompts="results/data/prompts.json",
+    params:
+        scoring=get_scoring_params(),
+    output:
+        "results/teacher/{model}/divergence_logits.safetensors",
+    log:
+        "logs/teacher_outputs/{model}.log",
+    benchmark:
+        "results/benchmarks/teacher_outputs/{model}.tsv"
+    threads: 2
+    resources:
+        **sized("measure"),
+    conda:
+        CONDA_ENV
+    script:
+        "../../scripts/teacher_outputs.py"
+
+
+rule divergence:
+    input:
+        teacher_outputs="results/teacher/{model}/divergence_logits.safetensors",
         model=model_dir,
         prompts="results/data/prompts.json",
     params:
         artifact=model_path,
-        scoring={"max_len": config["training"]["max_len"], "batch_size": config["measure"]["eval_batch_size"]},
+        scoring=get_scoring_params(),
     output:
         "results/divergence/{model}/{degradation}/{recovery}.json",
         digest=digest_of("results/divergence/{model}/{degradation}/{recovery}.json"),

@@ -1,0 +1,86 @@
+"""The teacher's next-token logits on the divergence examples, computed once per model and read by the divergence
+job of every artifact, so that job runs the artifact alone.
+
+The cache holds, for the supervised positions of each example in order (the row-major order of
+`logits[:, :-1][labels[:, 1:] != -100]`), the teacher's logits over the full vocabulary as the model computed
+them, in float32 (exact for float32 and bfloat16 outputs); `offsets[i]` is where example i's rows start. The
+reader normalises them in float64 (log_softmax), exactly as the two-model computation does, so the numbers equal
+it. A fingerprint of the examples' token ids and labels (which depend on the prompts, the tokenizer and max_len)
+is stored with them: a cache made on other examples is refused. Size: rows x vocabulary x 4 bytes (24 prompts of
+~100 answer tokens x 49152 = ~0.5 GB for SmolLM2).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from realign.data.sequences import IGNORE, collate
+from realign.device import autocast, model_device, on_device
+from realign.io import atomic_path, check_tensors_digest, tensors_sha256
+from realign.training import examples_fingerprint
+
+STEP = "teacher_outputs"
+
+
+@torch.no_grad()
+def compute_teacher_outputs(teacher, examples: list[dict], pad_id: int, batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """{"logits": [n_supervised, vocab] float32, "offsets": [n_examples + 1] int64}, batched as the divergence
+    job batches the artifact (same `batch_size`, same padding)."""
+    teacher.eval()
+    device = model_device(teacher)
+    rows, counts = [], []
+    for start in tqdm(range(0, len(examples), batch_size), desc="teacher outputs", file=sys.stderr, ascii=True):
+        batch = on_device(collate(examples[start:start + batch_size], pad_id), device)
+        mask = batch["labels"][:, 1:] != IGNORE
+        with autocast(device):
+            logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        rows.append(logits[:, :-1][mask].float().cpu())
+        counts += mask.sum(1).tolist()
+    if not rows:
+        raise ValueError("no divergence examples to run the teacher on (data.prompt_splits.divergence is 0?)")
+    offsets = torch.zeros(len(counts) + 1, dtype=torch.int64)
+    offsets[1:] = torch.tensor(counts, dtype=torch.int64).cumsum(0)
+    return {"logits": torch.cat(rows), "offsets": offsets}
+
+
+def save_teacher_outputs(outputs: dict[str, torch.Tensor], path: str | Path, examples: list[dict],
+                         teacher: str = "") -> None:
+    tensors = {k: v.contiguous() for k, v in outputs.items()}
+    metadata = {"fingerprint": examples_fingerprint(examples), "n_examples": str(len(examples)),
+                "teacher": str(teacher), "sha256": tensors_sha256(tensors)}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def load_teacher_outputs(path: str | Path, examples: list[dict]) -> dict[str, torch.Tensor]:
+    """The cache at `path`, checked against its digest and against `examples` (the divergence job's own, made with
+    the artifact's tokenizer): a truncated, corrupted or inconsistent cache, or one made on other examples, is an
+    error naming the file."""
+    path = Path(path)
+    what = f"teacher outputs cache {path}"
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{what} is unreadable (truncated or corrupted?): {err}; delete it and rerun the {STEP} "
+                         "step") from None
+    check_tensors_digest(tensors, metadata.get("sha256"), what, STEP)
+    if metadata.get("fingerprint") != examples_fingerprint(examples):
+        raise ValueError(f"{what} was computed on other divergence examples (the prompts in prompts.json, the "
+                         f"tokenizer or training.max_len differ); delete it and rerun the {STEP} step")
+    if set(tensors) != {"logits", "offsets"}:
+        raise ValueError(f"{what} holds {sorted(tensors)}, not logits and offsets; delete it and rerun the {STEP} step")
+    logits, offsets = tensors["logits"], tensors["offsets"]
+    counts = offsets[1:] - offsets[:-1]
+    if len(counts) != len(examples) or int(offsets[0]) != 0 or int(offsets[-1]) != len(logits) \
+            or bool((counts < 0).any()) or logits.dtype != torch.float32 or logits.dim() != 2:
+        raise ValueError(f"{what} is inconsistent: {len(counts)} examples, {int(offsets[-1])} rows indexed, "
+                         f"{len(logits)} stored as {logits.dtype}; delete it and rerun the {STEP} step")
+    return {"logits": logits, "offsets": offsets}
