@@ -8,10 +8,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from realign.data.sequences import chat_example, chat_prompt_ids, packed_chunks
+from realign.data.sequences import chat_example, chat_prompt_content, packed_chunks
 from realign.data.stage import read_prompts
 from realign.io import read_jsonl, write_json, write_parquet
-from realign.measure.activations import capture, load_activations, save_activations
+from realign.measure.activations import (capture, content_positions, load_activations, sample_positions,
+                                         save_activations)
 from realign.measure.cka import linear_cka
 from realign.measure.divergence import mean_nll, output_divergence
 from realign.measure.similarity import compare_layers, percentile_ci
@@ -23,20 +24,33 @@ NULL_SEED_OFFSET = 7919  # the random-init null model's seed is the study seed +
 MEASURES = ("linear_cka", "debiased_cka", "rbf_cka", "procrustes_sim", "knn_overlap")
 
 
-def probe_sequences(tokenizer, records: list[dict], max_tokens: int) -> list[torch.Tensor]:
-    """Probe texts: instruction (chat format) followed by its reference answer, truncated to `max_tokens`."""
-    sequences = []
+def probe_sequences(tokenizer, records: list[dict], max_tokens: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Probe texts: instruction (chat format) followed by its reference answer, truncated to `max_tokens`; and per
+    sequence a bool mask of the tokens that carry its own content (instruction or answer text, not the template)."""
+    sequences, masks = [], []
     for r in records:
-        ids = chat_prompt_ids(tokenizer, r["instruction"]) + tokenizer(r["reference"], add_special_tokens=False)["input_ids"]
-        sequences.append(torch.tensor(ids[:max_tokens]))
-    return sequences
+        prompt, content = chat_prompt_content(tokenizer, r["instruction"])
+        answer = tokenizer(r["reference"], add_special_tokens=False)["input_ids"]
+        sequences.append(torch.tensor((prompt + answer)[:max_tokens]))
+        masks.append(torch.tensor((content + [True] * len(answer))[:max_tokens], dtype=torch.bool))
+    return sequences, masks
+
+
+def _probe(tokenizer, prompts_path, max_tokens: int, per_sequence: int, seed: int):
+    """The probe sequences and the (sequence, position) pairs sampled from their content positions."""
+    sequences, masks = probe_sequences(tokenizer, read_prompts(prompts_path)["probe"], max_tokens)
+    try:
+        candidates = content_positions(sequences, masks)
+    except ValueError as err:
+        raise ValueError(f"{err} (measure.probe_max_tokens = {max_tokens}; probe split of {prompts_path})") from None
+    return sequences, sample_positions(candidates, per_sequence, seed)
 
 
 def activations(artifact_dir, prompts_path, out_path, max_tokens: int, per_sequence: int, seed: int) -> dict:
     start = time.time()
     model, tokenizer, _ = load_artifact(artifact_dir)
-    sequences = probe_sequences(tokenizer, read_prompts(prompts_path)["probe"], max_tokens)
-    acts = capture(model, sequences, per_sequence, seed)
+    sequences, pairs = _probe(tokenizer, prompts_path, max_tokens, per_sequence, seed)
+    acts = capture(model, sequences, pairs)
     save_activations(acts, out_path, {"artifact": str(artifact_dir), "seed": str(seed),
                                       "probe_split": "probe", "n_sequences": str(len(sequences))})
     return {"n_tokens": int(acts["token_index"].shape[0]), "seconds": time.time() - start}
@@ -55,8 +69,8 @@ def null_activations(teacher_dir, prompts_path, out_path, max_tokens: int, per_s
     if all(torch.equal(teacher_weights[k], w) for k, w in weights.items() if k in teacher_weights):
         raise ValueError(f"the random initialisation equals the teacher {teacher_dir}: it is no null model")
     del teacher
-    sequences = probe_sequences(tokenizer, read_prompts(prompts_path)["probe"], max_tokens)
-    acts = capture(model, sequences, per_sequence, seed)
+    sequences, pairs = _probe(tokenizer, prompts_path, max_tokens, per_sequence, seed)
+    acts = capture(model, sequences, pairs)
     save_activations(acts, out_path, {"artifact": f"random init of {teacher_dir}", "seed": str(seed),
                                       "probe_split": "probe", "n_sequences": str(len(sequences))})
     return {"n_tokens": int(acts["token_index"].shape[0]), "seconds": time.time() - start}

@@ -118,6 +118,8 @@ def get_similarity_params(bootstrap=False):
 
 
 def get_probe_params(wildcards=None):
+    """`tokens` names which positions are sampled (realign.measure.activations): the probe's own content tokens,
+    not the chat template's; a cache sampled otherwise (before it) records another value, so it is remade."""
     measure = config["measure"]
     return {"max_tokens": measure["probe_max_tokens"], "positions": measure["positions_per_sequence"],
-            "seed": SEED}
+            "seed": SEED, "tokens": "content"}
