@@ -18,8 +18,6 @@ from realign.measure.divergence import mean_nll, output_divergence
 from realign.measure.similarity import compare_layers, percentile_ci
 from realign.models.artifact import load_artifact
 
-# Layer 0 is the token embedding: identical input handling, not a computed representation. Layer means skip it.
-FIRST_BODY_LAYER = 1
 NULL_SEED_OFFSET = 7919  # the random-init null model's seed is the study seed + this
 MEASURES = ("linear_cka", "debiased_cka", "rbf_cka", "procrustes_sim", "knn_overlap")
 
@@ -84,25 +82,51 @@ def _matched(teacher_acts, artifact_acts):
     return teacher_layers, layers, teacher_index[:, 0]
 
 
+def alignment_range(alignment_layers, n_hidden: int) -> tuple[int, int]:
+    """The hidden states (first, last, inclusive) that the alignment summary averages, of a model with `n_hidden`
+    = L + 1 of them (0 = embeddings, 1..L-1 = the outputs of blocks 1..L-1, L = the final post-norm state).
+    `alignment_layers` (measure.alignment_layers): "inner" = 1..L-1, every block but the last, whose output is the
+    final state that must re-align whenever the logits do; or an explicit [first, last] within 1..L."""
+    final = n_hidden - 1
+    if alignment_layers == "inner":
+        if final < 2:
+            raise ValueError(f"measure.alignment_layers = 'inner' (hidden states 1..L-1) is empty for a model of "
+                             f"{final} transformer block(s): set an explicit [first, last]")
+        return 1, final - 1
+    first, last = (int(v) for v in alignment_layers)
+    if not 1 <= first <= last <= final:
+        raise ValueError(f"measure.alignment_layers = [{first}, {last}] is not a range within 1..{final}: the model "
+                         f"has {final} transformer blocks (hidden states 0 = embeddings, {final} = final post-norm)")
+    return first, last
+
+
 def cka_vs_teacher(teacher_acts, artifact_acts, out_path, summary_path, *, n_boot: int = 1000, seed: int = 0,
-                   knn_k: int = 10) -> pd.DataFrame:
-    """Per-layer similarity of an artifact to the teacher (parquet) and a JSON summary: the layer means of every
-    measure, the debiased CKA layer mean's bootstrap replicates (paired across artifacts: same seed, same probe
-    sequences) and CI, and the teacher-layer x artifact-layer CKA matrices."""
+                   knn_k: int = 10, alignment_layers="inner") -> pd.DataFrame:
+    """Per-layer similarity of an artifact to the teacher (parquet, with an `in_alignment_range` flag per layer)
+    and a JSON summary: over the pre-registered range of hidden states (`alignment_layers`, see alignment_range),
+    the layer means and minima of every measure, the debiased CKA layer mean's bootstrap replicates (paired across
+    artifacts: same seed, same probe sequences) and CI; apart from it every measure at the embeddings (layer 0)
+    and at the final post-norm state (layer L); and the teacher-layer x artifact-layer CKA matrices."""
     teacher_layers, layers, sequence_of_token = _matched(teacher_acts, artifact_acts)
+    first, last = alignment_range(alignment_layers, len(layers))
     result = compare_layers(teacher_layers, layers, sequence_of_token, n_boot=n_boot, seed=seed, knn_k=knn_k)
     frame = pd.DataFrame(result["layers"])
-    body = frame[frame["layer"] >= FIRST_BODY_LAYER]
-    mean_replicates = result["replicates"][:, FIRST_BODY_LAYER:].mean(1)
+    frame["in_alignment_range"] = frame["layer"].between(first, last)
+    body = frame[frame["in_alignment_range"]]
+    mean_replicates = result["replicates"][:, first:last + 1].mean(1)
     low, high = percentile_ci(mean_replicates)
+    final = len(layers) - 1
     summary = {
+        "alignment_layers": [first, last],
+        "final_layer": final,
         "layer_means": {m: float(body[m].mean()) for m in MEASURES},
         "layer_mins": {m: float(body[m].min()) for m in MEASURES},
         "debiased_cka_mean_ci": [low, high],
         "debiased_cka_mean_replicates": mean_replicates.tolist(),
+        "embedding": {m: float(frame.loc[frame["layer"] == 0, m].iloc[0]) for m in MEASURES},
+        "final": {m: float(frame.loc[frame["layer"] == final, m].iloc[0]) for m in MEASURES},
         "matrix": {k: v.tolist() if torch.is_tensor(v) else v for k, v in result["matrix"].items()},
         **{k: result[k] for k in ("n_tokens", "n_sequences", "n_boot", "seed", "knn_k")},
-        "first_body_layer": FIRST_BODY_LAYER,
         "teacher": str(teacher_acts), "artifact": str(artifact_acts),
     }
     write_parquet(frame, out_path)

@@ -113,8 +113,13 @@ def get_generation_params():
 
 
 def get_similarity_params(bootstrap=False):
+    """The null floors' similarity settings; with `bootstrap` the CKA step's: its bootstrap replicates and the
+    pre-registered hidden states its alignment summary averages."""
     params = {"seed": SEED, "knn_k": config["measure"]["knn_k"]}
-    return {**params, "n_boot": config["measure"]["cka_bootstrap"]} if bootstrap else params
+    if not bootstrap:
+        return params
+    return {**params, "n_boot": config["measure"]["cka_bootstrap"],
+            "alignment_layers": config["measure"]["alignment_layers"]}
 
 
 def get_probe_params(wildcards=None):
