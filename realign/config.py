@@ -114,6 +114,10 @@ def _check_cross_references(config: dict) -> None:
             if key not in options + SHARED_RECOVERY_KEYS + TRAINING_KEYS:
                 raise ConfigError(f"invalid config key recoveries.{name}.{key}: not an option of method "
                                   f"{spec['method']}; its options: {', '.join(options) or 'none'}")
+    layers = config["measure"]["alignment_layers"]
+    if isinstance(layers, list) and layers[0] > layers[1]:
+        raise ConfigError(f"invalid config key measure.alignment_layers: [{layers[0]}, {layers[1]}] is not a range "
+                          "(first > last)")
     performance = config["analysis"]["performance"]
     if performance.startswith("acc:") and performance[4:] not in config["measure"]["benchmarks"]:
         raise ConfigError(f"invalid config key analysis.performance: task {performance[4:]!r} is not in "

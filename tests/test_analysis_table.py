@@ -95,7 +95,8 @@ def test_missing_teacher_and_parent_named():
         build_table(_rows() + [_rows()[0]], "bench_mean", records_for(_rows()))
 
 
-def _write_artifact(root, model, deg, rec, accs, cka_vals):
+def _write_artifact(root, model, deg, rec, accs, cka_vals, alignment=None):
+    """`alignment`: the (first, last) layers the `cka` rule flagged; by default 1..L-1 (1 when there is no other)."""
     d = root / model / deg / rec
     d.mkdir(parents=True)
     write_json(d / "artifact.json", digest=True, obj={
@@ -114,8 +115,11 @@ def _write_artifact(root, model, deg, rec, accs, cka_vals):
     write_json(d / "divergence.json", digest=True, obj={"kl_teacher_artifact": 0.2, "kl_stderr": 0.01,
                                                         "top1_agreement": 0.8, "n_tokens": 500, "n_prompts": 10,
                                                         "seconds": 1.0})
+    first, last = alignment or (1, max(1, len(cka_vals) - 2))
     write_parquet(pd.DataFrame({"layer": list(range(len(cka_vals))), "linear_cka": cka_vals,
-                                "debiased_cka": [v - 0.01 for v in cka_vals]}), d / "cka.parquet")
+                                "debiased_cka": [v - 0.01 for v in cka_vals],
+                                "in_alignment_range": [first <= i <= last for i in range(len(cka_vals))]}),
+                  d / "cka.parquet")
     return [d / f for f in ("artifact.json", "eval.json", "divergence.json", "cka.parquet")]
 
 
@@ -126,9 +130,13 @@ def test_collect_row_and_cka_layers(tmp_path):
     assert row["acc_arc"] == 0.5 and row["acc_hella_stderr"] == 0.03
     assert row["bench_mean"] == pytest.approx(0.6)
     assert row["bench_mean_stderr"] == pytest.approx(math.sqrt(2 * 0.03**2) / 2)
-    assert row["cka_mean"] == pytest.approx(0.79)  # the debiased estimator by default; layer 0 excluded
+    # the debiased estimator by default, over the flagged range 1..2: neither the embeddings nor the final state
+    assert row["cka_mean"] == pytest.approx(0.79)
     assert row["cka_min"] == pytest.approx(0.69)
-    assert collect_row(*paths, cka_estimator="linear")["cka_mean"] == pytest.approx(0.8)
+    assert (row["alignment_first"], row["alignment_last"], row["n_layers"]) == (1, 2, 2)
+    assert row["cka_embedding"] == pytest.approx(0.19) and row["cka_final"] == pytest.approx(0.79)
+    linear = collect_row(*paths, cka_estimator="linear")
+    assert linear["cka_mean"] == pytest.approx(0.8) and linear["cka_final"] == pytest.approx(0.8)
     assert row["linear_cka_mean"] == pytest.approx(0.8) and math.isnan(row["rbf_cka_mean"])
     with pytest.raises(ValueError, match="cka_estimator"):
         collect_row(*paths, cka_estimator="rbf")
@@ -216,8 +224,10 @@ def test_paired_bootstrap_delta_ci(tmp_path):
             paths = _write_artifact(tmp_path, "m", deg, rec, accs if deg != "none" else {"arc": 0.7, "hella": 0.8},
                                     [0.2, lv, lv])
             summary = paths[3].with_suffix(".json")
-            write_json(summary, digest=True, obj={"first_body_layer": 1, "debiased_cka_mean_ci": [lv - 0.1, lv + 0.1],
-                                 "debiased_cka_mean_replicates": (lv - 0.01 + shared + 0.001 * rng.normal(size=200)).tolist()})
+            replicates = lv - 0.01 + shared + 0.001 * rng.normal(size=200)
+            write_json(summary, digest=True, obj={"alignment_layers": [1, 1],
+                                                  "debiased_cka_mean_ci": [lv - 0.1, lv + 0.1],
+                                                  "debiased_cka_mean_replicates": replicates.tolist()})
             rows.append(collect_row(*paths, summary))
     t = build_table(rows, "bench_mean", records_for(rows))
     kd = t[t.recovery == "kd"].iloc[0]
@@ -226,3 +236,22 @@ def test_paired_bootstrap_delta_ci(tmp_path):
     assert "cka_boot" not in t and kd["cka_mean_ci_low"] == pytest.approx(0.63 - 0.1)
     parent = t[(t.degradation == "p50") & (t.recovery == "none")].iloc[0]
     assert math.isnan(parent["delta_cka_ci_low"])  # a parent is not compared with itself
+
+
+def test_cka_summary_over_the_flagged_range_only(tmp_path):
+    """cka_mean and its replicates come from the range the `cka` rule flagged (measure.alignment_layers), not from
+    `layer >= 1`; a summary made over another range, or a parquet from before the range existed, is refused."""
+    paths = _write_artifact(tmp_path, "m", "p50", "kd", {"arc": 0.5}, [0.1, 0.5, 0.6, 0.7, 0.9], alignment=(2, 3))
+    row = collect_row(*paths)
+    assert row["cka_mean"] == pytest.approx(0.64) and row["cka_min"] == pytest.approx(0.59)
+    assert (row["alignment_first"], row["alignment_last"]) == (2, 3) and row["cka_final"] == pytest.approx(0.89)
+    summary = paths[3].with_suffix(".json")
+    write_json(summary, digest=True, obj={"alignment_layers": [1, 3], "debiased_cka_mean_ci": [0.5, 0.7],
+                                          "debiased_cka_mean_replicates": [0.6] * 20})
+    with pytest.raises(ValueError, match=r"alignment range \[1, 3\] is not the range \[2, 3\]"):
+        collect_row(*paths, summary)
+    old = paths[3].parent.parent / "old.parquet"
+    write_parquet(pd.DataFrame({"layer": [0, 1, 2], "linear_cka": [0.1, 0.5, 0.9], "debiased_cka": [0.1, 0.5, 0.9]}),
+                  old)
+    with pytest.raises(ValueError, match=f"{old}: no 'in_alignment_range' column .* rerun the `cka` rule"):
+        collect_row(*paths[:3], old)

@@ -97,6 +97,13 @@ BAD = [
     ("study as a string", _set(["study"], "all"),
      r"study: 'all' is not valid under any of the given schemas; expected which \(degradation, recovery\) cells"),
     ("unknown key in measure", _set(["measure", "probe_layers"], 3), r"measure:.*'probe_layers' was unexpected"),
+    ("alignment layers by name", _set(["measure", "alignment_layers"], "all"),
+     r"measure\.alignment_layers: 'all' is not valid .*; expected 'inner' or \[first, last\]"),
+    ("alignment layers from the embeddings", _set(["measure", "alignment_layers"], [0, 5]),
+     r"measure\.alignment_layers: .*expected 'inner' or \[first, last\], two hidden-state indices >= 1"),
+    ("alignment layers of three", _set(["measure", "alignment_layers"], [1, 2, 3]), r"measure\.alignment_layers"),
+    ("alignment layers reversed", _set(["measure", "alignment_layers"], [9, 2]),
+     r"measure\.alignment_layers: \[9, 2\] is not a range \(first > last\)"),
 ]
 
 
@@ -104,6 +111,9 @@ def test_default_config_is_valid_and_gets_defaults():
     config = validate_config(DEFAULT, SCHEMA)
     assert config["workflow"]["temp_models"] is False
     assert config["data"]["resources_dir"] == "resources"
+    assert config["measure"]["alignment_layers"] == "inner"
+    del config["measure"]["alignment_layers"]
+    assert validate_config(config, SCHEMA)["measure"]["alignment_layers"] == "inner"  # the schema's default
 
 
 @pytest.mark.parametrize("mutate,pattern", [(m, p) for _, m, p in BAD], ids=[name for name, _, _ in BAD])

@@ -3,24 +3,30 @@ import torch
 
 from realign.data.sequences import chat_example
 from realign.io import IntegrityError, atomic_path, read_json, write_json
-from realign.measure.activations import capture, load_activations, sample_positions, save_activations
+from realign.measure.activations import (capture, content_positions, load_activations, sample_positions,
+                                         save_activations)
 from realign.measure.divergence import cached_divergence, mean_nll, output_divergence
 from realign.measure.teacher_outputs import compute_teacher_outputs, load_teacher_outputs, save_teacher_outputs
 
 
 def test_positions_never_include_position_zero_and_are_reproducible():
-    pairs = sample_positions([5, 40, 2], per_sequence=8, seed=3)
+    lengths = [5, 40, 2]
+    candidates = content_positions([torch.arange(100 * i, 100 * i + n) for i, n in enumerate(lengths)],
+                                   [torch.ones(n, dtype=torch.bool) for n in lengths])
+    assert candidates == [list(range(1, n)) for n in lengths]
+    pairs = sample_positions(candidates, per_sequence=8, seed=3)
     assert all(pos >= 1 for _, pos in pairs)
     assert sum(1 for seq, _ in pairs if seq == 0) == 4  # a 5-token sequence has 4 eligible positions
     assert sum(1 for seq, _ in pairs if seq == 2) == 1
-    assert pairs == sample_positions([5, 40, 2], per_sequence=8, seed=3)
-    assert pairs != sample_positions([5, 40, 2], per_sequence=8, seed=4)
+    assert pairs == sample_positions(candidates, per_sequence=8, seed=3)
+    assert pairs != sample_positions(candidates, per_sequence=8, seed=4)
 
 
 def test_capture_roundtrip_and_corruption_is_detected(tiny, tmp_path):
     model, tokenizer = tiny
     sequences = [torch.tensor(tokenizer(t)["input_ids"]) for t in ("def f(x): return x + 1", "import os, sys")]
-    acts = capture(model, sequences, per_sequence=4, seed=0)
+    pairs = sample_positions([list(range(1, len(s))) for s in sequences], per_sequence=4, seed=0)
+    acts = capture(model, sequences, pairs)
     assert len([k for k in acts if k.startswith("layer.")]) == model.config.num_hidden_layers + 1
     path = tmp_path / "acts.safetensors"
     save_activations(acts, path, {"artifact": "tiny"})
@@ -28,7 +34,7 @@ def test_capture_roundtrip_and_corruption_is_detected(tiny, tmp_path):
     assert torch.equal(index, acts["token_index"])
     assert torch.allclose(layers[1].float(), acts["layer.1"], rtol=1e-3, atol=1e-3)
     # Same model, same probe: identical activations (CKA against the teacher depends on it).
-    again = capture(model, sequences, per_sequence=4, seed=0)
+    again = capture(model, sequences, pairs)
     assert all(torch.equal(again[k], acts[k]) for k in acts)
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
     with pytest.raises(RuntimeError, match="truncated or corrupted"):

@@ -23,7 +23,8 @@ def _study(root):
             "degradation_method": "none" if deg == "none" else "rtn", "recovery_method": "none" if rec == "none" else rec,
             "tasks": "arc", "acc_arc": bench, "acc_arc_stderr": 0.005, "bench_mean": bench,
             "bench_mean_stderr": 0.005, "nll_general": 3 - bench, "nll_code": 2.0, "cka_mean": cka, "cka_min": cka - 0.1,
-            "kl": kl, "top1": 1 - kl, "seconds": 10.0,
+            "kl": kl, "top1": 1 - kl, "seconds": 10.0, "alignment_first": 1, "alignment_last": 3,
+            "cka_embedding": 0.987 if deg == "none" else 0.912, "cka_final": 1.0 if deg == "none" else 0.543,
             "path_artifact": str(base / "models/tiny" / deg / rec / "artifact.json"),
             "path_eval": str(base / "eval/tiny" / deg / f"{rec}.json"),
             "path_divergence": str(base / "divergence/tiny" / deg / f"{rec}.json"),
@@ -66,6 +67,9 @@ def test_render_report(tmp_path):
     assert (f"{fmt_num(kd['recovery_fraction'])} [{fmt_num(kd['recovery_fraction_ci_low'])}, "
             f"{fmt_num(kd['recovery_fraction_ci_high'])}]") in html
     assert f"{fmt_num(kd['secondary_gain'])} [{fmt_num(kd['secondary_gain_ci_low'])}," in html
+    # the pre-registered range is stated; the embeddings' and the final state's CKA are shown apart
+    assert html.count("hidden states 1–3") >= 2 and "CKA embeddings" in html and "CKA final state" in html
+    assert "0.912" in html and "0.543" in html
     assert "abc123" in html and "wikitext test[:64]" in html and "recover" in html
     assert not list(out.parent.glob(".report.html.*"))  # no temporary left
 

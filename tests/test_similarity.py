@@ -173,3 +173,41 @@ def test_null_floors_and_summary(tmp_path):
     assert summary["layer_means"]["procrustes_sim"] == pytest.approx(1.0)
     assert summary["debiased_cka_mean_ci"] == pytest.approx([1.0, 1.0])
     assert len(summary["matrix"]["debiased"]) == layers and math.isclose(summary["matrix"]["debiased"][1][1], 1.0)
+
+
+def test_alignment_summary_over_the_pre_registered_range(tmp_path):
+    """measure.alignment_layers: "inner" = hidden states 1..L-1; the embeddings (0) and the final post-norm state (L)
+    are reported apart; an explicit range is checked against the model's depth."""
+    from realign.io import read_json
+    from realign.measure.activations import save_activations
+    from realign.measure.stage import alignment_range, cka_vs_teacher
+
+    assert alignment_range("inner", 31) == (1, 29) and alignment_range([2, 30], 31) == (2, 30)
+    with pytest.raises(ValueError, match=r"measure.alignment_layers = \[1, 31\] is not a range within 1..30"):
+        alignment_range([1, 31], 31)
+    with pytest.raises(ValueError, match="measure.alignment_layers = 'inner' .* 1 transformer block"):
+        alignment_range("inner", 2)
+
+    g = torch.Generator().manual_seed(1)
+    n, d, layers = 120, 32, 5
+    index = torch.stack([torch.arange(n) // 12, torch.arange(n) % 12 + 1], 1)
+    teacher = {f"layer.{i}": torch.randn(n, d, generator=g) for i in range(layers)}
+    # the artifact equals the teacher at the embeddings and the final state only
+    artifact = {k: v if k in ("layer.0", f"layer.{layers - 1}") else torch.randn(n, d, generator=g)
+                for k, v in teacher.items()}
+    for name, acts in (("teacher", teacher), ("artifact", artifact)):
+        save_activations({**acts, "token_index": index}, tmp_path / f"{name}.safetensors", {"artifact": name})
+    paths = [tmp_path / f"{name}.safetensors" for name in ("teacher", "artifact")]
+    frame = cka_vs_teacher(*paths, tmp_path / "c.parquet", tmp_path / "c.json", n_boot=50)
+    summary = read_json(tmp_path / "c.json")
+    assert summary["alignment_layers"] == [1, 3] and summary["final_layer"] == 4
+    assert frame["in_alignment_range"].tolist() == [False, True, True, True, False]
+    assert summary["embedding"]["debiased_cka"] == pytest.approx(1.0)
+    assert summary["final"]["debiased_cka"] == pytest.approx(1.0)
+    assert abs(summary["layer_means"]["debiased_cka"]) < 0.1 and summary["debiased_cka_mean_ci"][1] < 0.2
+    assert summary["layer_means"]["linear_cka"] == pytest.approx(frame["linear_cka"][1:4].mean())
+    cka_vs_teacher(*paths, tmp_path / "e.parquet", tmp_path / "e.json", n_boot=50, alignment_layers=[2, 4])
+    explicit = read_json(tmp_path / "e.json")
+    assert explicit["alignment_layers"] == [2, 4] and explicit["layer_means"]["debiased_cka"] > 0.2
+    with pytest.raises(ValueError, match=r"measure.alignment_layers = \[2, 5\]"):
+        cka_vs_teacher(*paths, tmp_path / "x.parquet", tmp_path / "x.json", n_boot=0, alignment_layers=[2, 5])

@@ -41,6 +41,8 @@ CASES = {
     "models.tiny.params_b": (lambda c: c["models"]["tiny"].update(params_b=0.001), {"report": 1}),
     "measure.cka_bootstrap": (lambda c: c["measure"].update(cka_bootstrap=50), {"cka": ALL, **REPORT}),
     "measure.knn_k": (lambda c: c["measure"].update(knn_k=3), {"cka": ALL, "null_floors": 1, **REPORT}),
+    # the hidden states the alignment summary averages: every CKA summary, not the null floors (kept per layer)
+    "measure.alignment_layers": (lambda c: c["measure"].update(alignment_layers=[1, 2]), {"cka": ALL, **REPORT}),
     "measure.probe_max_tokens": (lambda c: c["measure"].update(probe_max_tokens=24),
                                  {"activations": ALL, "cka": ALL, "null_activations": 1, "null_floors": 1, **REPORT}),
     "measure.positions_per_sequence": (lambda c: c["measure"].update(positions_per_sequence=6),

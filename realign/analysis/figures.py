@@ -260,7 +260,10 @@ def cka_recovery_scatter(table: pd.DataFrame, stats: dict | None = None, n_boot:
         ax.axhline(1, color="grey", lw=0.6, ls=":")
         ax.axvline(0, color="grey", lw=0.6)
         estimator = str(d["cka_estimator"].iloc[0]) if "cka_estimator" in d and len(d) else "linear"
-        ax.set_xlabel(f"delta CKA vs damaged parent (mean {estimator} CKA, layers >= 1)")
+        ranges = d.reindex(columns=["alignment_first", "alignment_last"]).dropna()
+        spans = {f"{int(a)}-{int(b)}" for a, b in ranges.itertuples(index=False)}
+        layers = f"layers {spans.pop()}" if len(spans) == 1 else "pre-registered layers"
+        ax.set_xlabel(f"delta CKA vs damaged parent (mean {estimator} CKA, {layers})")
         ax.set_ylabel("recovery fraction")
         title = "recovery vs re-alignment"
         sp = ((stats or {}).get("correlations") or {}).get("spearman")

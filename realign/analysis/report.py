@@ -112,7 +112,8 @@ def _setup(table: pd.DataFrame, provenance: dict) -> dict:
 
 ROW_COLS = [
     ("P", "P"), ("damage", "damage"), ("gain", "gain"), ("recovery_fraction", "recovery fraction"),
-    ("cka_mean", "CKA mean"), ("cka_min", "CKA min"), ("delta_cka", "Δ CKA"), ("kl", "KL(T‖A)"),
+    ("cka_mean", "CKA mean"), ("cka_min", "CKA min"), ("delta_cka", "Δ CKA"), ("cka_embedding", "CKA embeddings"),
+    ("cka_final", "CKA final state"), ("kl", "KL(T‖A)"),
     ("delta_kl", "Δ KL"), ("top1", "top-1 agr."), ("bench_mean", "bench mean"), ("nll_general", "NLL general"),
     ("nll_code", "NLL code"), ("nll_math", "NLL math"), ("seconds", "time (s)"),
 ]
@@ -224,13 +225,33 @@ def _measure_rows(table: pd.DataFrame, base: Path) -> list[dict]:
     return rows
 
 
-def _floor_rows(null_floors: pd.DataFrame | None) -> list[dict]:
-    """The null floors at the full probe size, as layer means (layers >= 1) per model and null."""
+def _alignment_ranges(table: pd.DataFrame) -> dict[str, tuple[int, int]]:
+    """{model: (first, last)}: the pre-registered hidden states the alignment summary averages (the table's
+    alignment_first/last, from measure.alignment_layers); empty for a table without them."""
+    if not {"alignment_first", "alignment_last"} <= set(table) or table.empty:
+        return {}
+    pairs = table.groupby("model")[["alignment_first", "alignment_last"]].first()
+    return {str(m): (int(r.alignment_first), int(r.alignment_last)) for m, r in pairs.iterrows()}
+
+
+def _range_text(ranges: dict[str, tuple[int, int]]) -> str:
+    if not ranges:
+        return "the pre-registered hidden states (measure.alignment_layers)"
+    spans = {f"{a}–{b}" for a, b in ranges.values()}
+    if len(spans) == 1:
+        return f"hidden states {spans.pop()}"
+    return "hidden states " + ", ".join(f"{a}–{b} ({m})" for m, (a, b) in sorted(ranges.items()))
+
+
+def _floor_rows(null_floors: pd.DataFrame | None, ranges: dict[str, tuple[int, int]]) -> list[dict]:
+    """The null floors at the full probe size, as layer means over each model's alignment range (layers >= 1 for
+    a model without one) per model and null."""
     if null_floors is None or null_floors.empty:
         return []
     rows = []
-    full = null_floors[(null_floors["layer"] >= 1)]
-    for (model, name), g in full.groupby(["model", "null"], sort=True):
+    for (model, name), g in null_floors.groupby(["model", "null"], sort=True):
+        first, last = ranges.get(str(model), (1, int(g["layer"].max())))
+        g = g[g["layer"].between(first, last)]
         g = g[g["n_samples"] == g["n_samples"].max()]
         rows.append({"model": model, "null": name, "n": int(g["n_samples"].iloc[0]),
                      "cells": [fmt_num(g[measure].mean()) if measure in g else "—"
@@ -326,7 +347,8 @@ def render_report(
         "cka_figs": figures.cka_layer_curves(cka_layers, f"{estimator}_cka", null_floors),
         "heatmaps": figures.cka_heatmaps(table, matrices or {}, estimator),
         "inflation": figures.small_n_inflation(null_floors) if null_floors is not None else None,
-        "floors": _floor_rows(null_floors),
+        "floors": _floor_rows(null_floors, _alignment_ranges(table)),
+        "alignment_range": _range_text(_alignment_ranges(table)),
         "forest": figures.contrast_forest(stats.get("contrasts") or []),
         "trajectories": figures.dose_response_trajectories(stats.get("dose_response") or []),
         "dose_response": stats.get("dose_response") or [],

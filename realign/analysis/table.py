@@ -61,11 +61,14 @@ def collect_row(artifact_json, eval_json, divergence_json, cka_parquet, cka_summ
     recovery or checkpoint), teacher (the teacher's degradation: none = the undamaged original),
     tasks (comma-joined sorted task names), acc_<task>, acc_<task>_stderr, bench_mean, bench_mean_stderr
     (stderr of the unweighted mean assuming independent tasks: sqrt(sum se^2) / k), nll_general, nll_code, nll_math,
-    kl, kl_stderr, top1, cka_mean and cka_min (mean and minimum over layers >= 1 of the `cka_estimator`'s CKA,
-    debiased or linear; layer 0 = embeddings is excluded), <measure>_mean for every similarity measure in the
-    parquet (linear_cka, debiased_cka, rbf_cka, procrustes_sim, knn_overlap; NaN where absent), n_layers;
-    from the JSON summary of the CKA step (when given, debiased estimator only): cka_mean_ci_low/high (95%
-    bootstrap over probe sequences) and cka_boot (the replicates, paired across artifacts); seconds (training/degradation time of the
+    kl, kl_stderr, top1, alignment_first/alignment_last (the pre-registered range of hidden states that the
+    `cka` rule flagged, measure.alignment_layers), cka_mean and cka_min (mean and minimum over that range of the
+    `cka_estimator`'s CKA, debiased or linear), <measure>_mean for every similarity measure in the parquet
+    (linear_cka, debiased_cka, rbf_cka, procrustes_sim, knn_overlap; NaN where absent), n_layers (in the range),
+    cka_embedding and cka_final (the estimator's CKA at the embeddings, layer 0, and at the final post-norm state,
+    layer L, both outside the range); from the JSON summary of the CKA step (when given, debiased estimator only;
+    its range must be the parquet's): cka_mean_ci_low/high (95% bootstrap over probe sequences) and cka_boot (the
+    replicates over the same range, paired across artifacts); seconds (training/degradation time of the
     artifact), eval_seconds, divergence_seconds, path_artifact, path_eval, path_divergence, path_cka.
     """
     art = read_json(artifact_json, verify=True, producer="the step that made the artifact")
@@ -127,21 +130,31 @@ def collect_row(artifact_json, eval_json, divergence_json, cka_parquet, cka_summ
     column = f"{cka_estimator}_cka"
     if column not in cka:
         raise ValueError(f"{cka_parquet}: no {column!r} column for analysis.cka_estimator {cka_estimator!r}")
-    body = cka[cka["layer"] >= 1]
+    if "in_alignment_range" not in cka:
+        raise ValueError(f"{cka_parquet}: no 'in_alignment_range' column (written before measure.alignment_layers "
+                         "existed): rerun the `cka` rule")
+    body = cka[cka["in_alignment_range"].astype(bool)]
     if body.empty:
-        raise ValueError(f"{cka_parquet}: no layers >= 1 (layer 0 is the embedding and is excluded)")
+        raise ValueError(f"{cka_parquet}: no layer in the alignment range (measure.alignment_layers)")
+    first, last, final = int(body["layer"].min()), int(body["layer"].max()), int(cka["layer"].max())
     row["cka_estimator"] = cka_estimator
+    row["alignment_first"], row["alignment_last"] = first, last
     row["cka_mean"] = float(body[column].mean())
     row["cka_min"] = float(body[column].min())
     for measure in SIMILARITY_MEASURES:
         row[f"{measure}_mean"] = float(body[measure].mean()) if measure in body else math.nan
+    # Reported apart from the range: the embeddings (layer 0) and the final post-norm state (layer L).
+    row["cka_embedding"] = float(cka.loc[cka["layer"] == 0, column].iloc[0]) if (cka["layer"] == 0).any() else math.nan
+    row["cka_final"] = float(cka.loc[cka["layer"] == final, column].iloc[0])
     row["n_layers"] = int(body["layer"].nunique())
     row["cka_mean_ci_low"] = row["cka_mean_ci_high"] = math.nan
     row["cka_boot"] = []
     if cka_summary is not None and cka_estimator == "debiased":
         summary = read_json(cka_summary, verify=True, producer="the `cka` rule")
-        if summary.get("first_body_layer", 1) != 1:
-            raise ValueError(f"{cka_summary}: layer means start at layer {summary['first_body_layer']}, expected 1")
+        if summary.get("alignment_layers") != [first, last]:
+            raise ValueError(f"{cka_summary}: its alignment range {summary.get('alignment_layers')} is not the range "
+                             f"[{first}, {last}] flagged in {cka_parquet} (measure.alignment_layers): rerun the "
+                             "`cka` rule")
         low, high = summary["debiased_cka_mean_ci"]
         row["cka_mean_ci_low"], row["cka_mean_ci_high"] = _f(low), _f(high)
         row["cka_boot"] = [float(v) for v in summary["debiased_cka_mean_replicates"]]

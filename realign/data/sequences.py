@@ -8,13 +8,47 @@ import torch
 IGNORE = -100
 
 
-def chat_prompt_ids(tokenizer, instruction: str) -> list[int]:
+# Stands in for an instruction when the chat template is rendered to find where the content goes.
+_CONTENT_SLOT = "REALIGNCONTENTSLOT"
+
+
+def chat_prompt_text(tokenizer, instruction: str) -> str:
+    """The instruction in the tokenizer's chat template (as a user turn, with the generation prompt), or in
+    "Instruction: ...\nResponse:" when the tokenizer has no template."""
     if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": instruction}], tokenize=False,
+        return tokenizer.apply_chat_template([{"role": "user", "content": instruction}], tokenize=False,
                                              add_generation_prompt=True)
-    else:
-        text = f"Instruction: {instruction}\nResponse:"
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return f"Instruction: {instruction}\nResponse:"
+
+
+def chat_prompt_ids(tokenizer, instruction: str) -> list[int]:
+    return tokenizer(chat_prompt_text(tokenizer, instruction), add_special_tokens=False)["input_ids"]
+
+
+def content_span(tokenizer, instruction: str) -> tuple[str, int, int]:
+    """(prompt text, start, end): the characters of the chat-formatted prompt that the instruction filled. The
+    template is rendered around a placeholder; the text before and after it is the template's own (system prompt,
+    role and control tokens, generation prompt) and must frame the real prompt the same way. A template that
+    trims the content is fine; one whose frame depends on the content is a ValueError."""
+    text = chat_prompt_text(tokenizer, instruction)
+    head, slot, tail = chat_prompt_text(tokenizer, _CONTENT_SLOT).partition(_CONTENT_SLOT)
+    if not slot or _CONTENT_SLOT in tail or len(head) + len(tail) > len(text) or not text.startswith(head) \
+            or not text.endswith(tail):
+        raise ValueError(f"cannot find the instruction {instruction[:60]!r} in the prompt the tokenizer's chat "
+                         "template makes of it: the template's text around the user message depends on the message")
+    return text, len(head), len(text) - len(tail)
+
+
+def chat_prompt_content(tokenizer, instruction: str) -> tuple[list[int], list[bool]]:
+    """The prompt's token ids (as chat_prompt_ids) and, per token, whether it carries instruction text: its
+    characters overlap the instruction's span (a token straddling the border counts; it differs with the content)."""
+    text, start, end = content_span(tokenizer, instruction)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"the probe's content tokens are found with character offsets, which the slow tokenizer "
+                         f"{type(tokenizer).__name__} does not give: use a fast (tokenizers) tokenizer")
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    content = [s < end and e > start for s, e in encoded["offset_mapping"]]
+    return encoded["input_ids"], content
 
 
 def model_context(model) -> int | None:

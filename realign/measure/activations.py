@@ -1,8 +1,12 @@
 """Hidden states of every layer on a fixed probe set, at sampled token positions, cached as safetensors.
 
-Position 0 is never sampled: attention-sink tokens carry massive activations that would dominate CKA. The
-sampled positions depend only on the probe token ids and the seed, so every artifact of a model (same
-tokenizer) is measured at exactly the same tokens, which is what CKA against the teacher requires.
+Only positions that carry a probe sequence's own content are sampled: tokens of its instruction or reference
+answer, never the chat template's shared prefix (system prompt, role and control tokens, generation prompt), whose
+hidden states repeat in every sequence and would enter the bootstrap over sequences as independent tokens. For the
+same reason a position whose prefix (token ids up to and including it) another probe sequence shares is never
+sampled, and position 0 never is: attention-sink tokens carry massive activations that would dominate CKA. The
+sampled positions depend only on the probe token ids, their content masks and the seed, so every artifact of a
+model (same tokenizer) is measured at exactly the same tokens, which is what CKA against the teacher requires.
 """
 
 from __future__ import annotations
@@ -19,23 +23,55 @@ from realign.io import atomic_path, check_tensors_digest, tensors_sha256
 FLOAT16_MAX = 65504.0
 
 
-def sample_positions(lengths: list[int], per_sequence: int, seed: int) -> list[tuple[int, int]]:
-    """(sequence, position) pairs: up to `per_sequence` distinct positions in 1..len-1 of each sequence."""
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def content_positions(sequences: list[torch.Tensor], content: list[torch.Tensor]) -> list[list[int]]:
+    """Per sequence, the positions that may be sampled: content tokens (`content[i]`, a bool mask), not position
+    0, and not shared with another sequence (a position p is shared when another sequence has the same ids[:p+1],
+    hence the same hidden state). A sequence with no position left is a ValueError."""
+    ids = [s.tolist() for s in sequences]
+    # The longest prefix a sequence shares with any other is the longest it shares with a neighbour in sort order.
+    order = sorted(range(len(ids)), key=lambda i: ids[i])
+    shared = [0] * len(ids)
+    for a, b in zip(order, order[1:]):
+        n = _common_prefix(ids[a], ids[b])
+        shared[a], shared[b] = max(shared[a], n), max(shared[b], n)
+    positions = []
+    for i, mask in enumerate(content):
+        if len(mask) != len(ids[i]):
+            raise ValueError(f"probe sequence {i}: {len(mask)} content flags for {len(ids[i])} tokens")
+        eligible = [p for p in range(max(1, shared[i]), len(ids[i])) if mask[p]]
+        if not eligible:
+            raise ValueError(f"probe sequence {i} has no token of its own content to measure: of its {len(ids[i])} "
+                             f"tokens, {int(mask.sum())} carry instruction or answer text and the first {shared[i]} "
+                             "are shared with another probe sequence")
+        positions.append(eligible)
+    return positions
+
+
+def sample_positions(candidates: list[list[int]], per_sequence: int, seed: int) -> list[tuple[int, int]]:
+    """(sequence, position) pairs: up to `per_sequence` distinct positions of each sequence's `candidates`."""
     generator = torch.Generator().manual_seed(seed)
     pairs = []
-    for seq, length in enumerate(lengths):
-        candidates = torch.arange(1, length)
-        chosen = candidates[torch.randperm(len(candidates), generator=generator)[:per_sequence]]
-        pairs += [(seq, int(p)) for p in sorted(chosen.tolist())]
+    for seq, eligible in enumerate(candidates):
+        chosen = torch.tensor(eligible, dtype=torch.long)[torch.randperm(len(eligible), generator=generator)]
+        pairs += [(seq, int(p)) for p in sorted(chosen[:per_sequence].tolist())]
     return pairs
 
 
 @torch.no_grad()
-def capture(model, sequences: list[torch.Tensor], per_sequence: int, seed: int) -> dict[str, torch.Tensor]:
-    """Returns {"layer.{i}": [n_tokens, d] float32 for i in 0..L (0 = embeddings), "token_index": [n, 2]}."""
+def capture(model, sequences: list[torch.Tensor], pairs: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+    """Hidden states at the (sequence, position) `pairs` (sample_positions): {"layer.{i}": [n_tokens, d] float32
+    for i in 0..L (0 = embeddings, L = the final post-norm state), "token_index": [n, 2]}."""
     model.eval()
     device = model_device(model)
-    pairs = sample_positions([len(s) for s in sequences], per_sequence, seed)
     by_sequence: dict[int, list[int]] = {}
     for seq, pos in pairs:
         by_sequence.setdefault(seq, []).append(pos)
@@ -48,7 +84,7 @@ def capture(model, sequences: list[torch.Tensor], per_sequence: int, seed: int) 
         for i, h in enumerate(hidden):
             layers[i].append(h[0, positions].float().cpu())
     if layers is None:
-        raise ValueError("probe set is empty or every probe sequence has a single token")
+        raise ValueError("no probe position to capture: the probe set is empty")
     out = {f"layer.{i}": torch.cat(chunks) for i, chunks in enumerate(layers)}
     out["token_index"] = torch.tensor(pairs, dtype=torch.long)
     return out

@@ -8,35 +8,47 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from realign.data.sequences import chat_example, chat_prompt_ids, packed_chunks
+from realign.data.sequences import chat_example, chat_prompt_content, packed_chunks
 from realign.data.stage import read_prompts
 from realign.io import read_jsonl, write_json, write_parquet
-from realign.measure.activations import capture, load_activations, save_activations
+from realign.measure.activations import (capture, content_positions, load_activations, sample_positions,
+                                         save_activations)
 from realign.measure.cka import linear_cka
 from realign.measure.divergence import cached_divergence, pooled_nll, sequence_nlls
 from realign.measure.similarity import compare_layers, percentile_ci
 from realign.models.artifact import load_artifact
 
-# Layer 0 is the token embedding: identical input handling, not a computed representation. Layer means skip it.
-FIRST_BODY_LAYER = 1
 NULL_SEED_OFFSET = 7919  # the random-init null model's seed is the study seed + this
 MEASURES = ("linear_cka", "debiased_cka", "rbf_cka", "procrustes_sim", "knn_overlap")
 
 
-def probe_sequences(tokenizer, records: list[dict], max_tokens: int) -> list[torch.Tensor]:
-    """Probe texts: instruction (chat format) followed by its reference answer, truncated to `max_tokens`."""
-    sequences = []
+def probe_sequences(tokenizer, records: list[dict], max_tokens: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Probe texts: instruction (chat format) followed by its reference answer, truncated to `max_tokens`; and per
+    sequence a bool mask of the tokens that carry its own content (instruction or answer text, not the template)."""
+    sequences, masks = [], []
     for r in records:
-        ids = chat_prompt_ids(tokenizer, r["instruction"]) + tokenizer(r["reference"], add_special_tokens=False)["input_ids"]
-        sequences.append(torch.tensor(ids[:max_tokens]))
-    return sequences
+        prompt, content = chat_prompt_content(tokenizer, r["instruction"])
+        answer = tokenizer(r["reference"], add_special_tokens=False)["input_ids"]
+        sequences.append(torch.tensor((prompt + answer)[:max_tokens]))
+        masks.append(torch.tensor((content + [True] * len(answer))[:max_tokens], dtype=torch.bool))
+    return sequences, masks
+
+
+def _probe(tokenizer, prompts_path, max_tokens: int, per_sequence: int, seed: int):
+    """The probe sequences and the (sequence, position) pairs sampled from their content positions."""
+    sequences, masks = probe_sequences(tokenizer, read_prompts(prompts_path)["probe"], max_tokens)
+    try:
+        candidates = content_positions(sequences, masks)
+    except ValueError as err:
+        raise ValueError(f"{err} (measure.probe_max_tokens = {max_tokens}; probe split of {prompts_path})") from None
+    return sequences, sample_positions(candidates, per_sequence, seed)
 
 
 def activations(artifact_dir, prompts_path, out_path, max_tokens: int, per_sequence: int, seed: int) -> dict:
     start = time.time()
     model, tokenizer, _ = load_artifact(artifact_dir)
-    sequences = probe_sequences(tokenizer, read_prompts(prompts_path)["probe"], max_tokens)
-    acts = capture(model, sequences, per_sequence, seed)
+    sequences, pairs = _probe(tokenizer, prompts_path, max_tokens, per_sequence, seed)
+    acts = capture(model, sequences, pairs)
     save_activations(acts, out_path, {"artifact": str(artifact_dir), "seed": str(seed),
                                       "probe_split": "probe", "n_sequences": str(len(sequences))})
     return {"n_tokens": int(acts["token_index"].shape[0]), "seconds": time.time() - start}
@@ -55,8 +67,8 @@ def null_activations(teacher_dir, prompts_path, out_path, max_tokens: int, per_s
     if all(torch.equal(teacher_weights[k], w) for k, w in weights.items() if k in teacher_weights):
         raise ValueError(f"the random initialisation equals the teacher {teacher_dir}: it is no null model")
     del teacher
-    sequences = probe_sequences(tokenizer, read_prompts(prompts_path)["probe"], max_tokens)
-    acts = capture(model, sequences, per_sequence, seed)
+    sequences, pairs = _probe(tokenizer, prompts_path, max_tokens, per_sequence, seed)
+    acts = capture(model, sequences, pairs)
     save_activations(acts, out_path, {"artifact": f"random init of {teacher_dir}", "seed": str(seed),
                                       "probe_split": "probe", "n_sequences": str(len(sequences))})
     return {"n_tokens": int(acts["token_index"].shape[0]), "seconds": time.time() - start}
@@ -70,25 +82,51 @@ def _matched(teacher_acts, artifact_acts):
     return teacher_layers, layers, teacher_index[:, 0]
 
 
+def alignment_range(alignment_layers, n_hidden: int) -> tuple[int, int]:
+    """The hidden states (first, last, inclusive) that the alignment summary averages, of a model with `n_hidden`
+    = L + 1 of them (0 = embeddings, 1..L-1 = the outputs of blocks 1..L-1, L = the final post-norm state).
+    `alignment_layers` (measure.alignment_layers): "inner" = 1..L-1, every block but the last, whose output is the
+    final state that must re-align whenever the logits do; or an explicit [first, last] within 1..L."""
+    final = n_hidden - 1
+    if alignment_layers == "inner":
+        if final < 2:
+            raise ValueError(f"measure.alignment_layers = 'inner' (hidden states 1..L-1) is empty for a model of "
+                             f"{final} transformer block(s): set an explicit [first, last]")
+        return 1, final - 1
+    first, last = (int(v) for v in alignment_layers)
+    if not 1 <= first <= last <= final:
+        raise ValueError(f"measure.alignment_layers = [{first}, {last}] is not a range within 1..{final}: the model "
+                         f"has {final} transformer blocks (hidden states 0 = embeddings, {final} = final post-norm)")
+    return first, last
+
+
 def cka_vs_teacher(teacher_acts, artifact_acts, out_path, summary_path, *, n_boot: int = 1000, seed: int = 0,
-                   knn_k: int = 10) -> pd.DataFrame:
-    """Per-layer similarity of an artifact to the teacher (parquet) and a JSON summary: the layer means of every
-    measure, the debiased CKA layer mean's bootstrap replicates (paired across artifacts: same seed, same probe
-    sequences) and CI, and the teacher-layer x artifact-layer CKA matrices."""
+                   knn_k: int = 10, alignment_layers="inner") -> pd.DataFrame:
+    """Per-layer similarity of an artifact to the teacher (parquet, with an `in_alignment_range` flag per layer)
+    and a JSON summary: over the pre-registered range of hidden states (`alignment_layers`, see alignment_range),
+    the layer means and minima of every measure, the debiased CKA layer mean's bootstrap replicates (paired across
+    artifacts: same seed, same probe sequences) and CI; apart from it every measure at the embeddings (layer 0)
+    and at the final post-norm state (layer L); and the teacher-layer x artifact-layer CKA matrices."""
     teacher_layers, layers, sequence_of_token = _matched(teacher_acts, artifact_acts)
+    first, last = alignment_range(alignment_layers, len(layers))
     result = compare_layers(teacher_layers, layers, sequence_of_token, n_boot=n_boot, seed=seed, knn_k=knn_k)
     frame = pd.DataFrame(result["layers"])
-    body = frame[frame["layer"] >= FIRST_BODY_LAYER]
-    mean_replicates = result["replicates"][:, FIRST_BODY_LAYER:].mean(1)
+    frame["in_alignment_range"] = frame["layer"].between(first, last)
+    body = frame[frame["in_alignment_range"]]
+    mean_replicates = result["replicates"][:, first:last + 1].mean(1)
     low, high = percentile_ci(mean_replicates)
+    final = len(layers) - 1
     summary = {
+        "alignment_layers": [first, last],
+        "final_layer": final,
         "layer_means": {m: float(body[m].mean()) for m in MEASURES},
         "layer_mins": {m: float(body[m].min()) for m in MEASURES},
         "debiased_cka_mean_ci": [low, high],
         "debiased_cka_mean_replicates": mean_replicates.tolist(),
+        "embedding": {m: float(frame.loc[frame["layer"] == 0, m].iloc[0]) for m in MEASURES},
+        "final": {m: float(frame.loc[frame["layer"] == final, m].iloc[0]) for m in MEASURES},
         "matrix": {k: v.tolist() if torch.is_tensor(v) else v for k, v in result["matrix"].items()},
         **{k: result[k] for k in ("n_tokens", "n_sequences", "n_boot", "seed", "knn_k")},
-        "first_body_layer": FIRST_BODY_LAYER,
         "teacher": str(teacher_acts), "artifact": str(artifact_acts),
     }
     write_parquet(frame, out_path)

@@ -119,11 +119,18 @@ def get_scoring_params():
 
 
 def get_similarity_params(bootstrap=False):
+    """The null floors' similarity settings; with `bootstrap` the CKA step's: its bootstrap replicates and the
+    pre-registered hidden states its alignment summary averages."""
     params = {"seed": SEED, "knn_k": config["measure"]["knn_k"]}
-    return {**params, "n_boot": config["measure"]["cka_bootstrap"]} if bootstrap else params
+    if not bootstrap:
+        return params
+    return {**params, "n_boot": config["measure"]["cka_bootstrap"],
+            "alignment_layers": config["measure"]["alignment_layers"]}
 
 
 def get_probe_params(wildcards=None):
+    """`tokens` names which positions are sampled (realign.measure.activations): the probe's own content tokens,
+    not the chat template's; a cache sampled otherwise (before it) records another value, so it is remade."""
     measure = config["measure"]
     return {"max_tokens": measure["probe_max_tokens"], "positions": measure["positions_per_sequence"],
-            "seed": SEED}
+            "seed": SEED, "tokens": "content"}
