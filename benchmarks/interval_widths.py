@@ -74,7 +74,7 @@ def main() -> None:
         print(f"{row['artifact']:42s}{cells}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
-    print(f"median half-widths: " + ", ".join(
+    print("median half-widths: " + ", ".join(
         f"{w} {np.median([r[w]['half_width'] for r in rows]):.3f}" for w, _, _ in WAYS))
 
 
