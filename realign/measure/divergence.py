@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from realign.data.sequences import IGNORE, collate
-from realign.device import autocast, model_device, on_device
+from realign.device import autocast, keep_logits, model_device, on_device
 
 
 @torch.no_grad()
@@ -38,18 +38,35 @@ def output_divergence(teacher, model, examples: list[dict], pad_id: int, batch_s
 
 @torch.no_grad()
 def mean_nll(model, examples: list[dict], pad_id: int, batch_size: int = 8) -> dict:
-    """Mean negative log-likelihood (nats/token) and perplexity over the supervised tokens."""
+    """Mean negative log-likelihood (nats/token) and perplexity over the supervised tokens.
+
+    Only the positions that predict a supervised token get logits and a float64 log-softmax: the LM head runs
+    from the batch's first such position on (`logits_to_keep`), and the unsupervised rows are dropped before the
+    float64 copy. The per-token log-probabilities are then summed by the same call, over the same batch layout
+    (unsupervised positions ignored), as F.cross_entropy over every position would, so the result is the same
+    to the last bit as scoring the whole padded batch (tests/test_measure.py)."""
     total, count = 0.0, 0
     device = model_device(model)
     for start in range(0, len(examples), batch_size):
         batch = on_device(collate(examples[start:start + batch_size], pad_id), device)
-        with autocast(device):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         targets = batch["labels"][:, 1:]
-        nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)).double(), targets.reshape(-1),
-                              ignore_index=IGNORE, reduction="sum")
+        supervised = targets != IGNORE
+        positions = supervised.any(0).nonzero()
+        if len(positions) == 0:
+            continue  # nothing to score in this batch: it would add 0 to the sum
+        first = int(positions[0])  # logits at position t predict targets[:, t]; none is needed before `first`
+        with autocast(device):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           **keep_logits(model, batch["input_ids"].shape[1] - first)).logits
+        logits = logits[:, -(targets.shape[1] - first) - 1:-1]  # positions first .. T-2
+        rows = supervised[:, first:]
+        logp = F.log_softmax(logits[rows].double(), -1).gather(-1, targets[:, first:][rows][:, None])
+        picked = torch.zeros(targets.shape, dtype=logp.dtype, device=logp.device)
+        picked[:, first:][rows] = logp[:, 0]
+        nll = F.nll_loss(picked.reshape(-1, 1), torch.where(supervised, 0, IGNORE).reshape(-1), ignore_index=IGNORE,
+                         reduction="sum")
         total += float(nll)
-        count += int((targets != IGNORE).sum())
+        count += int(supervised.sum())
     if count == 0:
         raise ValueError("no tokens to score")
     return {"nll": total / count, "ppl": math.exp(total / count), "n_tokens": count}
