@@ -23,6 +23,16 @@ def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def keep_logits(model, n: int) -> dict:
+    """Forward kwargs for a pass that needs logits at the last `n` positions only: transformers' `logits_to_keep`
+    (the LM head skips the other positions; hidden states and the kept logits are unchanged), or nothing for a
+    model whose forward does not take it (a PEFT wrapper passes it on to its base model's)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {"logits_to_keep": n} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
+
+
 def on_device(batch: dict, device: torch.device) -> dict:
     """The batch's tensors on `device` (a no-op on CPU)."""
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

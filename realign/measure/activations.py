@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from realign.device import autocast, model_device
+from realign.device import autocast, keep_logits, model_device
 from realign.io import atomic_path, check_tensors_digest, tensors_sha256
 
 FLOAT16_MAX = 65504.0
@@ -78,7 +78,9 @@ def capture(model, sequences: list[torch.Tensor], pairs: list[tuple[int, int]]) 
     layers: list[list[torch.Tensor]] | None = None
     for seq, positions in by_sequence.items():
         with autocast(device):
-            hidden = model(input_ids=sequences[seq][None].to(device), output_hidden_states=True).hidden_states
+            # Only the hidden states are kept: the LM head runs on the last position alone.
+            hidden = model(input_ids=sequences[seq][None].to(device), output_hidden_states=True,
+                           **keep_logits(model, 1)).hidden_states
         if layers is None:
             layers = [[] for _ in hidden]
         for i, h in enumerate(hidden):

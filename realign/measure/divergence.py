@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from realign.data.sequences import IGNORE, collate
-from realign.device import autocast, model_device, on_device
+from realign.device import autocast, keep_logits, model_device, on_device
 
 CHUNK_ROWS = 256  # supervised positions normalised at once: 256 x 49152 float64 = 100 MB a copy
 
@@ -105,12 +105,25 @@ def sequence_nlls(model, examples: list[dict], pad_id: int, batch_size: int = 8)
     device = model_device(model)
     for start in range(0, len(examples), batch_size):
         batch = on_device(collate(examples[start:start + batch_size], pad_id), device)
-        with autocast(device):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         targets = batch["labels"][:, 1:]
-        nll = F.cross_entropy(logits.transpose(1, 2).double(), targets, ignore_index=IGNORE, reduction="none")
-        counts = (targets != IGNORE).sum(1)
-        out += [{"nll_sum": float(total), "n_tokens": int(n)} for total, n in zip(nll.sum(1).cpu(), counts.cpu())]
+        supervised = targets != IGNORE
+        counts = supervised.sum(1)
+        positions = supervised.any(0).nonzero()
+        if len(positions) == 0:  # nothing to score in this batch
+            out += [{"nll_sum": 0.0, "n_tokens": 0} for _ in range(len(targets))]
+            continue
+        # Only the positions that predict a supervised token get logits and a float64 log-softmax: the LM head runs
+        # from the batch's first such position on (`logits_to_keep`); logits at position t predict targets[:, t].
+        first = int(positions[0])
+        with autocast(device):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           **keep_logits(model, batch["input_ids"].shape[1] - first)).logits
+        logits = logits[:, -(targets.shape[1] - first) - 1:-1]  # positions first .. T-2
+        rows = supervised[:, first:]
+        logp = F.log_softmax(logits[rows].double(), -1).gather(-1, targets[:, first:][rows][:, None])
+        picked = torch.zeros(targets.shape, dtype=logp.dtype, device=logp.device)
+        picked[:, first:][rows] = logp[:, 0]
+        out += [{"nll_sum": float(-total), "n_tokens": int(n)} for total, n in zip(picked.sum(1).cpu(), counts.cpu())]
     return out
 
 
