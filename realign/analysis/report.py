@@ -237,10 +237,13 @@ def _alignment_ranges(table: pd.DataFrame) -> dict[str, tuple[int, int]]:
 def _range_text(ranges: dict[str, tuple[int, int]]) -> str:
     if not ranges:
         return "the pre-registered hidden states (measure.alignment_layers)"
-    spans = {f"{a}–{b}" for a, b in ranges.values()}
+    def span(a: int, b: int) -> str:
+        return f"{a}–{b}" if a < b else str(a)
+
+    spans = {span(a, b) for a, b in ranges.values()}
     if len(spans) == 1:
         return f"hidden states {spans.pop()}"
-    return "hidden states " + ", ".join(f"{a}–{b} ({m})" for m, (a, b) in sorted(ranges.items()))
+    return "hidden states " + ", ".join(f"{span(a, b)} ({m})" for m, (a, b) in sorted(ranges.items()))
 
 
 def _floor_rows(null_floors: pd.DataFrame | None, ranges: dict[str, tuple[int, int]]) -> list[dict]:
