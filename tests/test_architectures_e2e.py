@@ -115,9 +115,14 @@ def _measure(root, model, teacher_acts, artifact_dir, data, evaluate_it: bool) -
         direct = output_divergence(teacher, artifact, examples, tokenizer.pad_token_id, 8)
         for key in ("kl_teacher_artifact", "kl_stderr", "top1_agreement", "n_tokens", "n_prompts"):
             assert result["divergence"][key] == pytest.approx(direct[key], rel=1e-9, abs=1e-12), key
-        result["eval"] = evaluate(artifact_dir, data / "prompts.json",
-                                  {c: data / f"{c}_heldout.jsonl" for c in ("code", "math")}, data / "benchmarks",
-                                  list(BENCHMARKS), TRAINING["max_len"], 2, 8)
+        result["eval"], items, sequences = evaluate(
+            artifact_dir, data / "prompts.json", {c: data / f"{c}_heldout.jsonl" for c in ("code", "math")},
+            data / "benchmarks", list(BENCHMARKS), TRAINING["max_len"], 2, 8)
+        # one record per exported item, and the summary's NLLs are the token-weighted means of the sequences'
+        assert len(items) == sum(BENCHMARKS.values()) and items["gold_logprob"].le(0).all()
+        for corpus, nll in result["eval"]["perplexity"].items():
+            rows = sequences[sequences["corpus"] == corpus]
+            assert rows["nll_sum"].sum() / rows["n_tokens"].sum() == pytest.approx(nll["nll"], rel=1e-12)
     return result
 
 
