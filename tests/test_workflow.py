@@ -55,8 +55,12 @@ def test_report_and_table(study):
     assert (table["performance_metric"] == "bench_logprob").all() and 'id="recovery"' in report
     recovered = table[table["role"] == "recovered"]
     for column in ("gain", "recovery_fraction", "secondary_gain"):
-        assert recovered[f"{column}_ci_low"].notna().all() and recovered[f"{column}_ci_high"].notna().all()
-        assert (recovered[f"{column}_ci_low"] <= recovered[column] + 1e-12).all()
+        # a recovery fraction exists where there is a damage (not for the undamaged model's self-distillation)
+        rows = recovered[recovered[column].notna()]
+        assert len(rows) >= len(recovered) - 1
+        assert rows[f"{column}_ci_low"].notna().all() and rows[f"{column}_ci_high"].notna().all()
+        if column != "recovery_fraction":  # a ratio's percentile interval need not hold its point value
+            assert (rows[f"{column}_ci_low"] <= rows[column] + 1e-12).all()
 
 
 def test_items_pair_every_artifact_and_the_interval_benchmark_agrees_with_the_table(study):
