@@ -20,6 +20,11 @@ class IntegrityError(RuntimeError):
     """A file a step reads does not match the digest written by the step that made it, or has no digest."""
 
 
+class UnreadableFileError(ValueError, RuntimeError):
+    """A file a step reads cannot be parsed at all (truncated or corrupted). Both a ValueError (bad input) and a
+    RuntimeError, as the readers it replaced raised one or the other."""
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike, is_dir: bool = False, digest: bool = False):
     """Yield a temporary sibling path; rename it to `final` only if the block finishes without error.
@@ -192,6 +197,33 @@ def _json_default(obj):
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
+
+
+def save_checked_tensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """Write a safetensors file atomically with `metadata` plus the tensors' sha256 digest (`tensors_sha256`), which
+    `load_checked_tensors` verifies: safetensors' own checks catch truncation, not flipped bytes."""
+    from safetensors.torch import save_file
+
+    tensors = {name: t.contiguous() for name, t in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={**metadata, "sha256": tensors_sha256(tensors)})
+
+
+def load_checked_tensors(path: str | os.PathLike, what: str, step: str) -> tuple[dict, dict[str, str]]:
+    """(tensors, metadata) of a file written by `save_checked_tensors`; `what` names the file in errors ("activation
+    cache <path>"), `step` the step that writes it. Unreadable, corrupted or undigested files are errors."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UnreadableFileError(f"{what} is unreadable (truncated or corrupted?): {err}; delete it and rerun the "
+                                  f"{step} step") from None
+    check_tensors_digest(tensors, metadata.get("sha256"), what, step)
+    return tensors, metadata
 
 
 def check_tensors_digest(tensors: dict, expected: str | None, what: str, step: str) -> None:

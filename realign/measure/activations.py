@@ -14,11 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
 from realign.device import autocast, keep_logits, model_device
-from realign.io import atomic_path, check_tensors_digest, tensors_sha256
+from realign.io import load_checked_tensors, save_checked_tensors
 
 FLOAT16_MAX = 65504.0
 
@@ -97,22 +95,15 @@ def save_activations(activations: dict[str, torch.Tensor], path: str | Path, met
     metadata so that a corrupted cache is an error, not a silently wrong CKA."""
     biggest = max(float(v.abs().max()) for k, v in activations.items() if k.startswith("layer."))
     dtype = torch.float16 if biggest < FLOAT16_MAX else torch.bfloat16
-    tensors = {k: (v.to(dtype) if k.startswith("layer.") else v).contiguous() for k, v in activations.items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={**metadata, "storage_dtype": str(dtype), "sha256": tensors_sha256(tensors)})
+    tensors = {k: (v.to(dtype) if k.startswith("layer.") else v) for k, v in activations.items()}
+    save_checked_tensors(tensors, path, {**metadata, "storage_dtype": str(dtype)})
 
 
 def load_activations(path: str | Path) -> tuple[list[torch.Tensor], torch.Tensor]:
     """(per-layer tensors in layer order, token_index); a truncated, corrupted or incomplete file is a clear error.
 
     A cache without its digest (written before digests existed, or not by save_activations) is an error too."""
-    try:
-        tensors = load_file(str(path))
-        with safe_open(str(path), "pt") as f:
-            expected = (f.metadata() or {}).get("sha256")
-    except (SafetensorError, OSError) as err:
-        raise RuntimeError(f"activation cache {path} is unreadable (truncated or corrupted?): {err}") from err
-    check_tensors_digest(tensors, expected, f"activation cache {path}", "activations")
+    tensors, _ = load_checked_tensors(path, f"activation cache {path}", "activations")
     n_layers = sum(1 for k in tensors if k.startswith("layer."))
     missing = [k for k in ["token_index", *(f"layer.{i}" for i in range(n_layers))] if k not in tensors]
     if missing or n_layers == 0:

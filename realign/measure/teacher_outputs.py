@@ -16,13 +16,11 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from realign.data.sequences import IGNORE, collate
 from realign.device import autocast, model_device, on_device
-from realign.io import atomic_path, check_tensors_digest, tensors_sha256
+from realign.io import load_checked_tensors, save_checked_tensors
 from realign.training import examples_fingerprint
 
 STEP = "teacher_outputs"
@@ -51,11 +49,8 @@ def compute_teacher_outputs(teacher, examples: list[dict], pad_id: int, batch_si
 
 def save_teacher_outputs(outputs: dict[str, torch.Tensor], path: str | Path, examples: list[dict],
                          teacher: str = "") -> None:
-    tensors = {k: v.contiguous() for k, v in outputs.items()}
-    metadata = {"fingerprint": examples_fingerprint(examples), "n_examples": str(len(examples)),
-                "teacher": str(teacher), "sha256": tensors_sha256(tensors)}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    save_checked_tensors(outputs, path, {"fingerprint": examples_fingerprint(examples),
+                                         "n_examples": str(len(examples)), "teacher": str(teacher)})
 
 
 def load_teacher_outputs(path: str | Path, examples: list[dict]) -> dict[str, torch.Tensor]:
@@ -64,14 +59,7 @@ def load_teacher_outputs(path: str | Path, examples: list[dict]) -> dict[str, to
     error naming the file."""
     path = Path(path)
     what = f"teacher outputs cache {path}"
-    try:
-        tensors = load_file(str(path))
-        with safe_open(str(path), "pt") as f:
-            metadata = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{what} is unreadable (truncated or corrupted?): {err}; delete it and rerun the {STEP} "
-                         "step") from None
-    check_tensors_digest(tensors, metadata.get("sha256"), what, STEP)
+    tensors, metadata = load_checked_tensors(path, what, STEP)
     if metadata.get("fingerprint") != examples_fingerprint(examples):
         raise ValueError(f"{what} was computed on other divergence examples (the prompts in prompts.json, the "
                          f"tokenizer or training.max_len differ); delete it and rerun the {STEP} step")

@@ -13,13 +13,11 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from realign.data.sequences import collate
 from realign.device import autocast, model_device, on_device
-from realign.io import atomic_path, check_tensors_digest, tensors_sha256
+from realign.io import load_checked_tensors, save_checked_tensors
 from realign.recover.losses import supervised_log_probs, supervised_mask
 from realign.training import examples_fingerprint
 
@@ -44,11 +42,8 @@ def compute_teacher_top_k(teacher, examples: list[dict], top_k: int, temperature
 
 
 def save_teacher_top_k(cache: dict[str, torch.Tensor], path: str | Path, examples: list[dict], temperature: float):
-    tensors = {k: v.contiguous() for k, v in cache.items()}
-    metadata = {"fingerprint": examples_fingerprint(examples), "temperature": repr(float(temperature)),
-                "top_k": str(cache["values"].shape[1]), "sha256": tensors_sha256(tensors)}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    save_checked_tensors(cache, path, {"fingerprint": examples_fingerprint(examples),
+                                       "temperature": repr(float(temperature)), "top_k": str(cache["values"].shape[1])})
 
 
 class TeacherTopK:
@@ -57,14 +52,7 @@ class TeacherTopK:
 
     def __init__(self, path: str | Path, examples: list[dict], temperature: float):
         path = Path(path)
-        try:
-            tensors = load_file(str(path))
-            with safe_open(str(path), "pt") as f:
-                metadata = f.metadata() or {}
-        except (SafetensorError, OSError, ValueError) as err:
-            raise ValueError(f"teacher logits cache {path} is unreadable (truncated or corrupted?): {err}; "
-                             "delete it and rerun") from None
-        check_tensors_digest(tensors, metadata.get("sha256"), f"teacher logits cache {path}", "teacher_top_k")
+        tensors, metadata = load_checked_tensors(path, f"teacher logits cache {path}", "teacher_top_k")
         if metadata.get("fingerprint") != examples_fingerprint(examples):
             raise ValueError(f"teacher logits cache {path} was computed on other distillation examples (answers, "
                              "tokenizer or max_len differ); delete it and rerun")
