@@ -1,9 +1,11 @@
 """realign.analysis.settings: one typed object from `analysis:` and the seed, its defaults from the schema only."""
 
+import copy
 import dataclasses
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -75,3 +77,21 @@ def test_typed_frozen_and_overridable():
     assert AnalysisSettings.resolve(None) == AnalysisSettings.defaults()
     assert AnalysisSettings.resolve(settings, alpha=0.1) == dataclasses.replace(settings, alpha=0.1)
 
+
+def test_a_settings_object_and_keyword_overrides_give_the_same_analysis():
+    from realign.analysis.stats import analyze
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.02, 0.3, 10)
+    table = pd.DataFrame({"model": "m", "degradation": [f"d{i}" for i in range(10)], "recovery": "kd",
+                          "family": "pruning", "performance_metric": "bench_mean", "delta_cka": x,
+                          "recovery_fraction": 0.1 + 3 * x + rng.normal(0, 0.05, 10),
+                          "delta_kl": rng.normal(-0.2, 0.05, 10), "damage_within_noise": False,
+                          "gain_within_noise": False})
+    config = copy.deepcopy(DEFAULT)
+    config["analysis"].update(n_boot=200, n_perm=150, alpha=0.1, min_effect=0.4)
+    settings = AnalysisSettings.from_config(config)
+    by_object = analyze(table, settings)
+    by_keywords = analyze(table, n_boot=200, n_perm=150, alpha=0.1, min_effect=0.4, seed=config["seed"])
+    assert by_object == by_keywords
+    assert by_object["settings"]["n_perm"] == 150 and by_object["settings"]["seed"] == config["seed"]
