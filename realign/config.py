@@ -17,8 +17,8 @@ class ConfigError(ValueError):
     pass
 
 
-def _key_path(error: jsonschema.ValidationError) -> str:
-    return ".".join(str(p) for p in error.absolute_path) or "<top level>"
+def _key_path(error: jsonschema.ValidationError, prefix: tuple[str, ...] = ()) -> str:
+    return ".".join(str(p) for p in (*prefix, *error.absolute_path)) or "<top level>"
 
 
 def _describe(error: jsonschema.ValidationError) -> str:
@@ -54,20 +54,38 @@ def load_schema(path: str | Path) -> dict:
     return yaml.safe_load(Path(path).read_text())
 
 
-def validate_config(config: dict, schema: dict) -> dict:
-    """Return a validated copy of `config` with defaults filled; raise ConfigError naming the key."""
+def _check_schema(instance, schema: dict, prefix: tuple[str, ...] = ()) -> None:
+    """Raise ConfigError naming the key (under `prefix`, the path of `instance` in the config) of each error."""
     validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), _key_path(e)))
+    errors = sorted(validator.iter_errors(instance), key=lambda e: (len(e.absolute_path), _key_path(e, prefix)))
     if errors:
         # The deepest error usually names the real culprit (e.g. degradations.rtn.bits, not degradations.rtn).
         error = max(errors, key=lambda e: len(e.absolute_path))
-        lines = [f"invalid config key {_key_path(e)}: {_describe(e)}" for e in errors[:5]]
-        raise ConfigError(f"invalid config key {_key_path(error)}: {_describe(error)}"
+        lines = [f"invalid config key {_key_path(e, prefix)}: {_describe(e)}" for e in errors[:5]]
+        raise ConfigError(f"invalid config key {_key_path(error, prefix)}: {_describe(error)}"
                           + ("\nall problems:\n  " + "\n  ".join(lines) if len(errors) > 1 else ""))
+
+
+def validate_config(config: dict, schema: dict) -> dict:
+    """Return a validated copy of `config` with defaults filled; raise ConfigError naming the key."""
+    _check_schema(config, schema)
     config = copy.deepcopy(config)
     _apply_defaults(config, schema)
     _check_cross_references(config)
     return config
+
+
+def validate_key(config: dict, schema: dict, key: str):
+    """One top-level key of `config` checked against its part of `schema`, returned as a copy with the schema's
+    defaults filled (raises ConfigError naming the key, e.g. `analysis.alpha`). For code that reads one block
+    of a config (realign.analysis.settings); the cross-key checks of validate_config are not repeated."""
+    if key not in config:
+        raise ConfigError(f"invalid config key {key}: missing (a required top-level key)")
+    part = {**schema["properties"][key], "$defs": schema.get("$defs", {})}
+    _check_schema(config[key], part, (key,))
+    value = copy.deepcopy(config[key])
+    _apply_defaults(value, part)
+    return value
 
 
 def _study_blocks(config: dict) -> list[dict]:

@@ -1,16 +1,19 @@
 """Atomic file writing: nothing half-written is ever left where the next step reads it; and digests: a file
 written with `digest=True` gets a sidecar `<file>.sha256` (sha256sum format, `sha256sum -c` checks it), and a
-reader that asks for verification refuses a file whose bytes do not match it, or that has none."""
+reader that asks for verification refuses a file whose bytes do not match it, or that has none. Also
+`jsonable`: results (numpy and pandas scalars, NaN) as plain JSON values."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 DIGEST_SUFFIX = ".sha256"
@@ -189,6 +192,34 @@ def tensors_sha256(tensors: dict) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
+
+
+def jsonable(obj: Any) -> Any:
+    """Recursively convert numpy / pandas scalars to Python types and NaN/inf to None (results as JSON)."""
+    import numpy as np
+    import pandas as pd
+
+    def convert(obj):
+        if isinstance(obj, dict):
+            return {str(k): convert(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [convert(v) for v in obj]
+        if isinstance(obj, np.ndarray):
+            return [convert(v) for v in obj.tolist()]
+        if isinstance(obj, (bool, np.bool_)):
+            return bool(obj)
+        if isinstance(obj, (int, np.integer)):
+            return int(obj)
+        if isinstance(obj, (float, np.floating)):
+            x = float(obj)
+            return x if math.isfinite(x) else None
+        if obj is None or isinstance(obj, str):
+            return obj
+        if obj is pd.NA or obj is pd.NaT:
+            return None
+        return str(obj)
+
+    return convert(obj)
 
 
 def _json_default(obj):

@@ -4,19 +4,18 @@ import pandas as pd
 
 from realign.analysis.provenance import hardware, rule_timings
 from realign.analysis.report import render_report
-from realign.analysis.stats import analyze_with_controls, jsonable
+from realign.analysis.settings import AnalysisSettings
+from realign.analysis.stats import analyze_with_controls
 from realign.analysis.table import read_table
 from realign.data.stage import read_prompts
-from realign.io import read_json, read_parquet, write_json
+from realign.io import jsonable, read_json, read_parquet, write_json
 from realign.logs import route_to
 from realign.models.artifact import read_meta
 
 route_to(snakemake.log[0])
-analysis = snakemake.params.analysis
+settings = AnalysisSettings.from_config({"analysis": snakemake.params.analysis, "seed": snakemake.params.seed})
 table = read_table(snakemake.input.table)
-stats = analyze_with_controls(table, alpha=analysis["alpha"], min_effect=analysis["min_effect"],
-                              n_boot=analysis["n_boot"], n_perm=analysis["n_perm"], seed=snakemake.params.seed,
-                              min_n=analysis.get("min_n", 4), min_n_ci=analysis.get("min_n_ci", 8))
+stats = analyze_with_controls(table, settings)
 write_json(snakemake.output.stats, jsonable(stats))
 prompts = read_prompts(snakemake.input.prompts)
 teacher_meta = read_meta(snakemake.input.teachers[0])

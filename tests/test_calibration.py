@@ -1,6 +1,6 @@
-"""Calibration of the verdict by simulation (realign.analysis.stats.simulate_calibration).
+"""Calibration of the verdict by simulation (realign.analysis.calibration.simulate_calibration).
 
-The synthetic tables (stats.synthetic_table) have the default study's scales: every arm raises CKA by 0.01-0.10
+The synthetic tables (calibration.synthetic_table) have the default study's scales: every arm raises CKA by 0.01-0.10
 (so no artifact is a counterexample, null included), KL falls as CKA rises (correlation -0.5 with delta_cka,
 so OLS has to separate geometry from output matching), damage 0.15 beyond noise, recovery fraction
 0.5 +- 0.3, three families (so OLS fits C(family)). Thresholds are the config defaults: alpha 0.05,
@@ -25,7 +25,7 @@ Spearman rho and p criteria in 3 and 10.
 
 import time
 
-from realign.analysis.stats import simulate_calibration
+from realign.analysis.calibration import simulate_calibration
 
 SETTINGS = dict(alpha=0.05, min_effect=0.3, n_boot=500, n_perm=500)
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import pandas as pd
 
-from realign.analysis.stats import analyze, jsonable
+from realign.analysis.stats import analyze
+from realign.io import jsonable
 from item_records import records_for
 
 FAST = dict(n_boot=300, n_perm=300)
@@ -131,7 +132,7 @@ def _arm_row(recovery, method, P, se=0.02, cka=0.9, kl=0.5, teacher="none", degr
 def test_control_contrasts_pick_the_arms_and_holm_correct():
     from statsmodels.stats.multitest import multipletests
 
-    from realign.analysis.stats import control_contrasts, undamaged_self_distillation
+    from realign.analysis.contrasts import control_contrasts, undamaged_self_distillation
 
     table = pd.DataFrame([
         _arm_row("none", "none", 0.50, degradation="none", cka=1.0, kl=0.0),
@@ -194,7 +195,7 @@ def _two_task_table():
 
 
 def test_per_benchmark_hand_checked_two_tasks():
-    from realign.analysis.stats import per_benchmark
+    from realign.analysis.breakdowns import per_benchmark
 
     out = per_benchmark(_two_task_table(), n_boot=100, n_perm=100)
     rows = {r["task"]: r for r in out["rows"]}
@@ -217,7 +218,7 @@ def test_per_benchmark_hand_checked_two_tasks():
 
 
 def test_per_benchmark_spearman_per_task():
-    from realign.analysis.stats import per_benchmark
+    from realign.analysis.breakdowns import per_benchmark
     from realign.analysis.table import build_table
 
     rows = [_art("none", "none", (0.80, 0.60), 1.0, 0.0)]
@@ -244,7 +245,7 @@ def _mixed_rows(n_models, per_model=8, seed=0, coef=3.0, kl_coef=-0.5):
 
 
 def test_mixed_model_recovers_planted_fixed_effect():
-    from realign.analysis.stats import mixed_model
+    from realign.analysis.regression import mixed_model
 
     out = mixed_model(_mixed_rows(3))
     assert out["n_groups"] == 3 and out["n"] == 24 and out["groups"] == {"m0": 8, "m1": 8, "m2": 8}
@@ -257,7 +258,7 @@ def test_mixed_model_recovers_planted_fixed_effect():
 
 
 def test_mixed_model_skips_and_survives_singular_fits():
-    from realign.analysis.stats import mixed_model
+    from realign.analysis.regression import mixed_model
 
     assert "skipped" in mixed_model(_mixed_rows(1))
     two = _mixed_rows(2)
@@ -284,7 +285,7 @@ def test_mixed_model_skips_and_survives_singular_fits():
 def test_dose_response_planted_linear_trajectory():
     from scipy import stats as sps
 
-    from realign.analysis.stats import dose_response
+    from realign.analysis.dose_response import dose_response
     from realign.analysis.table import build_table
 
     rows = [_art("none", "none", (0.80, 0.60), 1.0, 0.0), _art("d1", "none", (0.40, 0.40), 0.70, 2.0)]
@@ -309,7 +310,7 @@ def test_dose_response_planted_linear_trajectory():
     json.dumps(run, allow_nan=False)
 
     # with scatter: slope, se and p as scipy's linregress; the CI is the t interval
-    from realign.analysis.stats import _slope
+    from realign.analysis.regression import slope as _slope
 
     x, y = np.array([0.0, 0.25, 0.5, 0.75, 1.0]), np.array([0.40, 0.49, 0.53, 0.64, 0.70])
     ref, got = sps.linregress(x, y), _slope(x, y, 0.05)

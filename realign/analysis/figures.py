@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from realign.analysis.stats import select_analysed  # noqa: E402
+from realign.analysis.selection import select_analysed  # noqa: E402
 
 _RC = {
     "svg.hashsalt": "realign",

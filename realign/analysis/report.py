@@ -15,8 +15,7 @@ import jinja2
 import pandas as pd
 
 from realign.analysis import figures
-from realign.analysis.stats import jsonable
-from realign.io import atomic_path
+from realign.io import atomic_path, jsonable
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "report"
 TEMPLATE_NAME = "report.html.j2"
