@@ -182,8 +182,9 @@ def test_fetch_wheel_requires_an_exact_pin(tmp_path):
 
 def test_nll_and_hidden_states_equal_the_full_forward(tiny):
     """mean_nll scores only the positions that predict a supervised token (LM head from the batch's first one on,
-    float64 log-softmax on those rows) and capture keeps no logits; both must give exactly what scoring every
-    position of the padded batch gives."""
+    float64 log-softmax on those rows), and capture keeps no logits and batches sequences of equal length: the NLLs
+    must equal scoring every position of the padded batch (to rounding), the hidden states each sequence's own
+    forward (to the last bit)."""
     import torch.nn.functional as F
 
     from realign.data.sequences import IGNORE, collate, packed_chunks
@@ -210,8 +211,10 @@ def test_nll_and_hidden_states_equal_the_full_forward(tiny):
         total, count = sum(e["nll_sum"] for e in expected), sum(e["n_tokens"] for e in expected)
         pooled = mean_nll(model, examples, tokenizer.pad_token_id, batch_size)
         assert pooled["n_tokens"] == count and pooled["nll"] == pytest.approx(total / count, rel=1e-12)
-    sequences = [e["input_ids"] for e in chat]
-    acts = capture(model, sequences, sample_positions([list(range(1, len(q))) for q in sequences], 5, seed=1))
+    # Sequences of equal length run as one batch (in chunks of batch_size): each row as if it ran alone.
+    sequences = [e["input_ids"] for e in chat] + [e["input_ids"][:12] for e in chat]
+    pairs = sample_positions([list(range(1, len(q))) for q in sequences], 5, seed=1)
+    acts = capture(model, sequences, pairs, batch_size=3)
     with torch.no_grad():
         full = [model(input_ids=s[None], output_hidden_states=True).hidden_states for s in sequences]
     for i in range(model.config.num_hidden_layers + 1):

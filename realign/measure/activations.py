@@ -67,27 +67,40 @@ def sample_positions(candidates: list[list[int]], per_sequence: int, seed: int) 
 
 
 @torch.no_grad()
-def capture(model, sequences: list[torch.Tensor], pairs: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+def capture(model, sequences: list[torch.Tensor], pairs: list[tuple[int, int]],
+            batch_size: int = 16) -> dict[str, torch.Tensor]:
     """Hidden states at the (sequence, position) `pairs` (sample_positions): {"layer.{i}": [n_tokens, d] float32
-    for i in 0..L (0 = embeddings, L = the final post-norm state), "token_index": [n, 2]}."""
+    for i in 0..L (0 = embeddings, L = the final post-norm state), "token_index": [n, 2]}.
+
+    On CPU, sequences of equal length (most probe sequences are cut at the same token budget) run together, up
+    to `batch_size` at a time and without padding: each row's hidden states are the same to the last bit as
+    when the sequence runs alone (tests/test_measure.py), and a batch of 128-token sequences ran ~5x faster on
+    the default study's machine than one sequence at a time. Elsewhere every sequence runs alone, as before
+    (batched bf16 GEMMs on a GPU may round differently, which was not checked)."""
     model.eval()
     device = model_device(model)
     by_sequence: dict[int, list[int]] = {}
     for seq, pos in pairs:
         by_sequence.setdefault(seq, []).append(pos)
-    layers: list[list[torch.Tensor]] | None = None
-    for seq, positions in by_sequence.items():
-        with autocast(device):
-            # Only the hidden states are kept: the LM head runs on the last position alone.
-            hidden = model(input_ids=sequences[seq][None].to(device), output_hidden_states=True,
-                           **keep_logits(model, 1)).hidden_states
-        if layers is None:
-            layers = [[] for _ in hidden]
-        for i, h in enumerate(hidden):
-            layers[i].append(h[0, positions].float().cpu())
-    if layers is None:
+    if torch.device(device).type != "cpu":
+        batch_size = 1
+    same_length: dict[int, list[int]] = {}
+    for seq in by_sequence:
+        same_length.setdefault(len(sequences[seq]), []).append(seq)
+    picked: dict[int, list[torch.Tensor]] = {}  # sequence -> its sampled positions' hidden states, per layer
+    for members in same_length.values():
+        for start in range(0, len(members), batch_size):
+            chunk = members[start:start + batch_size]
+            with autocast(device):
+                # Only the hidden states are kept: the LM head runs on the last position alone.
+                hidden = model(input_ids=torch.stack([sequences[seq] for seq in chunk]).to(device),
+                               output_hidden_states=True, **keep_logits(model, 1)).hidden_states
+            for row, seq in enumerate(chunk):
+                picked[seq] = [h[row, by_sequence[seq]].float().cpu() for h in hidden]
+    if not picked:
         raise ValueError("no probe position to capture: the probe set is empty")
-    out = {f"layer.{i}": torch.cat(chunks) for i, chunks in enumerate(layers)}
+    n_layers = len(next(iter(picked.values())))
+    out = {f"layer.{i}": torch.cat([picked[seq][i] for seq in by_sequence]) for i in range(n_layers)}
     out["token_index"] = torch.tensor(pairs, dtype=torch.long)
     return out
 
