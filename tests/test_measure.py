@@ -212,11 +212,19 @@ def test_nll_and_hidden_states_equal_the_full_forward(tiny):
         pooled = mean_nll(model, examples, tokenizer.pad_token_id, batch_size)
         assert pooled["n_tokens"] == count and pooled["nll"] == pytest.approx(total / count, rel=1e-12)
     # Sequences of equal length run as one batch (in chunks of batch_size): each row as if it ran alone.
+    # A mixture-of-experts model groups a batch's tokens per expert, which changes the last bits: one at a time.
+    from transformers import AutoModelForCausalLM
+
+    from realign.models.tiny import tiny_config
+
+    torch.manual_seed(0)
+    moe = AutoModelForCausalLM.from_config(tiny_config("mixtral", vocab_size=len(tokenizer))).eval()
     sequences = [e["input_ids"] for e in chat] + [e["input_ids"][:12] for e in chat]
     pairs = sample_positions([list(range(1, len(q))) for q in sequences], 5, seed=1)
-    acts = capture(model, sequences, pairs, batch_size=3)
-    with torch.no_grad():
-        full = [model(input_ids=s[None], output_hidden_states=True).hidden_states for s in sequences]
-    for i in range(model.config.num_hidden_layers + 1):
-        expected = torch.cat([full[seq][i][0, pos][None] for seq, pos in acts["token_index"].tolist()])
-        assert torch.equal(acts[f"layer.{i}"], expected)
+    for m in (model, moe):
+        acts = capture(m, sequences, pairs, batch_size=3)
+        with torch.no_grad():
+            full = [m(input_ids=s[None], output_hidden_states=True).hidden_states for s in sequences]
+        for i in range(m.config.num_hidden_layers + 1):
+            expected = torch.cat([full[seq][i][0, pos][None] for seq, pos in acts["token_index"].tolist()])
+            assert torch.equal(acts[f"layer.{i}"], expected)

@@ -66,23 +66,33 @@ def sample_positions(candidates: list[list[int]], per_sequence: int, seed: int) 
     return pairs
 
 
+def _routes_to_experts(model) -> bool:
+    """Whether the model has mixture-of-experts layers: its config counts experts, or it has transformers'
+    experts modules (as realign.degrade.targets recognises them)."""
+    from realign.degrade.targets import _is_experts
+    from realign.models.checks import facts_from_config
+
+    return facts_from_config(model.config.to_dict()).experts is not None or any(map(_is_experts, model.modules()))
+
+
 @torch.no_grad()
 def capture(model, sequences: list[torch.Tensor], pairs: list[tuple[int, int]],
             batch_size: int = 16) -> dict[str, torch.Tensor]:
     """Hidden states at the (sequence, position) `pairs` (sample_positions): {"layer.{i}": [n_tokens, d] float32
     for i in 0..L (0 = embeddings, L = the final post-norm state), "token_index": [n, 2]}.
 
-    On CPU, sequences of equal length (most probe sequences are cut at the same token budget) run together, up
-    to `batch_size` at a time and without padding: each row's hidden states are the same to the last bit as
-    when the sequence runs alone (tests/test_measure.py), and a batch of 128-token sequences ran ~5x faster on
-    the default study's machine than one sequence at a time. Elsewhere every sequence runs alone, as before
-    (batched bf16 GEMMs on a GPU may round differently, which was not checked)."""
+    On CPU, sequences of equal length (most probe sequences are cut at the same token budget) of a dense model
+    run together, up to `batch_size` at a time and without padding: each row's hidden states are the same to the
+    last bit as when the sequence runs alone (tests/test_measure.py), and a batch of 128-token sequences ran ~5x
+    faster on the default study's machine than one sequence at a time. Otherwise every sequence runs alone, as
+    before: a mixture-of-experts layer groups the batch's tokens per expert, which changed the last bits on
+    Mixtral, and batched bf16 GEMMs on a GPU may round differently (not checked)."""
     model.eval()
     device = model_device(model)
     by_sequence: dict[int, list[int]] = {}
     for seq, pos in pairs:
         by_sequence.setdefault(seq, []).append(pos)
-    if torch.device(device).type != "cpu":
+    if torch.device(device).type != "cpu" or _routes_to_experts(model):
         batch_size = 1
     same_length: dict[int, list[int]] = {}
     for seq in by_sequence:
