@@ -211,18 +211,26 @@ def test_nll_and_hidden_states_equal_the_full_forward(tiny):
         total, count = sum(e["nll_sum"] for e in expected), sum(e["n_tokens"] for e in expected)
         pooled = mean_nll(model, examples, tokenizer.pad_token_id, batch_size)
         assert pooled["n_tokens"] == count and pooled["nll"] == pytest.approx(total / count, rel=1e-12)
-    # Sequences of equal length run as one batch (in chunks of batch_size): each row as if it ran alone.
-    # A mixture-of-experts model groups a batch's tokens per expert, which changes the last bits: one at a time.
+    # Sequences of equal length run as one batch (in chunks of batch_size): each row as if it ran alone. Short ones
+    # (fewer rows than MIN_BATCHED_TOKENS, which changed the last bits) and those of a mixture-of-experts model (which
+    # groups a batch's tokens per expert) run one at a time.
     from transformers import AutoModelForCausalLM
 
+    from realign.measure.activations import MIN_BATCHED_TOKENS
     from realign.models.tiny import tiny_config
 
     torch.manual_seed(0)
     moe = AutoModelForCausalLM.from_config(tiny_config("mixtral", vocab_size=len(tokenizer))).eval()
-    sequences = [e["input_ids"] for e in chat] + [e["input_ids"][:12] for e in chat]
+    long = [chat_example(tokenizer, "q " * (3 * i + 1), f"answer {i} " * 30, 64)["input_ids"] for i in range(7)]
+    sequences = ([s[:MIN_BATCHED_TOKENS] for s in long] + [s[:MIN_BATCHED_TOKENS + 9] for s in long[:4]]
+                 + [s[:10] for s in long[:3]] + [e["input_ids"] for e in chat])
     pairs = sample_positions([list(range(1, len(q))) for q in sequences], 5, seed=1)
-    for m in (model, moe):
+    for m, batched in ((model, True), (moe, False)):
+        rows = []
+        hook = m.register_forward_pre_hook(lambda _, args, kwargs: rows.append(kwargs["input_ids"].shape), with_kwargs=True)
         acts = capture(m, sequences, pairs, batch_size=3)
+        hook.remove()
+        assert max(n for n, _ in rows) == (3 if batched else 1) and all(n == 1 for n, t in rows if t < MIN_BATCHED_TOKENS)
         with torch.no_grad():
             full = [m(input_ids=s[None], output_hidden_states=True).hidden_states for s in sequences]
         for i in range(m.config.num_hidden_layers + 1):

@@ -21,6 +21,10 @@ from realign.device import autocast, keep_logits, model_device
 from realign.io import atomic_path, check_tensors_digest, tensors_sha256
 
 FLOAT16_MAX = 65504.0
+# Shorter probe sequences run alone, never batched: a GEMM's rows are not always independent of how many rows it
+# has. On the default study's CPU (torch 2.13, MKL) a product of 1-3, 5-7 or 9-11 rows gave other last bits than the
+# same rows inside a larger product, so a short sequence alone (few rows) and batched (many) differed.
+MIN_BATCHED_TOKENS = 32
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -81,12 +85,14 @@ def capture(model, sequences: list[torch.Tensor], pairs: list[tuple[int, int]],
     """Hidden states at the (sequence, position) `pairs` (sample_positions): {"layer.{i}": [n_tokens, d] float32
     for i in 0..L (0 = embeddings, L = the final post-norm state), "token_index": [n, 2]}.
 
-    On CPU, sequences of equal length (most probe sequences are cut at the same token budget) of a dense model
-    run together, up to `batch_size` at a time and without padding: each row's hidden states are the same to the
-    last bit as when the sequence runs alone (tests/test_measure.py), and a batch of 128-token sequences ran ~5x
-    faster on the default study's machine than one sequence at a time. Otherwise every sequence runs alone, as
-    before: a mixture-of-experts layer groups the batch's tokens per expert, which changed the last bits on
-    Mixtral, and batched bf16 GEMMs on a GPU may round differently (not checked)."""
+    On CPU, sequences of equal length (most probe sequences are cut at the same token budget) of a dense model,
+    of at least MIN_BATCHED_TOKENS tokens, run together, up to `batch_size` at a time and without padding: each
+    row's hidden states were the same to the last bit as when the sequence runs alone (tests/test_measure.py, and
+    SmolLM2-135M on the default probe set; an empirical property of the CPU's GEMMs, not a guarantee), and a batch
+    of 128-token sequences ran ~5x faster on the default study's machine than one sequence at a time. Otherwise
+    every sequence runs alone, as before: a short sequence's GEMMs have few rows, whose last bits changed with the
+    row count (MIN_BATCHED_TOKENS); a mixture-of-experts layer groups the batch's tokens per expert, which changed
+    the last bits on Mixtral; and batched bf16 GEMMs on a GPU may round differently (not checked)."""
     model.eval()
     device = model_device(model)
     by_sequence: dict[int, list[int]] = {}
@@ -98,9 +104,10 @@ def capture(model, sequences: list[torch.Tensor], pairs: list[tuple[int, int]],
     for seq in by_sequence:
         same_length.setdefault(len(sequences[seq]), []).append(seq)
     picked: dict[int, list[torch.Tensor]] = {}  # sequence -> its sampled positions' hidden states, per layer
-    for members in same_length.values():
-        for start in range(0, len(members), batch_size):
-            chunk = members[start:start + batch_size]
+    for length, members in same_length.items():
+        step = batch_size if length >= MIN_BATCHED_TOKENS else 1
+        for start in range(0, len(members), step):
+            chunk = members[start:start + step]
             with autocast(device):
                 # Only the hidden states are kept: the LM head runs on the last position alone.
                 hidden = model(input_ids=torch.stack([sequences[seq] for seq in chunk]).to(device),
