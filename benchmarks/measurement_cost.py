@@ -69,6 +69,7 @@ import cProfile
 import contextlib
 import io
 import json
+import math
 import os
 import platform
 import pstats
@@ -302,9 +303,12 @@ def patch_continuation_rows(hflm) -> callable:
     behind), gathers the continuation rows of the final hidden states in a forward pre-hook on the output
     embedding, and returns logits for the last K positions only (K: enough to cover every row's continuation),
     zero elsewhere. lm-eval's own slice (its `ctx_len` offset for a logits tensor shorter than the input)
-    reads exactly the computed rows; the log-probabilities are the same to the last bit (a GEMM row and a
-    log-softmax row do not depend on the other rows). Anything unexpected (no known request for a row, a
-    seq2seq call) falls back to the full forward."""
+    reads exactly the computed rows. Anything unexpected (no known request for a row, a seq2seq call) falls back
+    to the full forward. The log-probabilities are NOT guaranteed to be the same to the last bit: a GEMM's rows
+    can depend on how many rows it has (on the default study's CPU, products of 1-3, 5-7 or 9-11 rows took other
+    last bits than the same rows in a larger one), and the head here multiplies fewer rows than lm-eval's;
+    `--compare` says whether a run's answers equal another's. A subclass of HFLM doing the same with
+    `logits_to_keep` changed the last bits of an answer on a tiny Llama (batch 4), so realign does not use it."""
     import torch
 
     original_ll, original_call = hflm._loglikelihood_tokens, hflm._model_call
@@ -509,6 +513,18 @@ def top_functions(profiler: cProfile.Profile, n: int = 40) -> str:
     return out.getvalue()
 
 
+def largest_difference(a, b) -> float:
+    """The largest relative difference between the numbers of two JSON values of the same shape (inf where the
+    shapes or other values differ)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return max((largest_difference(a[k], b[k]) for k in a), default=0.0) if set(a) == set(b) else math.inf
+    if isinstance(a, list) and isinstance(b, list):
+        return max(map(largest_difference, a, b), default=0.0) if len(a) == len(b) else math.inf
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return 0.0 if a == b else abs(a - b) / max(abs(a), abs(b))
+    return 0.0 if a == b else math.inf
+
+
 def teacher_activations(study: Path, model: str, artifact: Path, teacher: Path, own: Path) -> tuple[Path, str]:
     """What the CKA step compares the artifact's activations with: the study's teacher cache when it holds the same
     probe tokens as `own` (the artifact's, just captured), else `own` (the same work)."""
@@ -672,20 +688,23 @@ def main() -> None:
     if args.compare:
         other = json.loads(args.compare.read_text())
         figures["same_as"] = {"run": str(args.compare)}
+        mine_div, their_div = figures.get("divergence"), other.get("divergence")
+        if mine_div is not None and their_div is not None:  # what both versions report, not the cache's path
+            common = sorted(set(mine_div) & set(their_div) - {"teacher_outputs", "teacher"})
+            mine_div, their_div = ({k: d[k] for k in common} for d in (mine_div, their_div))
         pairs = {"evaluate benchmarks": (figures.get("evaluate", {}).get("benchmarks"),
                                          other.get("evaluate", {}).get("benchmarks")),
                  "evaluate perplexity": (figures.get("evaluate", {}).get("perplexity"),
                                          other.get("evaluate", {}).get("perplexity")),
                  "lm-eval answers": (figures.get("lm_eval_answers"), other.get("lm_eval_answers")),
-                 "divergence": ({k: v for k, v in figures.get("divergence", {}).items() if k != "teacher_outputs"}
-                                or None, {k: v for k, v in other.get("divergence", {}).items()
-                                          if k not in ("teacher_outputs", "teacher")} or None)}
+                 "divergence": (mine_div, their_div)}
         for what, (mine, theirs) in pairs.items():
             same = None if mine is None or theirs is None else json.dumps(mine, sort_keys=True) == json.dumps(
                 theirs, sort_keys=True)
             figures["same_as"][what] = same
+            gap = f", largest relative difference {largest_difference(mine, theirs):.2g}" if same is False else ""
             print(f"  {what}: " + {None: "not in both runs", True: "identical", False: "DIFFERENT"}[same]
-                  + f" (vs {args.compare})")
+                  + f"{gap} (vs {args.compare})")
     json_path.write_text(json.dumps(figures, indent=2, default=str))
     print(f"\nfigures: {json_path}")
     if args.keep_scratch:
