@@ -182,8 +182,9 @@ def test_fetch_wheel_requires_an_exact_pin(tmp_path):
 
 def test_nll_and_hidden_states_equal_the_full_forward(tiny):
     """mean_nll scores only the positions that predict a supervised token (LM head from the batch's first one on,
-    float64 log-softmax on those rows) and capture keeps no logits; both must give exactly what scoring every
-    position of the padded batch gives."""
+    float64 log-softmax on those rows), and capture keeps no logits and batches sequences of equal length: the NLLs
+    must equal scoring every position of the padded batch (to rounding), the hidden states each sequence's own
+    forward (to the last bit)."""
     import torch.nn.functional as F
 
     from realign.data.sequences import IGNORE, collate, packed_chunks
@@ -210,10 +211,28 @@ def test_nll_and_hidden_states_equal_the_full_forward(tiny):
         total, count = sum(e["nll_sum"] for e in expected), sum(e["n_tokens"] for e in expected)
         pooled = mean_nll(model, examples, tokenizer.pad_token_id, batch_size)
         assert pooled["n_tokens"] == count and pooled["nll"] == pytest.approx(total / count, rel=1e-12)
-    sequences = [e["input_ids"] for e in chat]
-    acts = capture(model, sequences, sample_positions([list(range(1, len(q))) for q in sequences], 5, seed=1))
-    with torch.no_grad():
-        full = [model(input_ids=s[None], output_hidden_states=True).hidden_states for s in sequences]
-    for i in range(model.config.num_hidden_layers + 1):
-        expected = torch.cat([full[seq][i][0, pos][None] for seq, pos in acts["token_index"].tolist()])
-        assert torch.equal(acts[f"layer.{i}"], expected)
+    # Sequences of equal length run as one batch (in chunks of batch_size): each row as if it ran alone. Short ones
+    # (fewer rows than MIN_BATCHED_TOKENS, which changed the last bits) and those of a mixture-of-experts model (which
+    # groups a batch's tokens per expert) run one at a time.
+    from transformers import AutoModelForCausalLM
+
+    from realign.measure.activations import MIN_BATCHED_TOKENS
+    from realign.models.tiny import tiny_config
+
+    torch.manual_seed(0)
+    moe = AutoModelForCausalLM.from_config(tiny_config("mixtral", vocab_size=len(tokenizer))).eval()
+    long = [chat_example(tokenizer, "q " * (3 * i + 1), f"answer {i} " * 30, 64)["input_ids"] for i in range(7)]
+    sequences = ([s[:MIN_BATCHED_TOKENS] for s in long] + [s[:MIN_BATCHED_TOKENS + 9] for s in long[:4]]
+                 + [s[:10] for s in long[:3]] + [e["input_ids"] for e in chat])
+    pairs = sample_positions([list(range(1, len(q))) for q in sequences], 5, seed=1)
+    for m, batched in ((model, True), (moe, False)):
+        rows = []
+        hook = m.register_forward_pre_hook(lambda _, args, kwargs: rows.append(kwargs["input_ids"].shape), with_kwargs=True)
+        acts = capture(m, sequences, pairs, batch_size=3)
+        hook.remove()
+        assert max(n for n, _ in rows) == (3 if batched else 1) and all(n == 1 for n, t in rows if t < MIN_BATCHED_TOKENS)
+        with torch.no_grad():
+            full = [m(input_ids=s[None], output_hidden_states=True).hidden_states for s in sequences]
+        for i in range(m.config.num_hidden_layers + 1):
+            expected = torch.cat([full[seq][i][0, pos][None] for seq, pos in acts["token_index"].tolist()])
+            assert torch.equal(acts[f"layer.{i}"], expected)

@@ -16,10 +16,17 @@ from realign.measure.activations import (capture, content_positions, load_activa
 from realign.measure.cka import linear_cka
 from realign.measure.divergence import cached_divergence, pooled_nll, sequence_nlls
 from realign.measure.similarity import compare_layers, percentile_ci
-from realign.models.artifact import load_artifact
 
 NULL_SEED_OFFSET = 7919  # the random-init null model's seed is the study seed + this
 MEASURES = ("linear_cka", "debiased_cka", "rbf_cka", "procrustes_sim", "knn_overlap")
+
+
+def load_artifact(artifact_dir, device: str | None = None):
+    """realign.models.artifact.load_artifact, imported on first use: the CKA and null-floor jobs load no model,
+    and importing transformers would cost them ~2 s of their ~7 s."""
+    from realign.models.artifact import load_artifact as load
+
+    return load(artifact_dir, device=device)
 
 
 def probe_sequences(tokenizer, records: list[dict], max_tokens: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
