@@ -1,7 +1,10 @@
 """One training loop for every method that updates weights (forgetting SFT and all recoveries).
 
 Losses are plain functions `loss_fn(model, batch) -> scalar tensor`; constraints are parametrizations attached
-to the model before the loop, so the loop itself never needs to know what kind of damage it works under.
+to the model before the loop, so the loop itself never needs to know what kind of damage it works under. A loss
+with a state of its own (alignment-held's Lagrange multipliers) is an object that also has `step_metrics()`
+(what the curve and the log record for the step) and `state_dict()` / `load_state_dict()` (saved with the
+training state, so a resumed run continues the same multipliers).
 """
 
 from __future__ import annotations
@@ -102,17 +105,22 @@ def _differences(saved, current: str) -> str:
     return ", ".join(keys)
 
 
-def save_train_state(path: Path, step: int, curve: list[dict], params, optimizer, scheduler, fingerprint: str):
-    """Everything needed to continue the run bit for bit: trainable weights, optimizer and schedule, RNG, curve."""
+def save_train_state(path: Path, step: int, curve: list[dict], params, optimizer, scheduler, fingerprint: str,
+                     loss_fn=None):
+    """Everything needed to continue the run bit for bit: trainable weights, optimizer and schedule, RNG, curve,
+    and the loss's own state when it has one."""
     state = {"step": step, "curve": curve, "fingerprint": fingerprint,
              "params": {name: p.detach().cpu() for name, p in params},
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "torch_rng": torch.get_rng_state()}
+    if hasattr(loss_fn, "state_dict"):
+        state["loss"] = loss_fn.state_dict()
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
-def load_train_state(path: Path, params, optimizer, scheduler, fingerprint: str) -> tuple[int, list[dict]] | None:
+def load_train_state(path: Path, params, optimizer, scheduler, fingerprint: str,
+                     loss_fn=None) -> tuple[int, list[dict]] | None:
     """Restore a saved state into params/optimizer/scheduler/RNG; returns (step, curve), or None after deleting a
     stale state (one saved by another run: other config, examples, parent model, teacher...), which must not be
     continued; an unreadable state is an error."""
@@ -132,13 +140,23 @@ def load_train_state(path: Path, params, optimizer, scheduler, fingerprint: str)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
+    if hasattr(loss_fn, "load_state_dict"):
+        loss_fn.load_state_dict(state["loss"])
     return state["step"], state["curve"]
+
+
+def _compact(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return "[" + " ".join(_compact(v) for v in value) + "]"
+    return str(value)
 
 
 def train(model, examples: list[dict], loss_fn, cfg: TrainConfig, pad_id: int, checkpoint_steps=(),
           on_checkpoint=None, state_path: str | Path | None = None, state_every: int = 0,
           run_identity: dict | None = None, on_restart=None) -> list[dict]:
-    """Run `cfg.steps` optimizer steps; returns the training curve [{step, loss, lr}].
+    """Run `cfg.steps` optimizer steps; returns the training curve [{step, loss, lr, **loss_fn.step_metrics()}].
 
     After each step in `checkpoint_steps`, `on_checkpoint(model, step, curve_so_far)` may save the model (the
     schedule is that of the whole run, so a checkpoint is the state of the full run at that step).
@@ -165,7 +183,7 @@ def train(model, examples: list[dict], loss_fn, cfg: TrainConfig, pad_id: int, c
     fingerprint = _fingerprint(cfg, examples, named, run_identity)
     resumed = None
     if state_path is not None and state_path.is_file():
-        resumed = load_train_state(state_path, named, optimizer, scheduler, fingerprint)
+        resumed = load_train_state(state_path, named, optimizer, scheduler, fingerprint, loss_fn)
     if resumed is not None:
         first_step, curve = resumed
         log.info("resuming from %s at step %d of %d", state_path, first_step, cfg.steps)
@@ -193,15 +211,17 @@ def train(model, examples: list[dict], loss_fn, cfg: TrainConfig, pad_id: int, c
             raise FloatingPointError(f"training diverged: gradient norm is {grad_norm.item()} at step {step}")
         optimizer.step()
         scheduler.step()
-        curve.append({"step": step + 1, "loss": step_loss, "lr": optimizer.param_groups[0]["lr"]})
+        extra = loss_fn.step_metrics() if hasattr(loss_fn, "step_metrics") else {}
+        curve.append({"step": step + 1, "loss": step_loss, "lr": optimizer.param_groups[0]["lr"], **extra})
         bar.set_postfix(loss=f"{step_loss:.4f}")
-        log.info("step %d/%d loss %.4f", step + 1, cfg.steps, step_loss)
+        log.info("step %d/%d loss %.4f%s", step + 1, cfg.steps, step_loss,
+                 "".join(f" {k} {_compact(v)}" for k, v in extra.items()))
         if step + 1 in checkpoint_steps and on_checkpoint is not None:
             model.eval()
             on_checkpoint(model, step + 1, list(curve))
             model.train()
         if state_path is not None and (step + 1) % state_every == 0 and step + 1 < cfg.steps:
-            save_train_state(state_path, step + 1, curve, named, optimizer, scheduler, fingerprint)
+            save_train_state(state_path, step + 1, curve, named, optimizer, scheduler, fingerprint, loss_fn)
     model.eval()
     if state_path is not None:
         state_path.unlink(missing_ok=True)

@@ -78,15 +78,26 @@ def clamp_prompts(prompts: list[list[int]], budget: int | None) -> tuple[list[li
     return [p[-budget:] for p in prompts], sum(len(p) > budget for p in prompts)
 
 
-def chat_example(tokenizer, instruction: str, answer: str, max_len: int) -> dict:
-    """Prompt tokens (no loss) + answer tokens + EOS (loss), truncated to `max_len` tokens."""
-    prompt = chat_prompt_ids(tokenizer, instruction)
+def chat_example(tokenizer, instruction: str, answer: str, max_len: int, content: bool = False) -> dict:
+    """Prompt tokens (no loss) + answer tokens + EOS (loss), truncated to `max_len` tokens.
+
+    `content=True` adds a bool `content` flag per token, as the probe's (realign.measure.stage.probe_sequences):
+    instruction text (chat_prompt_content) and answer text, never the template's tokens nor the closing EOS."""
+    if content:
+        prompt, flags = chat_prompt_content(tokenizer, instruction)
+    else:
+        prompt, flags = chat_prompt_ids(tokenizer, instruction), None
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     # Keep at least a few answer tokens even for long prompts: cut the prompt from the left.
-    prompt = prompt[-max(1, max_len - min(len(answer_ids), max_len // 2)):]
+    keep = max(1, max_len - min(len(answer_ids), max_len // 2))
+    prompt = prompt[-keep:]
     ids = (prompt + answer_ids)[:max_len]
     labels = ([IGNORE] * len(prompt) + answer_ids)[:max_len]
-    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+    example = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+    if content:
+        example["content"] = torch.tensor((flags[-keep:] + [True] * (len(answer_ids) - 1) + [False])[:max_len],
+                                          dtype=torch.bool)
+    return example
 
 
 def packed_chunks(tokenizer, texts: list[str], seq_len: int, max_chunks: int | None = None) -> list[dict]:
@@ -106,7 +117,8 @@ def packed_chunks(tokenizer, texts: list[str], seq_len: int, max_chunks: int | N
 
 def collate(examples: list[dict], pad_id: int) -> dict:
     """Right-pad a list of examples into a batch with an attention mask; examples that carry an `index` (their
-    position in the training set, used to look up cached teacher outputs) pass it on as `batch["index"]`."""
+    position in the training set, used to look up cached teacher outputs) pass it on as `batch["index"]`, and
+    examples that carry `content` flags pass them on as `batch["content"]` (False on padding)."""
     length = max(len(e["input_ids"]) for e in examples)
     batch = {"input_ids": torch.full((len(examples), length), pad_id, dtype=torch.long),
              "labels": torch.full((len(examples), length), IGNORE, dtype=torch.long),
@@ -118,6 +130,10 @@ def collate(examples: list[dict], pad_id: int) -> dict:
         batch["attention_mask"][i, :n] = 1
     if all("index" in e for e in examples):
         batch["index"] = torch.tensor([e["index"] for e in examples])
+    if all("content" in e for e in examples):  # chat_example(content=True); padding is never content
+        batch["content"] = torch.zeros((len(examples), length), dtype=torch.bool)
+        for i, e in enumerate(examples):
+            batch["content"][i, :len(e["content"])] = e["content"]
     return batch
 
 

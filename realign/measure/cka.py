@@ -60,6 +60,27 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor, debiased: bool = False) -> floa
     return float(hxy / denominator)
 
 
+def debiased_cka(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Debiased linear CKA as a differentiable scalar: the measurement's estimator (linear_cka(debiased=True)),
+    for a training objective that must constrain the very number the study reports.
+
+    Same HSIC_1 code, not a re-derivation; only the dtype differs: float32, because a training step cannot afford
+    float64 GEMMs on a GPU. That is safe after centring: the U-statistic is invariant to a shift of the features,
+    and removing the few huge constant dimensions of hidden states first is what keeps float32 from cancelling
+    (the fast path below does the same). Agrees with the float64 reference to ~1e-5 (tests/test_held.py)."""
+    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"need [n, d] inputs with the same n, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.shape[0] < 4:
+        raise ValueError(f"debiased CKA needs at least 4 samples, got {x.shape[0]}")
+    x, y = x.float(), y.float()
+    x, y = x - x.mean(0, keepdim=True), y - y.mean(0, keepdim=True)
+    hxx, hyy = _unbiased_hsic(x, x), _unbiased_hsic(y, y)
+    if not (hxx > 0 and hyy > 0):  # a (near-)constant representation, or too few tokens for the estimate
+        raise ValueError(f"debiased CKA is undefined here: self-HSIC {float(hxx):.3g} and {float(hyy):.3g} "
+                         f"on {x.shape[0]} samples")
+    return _unbiased_hsic(x, y) / torch.sqrt(hxx * hyy)
+
+
 def _centered_gram_rbf(x: torch.Tensor, sigma: float | None) -> torch.Tensor:
     sq = (x * x).sum(1)
     dist2 = (sq[:, None] + sq[None, :] - 2 * x @ x.T).clamp_min(0)

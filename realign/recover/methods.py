@@ -11,6 +11,8 @@ Self-distillation:
 - `cka-kd`: kd + align_weight * (1 - minibatch linear CKA) at `layers` (CKA-regularised distillation).
 Controls:
 - `alignment-blocked`: kd + align_weight * CKA: the logits are matched while layer CKA is pushed down;
+- `alignment-held`: kd under a ceiling on each pre-registered layer's debiased CKA to the teacher (the damaged
+         model's, plus a dose), enforced by an augmented Lagrangian (realign.recover.held);
 - `alignment-only`: align_weight * (1 - CKA) (or the hidden-state MSE), no logits;
 - `sft`: SFT on external reference answers, no teacher.
 """
@@ -27,11 +29,11 @@ from realign.degrade import constraints
 from realign.device import autocast, model_device, on_device
 from realign.recover.losses import (coarsen_top_k, cross_entropy, divergence, layer_cka, layer_mse,
                                     supervised_log_probs, supervised_mask, top_k_with_tail)
-from realign.training import TrainConfig, train
+from realign.training import TrainConfig, example_order, train
 
-METHODS = ("kd", "sdft", "onpolicy", "cka-kd", "alignment-blocked", "alignment-only", "sft")
-NEEDS_TEACHER_LOGITS = ("kd", "cka-kd", "alignment-blocked")
-NEEDS_TEACHER_HIDDEN = ("cka-kd", "alignment-blocked", "alignment-only")
+METHODS = ("kd", "sdft", "onpolicy", "cka-kd", "alignment-blocked", "alignment-held", "alignment-only", "sft")
+NEEDS_TEACHER_LOGITS = ("kd", "cka-kd", "alignment-blocked", "alignment-held")
+NEEDS_TEACHER_HIDDEN = ("cka-kd", "alignment-blocked", "alignment-held", "alignment-only")
 DEMONSTRATION_TEMPLATE = ("{instruction}\n\nThis is an example of a good response:\n{reference}\n\n"
                           "Now write your own response to the request.")
 
@@ -53,12 +55,14 @@ def training_targets(method: str, params: dict) -> str:
     return "teacher_answer"
 
 
-def build_examples(tokenizer, records: list[dict], answer_key: str, max_len: int) -> list[dict]:
+def build_examples(tokenizer, records: list[dict], answer_key: str, max_len: int, content: bool = False) -> list[dict]:
+    """Training examples of the records' `answer_key` texts; `content`: with per-token content flags
+    (chat_example), for a loss that reads hidden states at the positions the measurement reads."""
     # An empty teacher answer is kept: it teaches "stop here" (the EOS token), which is the teacher's choice.
     usable = [r for r in records if isinstance(r.get(answer_key), str)]
     if not usable:
         raise ValueError(f"no distillation record has a {answer_key!r} text")
-    return [{**chat_example(tokenizer, r["instruction"], r[answer_key], max_len), "index": i}
+    return [{**chat_example(tokenizer, r["instruction"], r[answer_key], max_len, content=content), "index": i}
             for i, r in enumerate(usable)]
 
 
@@ -74,11 +78,24 @@ def _hidden_layers(params: dict, n_hidden: int) -> list[int]:
     return layers
 
 
+def logit_loss(params: dict, student_logits, teacher_out, batch: dict, teacher_top_k=None) -> torch.Tensor:
+    """kd's term: the divergence of the student's supervised next-token distributions from the teacher's (its
+    cached top-k + tail when `teacher_top_k` is given, else `teacher_out`'s full logits), times T^2."""
+    temperature = params.get("temperature", 1.0)
+    kind, beta = params.get("divergence", "forward_kl"), params.get("beta", 0.5)
+    student_logp = supervised_log_probs(student_logits, batch["labels"], temperature)
+    if teacher_top_k is not None:
+        values, indices = teacher_top_k.rows(batch)
+        loss = divergence(top_k_with_tail(values), coarsen_top_k(student_logp, indices), kind, beta)
+    else:
+        teacher_logp = supervised_log_probs(teacher_out.logits, batch["labels"], temperature)
+        loss = divergence(teacher_logp, student_logp, kind, beta)
+    return loss * temperature**2
+
+
 def distillation_loss(params: dict, teacher=None, teacher_top_k=None):
     """The loss of kd, cka-kd, alignment-blocked and alignment-only as `loss_fn(model, batch)`."""
     method = params["method"]
-    temperature = params.get("temperature", 1.0)
-    kind, beta = params.get("divergence", "forward_kl"), params.get("beta", 0.5)
     weight = params.get("align_weight", 1.0)
     needs_hidden = method in NEEDS_TEACHER_HIDDEN
     if teacher is None and (needs_hidden or teacher_top_k is None):
@@ -92,14 +109,7 @@ def distillation_loss(params: dict, teacher=None, teacher_top_k=None):
         out = _forward(model, batch, needs_hidden)
         loss = torch.zeros((), device=out.logits.device)
         if method in NEEDS_TEACHER_LOGITS:
-            student_logp = supervised_log_probs(out.logits, batch["labels"], temperature)
-            if teacher_top_k is not None:
-                values, indices = teacher_top_k.rows(batch)
-                loss = divergence(top_k_with_tail(values), coarsen_top_k(student_logp, indices), kind, beta)
-            else:
-                teacher_logp = supervised_log_probs(teacher_out.logits, batch["labels"], temperature)
-                loss = divergence(teacher_logp, student_logp, kind, beta)
-            loss = loss * temperature**2
+            loss = logit_loss(params, out.logits, teacher_out, batch, teacher_top_k)
         if needs_hidden:
             mask = supervised_mask(batch["labels"])
             layers = _hidden_layers(params, len(out.hidden_states))
@@ -186,14 +196,20 @@ def recover(student, teacher, tokenizer, params: dict, records: list[dict], cfg:
                     for i, r in enumerate(usable)]
         loss_fn = onpolicy_loss(teacher, tokenizer, usable, params, max_len)
     else:
-        examples = build_examples(tokenizer, records, training_targets(method, params), max_len)
+        examples = build_examples(tokenizer, records, training_targets(method, params), max_len,
+                                  content=method == "alignment-held")
         if method in ("kd",) + NEEDS_TEACHER_HIDDEN:
             top_k = None
             if teacher_top_k_path is not None:
                 from realign.recover.teacher_logits import TeacherTopK
 
                 top_k = TeacherTopK(teacher_top_k_path, examples, params.get("temperature", 1.0))
-            loss_fn = distillation_loss(params, teacher, top_k)
+            if method == "alignment-held":
+                from realign.recover.held import HeldAlignment
+
+                loss_fn = HeldAlignment(params, teacher, top_k)
+            else:
+                loss_fn = distillation_loss(params, teacher, top_k)
         else:
             def loss_fn(model, batch):
                 return cross_entropy(_forward(model, batch, False).logits, batch["labels"])
@@ -202,6 +218,16 @@ def recover(student, teacher, tokenizer, params: dict, records: list[dict], cfg:
 
     student = constraints.attach(student, constraint, constraint_tensors, seed=cfg.seed)
     try:
+        if method == "alignment-held":
+            # The ceilings are the damaged model's CKA: measured now, under the constraint and before any update,
+            # on the run's own batches (the loop's example order): every one (hold_baseline batch) or the first few.
+            from realign.recover.held import calibration_batches, option
+
+            n_batches = (cfg.steps * cfg.grad_accum if option(params, "hold_baseline") == "batch"
+                         else option(params, "hold_calibration_batches"))
+            order = example_order(len(examples), n_batches * cfg.batch_size, cfg.seed)
+            loss_fn.calibrate(student, calibration_batches(examples, order, cfg.batch_size, n_batches,
+                                                           tokenizer.pad_token_id, model_device(student)))
         curve = train(student, examples, loss_fn, cfg, pad_id=tokenizer.pad_token_id,
                       checkpoint_steps=checkpoint_steps, on_checkpoint=on_checkpoint, state_path=state_path,
                       state_every=state_every, run_identity=run_identity, on_restart=on_restart)

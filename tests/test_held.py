@@ -1,0 +1,272 @@
+"""alignment-held (realign.recover.held): the measurement's estimator in a differentiable form, the measurement's
+kind of tokens on a training batch, the constraint holding a tiny model's CKA while kd lowers KL, its state across
+a resumed run, and its config."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from realign.config import ConfigError, load_schema, recovery_spec, validate_config
+from realign.data.sequences import collate
+from realign.measure.activations import content_positions
+from realign.measure.cka import debiased_cka, linear_cka
+from realign.models.tiny import build_tiny_model, build_tiny_tokenizer
+from realign.recover.held import HeldAlignment, calibration_batches, content_token_mask
+from realign.recover.losses import divergence, supervised_log_probs
+from realign.recover.methods import build_examples, recover
+from realign.training import TrainConfig, example_order, train
+from test_probe import SYSTEM_PROMPT_TEMPLATE
+from tiny_study import REPO
+
+
+# --- the estimator --------------------------------------------------------------------------------------------
+
+def hidden_like(n, d, seed, offset=300.0):
+    """Features shaped like hidden states: a few huge near-constant dimensions on top of the signal."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    x[:, :3] += offset * (1 + 0.01 * torch.randn(n, 3, generator=g))
+    return x
+
+
+@pytest.mark.parametrize("n, d", [(40, 64), (300, 64), (200, 16)])
+def test_torch_debiased_cka_equals_the_float64_measurement_estimator(n, d):
+    x = hidden_like(n, d, 0)
+    for y in (x @ torch.randn(d, d, generator=torch.Generator().manual_seed(1)) + 2 * hidden_like(n, d, 2),
+              hidden_like(n, d, 3), x.clone()):
+        reference = linear_cka(x.double(), y.double(), debiased=True)
+        assert float(debiased_cka(x, y)) == pytest.approx(reference, abs=2e-5)
+
+
+def test_torch_debiased_cka_has_the_gradient_of_the_estimate():
+    x0, y = hidden_like(64, 16, 4, offset=0.0), hidden_like(64, 16, 5, offset=0.0)
+    x = (0.5 * y + x0).requires_grad_()
+    cka = debiased_cka(x, y)
+    cka.backward()
+    with torch.no_grad():
+        stepped = debiased_cka(x + 1e-2 * x.grad / x.grad.norm(), y)
+    assert float(stepped) > float(cka.detach())  # the gradient points uphill
+    # The float64 finite difference along the gradient matches the autograd directional derivative.
+    direction = x.grad / x.grad.norm()
+    eps = 1e-4
+    numeric = (linear_cka((x + eps * direction).detach().double(), y.double(), debiased=True)
+               - linear_cka((x - eps * direction).detach().double(), y.double(), debiased=True)) / (2 * eps)
+    assert float((x.grad * direction).sum()) == pytest.approx(numeric, rel=1e-3)
+    with pytest.raises(ValueError, match="at least 4 samples"):
+        debiased_cka(x[:3], y[:3])
+
+
+# --- the tokens -----------------------------------------------------------------------------------------------
+
+RECORDS = [
+    {"instruction": "What is the capital of France?", "teacher_answer": "Paris is."},
+    {"instruction": "What is the boiling point of water?", "teacher_answer": "100 degrees."},
+    {"instruction": "Write a haiku about the sea.", "teacher_answer": "Waves fold into foam."},
+    {"instruction": "List three prime numbers.", "teacher_answer": ""},  # an empty answer: the instruction counts
+]
+
+
+def test_the_held_tokens_are_the_batchs_content_positions_only():
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = SYSTEM_PROMPT_TEMPLATE  # SmolLM2's: a system prompt shared by every sequence
+    examples = build_examples(tokenizer, RECORDS, "teacher_answer", max_len=160, content=True)
+    batch = collate([examples[0], examples[1], examples[2], examples[3], examples[0]], tokenizer.pad_token_id)
+    mask = content_token_mask(batch)
+    lengths = batch["attention_mask"].sum(1)
+    # Exactly what the measurement's content_positions selects on these sequences (the repeat dropped)...
+    expected = content_positions([batch["input_ids"][i, :lengths[i]] for i in range(4)],
+                                 [batch["content"][i, :lengths[i]] for i in range(4)])
+    assert [torch.nonzero(mask[i]).flatten().tolist() for i in range(4)] == expected
+    assert not mask[4].any()  # an example drawn twice adds no token twice
+    # ...which is instruction and answer text: never padding, position 0, the template, the EOS, a shared prefix.
+    assert not mask[:, 0].any() and not (mask & (batch["attention_mask"] == 0)).any()
+    specials = set(tokenizer.all_special_ids)
+    assert not any(int(t) in specials for t in batch["input_ids"][mask])
+    for i, record in enumerate(RECORDS):
+        text = tokenizer.decode(batch["input_ids"][i][mask[i]])
+        assert "SmolLM" not in text and "assistant" not in text and "system" not in text
+        assert text.endswith(record["teacher_answer"] or record["instruction"][-5:])
+    opening = tokenizer.decode(batch["input_ids"][0][mask[0]])
+    assert not opening.startswith("What is the")  # shared with the second instruction: its state repeats
+    # A prompt cut from the left to fit max_len keeps its flags on the same tokens.
+    for example, record in zip(build_examples(tokenizer, RECORDS, "teacher_answer", max_len=40, content=True),
+                               RECORDS):
+        text = tokenizer.decode(example["input_ids"][example["content"]])
+        assert text and (record["instruction"] + record["teacher_answer"]).endswith(text)
+
+
+# --- the constraint on a tiny model ---------------------------------------------------------------------------
+
+WORDS = ["red", "blue", "green", "cats", "dogs", "rivers", "python", "stars", "tables", "music", "bread", "stone"]
+TRAIN_RECORDS = [{"instruction": f"Tell me about {WORDS[i % 12]} number {i} and why",
+                  "teacher_answer": f"{WORDS[i * 5 % 12]} {i} is {WORDS[i * 7 % 12]} and {WORDS[i * 3 % 12]} too, "
+                                    f"often {i * 3}"} for i in range(16)]
+MAX_LEN = 48
+TOLERANCE = 0.01  # CKA: the held layers may end at most this far above their ceilings
+
+
+@pytest.fixture(scope="module")
+def damaged_pair(tmp_path_factory):
+    """A 4-block tiny Llama made confident (its logits x8) as the teacher, and as the damaged student a copy with
+    noise of the weights' own scale added to every parameter: kd lowers KL 5x and raises CKA at every held layer."""
+    directory = build_tiny_model(tmp_path_factory.mktemp("held") / "model", seed=0, hidden_size=64, num_layers=4)
+    teacher, tokenizer = AutoModelForCausalLM.from_pretrained(directory), AutoTokenizer.from_pretrained(directory)
+    with torch.no_grad():
+        teacher.model.norm.weight.mul_(8.0)
+    student = copy.deepcopy(teacher)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(p.std() * torch.randn(p.shape, generator=g))
+    return teacher, student, tokenizer
+
+
+def measured(student, teacher, tokenizer, params):
+    """(KL(teacher || student), per-layer CKA on the held tokens) over all training examples as one batch."""
+    examples = build_examples(tokenizer, TRAIN_RECORDS, "teacher_answer", MAX_LEN, content=True)
+    batch = collate(examples, tokenizer.pad_token_id)
+    with torch.no_grad():
+        kl = divergence(supervised_log_probs(teacher(input_ids=batch["input_ids"]).logits, batch["labels"]),
+                        supervised_log_probs(student(input_ids=batch["input_ids"]).logits, batch["labels"]))
+        cka = HeldAlignment(params, teacher).layer_cka(student, batch)
+    return float(kl), cka
+
+
+def trained(teacher, student, tokenizer, params, steps=24):
+    student, curve, _ = recover(copy.deepcopy(student), teacher, tokenizer, params, TRAIN_RECORDS,
+                                TrainConfig(steps=steps, lr=5e-4, batch_size=4, seed=0), MAX_LEN, {"kind": "none"}, {})
+    return student, curve
+
+
+def test_the_held_constraint_keeps_cka_at_its_ceiling_while_kl_falls_and_kd_raises_it(damaged_pair):
+    teacher, damaged, tokenizer = damaged_pair
+    params = {"method": "alignment-held"}  # the defaults: dose 0, paired baseline, rho 10
+    kl0, cka0 = measured(damaged, teacher, tokenizer, params)
+    kd, _ = trained(teacher, damaged, tokenizer, {"method": "kd"})
+    held, curve = trained(teacher, damaged, tokenizer, params)
+    kl_kd, cka_kd = measured(kd, teacher, tokenizer, params)
+    kl_held, cka_held = measured(held, teacher, tokenizer, params)
+    print(f"held layers {curve[-1]['held_layers']}: damaged CKA {cka0.tolist()}, KL {kl0:.3f}\n"
+          f"  kd:   CKA {cka_kd.tolist()}, KL {kl_kd:.3f}\n  held: CKA {cka_held.tolist()}, KL {kl_held:.3f}")
+    assert curve[-1]["held_layers"] == [1, 2, 3]  # measure.alignment_layers' default: every block but the last
+    # The test can fail: plain kd re-aligns every held layer beyond the tolerance...
+    assert (cka_kd > cka0 + 2 * TOLERANCE).all()
+    assert kl_kd < 0.5 * kl0
+    # ...while held, with the same kd term, matches the outputs as well and keeps every layer at or below its
+    # ceiling (the damaged model's CKA, hold_fraction 0), on all the examples and on the batches it trained on.
+    assert kl_held < 0.5 * kl0 and kl_held < 1.25 * kl_kd
+    assert (cka_held <= cka0 + TOLERANCE).all()
+    violations = torch.tensor([c["cka"] for c in curve]) - torch.tensor([c["cka_limit"] for c in curve])
+    assert (violations[-8:].mean(0) <= TOLERANCE).all()
+
+
+def test_the_ceiling_is_the_damaged_cka_plus_the_dose_and_resuming_keeps_the_multipliers(damaged_pair, tmp_path):
+    teacher, damaged, tokenizer = damaged_pair
+    examples = build_examples(tokenizer, TRAIN_RECORDS, "teacher_answer", MAX_LEN, content=True)
+    cfg = TrainConfig(steps=3, lr=5e-4, batch_size=4, seed=0)
+    order = example_order(len(examples), 3 * 4, cfg.seed)
+    batches = calibration_batches(examples, order, 4, 3, tokenizer.pad_token_id, "cpu")
+    base = {"method": "alignment-held", "hold_rho": 10.0}
+    held = HeldAlignment(base, teacher)
+    damaged_cka = held.calibrate(damaged, batches)
+    with torch.no_grad():
+        for key, batch in zip(damaged_cka, batches):
+            torch.testing.assert_close(damaged_cka[key], held.layer_cka(damaged, batch).double())
+    for dose, expected in (({"hold_fraction": 0.5}, lambda c: c + 0.5 * (1 - c)),
+                           ({"hold_fraction": 0.5, "hold_reference": 0.06}, lambda c: c + 0.03)):
+        limits = HeldAlignment({**base, **dose}, teacher).calibrate(damaged, batches)
+        for key in limits:
+            torch.testing.assert_close(limits[key], expected(damaged_cka[key]))
+    mean = HeldAlignment({**base, "hold_baseline": "mean"}, teacher).calibrate(damaged, batches)
+    torch.testing.assert_close(mean, torch.stack(list(damaged_cka.values())).mean(0))
+
+    # A run interrupted after its state was saved continues with the same multipliers and ceilings.
+    def run(state_path=None, stop_at=None):
+        student = copy.deepcopy(damaged)
+        loss_fn = HeldAlignment(base, teacher)
+        loss_fn.calibrate(student, batches)
+        calls = [0]
+
+        def stopping(model, batch):
+            calls[0] += 1
+            if calls[0] == stop_at:
+                raise KeyboardInterrupt
+            return loss_fn(model, batch)
+
+        # The loop sees the loss's state and metrics through the wrapper, as it sees HeldAlignment's own.
+        stopping.step_metrics, stopping.state_dict = loss_fn.step_metrics, loss_fn.state_dict
+        stopping.load_state_dict = loss_fn.load_state_dict
+        curve = train(student, examples, stopping, cfg, tokenizer.pad_token_id, state_path=state_path, state_every=1)
+        return curve, loss_fn
+
+    clean, _ = run()
+    assert any(m > 0 for c in clean for m in c["multiplier"])  # the multipliers are exercised
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "state.pt", stop_at=3)
+    resumed, _ = run(tmp_path / "state.pt")
+    assert resumed == clean
+
+
+def test_a_held_recovery_keeps_its_damage_and_records_its_ceilings(tiny_model_dir, tmp_path):
+    """Through the DAG's recovery step: a pruned student trains under its mask, like every other recovery, and the
+    artifact records the measured layers, the ceilings, the batch CKA and the multipliers of every step."""
+    from realign.recover.stage import run_recovery
+    from test_resume import _recovery_inputs
+
+    teacher, parents, records = _recovery_inputs(tiny_model_dir, tmp_path)
+    params = {"method": "alignment-held", "steps": 3, "lr": 1e-3, "batch_size": 3, "max_len": 32,
+              "alignment_layers": "inner", "hold_rho": 10.0}
+    meta = run_recovery(teacher, parents[0.6], records, tmp_path / "tiny/magnitude-0.6/held", "held", params, 0)
+    assert meta["constraint"]["kind"] == "mask" and meta["constraint_check"]["ok"]
+    curve = meta["training_curve"]
+    assert [c["held_layers"] for c in curve] == [[1]] * 3  # 2 blocks: every block but the last
+    assert all(len(c["cka"]) == len(c["cka_limit"]) == len(c["multiplier"]) == 1 and c["kd"] >= 0 for c in curve)
+
+
+# --- the config -----------------------------------------------------------------------------------------------
+
+HELD = {"method": "alignment-held", "steps": 2, "lr": 1e-4, "top_k": 64}
+HELD_CONFIG_ERRORS = [
+    ("a dose above 1", {"hold_fraction": 1.5},
+     r"recoveries\.held\.hold_fraction: 1\.5 is greater than the maximum of 1"),
+    ("a negative dose", {"hold_fraction": -0.1}, r"recoveries\.held\.hold_fraction: -0\.1 is less than the minimum"),
+    ("a reference by name", {"hold_reference": "kd"},
+     r"recoveries\.held\.hold_reference: .*expected 'headroom' \(1 - the damaged model's CKA"),
+    ("a zero reference", {"hold_reference": 0}, r"recoveries\.held\.hold_reference"),
+    ("an unknown baseline", {"hold_baseline": "first"}, r"recoveries\.held\.hold_baseline: 'first' is not allowed; "
+                                                        r"allowed: batch, mean"),
+    ("a zero rho", {"hold_rho": 0}, r"recoveries\.held\.hold_rho: 0 is less than or equal to the minimum of 0"),
+    ("layers of its own", {"layers": [1, 2]},
+     r"recoveries\.held\.layers: not an option of method alignment-held; its options: .*hold_fraction"),
+]
+
+
+def study_config(recoveries):
+    config = yaml.safe_load((REPO / "configs" / "controls.yaml").read_text())
+    config["recoveries"] = recoveries
+    config["study"] = [{"degradations": ["magnitude-50"], "recoveries": list(recoveries)}]
+    return config
+
+
+@pytest.mark.parametrize("option, pattern", [(o, p) for _, o, p in HELD_CONFIG_ERRORS],
+                         ids=[name for name, _, _ in HELD_CONFIG_ERRORS])
+def test_a_bad_held_option_is_an_error_naming_the_key(option, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        validate_config(study_config({"held": {**HELD, **option}}),
+                        load_schema(REPO / "workflow/schemas/config.schema.yaml"))
+
+
+def test_a_held_option_on_another_method_is_an_error_and_the_spec_carries_the_measured_layers():
+    schema = load_schema(REPO / "workflow/schemas/config.schema.yaml")
+    with pytest.raises(ConfigError, match=r"recoveries\.kd\.hold_fraction: not an option of method kd"):
+        validate_config(study_config({"kd": {"method": "kd", "steps": 2, "lr": 1e-4, "hold_fraction": 0.5}}), schema)
+    config = study_config({"held": {**HELD, "hold_fraction": 0.5}})
+    config["measure"]["alignment_layers"] = [2, 9]
+    spec, _ = recovery_spec(validate_config(config, schema), "held")
+    assert spec["alignment_layers"] == [2, 9] and spec["hold_fraction"] == 0.5
+    assert spec["hold_reference"] == "headroom" and spec["hold_baseline"] == "batch"
