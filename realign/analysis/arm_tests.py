@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from realign.analysis.arms import HELD_METHOD, KD_METHOD, Arm, arms_by_parent, pick
+from realign.analysis.arms import HELD_METHOD, KD_METHOD, Arm, Arms, arms_by_parent, pick
 from realign.analysis.components import MIN_SEEDS, fieller, from_replicates, from_standard_errors
 from realign.analysis.resampling import holm
 from realign.analysis.settings import AnalysisSettings
@@ -66,14 +66,14 @@ class ArmEvidence:
 
 
 def _cka_se(arm: Arm) -> np.ndarray:
-    width = arm.column("delta_cka_ci_high") - arm.column("delta_cka_ci_low")
+    width = arm.delta_cka_ci_high - arm.delta_cka_ci_low
     return width / (2 * sps.norm.ppf(0.5 + CKA_INTERVAL_LEVEL / 2))
 
 
 def evidence(arm: Arm, kd: Arm, settings: AnalysisSettings) -> ArmEvidence:
     """The two one-sided tests of one arm against kd (module docstring); p_holm NaN until `arm_evidence`."""
     alpha = settings.alpha
-    cka = from_standard_errors(("a", "kd"), (arm.column("delta_cka"), kd.column("delta_cka")),
+    cka = from_standard_errors(("a", "kd"), (arm.delta_cka, kd.delta_cka),
                                (_cka_se(arm), _cka_se(kd)))
     cka_own = cka.combine([1.0, 0.0])
     cka_excess = cka.combine([1.0, -settings.cka_rise_min])
@@ -100,18 +100,22 @@ def evidence(arm: Arm, kd: Arm, settings: AnalysisSettings) -> ArmEvidence:
         ratio.estimate, ratio.low, ratio.high, p_short, p, math.nan, not note, note)
 
 
-def arm_evidence(table: pd.DataFrame, settings: AnalysisSettings | None = None, *, kd: str | None = None,
-                 **overrides) -> tuple[ArmEvidence, ...]:
+def evidence_of_arms(arms: Arms, settings: AnalysisSettings, *, kd: str | None = None) -> tuple[ArmEvidence, ...]:
     """Every arm but kd and the held arms on every damaged parent with a kd arm, tested against it, p
     Holm-adjusted over the tested arms (module docstring)."""
-    settings = AnalysisSettings.resolve(settings, **overrides)
     rows = []
-    for arms in arms_by_parent(table).values():
-        reference = pick(arms, KD_METHOD, kd)
+    for on_parent in arms.values():
+        reference = pick(on_parent, KD_METHOD, kd)
         if reference is None:
             continue
-        rows += [evidence(a, reference, settings) for a in arms
+        rows += [evidence(a, reference, settings) for a in on_parent
                  if a is not reference and a.method != HELD_METHOD]
     tested = [i for i, r in enumerate(rows) if r.tested]
     adjusted = dict(zip(tested, holm([rows[i].p for i in tested]))) if tested else {}
     return tuple(replace(r, p_holm=adjusted[i]) if i in adjusted else r for i, r in enumerate(rows))
+
+
+def arm_evidence(table: pd.DataFrame, settings: AnalysisSettings | None = None, *, kd: str | None = None,
+                 **overrides) -> tuple[ArmEvidence, ...]:
+    """:func:`evidence_of_arms` on the arms of the analysis table."""
+    return evidence_of_arms(arms_by_parent(table), AnalysisSettings.resolve(settings, **overrides), kd=kd)

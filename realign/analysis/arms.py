@@ -5,11 +5,16 @@ run itself, its replicates with other training seeds, and their checkpoints. An 
 (checkpoints excluded: they are repeated measures of a run, not replicates) of one configured recovery on one
 damaged parent; each run is one seed. The self-distillation of the undamaged model (degradation none) has no
 damaged parent and forms no arm.
+
+Arms hold arrays, not table rows, so that the calibration simulation (realign.analysis.calibration) can build
+them directly; :func:`arms_by_parent` reads them from the table.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 import pandas as pd
@@ -18,23 +23,49 @@ from realign.config import parse_recovery_name
 
 HELD_METHOD = "alignment-held"  # kd with each pre-registered layer's CKA held at or below the damaged model's
 KD_METHOD = "kd"
+OTHER_SIMILARITY = ("rbf_cka", "procrustes_sim", "knn_overlap")  # besides debiased CKA, in the manipulation check
+
+Arms = Mapping[tuple[str, str], tuple["Arm", ...]]  # (model, degradation) -> the arms on that damaged parent
+
+
+@dataclass(frozen=True, eq=False)
+class Parent:
+    """The damaged model: P and its item-bootstrap replicates [B], its KL to the teacher and standard error,
+    n_records (items of the primary measure; None when unknown), and for each similarity measure of
+    OTHER_SIMILARITY whose interval the table carries, its upper bound."""
+    P: float
+    P_boot: np.ndarray
+    kl: float
+    kl_stderr: float
+    n_records: int | None
+    similarity_high: Mapping[str, float]
 
 
 @dataclass(frozen=True, eq=False)
 class Arm:
-    """The final runs of recovery `recovery` (the configured name, without +seed) on the damaged parent
-    (model, degradation): `runs` one table row per seed, `parent` the damaged model's row."""
+    """The final runs of recovery `recovery` (the configured name, without +seed) on a damaged parent: per run
+    (`runs`: artifact recovery names) P [S] and its item-bootstrap replicates P_boot [B, S] (drawn jointly with
+    the parent's and every other artifact's), delta CKA with its interval, KL to the teacher with its standard
+    error, and the values of the OTHER_SIMILARITY measures the table has."""
     model: str
     degradation: str
     recovery: str
     method: str
     teacher: str
-    runs: pd.DataFrame = field(repr=False)
-    parent: pd.Series = field(repr=False)
+    runs: tuple[str, ...]
+    P: np.ndarray
+    P_boot: np.ndarray
+    delta_cka: np.ndarray
+    delta_cka_ci_low: np.ndarray
+    delta_cka_ci_high: np.ndarray
+    kl: np.ndarray
+    kl_stderr: np.ndarray
+    similarity: Mapping[str, np.ndarray]
+    parent: Parent
 
     @property
     def artifacts(self) -> tuple[str, ...]:
-        return tuple(f"{self.model}/{self.degradation}/{r}" for r in self.runs["recovery"])
+        return tuple(f"{self.model}/{self.degradation}/{r}" for r in self.runs)
 
     @property
     def label(self) -> str:
@@ -44,16 +75,26 @@ class Arm:
     def n_seeds(self) -> int:
         return len(self.runs)
 
-    def column(self, name: str) -> np.ndarray:
-        """One value per run (NaN for a column the table lacks)."""
-        return self.runs[name].to_numpy(float) if name in self.runs else np.full(self.n_seeds, np.nan)
-
     def gains(self) -> tuple[np.ndarray, np.ndarray]:
         """Each run's gain on the primary measure, P(run) - P(parent) ([S]), and its item-bootstrap replicates
-        ([B, S]: the table's jointly drawn P_boot, so the parent's and the items' noise stay paired)."""
-        parent_boot = np.asarray(self.parent["P_boot"], float)
-        replicates = np.column_stack([np.asarray(b, float) - parent_boot for b in self.runs["P_boot"]])
-        return self.runs["P"].to_numpy(float) - float(self.parent["P"]), replicates
+        ([B, S]: jointly drawn, so the parent's and the items' noise stay paired)."""
+        return self.P - self.parent.P, self.P_boot - self.parent.P_boot[:, None]
+
+
+def _values(rows: pd.DataFrame, name: str) -> np.ndarray:
+    """One value per run (NaN for a column the table lacks: the check that needs it says so)."""
+    return rows[name].to_numpy(float) if name in rows else np.full(len(rows), np.nan)
+
+
+def _scalar(row: pd.Series, name: str) -> float:
+    return float(row[name]) if name in row else math.nan
+
+
+def _parent(row: pd.Series) -> Parent:
+    n = _scalar(row, "n_records")
+    high = {m: _scalar(row, f"{m}_mean_ci_high") for m in OTHER_SIMILARITY}
+    return Parent(float(row["P"]), np.asarray(row["P_boot"], float), _scalar(row, "kl"), _scalar(row, "kl_stderr"),
+                  int(n) if math.isfinite(n) else None, {m: v for m, v in high.items() if math.isfinite(v)})
 
 
 def arms_by_parent(table: pd.DataFrame) -> dict[tuple[str, str], tuple[Arm, ...]]:
@@ -63,22 +104,28 @@ def arms_by_parent(table: pd.DataFrame) -> dict[tuple[str, str], tuple[Arm, ...]
     parsed = [parse_recovery_name(str(r)) for r in table["recovery"]]
     final = np.array([r != "none" and step is None for r, (_, _, step) in zip(table["recovery"], parsed)])
     base = pd.Series([p[0] for p in parsed], index=table.index)
-    damaged = (table["degradation"] != "none").to_numpy()
+    chosen = final & (table["degradation"] != "none").to_numpy()
     teacher = table["teacher"].astype(str) if "teacher" in table else pd.Series("none", index=table.index)
-    runs_all = table[final & damaged].assign(_base=base[final & damaged], _teacher=teacher[final & damaged])
+    runs_all = table[chosen].assign(_base=base[chosen], _teacher=teacher[chosen])
     for (model, degradation), group in runs_all.groupby(["model", "degradation"], sort=False):
         parent = table[(table["model"] == model) & (table["degradation"] == degradation)
                        & (table["recovery"] == "none")]
         if parent.empty:
             raise ValueError(f"no damaged parent row ({model}/{degradation}/none) for its arms")
+        p = _parent(parent.iloc[0])
         arms = []
-        for recovery, runs in group.groupby("_base", sort=False):
-            methods, teachers = set(runs["recovery_method"]), set(runs["_teacher"])
+        for recovery, rows in group.groupby("_base", sort=False):
+            methods, teachers = set(rows["recovery_method"]), set(rows["_teacher"])
             if len(methods) != 1 or len(teachers) != 1:
                 raise ValueError(f"{model}/{degradation}/{recovery}: its runs disagree on method {sorted(methods)} "
                                  f"or teacher {sorted(teachers)}")
-            arms.append(Arm(str(model), str(degradation), str(recovery), methods.pop(), teachers.pop(),
-                            runs.drop(columns=["_base", "_teacher"]), parent.iloc[0]))
+            similarity = {m: rows[f"{m}_mean"].to_numpy(float) for m in OTHER_SIMILARITY if f"{m}_mean" in rows}
+            arms.append(Arm(
+                str(model), str(degradation), str(recovery), methods.pop(), teachers.pop(),
+                tuple(str(r) for r in rows["recovery"]), rows["P"].to_numpy(float),
+                np.column_stack([np.asarray(b, float) for b in rows["P_boot"]]), _values(rows, "delta_cka"),
+                _values(rows, "delta_cka_ci_low"), _values(rows, "delta_cka_ci_high"), _values(rows, "kl"),
+                _values(rows, "kl_stderr"), similarity, p))
         out[(str(model), str(degradation))] = tuple(arms)
     return out
 

@@ -62,7 +62,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from scipy import stats as sps
+from scipy import special
 from scipy.optimize import brentq
 
 MIN_SEEDS = 2  # issue 16, "Replicates": every arm entering theta or a contrast runs with at least two seeds
@@ -100,7 +100,8 @@ class Combination:
 
 
 def t_quantile(q: float, df: float) -> float:
-    return float(sps.norm.ppf(q) if math.isinf(df) else sps.t.ppf(q, df))
+    # scipy.special's quantiles: the calibration simulation calls this thousands of times
+    return float(special.ndtri(q) if math.isinf(df) else special.stdtrit(df, q))
 
 
 def _halfwidth(q: float, var_shared: float, var_seed: float, df: float) -> float:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from realign.analysis.arms import HELD_METHOD, KD_METHOD, Arm, arms_by_parent, pick
+from realign.analysis.arms import HELD_METHOD, KD_METHOD, Arm, Arms, arms_by_parent, pick
 from realign.analysis.components import MIN_SEEDS, fieller, from_replicates
 from realign.analysis.pooling import random_effects
 from realign.analysis.settings import AnalysisSettings
@@ -123,12 +123,11 @@ def theta_damage(held: Arm, kd: Arm, alpha: float) -> ThetaDamage:
     # theta = 1 - R: theta* - theta ~ -(L* - L) / gain(kd), L = gain(held) - R gain(kd) (the Fieller pivot)
     pivot = bh.mean(1) - ratio.estimate * bk.mean(1)
     influence = -(pivot - pivot.mean()) / mean_k if mean_k != 0 else np.full(len(pivot), np.nan)
-    n_items = held.parent["n_records"] if "n_records" in held.parent else None
     return ThetaDamage(
         held.model, held.degradation, held.recovery, kd.recovery, held.artifacts, kd.artifacts,
         float(mean_h), float(mean_k), 1 - ratio.estimate, 1 - ratio.high, 1 - ratio.low, ratio.bounded, 1 - alpha,
         ratio.var_shared, ratio.var_seed, *ratio.seed_var_terms, ratio.df, ratio.z, ratio.t, held.n_seeds,
-        kd.n_seeds, int(n_items) if n_items is not None and math.isfinite(n_items) else None, bh.shape[0],
+        kd.n_seeds, held.parent.n_records, bh.shape[0],
         influence)
 
 
@@ -156,16 +155,21 @@ def pool(damages: tuple[ThetaDamage, ...], alpha: float) -> ThetaPooled | None:
                        tuple(excluded))
 
 
-def theta(table: pd.DataFrame, settings: AnalysisSettings | None = None, *, held: str | None = None,
-          kd: str | None = None, **overrides) -> Theta:
-    """theta on every damaged parent that has both a held arm and a kd arm, and pooled. `held` / `kd` name the
-    arms (configured recovery names) where a parent has several of a method (e.g. two doses of the held arm);
-    by default the one arm of method alignment-held, and the one of kd from the undamaged teacher. The level is
-    1 - settings.alpha."""
-    alpha = AnalysisSettings.resolve(settings, **overrides).alpha
+def theta_of_arms(arms: Arms, alpha: float, *, held: str | None = None, kd: str | None = None) -> Theta:
+    """theta on every damaged parent that has both a held arm and a kd arm, and pooled, at level 1 - alpha.
+    `held` / `kd` name the arms (configured recovery names) where a parent has several of a method (e.g. two
+    doses of the held arm); by default the one arm of method alignment-held, and the one of kd from the
+    undamaged teacher."""
     damages = []
-    for arms in arms_by_parent(table).values():
-        h, k = pick(arms, HELD_METHOD, held), pick(arms, KD_METHOD, kd)
+    for on_parent in arms.values():
+        h, k = pick(on_parent, HELD_METHOD, held), pick(on_parent, KD_METHOD, kd)
         if h is not None and k is not None:
             damages.append(theta_damage(h, k, alpha))
     return Theta(tuple(damages), pool(tuple(damages), alpha))
+
+
+def theta(table: pd.DataFrame, settings: AnalysisSettings | None = None, *, held: str | None = None,
+          kd: str | None = None, **overrides) -> Theta:
+    """:func:`theta_of_arms` on the arms of the analysis table, at level 1 - settings.alpha."""
+    alpha = AnalysisSettings.resolve(settings, **overrides).alpha
+    return theta_of_arms(arms_by_parent(table), alpha, held=held, kd=kd)

@@ -31,11 +31,10 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-from realign.analysis.arms import HELD_METHOD, KD_METHOD, Arm, arms_by_parent, pick
+from realign.analysis.arms import HELD_METHOD, KD_METHOD, OTHER_SIMILARITY, Arm, Arms, arms_by_parent, pick
 from realign.analysis.components import from_standard_errors
 from realign.analysis.settings import AnalysisSettings
 
-OTHER_SIMILARITY = ("rbf_cka", "procrustes_sim", "knn_overlap")
 PASSED, FAILED, NOT_EVALUATED = "passed", "failed", "not evaluated"
 
 
@@ -81,9 +80,9 @@ def _status(value: float, limit: float) -> str:
 
 
 def _cka_part(held: Arm, kd: Arm, fraction: float, margin: float) -> CheckPart:
-    kd_delta = float(np.mean(kd.column("delta_cka")))
+    kd_delta = float(np.mean(kd.delta_cka))
     limit = (fraction + margin) * max(kd_delta, 0.0)
-    highs = held.column("delta_cka_ci_high")
+    highs = held.delta_cka_ci_high
     value = float(np.max(highs)) if np.isfinite(highs).all() else math.nan
     status = _status(value, limit)
     statement = (f"held delta CKA (debiased, probe) upper bound over its {held.n_seeds} run(s) {value:.4g} vs limit "
@@ -94,13 +93,13 @@ def _cka_part(held: Arm, kd: Arm, fraction: float, margin: float) -> CheckPart:
 
 
 def _similarity_part(held: Arm, measure: str) -> CheckPart:
-    column = f"{measure}_mean_ci_high"
-    if column not in held.parent or not math.isfinite(float(held.parent[column])):
+    if measure not in held.parent.similarity_high:
         return CheckPart(measure, NOT_EVALUATED, False, math.nan, math.nan,
                          f"{measure}: not evaluated -- the table carries no interval of the damaged parent's "
-                         f"{measure} (no {column} column; the cka step bootstraps debiased CKA only)")
-    limit = float(held.parent[column])
-    value = float(np.max(held.column(f"{measure}_mean")))
+                         f"{measure} (no {measure}_mean_ci_high column; the cka step bootstraps debiased CKA only)")
+    limit = held.parent.similarity_high[measure]
+    values = held.similarity[measure] if measure in held.similarity else np.full(held.n_seeds, np.nan)
+    value = float(np.max(values))
     status = _status(value, limit)
     return CheckPart(measure, status, True, value, limit,
                      f"{measure}: held runs' highest value {value:.4g} vs the damaged parent's upper bound "
@@ -108,10 +107,8 @@ def _similarity_part(held: Arm, measure: str) -> CheckPart:
 
 
 def _kl_part(held: Arm, kd: Arm, margin: float, alpha: float) -> CheckPart:
-    parent_kl = np.array([float(held.parent["kl"])])
-    parent_se = np.array([float(held.parent["kl_stderr"]) if "kl_stderr" in held.parent else math.nan])
-    moments = from_standard_errors(("held", "kd", "parent"), (held.column("kl"), kd.column("kl"), parent_kl),
-                                   (held.column("kl_stderr"), kd.column("kl_stderr"), parent_se))
+    moments = from_standard_errors(("held", "kd", "parent"), (held.kl, kd.kl, np.array([held.parent.kl])),
+                                   (held.kl_stderr, kd.kl_stderr, np.array([held.parent.kl_stderr])))
     combo = moments.combine([1.0, -(1.0 - margin), -margin])
     value = combo.interval(alpha)[1]
     status = _status(value, 0.0)
@@ -134,17 +131,23 @@ def check(held: Arm, kd: Arm, settings: AnalysisSettings, allowed_fraction: floa
     return ManipulationCheck(held.model, held.degradation, held.recovery, kd.recovery, allowed_fraction, parts)
 
 
-def manipulation_checks(table: pd.DataFrame, settings: AnalysisSettings | None = None, *, held: str | None = None,
-                        kd: str | None = None, allowed_fraction: Mapping[str, float] | None = None,
-                        **overrides) -> tuple[ManipulationCheck, ...]:
-    """The check on every damaged parent with a held and a kd arm (chosen as in realign.analysis.estimand.theta).
+def checks_of_arms(arms: Arms, settings: AnalysisSettings, *, held: str | None = None, kd: str | None = None,
+                   allowed_fraction: Mapping[str, float] | None = None) -> tuple[ManipulationCheck, ...]:
+    """The check on every damaged parent with a held and a kd arm (chosen as in realign.analysis.estimand).
     `allowed_fraction` maps a held arm's configured name to its dose (0 when absent): the table does not carry
     the recovery's parameters."""
-    settings = AnalysisSettings.resolve(settings, **overrides)
     fractions = dict(allowed_fraction or {})
     out = []
-    for arms in arms_by_parent(table).values():
-        h, k = pick(arms, HELD_METHOD, held), pick(arms, KD_METHOD, kd)
+    for on_parent in arms.values():
+        h, k = pick(on_parent, HELD_METHOD, held), pick(on_parent, KD_METHOD, kd)
         if h is not None and k is not None:
             out.append(check(h, k, settings, float(fractions.get(h.recovery, 0.0))))
     return tuple(out)
+
+
+def manipulation_checks(table: pd.DataFrame, settings: AnalysisSettings | None = None, *, held: str | None = None,
+                        kd: str | None = None, allowed_fraction: Mapping[str, float] | None = None,
+                        **overrides) -> tuple[ManipulationCheck, ...]:
+    """:func:`checks_of_arms` on the arms of the analysis table."""
+    return checks_of_arms(arms_by_parent(table), AnalysisSettings.resolve(settings, **overrides), held=held, kd=kd,
+                          allowed_fraction=allowed_fraction)

@@ -3,8 +3,22 @@ function, :func:`verdict`, to the estimand (realign.analysis.estimand), the mani
 (realign.analysis.manipulation) and the per-arm tests (realign.analysis.arm_tests).
 
 The thresholds are keys of the config's `analysis:` block (defaults in workflow/schemas/config.schema.yaml, fixed
-before any result): theta_support, theta_refute, meaningful_recovery, cka_rise_min, held_cka_margin, kl_margin;
-alpha is the error rate. Every rule reads an interval or an adjusted p-value, never a point value.
+before any theta was measured); alpha is the error rate. Every rule reads an interval or an adjusted p-value,
+never a point value. The defaults and why:
+
+* theta_support 0.5: "recovers *by* re-aligning" claims the mechanism, i.e. most of the recovery; a lower bound
+  above one half says that preventing re-alignment costs most of kd's recovery.
+* theta_refute 0.25: the paper's "performance recovers while CKA stays low" -- with the clamp holding, at least
+  three quarters of kd's recovery survive. Between 0.25 and 0.5 (partial dependence) theta decides nothing.
+* meaningful_recovery 0.25 and cka_rise_min 0.5 (shares of kd's gain and of kd's delta CKA on the same parent):
+  an arm "raises CKA" when it re-aligns at least half as much as kd, and "without performance" when it recovers
+  less than a quarter of what kd recovers -- relative to kd, so the rule means the same on every damage.
+* held_cka_margin 0.25: the held arm's delta CKA bound is its allowed share of kd's plus a quarter of kd's. Every
+  run's 95% interval must lie under it, so a perfectly clamped run (true delta CKA 0) passes only when the margin
+  exceeds its interval's half-width; at kd's 0.06-0.07 (the default study's kd, issue 16) a margin of 0.1 x kd's
+  would sit at about the half-width of a probe standard error of 0.003 and could hardly ever pass.
+* kl_margin 0.2: the held arm must achieve at least 80% of kd's reduction of the KL to the teacher, so that a
+  lower gain is not just worse output matching.
 
 Rules, evaluated in this order and all reported:
 
@@ -36,9 +50,10 @@ from typing import Mapping, Sequence
 
 import pandas as pd
 
-from realign.analysis.arm_tests import ArmEvidence, arm_evidence
-from realign.analysis.estimand import Theta, theta
-from realign.analysis.manipulation import ManipulationCheck, manipulation_checks
+from realign.analysis.arm_tests import ArmEvidence, evidence_of_arms
+from realign.analysis.arms import Arms, arms_by_parent
+from realign.analysis.estimand import Theta, theta_of_arms
+from realign.analysis.manipulation import ManipulationCheck, checks_of_arms
 from realign.analysis.settings import AnalysisSettings
 
 SUPPORTED, REFUTED, INCONCLUSIVE = "supported", "refuted", "inconclusive"
@@ -187,13 +202,19 @@ class ThetaAnalysis:
     verdict: Verdict
 
 
+def analyze_arms(arms: Arms, settings: AnalysisSettings, *, held: str | None = None, kd: str | None = None,
+                 allowed_fraction: Mapping[str, float] | None = None) -> ThetaAnalysis:
+    """theta, the manipulation checks, the per-arm tests and the verdict from the arms of a study (`held`, `kd`,
+    `allowed_fraction` as in realign.analysis.estimand.theta_of_arms and realign.analysis.manipulation)."""
+    result = theta_of_arms(arms, settings.alpha, held=held, kd=kd)
+    checks = checks_of_arms(arms, settings, held=held, kd=kd, allowed_fraction=allowed_fraction)
+    evidence = evidence_of_arms(arms, settings, kd=kd)
+    return ThetaAnalysis(result, checks, evidence, verdict(result, checks, evidence, settings))
+
+
 def analyze_theta(table: pd.DataFrame, settings: AnalysisSettings | None = None, *, held: str | None = None,
                   kd: str | None = None, allowed_fraction: Mapping[str, float] | None = None,
                   **overrides) -> ThetaAnalysis:
-    """theta, the manipulation checks, the per-arm tests and the verdict from one analysis table (`held`, `kd`,
-    `allowed_fraction` as in realign.analysis.estimand.theta and realign.analysis.manipulation)."""
-    s = AnalysisSettings.resolve(settings, **overrides)
-    result = theta(table, s, held=held, kd=kd)
-    checks = manipulation_checks(table, s, held=held, kd=kd, allowed_fraction=allowed_fraction)
-    arms = arm_evidence(table, s, kd=kd)
-    return ThetaAnalysis(result, checks, arms, verdict(result, checks, arms, s))
+    """:func:`analyze_arms` on the arms of the analysis table."""
+    return analyze_arms(arms_by_parent(table), AnalysisSettings.resolve(settings, **overrides), held=held, kd=kd,
+                        allowed_fraction=allowed_fraction)
