@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from realign.analysis.arm_tests import ArmEvidence, arm_evidence
+from realign.analysis.arm_tests import ArmEvidence
 from realign.analysis.estimand import Theta, ThetaDamage, ThetaPooled
 from realign.analysis.manipulation import CheckPart, ManipulationCheck
 from realign.analysis.preregistered import (INCONCLUSIVE, REFUTE_CKA, REFUTE_CLAMP, REFUTED, SUPPORT_THETA, SUPPORTED,
