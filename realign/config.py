@@ -88,6 +88,15 @@ def validate_key(config: dict, schema: dict, key: str):
     return value
 
 
+def check_theta_thresholds(theta_support: float, theta_refute: float) -> None:
+    """The cross-key rule of the theta verdict's thresholds: refuting needs theta's upper bound below
+    theta_refute, supporting its lower bound above theta_support, so theta_refute > theta_support would let one
+    interval do both."""
+    if theta_refute > theta_support:
+        raise ConfigError(f"invalid config key analysis.theta_refute: {theta_refute} is above analysis.theta_support "
+                          f"{theta_support}; one interval could then both support and refute")
+
+
 def _study_blocks(config: dict) -> list[dict]:
     study = config.get("study")
     if study is None:
@@ -145,7 +154,9 @@ def _check_cross_references(config: dict) -> None:
     if isinstance(layers, list) and layers[0] > layers[1]:
         raise ConfigError(f"invalid config key measure.alignment_layers: [{layers[0]}, {layers[1]}] is not a range "
                           "(first > last)")
-    performance = config["analysis"]["performance"]
+    analysis = config["analysis"]
+    check_theta_thresholds(analysis["theta_support"], analysis["theta_refute"])
+    performance = analysis["performance"]
     if performance.startswith("acc:") and performance[4:] not in config["measure"]["benchmarks"]:
         raise ConfigError(f"invalid config key analysis.performance: task {performance[4:]!r} is not in "
                           f"measure.benchmarks ({', '.join(config['measure']['benchmarks'])})")

@@ -57,6 +57,20 @@ def test_from_the_shipped_config():
     ({"analysis": {"performance": "bench_mean"}}, r"^invalid config key seed: missing"),
     ({"seed": -1, "analysis": {"performance": "bench_mean"}}, r"^invalid config key seed:"),
     ({"seed": 0}, r"^invalid config key analysis: missing"),
+    ({"seed": 0, "analysis": {"performance": "bench_mean", "theta_support": 1.5}},
+     r"^invalid config key analysis\.theta_support:"),
+    ({"seed": 0, "analysis": {"performance": "bench_mean", "theta_refute": -0.1}},
+     r"^invalid config key analysis\.theta_refute:"),
+    ({"seed": 0, "analysis": {"performance": "bench_mean", "theta_refute": 0.6}},
+     r"^invalid config key analysis\.theta_refute: 0\.6 is above analysis\.theta_support 0\.5"),
+    ({"seed": 0, "analysis": {"performance": "bench_mean", "meaningful_recovery": 0}},
+     r"^invalid config key analysis\.meaningful_recovery:"),
+    ({"seed": 0, "analysis": {"performance": "bench_mean", "cka_rise_min": "half"}},
+     r"^invalid config key analysis\.cka_rise_min:"),
+    ({"seed": 0, "analysis": {"performance": "bench_mean", "held_cka_margin": 2}},
+     r"^invalid config key analysis\.held_cka_margin:"),
+    ({"seed": 0, "analysis": {"performance": "bench_mean", "kl_margin": -1}},
+     r"^invalid config key analysis\.kl_margin:"),
 ])
 def test_from_config_errors_name_the_key(config, pattern):
     with pytest.raises(ConfigError, match=pattern):
@@ -72,6 +86,10 @@ def test_typed_frozen_and_overridable():
         AnalysisSettings.defaults(n_boot="50")
     with pytest.raises(ConfigError, match=r"analysis\.min_n: True is not of type integer"):
         settings.replace(min_n=True)
+    with pytest.raises(ConfigError, match=r"analysis\.theta_refute: 0\.7 is above analysis\.theta_support"):
+        settings.replace(theta_refute=0.7)
+    with pytest.raises(ConfigError, match=r"analysis\.kl_margin: None is not of type number"):
+        settings.replace(kl_margin=None)
     with pytest.raises(TypeError, match="not an analysis setting: n_bootstrap"):
         settings.replace(n_bootstrap=10)
     assert AnalysisSettings.resolve(None) == AnalysisSettings.defaults()

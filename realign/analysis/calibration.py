@@ -1,14 +1,23 @@
-"""Calibration of the verdict by simulation: its rate of "supported" on synthetic tables with a planted effect
-(power) and with none (false positives); see tests/test_calibration.py."""
+"""Calibration of the verdicts by simulation.
+
+* The correlational verdict (realign.analysis.verdict): its rate of "supported" on synthetic tables with a planted
+  effect (power) and with none (false positives): :func:`simulate_calibration`.
+* The pre-registered verdict on theta (realign.analysis.preregistered): its outcomes on simulated studies with
+  item-level, seed-level and shared-parent noise of given sizes, for scenarios that reach each of its rules and
+  their nulls: :func:`simulate_theta_verdict`. See tests/test_calibration.py."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from realign.analysis.arms import HELD_METHOD, KD_METHOD, Arm, Parent, arms_by_parent
+from realign.analysis.preregistered import INCONCLUSIVE, REFUTED, SUPPORTED, analyze_arms
 from realign.analysis.settings import AnalysisSettings
 from realign.analysis.stats import analyze
 from realign.analysis.table import NLL_NOISE_NATS, _within_noise
@@ -89,3 +98,134 @@ def simulate_calibration(n_artifacts: int, effect: float, n_sims: int, settings:
             "supported_rate": rate["supported"], "refuted_rate": rate["refuted"],
             "inconclusive_rate": rate["inconclusive"],
             "supported_rate_se": math.sqrt(rate["supported"] * (1 - rate["supported"]) / n_sims)}
+
+
+# ---- Calibration of the pre-registered theta verdict (realign.analysis.preregistered) -------------------------
+#
+# Each simulated study draws, for every damaged parent, the noise the real study has: item-level (each artifact's
+# own evaluation noise, and the damaged parent's, which every gain on that parent shares), seed-level (training
+# runs of one arm differ), and shared-parent (every arm on one damaged parent shares a deviation of its true gain:
+# one parent is one draw of a damage). Its arms are built as realign.analysis.arms builds them from a table, so
+# the same code computes theta, the manipulation checks, the per-arm tests and the verdict.
+
+
+@dataclass(frozen=True)
+class NoiseSizes:
+    """The noise of a study in the units of its primary measure (gains) and of delta CKA and KL: per artifact,
+    the item-level standard error of its own P (item_se), of its delta CKA (cka_se: probe sequences) and its KL
+    (kl_se); between the seeds of an arm, the SD of a run's true gain (seed_sd), delta CKA (cka_seed_sd) and KL
+    (kl_seed_sd); between damaged parents, the SD of a deviation shared by every arm's gain on one parent
+    (parent_sd). Inputs here; measured on a pilot or the study itself by :meth:`from_table`."""
+    item_se: float
+    seed_sd: float
+    parent_sd: float
+    cka_se: float = 0.003
+    cka_seed_sd: float = 0.003
+    kl_se: float = 0.002
+    kl_seed_sd: float = 0.005
+
+    @classmethod
+    def from_table(cls, table: pd.DataFrame, parent_sd: float = 0.0) -> NoiseSizes:
+        """Sizes measured on an analysis table with replicated arms: item_se from the gains' item-bootstrap SD
+        (a gain holds two artifacts' own noise: / sqrt 2); seed_sd from the pooled between-seed variance of the
+        gains less the item part (method of moments, floored at 0); cka_se from the delta CKA intervals' width;
+        kl_se from kl_stderr; cka_seed_sd and kl_seed_sd alike. parent_sd is not separable from real differences
+        between damages in one table: an input (0: none)."""
+        arms = [a for on_parent in arms_by_parent(table).values() for a in on_parent]
+        if not any(a.n_seeds >= 2 for a in arms):
+            raise ValueError("NoiseSizes.from_table: no arm with two seeds, so seed variance cannot be measured")
+        gains = [a.gains() for a in arms]
+        item_se = float(np.median([np.std(b, axis=0, ddof=1).mean() for _, b in gains]) / math.sqrt(2))
+        cka_se = float(np.nanmedian(np.concatenate([(a.delta_cka_ci_high - a.delta_cka_ci_low) / (2 * 1.959964)
+                                                    for a in arms])))
+        kl_se = float(np.nanmedian(np.concatenate([a.kl_stderr for a in arms])))
+
+        def between(values: list[np.ndarray], own: float) -> float:
+            pooled = [np.var(v, ddof=1) * (len(v) - 1) for v in values if len(v) >= 2]
+            dof = sum(len(v) - 1 for v in values if len(v) >= 2)
+            return math.sqrt(max(0.0, float(np.nansum(pooled)) / dof - own**2))
+
+        return cls(item_se, between([g for g, _ in gains], item_se), parent_sd, cka_se,
+                   between([a.delta_cka for a in arms], cka_se), kl_se, between([a.kl for a in arms], kl_se))
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """The truth of a simulated study: theta on every parent (the held arm's true gain is (1 - theta) x
+    kd_gain, before the shared-parent deviation), kd's true delta CKA, the held arm's true delta CKA
+    (held_cka_share x kd's: 0 when the clamp holds) and the share of kd's KL reduction it leaves (held_kl_share),
+    and further arms tested by "CKA rises without performance": (name, delta CKA share of kd's, gain share of
+    kd's) each."""
+    theta: float
+    kd_gain: float = 0.2
+    kd_delta_cka: float = 0.06
+    held_cka_share: float = 0.0
+    held_kl_share: float = 0.0
+    others: tuple[tuple[str, float, float], ...] = ()
+
+
+PARENT_KL, KD_KL = 0.5, 0.1  # KL to the teacher of the damaged parent and of kd (the held arm's follows the share)
+
+
+def simulated_arms(scenario: Scenario, noise: NoiseSizes, rng: np.random.Generator, *, n_damages: int = 3,
+                   n_seeds: int = 2, n_boot: int = 200) -> dict[tuple[str, str], tuple[Arm, ...]]:
+    """One simulated study's arms (module comment above). The item bootstrap is drawn parametrically: each
+    artifact's replicates are its P plus item_se x N(0, 1), independent between artifacts (the items' shared
+    difficulty cancels in every gain), the same replicates count B for all."""
+    out = {}
+    arms_spec = [("kd", KD_METHOD, 1.0, 1.0, 0.0), ("held", HELD_METHOD, 1 - scenario.theta,
+                                                    scenario.held_cka_share, scenario.held_kl_share)]
+    arms_spec += [(name, name, gain, cka, 1.0) for name, cka, gain in scenario.others]
+    for d in range(n_damages):
+        shared = rng.normal(0.0, noise.parent_sd)
+        p = rng.normal(0.0, noise.item_se)
+        parent = Parent(p, p + noise.item_se * rng.standard_normal(n_boot), PARENT_KL, noise.kl_se, None, {})
+        arms = []
+        for name, method, gain_share, cka_share, kl_share in arms_spec:
+            true = gain_share * scenario.kd_gain + shared + rng.normal(0.0, noise.seed_sd, n_seeds)
+            P = true + rng.normal(0.0, noise.item_se, n_seeds)
+            cka = (cka_share * scenario.kd_delta_cka + rng.normal(0.0, noise.cka_seed_sd, n_seeds)
+                   + rng.normal(0.0, noise.cka_se, n_seeds))
+            kl = (KD_KL + kl_share * (PARENT_KL - KD_KL) + rng.normal(0.0, noise.kl_seed_sd, n_seeds)
+                  + rng.normal(0.0, noise.kl_se, n_seeds))
+            half = 1.959964 * noise.cka_se
+            arms.append(Arm("sim", f"d{d}", name, method, "none", tuple([name] + [f"{name}+seed{s}" for s in
+                                                                                   range(1, n_seeds)]),
+                            P, P + noise.item_se * rng.standard_normal((n_boot, n_seeds)), cka, cka - half,
+                            cka + half, kl, np.full(n_seeds, noise.kl_se), {}, parent))
+        out[("sim", f"d{d}")] = tuple(arms)
+    return out
+
+
+@dataclass(frozen=True)
+class ThetaCalibration:
+    """Outcomes of the verdict over n_tables simulated studies: counts by outcome and by deciding rule (None:
+    inconclusive), and the rates."""
+    scenario: Scenario
+    noise: NoiseSizes
+    n_tables: int
+    outcomes: Mapping[str, int]
+    rules: Mapping[str | None, int]
+
+    def rate(self, outcome: str) -> float:
+        return self.outcomes[outcome] / self.n_tables
+
+    def rule_rate(self, rule: str | None) -> float:
+        return self.rules[rule] / self.n_tables if rule in self.rules else 0.0
+
+
+def simulate_theta_verdict(scenario: Scenario, noise: NoiseSizes, n_tables: int,
+                           settings: AnalysisSettings | None = None, *, n_damages: int = 3, n_seeds: int = 2,
+                           n_boot: int = 200, **overrides) -> ThetaCalibration:
+    """The pre-registered verdict on `n_tables` studies drawn by :func:`simulated_arms` (thresholds and seed from
+    ``settings``, the schema's defaults when None; ``overrides`` replace fields). Deterministic in the seed."""
+    settings = AnalysisSettings.resolve(settings, **overrides)
+    rng = np.random.default_rng([settings.seed, 16])
+    outcomes = {SUPPORTED: 0, REFUTED: 0, INCONCLUSIVE: 0}
+    rules: dict[str | None, int] = {}
+    for _ in range(n_tables):
+        arms = simulated_arms(scenario, noise, rng, n_damages=n_damages, n_seeds=n_seeds, n_boot=n_boot)
+        v = analyze_arms(arms, settings).verdict
+        outcomes[v.outcome] += 1
+        rules[v.rule] = rules.get(v.rule, 0) + 1
+    return ThetaCalibration(scenario, noise, n_tables, outcomes, rules)

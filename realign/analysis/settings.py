@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from realign.config import ConfigError, load_schema, validate_key
+from realign.config import ConfigError, check_theta_thresholds, load_schema, validate_key
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -40,7 +40,14 @@ class AnalysisSettings:
     cka_estimator: the CKA the table summarises (debiased or linear); alpha: the error rate of every interval
     and test; min_effect: the smallest Spearman rho that counts as an association; n_boot, n_perm: bootstrap
     replicates and permutations; min_n: fewer analysed artifacts give "inconclusive" without statistics;
-    min_n_ci: fewer do not refute by the correlation CI; seed: the seed of all resampling."""
+    min_n_ci: fewer do not refute by the correlation CI; seed: the seed of all resampling.
+
+    The pre-registered rules of the theta verdict (realign.analysis.preregistered), ratios to the kd arm on the
+    same damaged parent: theta_support (supported: pooled theta's lower bound above it), theta_refute (refuted:
+    its upper bound below it; at most theta_support), meaningful_recovery (the share of kd's gain below which an
+    arm's recovery is not meaningful), cka_rise_min (the share of kd's delta CKA an arm must exceed to count as
+    re-aligning), held_cka_margin (the held arm's delta CKA bound: its allowed share of kd's plus this share),
+    kl_margin (the share of kd's KL reduction the held arm may leave)."""
 
     performance: str | None
     cka_estimator: str
@@ -50,6 +57,12 @@ class AnalysisSettings:
     n_perm: int
     min_n: int
     min_n_ci: int
+    theta_support: float
+    theta_refute: float
+    meaningful_recovery: float
+    cka_rise_min: float
+    held_cka_margin: float
+    kl_margin: float
     seed: int
 
     def __post_init__(self) -> None:
@@ -60,6 +73,8 @@ class AnalysisSettings:
                 where = "seed" if field.name == "seed" else f"analysis.{field.name}"
                 names = " or ".join(_TYPE_NAMES[t] for t in expected)
                 raise ConfigError(f"invalid config key {where}: {value!r} is not of type {names}")
+        # Settings built from overrides bypass validate_config: its cross-key check again.
+        check_theta_thresholds(self.theta_support, self.theta_refute)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> AnalysisSettings:
@@ -94,7 +109,8 @@ class AnalysisSettings:
 _REAL, _INT = (numbers.Real,), (numbers.Integral,)  # numpy scalars included; __post_init__ refuses bool
 _TYPES: dict[str, tuple[type, ...]] = {
     "performance": (str, type(None)), "cka_estimator": (str,), "alpha": _REAL, "min_effect": _REAL, "n_boot": _INT,
-    "n_perm": _INT, "min_n": _INT, "min_n_ci": _INT, "seed": _INT,
+    "n_perm": _INT, "min_n": _INT, "min_n_ci": _INT, "theta_support": _REAL, "theta_refute": _REAL,
+    "meaningful_recovery": _REAL, "cka_rise_min": _REAL, "held_cka_margin": _REAL, "kl_margin": _REAL, "seed": _INT,
 }
 _TYPE_NAMES = {str: "string", type(None): "None", numbers.Real: "number", numbers.Integral: "integer"}
 

@@ -261,6 +261,7 @@ def _paired_estimates(df: pd.DataFrame, name: str, records: Records, t_idx, p_id
         df[f"{prefix}{label}_ci_high"] = np.where(mask, nan, bounds[:, 1])
     if not prefix:
         df["P_stderr"] = boot.std(0, ddof=1)
+        df["n_records"] = sum(len(v) for v in paired.values)  # items (or sequences) every artifact was scored on
         df["damage_stderr"] = np.where(is_teacher, nan, damage_b.std(0, ddof=1))
     return boot
 
@@ -270,7 +271,8 @@ def build_table(rows: list[dict], performance: str, records: Records) -> pd.Data
 
     P is computed from the records (realign.analysis.performance), and every interval is a paired bootstrap over
     items, resampled jointly for all artifacts and stratified by task. Added columns: performance_metric, P, P_stderr
-    (bootstrap SD), P_boot (the replicates, for paired contrasts), role ('teacher' | 'degraded' | 'recovered'),
+    (bootstrap SD), n_records (the items or sequences of the measure: the same for every artifact), P_boot (the
+    replicates, for paired contrasts), role ('teacher' | 'degraded' | 'recovered'),
     P_teacher, P_parent, damage (+ _ci_low/_ci_high, damage_stderr), damage_within_noise (the damage's interval
     reaches 0), gain (+ CI), gain_within_noise (the gain's interval reaches 0), recovery_fraction (+ CI: the
     percentile interval of the replicates' ratio); the same for the secondary measure (accuracy) prefixed

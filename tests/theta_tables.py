@@ -1,0 +1,70 @@
+"""Constructed analysis tables for the theta analysis (realign.analysis.estimand, manipulation, arm_tests,
+preregistered): the columns those modules read, with P and its jointly drawn item-bootstrap replicates P_boot
+computed from per-item scores exactly as realign.analysis.performance does (one set of resampled item indices
+per replicate, applied to every artifact).
+
+A study is described by per-item score vectors: items share a difficulty (common to every artifact: what the
+pairing cancels), each artifact adds its own item-level noise, and each run its seed effect. `Run` gives one
+artifact; `build` turns runs (damaged parents included, recovery "none") into a table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+
+@dataclass
+class Run:
+    degradation: str
+    recovery: str               # artifact name: "kd", "kd+seed1", "none" for the damaged parent
+    method: str                 # recovery_method ("none" for a parent)
+    items: np.ndarray           # per-item scores on the primary measure
+    delta_cka: float = 0.0
+    cka_halfwidth: float = 0.005
+    kl: float = 0.1
+    kl_stderr: float = 0.002
+    teacher: str = "none"
+    model: str = "m"
+    extra: dict = field(default_factory=dict)
+
+
+def build(runs: list[Run], n_boot: int = 500, seed: int = 0) -> pd.DataFrame:
+    n = len(runs[0].items)
+    idx = np.random.default_rng(seed).integers(0, n, (n_boot, n))
+    rows = []
+    for r in runs:
+        x = np.asarray(r.items, float)
+        parent = r.recovery == "none"
+        rows.append({"model": r.model, "degradation": r.degradation, "recovery": r.recovery,
+                     "recovery_method": r.method, "teacher": r.teacher,
+                     "role": "degraded" if parent else "recovered", "P": float(x.mean()),
+                     "P_boot": x[idx].mean(1), "n_records": n,
+                     "delta_cka": 0.0 if parent else r.delta_cka,
+                     "delta_cka_ci_low": np.nan if parent else r.delta_cka - r.cka_halfwidth,
+                     "delta_cka_ci_high": np.nan if parent else r.delta_cka + r.cka_halfwidth,
+                     "kl": r.kl, "kl_stderr": r.kl_stderr, **r.extra})
+    return pd.DataFrame(rows)
+
+
+def study(rng: np.random.Generator, *, gains: dict[str, float], methods: dict[str, str] | None = None,
+          degradations: tuple[str, ...] = ("q4",), seeds: int = 2, n_items: int = 400, item_sd: float = 0.3,
+          own_sd: float = 0.1, seed_sd: float | dict[str, float] = 0.0, delta_cka: dict[str, float] | None = None,
+          kl: dict[str, float] | None = None, parent_kl: float = 0.5) -> list[Run]:
+    """Runs of arms `gains` (arm name -> true gain over the parent) on each damaged parent, `seeds` runs each
+    (artifact names `<arm>` and `<arm>+seed<i>`); per-item scores = difficulty (sd item_sd, shared by every
+    artifact) + level + own noise (sd own_sd) + a seed effect per run (sd seed_sd, per arm when a dict)."""
+    methods = methods or {}
+    difficulty = rng.normal(0.0, item_sd, n_items)
+    runs = []
+    for d in degradations:
+        runs.append(Run(d, "none", "none", difficulty + rng.normal(0.0, own_sd, n_items), kl=parent_kl))
+        for arm, gain in gains.items():
+            sd = seed_sd[arm] if isinstance(seed_sd, dict) else seed_sd
+            for s in range(seeds):
+                name = arm if s == 0 else f"{arm}+seed{s}"
+                items = difficulty + gain + rng.normal(0.0, sd) + rng.normal(0.0, own_sd, n_items)
+                runs.append(Run(d, name, methods.get(arm, arm), items,
+                                delta_cka=(delta_cka or {}).get(arm, 0.05), kl=(kl or {}).get(arm, 0.1)))
+    return runs
