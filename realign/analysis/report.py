@@ -1,4 +1,5 @@
-"""Self-contained HTML report: verdict first, then setup, table, figures, statistics, provenance.
+"""Self-contained HTML report: the association across arms (a description) and the pre-registered theta test first,
+then setup, table, figures, statistics, provenance.
 
 No external URLs, no JavaScript; figures are inline SVG; the CSS is inlined from report/report.css.
 """
@@ -15,6 +16,7 @@ import jinja2
 import pandas as pd
 
 from realign.analysis import figures
+from realign.analysis.theta_view import theta_view
 from realign.io import atomic_path, jsonable
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "report"
@@ -332,6 +334,7 @@ def render_report(
         "verdict": stats.get("verdict", "inconclusive"),
         "summary": stats.get("summary", ""),
         "reasons": stats.get("reasons", []),
+        "theta": theta_view(stats.get("theta")),
         "n": stats.get("n"),
         "n_candidates": stats.get("n_candidates"),
         "settings": stats.get("settings", {}),

@@ -18,6 +18,8 @@ Statistics, each in its module
 * Per benchmark task and per similarity measure (:mod:`realign.analysis.breakdowns`).
 * Dose-response along runs measured at checkpoints (:mod:`realign.analysis.dose_response`).
 * Calibration of the verdict by simulation (:mod:`realign.analysis.calibration`).
+* The pre-registered test of theta = 1 - gain(held) / gain(kd) and its verdict
+  (:mod:`realign.analysis.preregistered`, presented by :mod:`realign.analysis.theta_summary`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from realign.analysis.regression import mixed_model, ols
 from realign.analysis.resampling import correlation
 from realign.analysis.selection import select_analysed
 from realign.analysis.settings import AnalysisSettings
+from realign.analysis.theta_summary import theta_entry
 from realign.analysis.verdict import RECOVERED_MIN, cka_without_recovery, counterexamples, decide, summary
 from realign.io import jsonable
 
@@ -112,8 +115,9 @@ def analyze(table: pd.DataFrame, settings: AnalysisSettings | None = None, **ove
 def analyze_with_controls(table: pd.DataFrame, settings: AnalysisSettings | None = None, **overrides) -> dict:
     """The single entry point of the report: `analyze` (with the verdict and the mixed model) plus the paired
     control contrasts, the undamaged model's self-distillation, the per-benchmark breakdown, the dose-response
-    trajectories and the breakdown by similarity measure (keys contrasts, undamaged_self_distillation,
-    per_benchmark, dose_response, by_measure), all with the same ``settings`` (``overrides`` replace fields)."""
+    trajectories, the breakdown by similarity measure and the pre-registered theta analysis (keys contrasts,
+    undamaged_self_distillation, per_benchmark, dose_response, by_measure, theta: see
+    realign.analysis.theta_summary.theta_entry), all with the same ``settings`` (``overrides`` replace fields)."""
     settings = AnalysisSettings.resolve(settings, **overrides)
     out = analyze(table, settings)
     has_p = "P" in table
@@ -122,4 +126,5 @@ def analyze_with_controls(table: pd.DataFrame, settings: AnalysisSettings | None
     out["per_benchmark"] = per_benchmark(table, settings)
     out["dose_response"] = dose_response(table, settings) if has_p else []
     out["by_measure"] = by_measure(table, settings)
+    out["theta"] = theta_entry(table, settings)
     return jsonable(out)
