@@ -191,3 +191,18 @@ def test_several_held_arms_must_be_named():
     with pytest.raises(ValueError, match="several alignment-held arms"):
         theta(table)
     assert theta(table, held="held-half").damages[0].held == "held-half"
+
+
+def test_the_held_arm_at_dose_zero_enters_theta():
+    """With the doses in the table (hold_fraction, as build_table reads them from artifact.json), the arm that
+    holds CKA at the damaged value is theta's; an arm allowed half the rise is a dose arm."""
+    rng = np.random.default_rng(2)
+    table = build(study(rng, gains={"held": 0.05, "held-half": 0.1, "kd": 0.2},
+                        methods={"held": "alignment-held", "held-half": "alignment-held"}))
+    doses = {"held": 0.0, "held-half": 0.5}
+    table["hold_fraction"] = [doses.get(str(r).split("+")[0], float("nan")) if m == "alignment-held" else float("nan")
+                              for r, m in zip(table["recovery"], table["recovery_method"])]
+    assert {d.held for d in theta(table).damages} == {"held"}
+    table.loc[table["recovery"] == "held+seed1", "hold_fraction"] = 0.25  # one arm, two doses: an error
+    with pytest.raises(ValueError, match="disagree on hold_fraction"):
+        theta(table)

@@ -62,6 +62,7 @@ class Arm:
     kl_stderr: np.ndarray
     similarity: Mapping[str, np.ndarray]
     parent: Parent
+    hold_fraction: float = math.nan  # alignment-held's dose (allowed share of the CKA rise; 0 = held); NaN otherwise
 
     @property
     def artifacts(self) -> tuple[str, ...]:
@@ -88,6 +89,17 @@ def _values(rows: pd.DataFrame, name: str) -> np.ndarray:
 
 def _scalar(row: pd.Series, name: str) -> float:
     return float(row[name]) if name in row else math.nan
+
+
+def _dose(rows: pd.DataFrame, label: str) -> float:
+    """The arm's alignment-held dose (hold_fraction), one value for all its runs; NaN for other methods or a
+    table without the column (0 is then assumed for a held arm: the schema's default)."""
+    if "hold_fraction" not in rows:
+        return math.nan
+    doses = set(rows["hold_fraction"].dropna().astype(float))
+    if len(doses) > 1:
+        raise ValueError(f"{label}: its runs disagree on hold_fraction {sorted(doses)}")
+    return doses.pop() if doses else math.nan
 
 
 def _parent(row: pd.Series) -> Parent:
@@ -125,18 +137,21 @@ def arms_by_parent(table: pd.DataFrame) -> dict[tuple[str, str], tuple[Arm, ...]
                 tuple(str(r) for r in rows["recovery"]), rows["P"].to_numpy(float),
                 np.column_stack([np.asarray(b, float) for b in rows["P_boot"]]), _values(rows, "delta_cka"),
                 _values(rows, "delta_cka_ci_low"), _values(rows, "delta_cka_ci_high"), _values(rows, "kl"),
-                _values(rows, "kl_stderr"), similarity, p))
+                _values(rows, "kl_stderr"), similarity, p, _dose(rows, f"{model}/{degradation}/{recovery}")))
         out[(str(model), str(degradation))] = tuple(arms)
     return out
 
 
 def pick(arms: tuple[Arm, ...], method: str, name: str | None = None) -> Arm | None:
     """The arm of `method` from the undamaged teacher (kd from a damaged teacher is another control), or the one
-    named `name`; None when there is none; ValueError when several match and none is named."""
+    named `name`; None when there is none. Of several alignment-held arms, the one at dose 0 (hold_fraction 0: the
+    others allow part of the rise and are dose arms). ValueError when several match and none is named."""
     if name is not None:
         found = [a for a in arms if a.recovery == name]
         return found[0] if found else None
     found = [a for a in arms if a.method == method and a.teacher == "none"]
+    if method == HELD_METHOD and len(found) > 1:  # the held arm of the estimand is the one at dose 0
+        found = [a for a in found if not a.hold_fraction > 0] or found
     if len(found) > 1:
         raise ValueError(f"{found[0].model}/{found[0].degradation}: several {method} arms "
                          f"({', '.join(a.recovery for a in found)}); name the one that enters theta")

@@ -28,7 +28,7 @@ import pandas as pd
 
 from realign.analysis.performance import SECONDARY, bootstrap, interval, paired_matrices, statistic
 from realign.analysis.performance import measure as performance_measure
-from realign.config import parse_recovery_name
+from realign.config import HELD_DEFAULTS, parse_recovery_name
 from realign.io import read_json, read_parquet, write_parquet
 
 TEACHER = "none"
@@ -97,6 +97,10 @@ def collect_row(artifact_json, eval_json, divergence_json, cka_parquet, cka_summ
     row["checkpoint"] = checkpoint_step is not None
     row["step"] = float(art["step"]) if art.get("step") is not None else math.nan
     row["teacher"] = str((art.get("recovery_params") or {}).get("teacher", "none"))
+    # The dose of an alignment-held run (its allowed CKA rise; 0 = hold the damaged value): the estimand takes the
+    # arm at dose 0, the others are dose arms (realign.analysis.arms.pick).
+    row["hold_fraction"] = (float((art.get("recovery_params") or {}).get("hold_fraction", HELD_DEFAULTS["hold_fraction"]))
+                            if row["recovery_method"] == "alignment-held" else math.nan)
 
     benches = ev.get("benchmarks") or {}
     tasks = sorted(benches)
