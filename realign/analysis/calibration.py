@@ -162,9 +162,8 @@ class Scenario:
     held_cka_share: float = 0.0
     held_kl_share: float = 0.0
     others: tuple[tuple[str, float, float], ...] = ()
-
-
-PARENT_KL, KD_KL = 0.5, 0.1  # KL to the teacher of the damaged parent and of kd (the held arm's follows the share)
+    parent_kl: float = 0.5  # KL to the teacher of the damaged parent and of kd (the held arm's follows the share):
+    kd_kl: float = 0.1      # the KL check's margin is relative to them, so they set its scale against kl_se
 
 
 def simulated_arms(scenario: Scenario, noise: NoiseSizes, rng: np.random.Generator, *, n_damages: int = 3,
@@ -179,15 +178,15 @@ def simulated_arms(scenario: Scenario, noise: NoiseSizes, rng: np.random.Generat
     for d in range(n_damages):
         shared = rng.normal(0.0, noise.parent_sd)
         p = rng.normal(0.0, noise.item_se)
-        parent = Parent(p, p + noise.item_se * rng.standard_normal(n_boot), PARENT_KL, noise.kl_se, None, {})
+        parent = Parent(p, p + noise.item_se * rng.standard_normal(n_boot), scenario.parent_kl, noise.kl_se, None, {})
         arms = []
         for name, method, gain_share, cka_share, kl_share in arms_spec:
             true = gain_share * scenario.kd_gain + shared + rng.normal(0.0, noise.seed_sd, n_seeds)
             P = true + rng.normal(0.0, noise.item_se, n_seeds)
             cka = (cka_share * scenario.kd_delta_cka + rng.normal(0.0, noise.cka_seed_sd, n_seeds)
                    + rng.normal(0.0, noise.cka_se, n_seeds))
-            kl = (KD_KL + kl_share * (PARENT_KL - KD_KL) + rng.normal(0.0, noise.kl_seed_sd, n_seeds)
-                  + rng.normal(0.0, noise.kl_se, n_seeds))
+            kl = (scenario.kd_kl + kl_share * (scenario.parent_kl - scenario.kd_kl)
+                  + rng.normal(0.0, noise.kl_seed_sd, n_seeds) + rng.normal(0.0, noise.kl_se, n_seeds))
             half = 1.959964 * noise.cka_se
             arms.append(Arm("sim", f"d{d}", name, method, "none", tuple([name] + [f"{name}+seed{s}" for s in
                                                                                    range(1, n_seeds)]),
