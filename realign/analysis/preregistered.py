@@ -114,30 +114,36 @@ def _theta_numbers(theta: Theta, threshold_name: str, threshold: float) -> tuple
             ("k_damages", float(p.k)), (threshold_name, threshold))
 
 
+def _theta_rule(theta: Theta, blockers: list[str], name: str, outcome: str, threshold_name: str, threshold: float,
+                *, upper: bool, meaning: str) -> Rule:
+    """Rules 1 and 3: the pooled theta's upper bound below (upper=True) or lower bound above (upper=False) the
+    threshold, firing only when nothing blocks theta (manipulation checks, seeds)."""
+    numbers = _theta_numbers(theta, threshold_name, threshold)
+    pooled, blocked = theta.pooled, "; ".join(blockers)
+    if pooled is None:
+        return Rule(name, outcome, False, blocked, numbers)
+    bound, side, relation = ((pooled.high, "upper", "below") if upper else (pooled.low, "lower", "above"))
+    clears = bound < threshold if upper else bound > threshold
+    where = (f"pooled theta {pooled.estimate:.3f} [{pooled.low:.3f}, {pooled.high:.3f}] "
+             f"({pooled.level:.0%}, {pooled.k} damage(s))")
+    if clears and not blockers:
+        reason = f"{where}: {side} bound {relation} {threshold_name} {threshold} with the clamp holding -- {meaning}"
+    elif clears:
+        reason = f"{where} is {relation} {threshold_name} {threshold}, but theta cannot decide: {blocked}"
+    else:
+        reason = f"{where}: {side} bound not {relation} {threshold_name} {threshold}"
+    return Rule(name, outcome, clears and not blockers, reason, numbers)
+
+
 def verdict(theta: Theta, checks: Sequence[ManipulationCheck], arms: Sequence[ArmEvidence],
             settings: AnalysisSettings | None = None, **overrides) -> Verdict:
     """The verdict by the rules of the module docstring."""
     s = AnalysisSettings.resolve(settings, **overrides)
     blockers = _theta_preconditions(theta, checks)
-    pooled = theta.pooled
-    blocked = "; ".join(blockers)
 
     # Rule 1: the clamp held and theta's upper bound is below theta_refute.
-    numbers = _theta_numbers(theta, "theta_refute", s.theta_refute)
-    if pooled is None:
-        clamp = Rule(REFUTE_CLAMP, REFUTED, False, blocked, numbers)
-    else:
-        below = pooled.high < s.theta_refute
-        where = (f"pooled theta {pooled.estimate:.3f} [{pooled.low:.3f}, {pooled.high:.3f}] "
-                 f"({pooled.level:.0%}, {pooled.k} damage(s))")
-        if below and not blockers:
-            reason = (f"{where}: upper bound below theta_refute {s.theta_refute} with the clamp holding -- "
-                      "performance recovers while CKA stays low")
-        elif below:
-            reason = f"{where} is below theta_refute {s.theta_refute}, but theta cannot decide: {blocked}"
-        else:
-            reason = f"{where}: upper bound not below theta_refute {s.theta_refute}"
-        clamp = Rule(REFUTE_CLAMP, REFUTED, below and not blockers, reason, numbers)
+    clamp = _theta_rule(theta, blockers, REFUTE_CLAMP, REFUTED, "theta_refute", s.theta_refute, upper=True,
+                        meaning="performance recovers while CKA stays low")
 
     # Rule 2: an arm raises CKA without a meaningful recovery, Holm over the arms tested, at alpha / 2.
     tested = [a for a in arms if a.tested]
@@ -165,21 +171,8 @@ def verdict(theta: Theta, checks: Sequence[ManipulationCheck], arms: Sequence[Ar
     cka = Rule(REFUTE_CKA, REFUTED, bool(firing), reason, numbers)
 
     # Rule 3: theta's lower bound clears theta_support with the clamp holding.
-    numbers = _theta_numbers(theta, "theta_support", s.theta_support)
-    if pooled is None:
-        support = Rule(SUPPORT_THETA, SUPPORTED, False, blocked, numbers)
-    else:
-        above = pooled.low > s.theta_support
-        where = (f"pooled theta {pooled.estimate:.3f} [{pooled.low:.3f}, {pooled.high:.3f}] "
-                 f"({pooled.level:.0%}, {pooled.k} damage(s))")
-        if above and not blockers:
-            reason = (f"{where}: lower bound above theta_support {s.theta_support} with the clamp holding -- "
-                      "preventing re-alignment costs most of kd's recovery")
-        elif above:
-            reason = f"{where} is above theta_support {s.theta_support}, but theta cannot decide: {blocked}"
-        else:
-            reason = f"{where}: lower bound not above theta_support {s.theta_support}"
-        support = Rule(SUPPORT_THETA, SUPPORTED, above and not blockers, reason, numbers)
+    support = _theta_rule(theta, blockers, SUPPORT_THETA, SUPPORTED, "theta_support", s.theta_support, upper=False,
+                          meaning="preventing re-alignment costs most of kd's recovery")
 
     rules = (clamp, cka, support)
     deciding = next((r for r in (clamp, cka) if r.fired), None)
