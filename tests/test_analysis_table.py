@@ -255,3 +255,17 @@ def test_cka_summary_over_the_flagged_range_only(tmp_path):
                   old)
     with pytest.raises(ValueError, match=f"{old}: no 'in_alignment_range' column .* rerun the `cka` rule"):
         collect_row(*paths[:3], old)
+
+
+def test_table_carries_the_other_measures_jackknife_intervals(tmp_path):
+    """<measure>_mean_ci_low/high come from the CKA summary's jackknife intervals (the manipulation check reads
+    the damaged parent's upper bound); a summary without them leaves the columns out."""
+    paths = _write_artifact(tmp_path, "m", "p50", "none", {"arc": 0.5}, [0.1, 0.5, 0.6, 0.9])
+    summary = paths[3].with_suffix(".json")
+    write_json(summary, digest=True, obj={"alignment_layers": [1, 2], "debiased_cka_mean_ci": [0.5, 0.6],
+                                          "debiased_cka_mean_replicates": [0.55] * 20,
+                                          "other_means_jackknife": {"procrustes_sim": {"ci": [0.41, 0.47]},
+                                                                    "knn_overlap": {"ci": [0.2, 0.3]}}})
+    row = collect_row(*paths, summary)
+    assert (row["procrustes_sim_mean_ci_low"], row["procrustes_sim_mean_ci_high"]) == (0.41, 0.47)
+    assert row["knn_overlap_mean_ci_high"] == 0.3 and "rbf_cka_mean_ci_high" not in row

@@ -179,3 +179,32 @@ def test_measurement_stage_values_equal_float64_linear_cka(tmp_path):
         assert row.linear_cka == pytest.approx(linear_cka(t, a), abs=1e-6)
         assert row.debiased_cka == pytest.approx(linear_cka(t, a, debiased=True), abs=1e-6)
         assert row.linear_cka < 1 - 1e-4
+
+
+def test_measurement_stage_gives_the_other_measures_jackknife_intervals(tmp_path):
+    """The CKA step's summary carries, for RBF CKA, Procrustes and k-NN, the layer mean's delete-a-group jackknife
+    interval over probe sequences (measure.jackknife_groups), centred on the layer mean, and the table reads it."""
+    import json
+
+    from realign.measure.activations import save_activations
+    from realign.measure.stage import cka_vs_teacher
+
+    index = torch.stack([torch.arange(240) // 10, torch.arange(240) % 10], 1)  # 24 sequences x 10 positions
+    g = torch.Generator().manual_seed(5)
+    teacher = {f"layer.{i}": hidden_states(240, 24, i) for i in range(4)}
+    artifact = {k: v + 0.7 * torch.randn(v.shape, generator=g) for k, v in teacher.items()}
+    for name, acts in (("teacher", teacher), ("artifact", artifact)):
+        save_activations({**acts, "token_index": index}, tmp_path / f"{name}.safetensors", {"artifact": name})
+    frame = cka_vs_teacher(tmp_path / "teacher.safetensors", tmp_path / "artifact.safetensors",
+                           tmp_path / "cka.parquet", tmp_path / "cka.json", n_boot=20, jackknife_groups=6)
+    summary = json.loads((tmp_path / "cka.json").read_text())
+    assert summary["jackknife_groups"] == 6
+    body = frame[frame["in_alignment_range"]]
+    for m in ("rbf_cka", "procrustes_sim", "knn_overlap"):
+        low, high = summary["other_means_jackknife"][m]["ci"]
+        assert low < body[m].mean() < high and high - low < 0.5, m
+        assert (low + high) / 2 == pytest.approx(body[m].mean(), abs=1e-12)
+        assert len(summary["other_means_jackknife"][m]["replicates"]) == 6
+    cka_vs_teacher(tmp_path / "teacher.safetensors", tmp_path / "artifact.safetensors", tmp_path / "cka0.parquet",
+                   tmp_path / "cka0.json", n_boot=20, jackknife_groups=0)
+    assert json.loads((tmp_path / "cka0.json").read_text())["other_means_jackknife"] == {}

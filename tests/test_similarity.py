@@ -211,3 +211,56 @@ def test_alignment_summary_over_the_pre_registered_range(tmp_path):
     assert explicit["alignment_layers"] == [2, 4] and explicit["layer_means"]["debiased_cka"] > 0.2
     with pytest.raises(ValueError, match=r"measure.alignment_layers = \[2, 5\]"):
         cka_vs_teacher(*paths, tmp_path / "x.parquet", tmp_path / "x.json", n_boot=0, alignment_layers=[2, 5])
+
+
+def test_jackknife_replicates_recompute_each_measure_without_the_left_out_sequences():
+    """Replicate g equals the reference formulations run on the rows of the other groups (the independent path:
+    raw rows, each reference centring them itself), averaged over the layers."""
+    from realign.measure.similarity import jackknife_other_means
+
+    seq = _sequences(n_sequences=9, per=5)
+    pairs = [_pair(len(seq), 6, seed) for seed in range(3)]
+    xs, ys = [p[0] + 3.0 for p in pairs], [p[1] - 1.0 for p in pairs]  # uncentred: the subset must be recentred
+    groups = 3
+    reps = jackknife_other_means(xs, ys, seq, range(1, 3), groups=groups, seed=4, knn_k=4)
+    order = torch.randperm(9, generator=torch.Generator().manual_seed(4))
+    group_of_sequence = torch.empty(9, dtype=torch.long)
+    group_of_sequence[order] = torch.arange(9) % groups
+    for g in range(groups):
+        keep = group_of_sequence[seq] != g
+        layers = [(xs[i][keep], ys[i][keep]) for i in (1, 2)]
+        assert float(reps["rbf_cka"][g]) == pytest.approx(sum(rbf_cka(x, y) for x, y in layers) / 2, abs=1e-12)
+        assert float(reps["procrustes_sim"][g]) == pytest.approx(
+            sum(procrustes_similarity(x, y) for x, y in layers) / 2, abs=1e-12)
+        assert float(reps["knn_overlap"][g]) == pytest.approx(sum(mutual_knn(x, y, 4) for x, y in layers) / 2,
+                                                              abs=1e-12)
+
+
+def test_jackknife_interval_of_a_mean_is_the_textbook_standard_error():
+    """For the mean of G equal groups the delete-a-group jackknife's standard error is sd(group means) / sqrt(G)
+    (Efron & Stein 1981), and the interval is the estimate +- t(G - 1) of it."""
+    from scipy.stats import t as student_t
+
+    from realign.measure.similarity import jackknife_interval
+
+    means = torch.tensor([0.3, 0.5, 0.2, 0.9, 0.4, 0.6], dtype=torch.float64)
+    groups = len(means)
+    estimate = float(means.mean())
+    replicates = (means.sum() - means) / (groups - 1)
+    stderr, low, high = jackknife_interval(estimate, replicates)
+    assert stderr == pytest.approx(float(means.std()) / math.sqrt(groups), rel=1e-12)
+    half = float(student_t.ppf(0.975, groups - 1)) * stderr
+    assert (low, high) == pytest.approx((estimate - half, estimate + half), rel=1e-12)
+
+
+def test_jackknife_on_identical_representations_is_exactly_one():
+    from realign.measure.similarity import JACKKNIFE_MEASURES, jackknife_interval, jackknife_other_means
+
+    seq = _sequences(n_sequences=8, per=6)
+    x = _pair(len(seq), 5, 0)[0]
+    reps = jackknife_other_means([x], [x @ _orthogonal(5, 1)], seq, range(0, 1), groups=4, knn_k=3)
+    for m in JACKKNIFE_MEASURES:
+        assert torch.allclose(reps[m], torch.full((4,), 1.0, dtype=torch.float64), atol=1e-9), m
+        assert jackknife_interval(1.0, reps[m])[0] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="groups"):
+        jackknife_other_means([x], [x], seq, range(0, 1), groups=9)

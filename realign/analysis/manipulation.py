@@ -11,10 +11,11 @@ the damaged model's value, 1/2 allows half) against kd on the same parent; three
    is enforced per run, and one run that escapes it is a run whose recovery theta should not count. The
    table's delta CKA interval is its 95% percentile interval (the `cka` step's fixed level).
 2. **other similarity measures** (RBF CKA, orthogonal Procrustes, mutual k-NN): every held run's value stays at
-   or below the damaged parent's upper bound of that measure. The table carries these measures' point values
-   (``<measure>_mean``) but no interval: the `cka` step writes bootstrap replicates for debiased CKA only. The
-   part reads the parent's ``<measure>_mean_ci_high`` where the table has it and is then required; where it
-   does not, the part is "not evaluated" (stated in the verdict's reasons) and does not decide.
+   or below the damaged parent's upper bound of that measure: the 95% delete-a-group jackknife interval over
+   probe sequences that the `cka` step gives these layer means (``<measure>_mean_ci_high``;
+   realign.measure.similarity). Where the table has no such column (measure.jackknife_groups 0, or a summary
+   made before the intervals existed) the part is "not evaluated" (stated in the verdict's reasons) and does
+   not decide.
 3. **output KL to the teacher** (required): the held arm may leave at most kl_margin of kd's KL reduction,
    KL(held) - KL(kd) <= kl_margin x (KL(parent) - KL(kd)), tested on the upper bound of the 1 - alpha interval
    of KL(held) - (1 - m) KL(kd) - m KL(parent) (arm means over seeds; seed variance plus each run's kl_stderr,
@@ -96,7 +97,8 @@ def _similarity_part(held: Arm, measure: str) -> CheckPart:
     if measure not in held.parent.similarity_high:
         return CheckPart(measure, NOT_EVALUATED, False, math.nan, math.nan,
                          f"{measure}: not evaluated -- the table carries no interval of the damaged parent's "
-                         f"{measure} (no {measure}_mean_ci_high column; the cka step bootstraps debiased CKA only)")
+                         f"{measure} (no {measure}_mean_ci_high column: its cka summary has no jackknife interval, made "
+                         f"with measure.jackknife_groups 0 or before the intervals existed)")
     limit = held.parent.similarity_high[measure]
     values = held.similarity[measure] if measure in held.similarity else np.full(held.n_seeds, np.nan)
     value = float(np.max(values))

@@ -68,7 +68,8 @@ def collect_row(artifact_json, eval_json, divergence_json, cka_parquet, cka_summ
     cka_embedding and cka_final (the estimator's CKA at the embeddings, layer 0, and at the final post-norm state,
     layer L, both outside the range); from the JSON summary of the CKA step (when given, debiased estimator only;
     its range must be the parquet's): cka_mean_ci_low/high (95% bootstrap over probe sequences) and cka_boot (the
-    replicates over the same range, paired across artifacts); seconds (training/degradation time of the
+    replicates over the same range, paired across artifacts), and <measure>_mean_ci_low/high of rbf_cka,
+    procrustes_sim and knn_overlap (delete-a-group jackknife over probe sequences, where the summary has it); seconds (training/degradation time of the
     artifact), eval_seconds, divergence_seconds, path_artifact, path_eval, path_divergence, path_cka.
     """
     art = read_json(artifact_json, verify=True, producer="the step that made the artifact")
@@ -153,8 +154,8 @@ def collect_row(artifact_json, eval_json, divergence_json, cka_parquet, cka_summ
     row["n_layers"] = int(body["layer"].nunique())
     row["cka_mean_ci_low"] = row["cka_mean_ci_high"] = math.nan
     row["cka_boot"] = []
-    if cka_summary is not None and cka_estimator == "debiased":
-        summary = read_json(cka_summary, verify=True, producer="the `cka` rule")
+    summary = read_json(cka_summary, verify=True, producer="the `cka` rule") if cka_summary is not None else None
+    if summary is not None and cka_estimator == "debiased":
         if summary.get("alignment_layers") != [first, last]:
             raise ValueError(f"{cka_summary}: its alignment range {summary.get('alignment_layers')} is not the range "
                              f"[{first}, {last}] flagged in {cka_parquet} (measure.alignment_layers): rerun the "
@@ -162,6 +163,9 @@ def collect_row(artifact_json, eval_json, divergence_json, cka_parquet, cka_summ
         low, high = summary["debiased_cka_mean_ci"]
         row["cka_mean_ci_low"], row["cka_mean_ci_high"] = _f(low), _f(high)
         row["cka_boot"] = [float(v) for v in summary["debiased_cka_mean_replicates"]]
+    if summary is not None:
+        for measure, interval in (summary.get("other_means_jackknife") or {}).items():
+            row[f"{measure}_mean_ci_low"], row[f"{measure}_mean_ci_high"] = (_f(v) for v in interval["ci"])
 
     row["seconds"] = _f((art.get("timings") or {}).get("seconds"))
     row["eval_seconds"] = _f(ev.get("seconds"))

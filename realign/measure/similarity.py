@@ -22,6 +22,13 @@ estimator treats pairs of copies of one token like the diagonal it already exclu
 bring back exactly the small-sample inflation that estimator removes. The same seed gives the same replicates for
 every artifact of a study, so the replicates of an artifact and its damaged parent are paired.
 
+RBF CKA, Procrustes and k-NN overlap have no such closed form, and each is a plug-in estimator that duplicated
+tokens would distort, so their layer means get a delete-a-group jackknife over probe sequences instead
+(`other_means_jackknife`): the sequences fall into G seeded groups, each group is left out in turn and the
+measure recomputed on the remaining tokens, and the interval is the full-sample value +- t(G - 1) x the jackknife
+standard error (Efron & Stein 1981; the grouped form: Kott 2001). The manipulation check of the held arm reads
+the damaged parent's upper bound.
+
 All arithmetic is float64 on features centred once with the full-sample mean; centred Gram matrices are then
 simply X X^T. Everything works in the n x n (Gram) space, so cost grows as n^2 d, not d^2.
 """
@@ -183,8 +190,7 @@ def compare_layers(teacher_layers, artifact_layers, sequence_of_token: torch.Ten
                           for a, b in ((gt, ga), (gt, gt), (ga, ga))))
         linear = _cka((gt.gram * ga.gram).sum(), (gt.gram * gt.gram).sum(), (ga.gram * ga.gram).sum())
         row = {"layer": i, "linear_cka": float(linear), "debiased_cka": float(debiased[0]),
-               "rbf_cka": rbf_cka_from_gram(gt.gram, ga.gram), "procrustes_sim": procrustes_similarity(xt, xa),
-               "knn_overlap": mutual_knn_from_gram(gt.gram, ga.gram, knn_k)}
+               **_other_measures(xt, xa, gt.gram, ga.gram, knn_k)}
         row["debiased_cka_ci_low"], row["debiased_cka_ci_high"] = percentile_ci(debiased[1:])
         rows.append(row)
         replicates.append(debiased[1:])
@@ -194,6 +200,62 @@ def compare_layers(teacher_layers, artifact_layers, sequence_of_token: torch.Ten
     if matrix:
         out["matrix"] = cka_matrices(teacher_layers, artifact_layers, matrix_tokens, seed)
     return out
+
+
+JACKKNIFE_MEASURES = ("rbf_cka", "procrustes_sim", "knn_overlap")  # the layer means with a jackknife interval
+
+
+def _centre_gram(k: torch.Tensor) -> torch.Tensor:
+    """H K H: the Gram matrix of the same features centred on this subset's own mean."""
+    row = k.mean(0, keepdim=True)
+    return k - row - row.T + k.mean()
+
+
+def _other_measures(xt: torch.Tensor, xa: torch.Tensor, kt: torch.Tensor, ka: torch.Tensor, knn_k: int) -> dict:
+    """RBF CKA, Procrustes similarity and mutual k-NN overlap of one layer pair (centred features and their
+    Grams), as compare_layers computes them."""
+    return {"rbf_cka": rbf_cka_from_gram(kt, ka), "procrustes_sim": procrustes_similarity(xt, xa),
+            "knn_overlap": mutual_knn_from_gram(kt, ka, knn_k)}
+
+
+def jackknife_other_means(teacher_layers, artifact_layers, sequence_of_token: torch.Tensor, layers: range, *,
+                          groups: int = 8, seed: int = 0, knn_k: int = 10) -> dict[str, torch.Tensor]:
+    """Delete-a-group jackknife replicates over probe sequences (module docstring) of the mean over `layers` of
+    each JACKKNIFE_MEASURES measure: {measure: [G] tensor}, replicate g computed without the tokens of group g.
+    Groups are a seeded partition of the sequences, the same for every artifact of a study; on the remaining
+    tokens every part of a measure (centring, bandwidth, neighbours) is recomputed."""
+    sequence_of_token = torch.unique(sequence_of_token, return_inverse=True)[1]
+    n_sequences = int(sequence_of_token.max()) + 1
+    if not 2 <= groups <= n_sequences:
+        raise ValueError(f"the jackknife needs 2..{n_sequences} groups of probe sequences, got {groups}")
+    order = torch.randperm(n_sequences, generator=torch.Generator().manual_seed(seed))
+    group_of_sequence = torch.empty(n_sequences, dtype=torch.long)
+    group_of_sequence[order] = torch.arange(n_sequences) % groups
+    group_of_token = group_of_sequence[sequence_of_token]
+    sums = {m: torch.zeros(groups, dtype=torch.float64) for m in JACKKNIFE_MEASURES}
+    for i in layers:
+        xt, xa = centered64(teacher_layers[i], f"teacher layer {i}"), centered64(artifact_layers[i], f"artifact layer {i}")
+        kt, ka = xt @ xt.T, xa @ xa.T
+        for g in range(groups):
+            keep = group_of_token != g
+            sub = _other_measures(xt[keep], xa[keep], _centre_gram(kt[keep][:, keep]), _centre_gram(ka[keep][:, keep]),
+                                  knn_k)
+            for m, v in sub.items():
+                sums[m][g] += v
+    return {m: v / len(layers) for m, v in sums.items()}
+
+
+def jackknife_interval(estimate: float, replicates: torch.Tensor, level: float = 0.95) -> tuple[float, float, float]:
+    """(standard error, low, high): the delete-a-group jackknife's standard error sqrt((G-1)/G sum (r_g - r.)^2)
+    and the interval estimate +- t(G - 1) x it."""
+    from scipy.stats import t as student_t
+
+    groups = len(replicates)
+    if groups < 2 or not torch.isfinite(replicates).all() or not math.isfinite(estimate):
+        return math.nan, math.nan, math.nan
+    stderr = math.sqrt((groups - 1) / groups * float(((replicates - replicates.mean()) ** 2).sum()))
+    half = float(student_t.ppf((1 + level) / 2, groups - 1)) * stderr
+    return stderr, estimate - half, estimate + half
 
 
 def percentile_ci(values: torch.Tensor, level: float = 0.95) -> tuple[float, float]:

@@ -15,7 +15,8 @@ from realign.measure.activations import (capture, content_positions, load_activa
                                          save_activations)
 from realign.measure.cka import linear_cka
 from realign.measure.divergence import cached_divergence, pooled_nll, sequence_nlls
-from realign.measure.similarity import compare_layers, percentile_ci
+from realign.measure.similarity import (JACKKNIFE_MEASURES, compare_layers, jackknife_interval,
+                                        jackknife_other_means, percentile_ci)
 
 NULL_SEED_OFFSET = 7919  # the random-init null model's seed is the study seed + this
 MEASURES = ("linear_cka", "debiased_cka", "rbf_cka", "procrustes_sim", "knn_overlap")
@@ -107,12 +108,13 @@ def alignment_range(alignment_layers, n_hidden: int) -> tuple[int, int]:
     return first, last
 
 
-def cka_vs_teacher(teacher_acts, artifact_acts, out_path, summary_path, *, n_boot: int = 1000, seed: int = 0,
-                   knn_k: int = 10, alignment_layers="inner") -> pd.DataFrame:
+def cka_vs_teacher(teacher_acts, artifact_acts, out_path, summary_path, *, n_boot: int = 1000,
+                   jackknife_groups: int = 8, seed: int = 0, knn_k: int = 10, alignment_layers="inner") -> pd.DataFrame:
     """Per-layer similarity of an artifact to the teacher (parquet, with an `in_alignment_range` flag per layer)
     and a JSON summary: over the pre-registered range of hidden states (`alignment_layers`, see alignment_range),
     the layer means and minima of every measure, the debiased CKA layer mean's bootstrap replicates (paired across
-    artifacts: same seed, same probe sequences) and CI; apart from it every measure at the embeddings (layer 0)
+    artifacts: same seed, same probe sequences) and CI, the other measures' layer means' delete-a-group jackknife
+    intervals over probe sequences (`jackknife_groups`, 0: none; realign.measure.similarity); apart from it every measure at the embeddings (layer 0)
     and at the final post-norm state (layer L); and the teacher-layer x artifact-layer CKA matrices."""
     teacher_layers, layers, sequence_of_token = _matched(teacher_acts, artifact_acts)
     first, last = alignment_range(alignment_layers, len(layers))
@@ -123,6 +125,14 @@ def cka_vs_teacher(teacher_acts, artifact_acts, out_path, summary_path, *, n_boo
     mean_replicates = result["replicates"][:, first:last + 1].mean(1)
     low, high = percentile_ci(mean_replicates)
     final = len(layers) - 1
+    jackknife = {}
+    groups = min(jackknife_groups, result["n_sequences"])  # a probe split of fewer sequences: one per group
+    if groups >= 2:
+        replicates = jackknife_other_means(teacher_layers, layers, sequence_of_token, range(first, last + 1),
+                                           groups=groups, seed=seed, knn_k=knn_k)
+        for m in JACKKNIFE_MEASURES:
+            stderr, jk_low, jk_high = jackknife_interval(float(body[m].mean()), replicates[m])
+            jackknife[m] = {"stderr": stderr, "ci": [jk_low, jk_high], "replicates": replicates[m].tolist()}
     summary = {
         "alignment_layers": [first, last],
         "final_layer": final,
@@ -130,6 +140,8 @@ def cka_vs_teacher(teacher_acts, artifact_acts, out_path, summary_path, *, n_boo
         "layer_mins": {m: float(body[m].min()) for m in MEASURES},
         "debiased_cka_mean_ci": [low, high],
         "debiased_cka_mean_replicates": mean_replicates.tolist(),
+        "jackknife_groups": groups if jackknife else 0,
+        "other_means_jackknife": jackknife,
         "embedding": {m: float(frame.loc[frame["layer"] == 0, m].iloc[0]) for m in MEASURES},
         "final": {m: float(frame.loc[frame["layer"] == final, m].iloc[0]) for m in MEASURES},
         "matrix": {k: v.tolist() if torch.is_tensor(v) else v for k, v in result["matrix"].items()},

@@ -125,6 +125,7 @@ def get_similarity_params(bootstrap=False):
     if not bootstrap:
         return params
     return {**params, "n_boot": config["measure"]["cka_bootstrap"],
+            "jackknife_groups": config["measure"]["jackknife_groups"],
             "alignment_layers": config["measure"]["alignment_layers"]}
 
 
