@@ -8,6 +8,10 @@
   (statsmodels MixedLM, REML, Wald z p-values / CIs), fitted when >= 2 base models have >= 2 analysed rows
   each, so a correlation driven by differences *between* base models shows up. Reported and named in the
   reasons; not a verdict criterion.
+* :func:`runs_model`: the same association in the units the study has: runs (damaged parent x recovery x training
+  seed) with their checkpoints as repeated measures, a random intercept per damaged parent and, within it, per
+  run (a random slope of delta_cka per run when runs have checkpoints), so neither arms that share a damaged
+  parent nor the checkpoints of one run count as independent artifacts. Description, not a verdict criterion.
 * :func:`slope`: the OLS slope of one variable on another along a run (realign.analysis.dose_response).
 """
 
@@ -140,6 +144,82 @@ def mixed_model(d: pd.DataFrame, settings: AnalysisSettings | None = None, **ove
     return {**base, "coefficients": coefs, "group_variance": float(np.asarray(fit.cov_re)[0, 0]),
             "residual_variance": float(fit.scale), "converged": bool(fit.converged),
             # ConvergenceWarning (e.g. a group variance on the boundary 0) says how far to trust the fit.
+            "warnings": list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught))}
+
+
+def _run_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """The recovered artifacts (final runs and their checkpoints) of damaged parents beyond noise with finite
+    recovery_fraction and delta_cka, with `parent` (model/degradation) and `run` (parent/recovery without @step)."""
+    from realign.config import parse_recovery_name, recovery_name
+
+    rows = table[(table["degradation"] != "none") & (table["recovery"] != "none")]
+    if "damage_within_noise" in rows:
+        rows = rows[~rows["damage_within_noise"].astype(bool)]
+    rows = rows[np.isfinite(rows["recovery_fraction"].astype(float)) & np.isfinite(rows["delta_cka"].astype(float))]
+    parent = rows["model"].astype(str) + "/" + rows["degradation"].astype(str)
+    run = [recovery_name(*parse_recovery_name(r)[:2]) for r in rows["recovery"]]
+    return rows.assign(parent=parent.to_numpy(), run=(parent + "/" + pd.Series(run, index=rows.index)).to_numpy())
+
+
+def runs_model(table: pd.DataFrame, settings: AnalysisSettings | None = None, **overrides) -> dict:
+    """``recovery_fraction ~ delta_cka [+ delta_kl]`` over runs and their checkpoints (module docstring), REML
+    (statsmodels MixedLM), Wald CIs at level 1 - alpha:
+
+    * >= 2 damaged parents: groups = parent (random intercept), a variance component per run nested in it, and
+      a per-run delta_cka slope component when some run has >= 2 rows (checkpoints);
+    * one damaged parent whose runs have checkpoints: groups = run, random intercept and delta_cka slope;
+    * otherwise ``{"skipped": reason}``: the rows are independent runs of one parent, which the OLS describes.
+
+    Returns formula, structure (in words), n (rows), n_runs, n_parents, repeated (runs with checkpoints),
+    coefficients {term: {coef, se, ci_low, ci_high, p}}, variance_components {parent, run, run_slope: variance},
+    residual_variance, converged, warnings, notes; or {"error": ...} when the fit fails."""
+    import statsmodels.formula.api as smf
+
+    settings = AnalysisSettings.resolve(settings, **overrides)
+    d = _run_rows(table) if len(table) else table
+    n_parents, n_runs = (int(d["parent"].nunique()), int(d["run"].nunique())) if len(d) else (0, 0)
+    repeated = int((d.groupby("run").size() >= 2).sum()) if len(d) else 0
+    base = {"n": int(len(d)), "n_runs": n_runs, "n_parents": n_parents, "repeated": repeated, "notes": []}
+    if n_parents < 2 and repeated == 0:
+        return {**base, "skipped": f"{n_runs} run(s) of {n_parents} damaged parent(s), none measured at checkpoints: "
+                                   "no grouping to model (the OLS describes independent runs)"}
+    if len(d) < 4 or np.ptp(d["delta_cka"].to_numpy(float)) == 0:
+        return {**base, "skipped": f"{len(d)} row(s), or delta_cka constant: too few to fit"}
+    use_kl = "delta_kl" in d and bool(np.isfinite(d["delta_kl"].to_numpy(float)).all())
+    if use_kl and np.linalg.matrix_rank(np.column_stack([np.ones(len(d)), d["delta_cka"], d["delta_kl"]]
+                                                        ).astype(float)) < 3:
+        use_kl = False
+        base["notes"].append("delta_kl dropped: collinear with delta_cka or constant")
+    formula = "recovery_fraction ~ delta_cka" + (" + delta_kl" if use_kl else "")
+    cols = ["recovery_fraction", "delta_cka"] + (["delta_kl"] if use_kl else [])
+    data = d[cols].astype(float).assign(parent=d["parent"].to_numpy(), run=d["run"].to_numpy())
+    if n_parents >= 2:
+        vc = {"run": "0 + C(run)"}
+        if repeated:
+            vc["run_slope"] = "0 + C(run):delta_cka"
+        structure = ("random intercept per damaged parent; per run within it: intercept"
+                     + (" and delta_cka slope" if repeated else ""))
+        model = smf.mixedlm(formula, data, groups=data["parent"], re_formula="1", vc_formula=vc)
+    else:
+        structure = "one damaged parent: random intercept and delta_cka slope per run"
+        model = smf.mixedlm(formula, data, groups=data["run"], re_formula="~delta_cka")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit = model.fit(reml=True)
+        ci = fit.conf_int(alpha=settings.alpha)
+        coefs = {name: {"coef": float(fit.fe_params[name]), "se": float(fit.bse_fe[name]),
+                        "ci_low": float(ci.loc[name, 0]), "ci_high": float(ci.loc[name, 1]),
+                        "p": float(fit.pvalues[name])} for name in fit.fe_params.index}
+    except Exception as err:  # noqa: BLE001 - singular fits must not stop the report
+        return {**base, "formula": formula, "structure": structure, "error": f"{type(err).__name__}: {err}"}
+    # Named for what they vary over: the random effects of the grouping factor, then the nested components.
+    grouping = ("parent",) if n_parents >= 2 else ("run", "run_slope")
+    components = dict(zip(grouping, (float(v) for v in np.diag(np.asarray(fit.cov_re)))))
+    components.update(zip(model.exog_vc.names, (float(v) for v in np.atleast_1d(fit.vcomp))))
+    return {**base, "formula": formula, "structure": structure, "method": "REML", "coefficients": coefs,
+            "variance_components": components, "residual_variance": float(fit.scale),
+            "converged": bool(fit.converged),
             "warnings": list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught))}
 
 

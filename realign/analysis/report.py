@@ -362,6 +362,7 @@ def render_report(
         "measure_columns": [label for _, label in MEASURE_COLS],
         "per_benchmark": stats.get("per_benchmark") or {},
         "mixed": stats.get("mixed_model") or {},
+        "runs_model": stats.get("runs_model") or {},
         "scatter": figures.cka_recovery_scatter(table, stats),
         "bars": figures.damage_recovery_bars(table),
         "corr": _corr_rows(stats),

@@ -12,7 +12,8 @@ Statistics, each in its module
   ``delta_kl`` (does geometry go with recovery beyond output matching?), same bootstrap / permutation scheme
   (permutation of ``recovery_fraction``; reported, not used by the verdict).
 * OLS ``recovery_fraction ~ delta_cka + delta_kl [+ C(family)]`` (HC3) and the mixed model with a random
-  intercept per base model (:mod:`realign.analysis.regression`).
+  intercept per base model, and the runs model: runs as units, checkpoints as repeated measures, a random effect
+  per damaged parent (:mod:`realign.analysis.regression`).
 * The verdict and its reasons (:mod:`realign.analysis.verdict`, whose docstring states the rules).
 * Paired control contrasts and the undamaged model's self-distillation (:mod:`realign.analysis.contrasts`).
 * Per benchmark task and per similarity measure (:mod:`realign.analysis.breakdowns`).
@@ -32,7 +33,7 @@ import pandas as pd
 from realign.analysis.breakdowns import by_measure, per_benchmark
 from realign.analysis.contrasts import control_contrasts, undamaged_self_distillation
 from realign.analysis.dose_response import dose_response
-from realign.analysis.regression import mixed_model, ols
+from realign.analysis.regression import mixed_model, ols, runs_model
 from realign.analysis.resampling import correlation
 from realign.analysis.selection import select_analysed
 from realign.analysis.settings import AnalysisSettings
@@ -116,7 +117,8 @@ def analyze_with_controls(table: pd.DataFrame, settings: AnalysisSettings | None
     """The single entry point of the report: `analyze` (with the verdict and the mixed model) plus the paired
     control contrasts, the undamaged model's self-distillation, the per-benchmark breakdown, the dose-response
     trajectories, the breakdown by similarity measure and the pre-registered theta analysis (keys contrasts,
-    undamaged_self_distillation, per_benchmark, dose_response, by_measure, theta: see
+    undamaged_self_distillation, per_benchmark, dose_response, by_measure, runs_model (realign.analysis.regression),
+    theta: see
     realign.analysis.theta_summary.theta_entry), all with the same ``settings`` (``overrides`` replace fields)."""
     settings = AnalysisSettings.resolve(settings, **overrides)
     out = analyze(table, settings)
@@ -126,5 +128,6 @@ def analyze_with_controls(table: pd.DataFrame, settings: AnalysisSettings | None
     out["per_benchmark"] = per_benchmark(table, settings)
     out["dose_response"] = dose_response(table, settings) if has_p else []
     out["by_measure"] = by_measure(table, settings)
+    out["runs_model"] = runs_model(table, settings)
     out["theta"] = theta_entry(table, settings)
     return jsonable(out)
