@@ -9,6 +9,7 @@ import pytest
 from realign.analysis.arm_tests import ArmEvidence
 from realign.analysis.estimand import Theta, ThetaDamage, ThetaPooled
 from realign.analysis.manipulation import CheckPart, ManipulationCheck
+from realign.analysis.pooling import Pooled
 from realign.analysis.preregistered import (INCONCLUSIVE, REFUTE_CKA, REFUTE_CLAMP, REFUTED, SUPPORT_THETA, SUPPORTED,
                                             analyze_theta, verdict)
 from realign.analysis.resampling import holm
@@ -25,8 +26,8 @@ def _damage(point, low, high, label="q4", seeds=2):
 
 def _theta(point, low, high, seeds=2):
     d = _damage(point, low, high, seeds=seeds)
-    return Theta((d,), ThetaPooled(point, low, high, 0.95, 1, "one damaged parent", 0.0, math.nan, 0.01, 1.5,
-                                   ("m/q4",), ()))
+    return Theta((d,), ThetaPooled(Pooled(point, low, high, 1, 0.0, math.nan, math.nan, 0.01, 1.5, (1.0,),
+                                          "one damaged parent"), 0.95, ("m/q4",), ()))
 
 
 def _check(passed=True):

@@ -34,7 +34,7 @@ import pandas as pd
 
 from realign.analysis.arms import HELD_METHOD, KD_METHOD, Arm, Arms, arms_by_parent, pick
 from realign.analysis.components import MIN_SEEDS, fieller, from_replicates
-from realign.analysis.pooling import random_effects
+from realign.analysis.pooling import Pooled, random_effects
 from realign.analysis.settings import AnalysisSettings
 
 
@@ -91,20 +91,29 @@ class ThetaDamage:
 
 @dataclass(frozen=True)
 class ThetaPooled:
-    """theta pooled over damaged parents: estimate and interval at `level`, k damages pooled (`damages`),
-    method; tau2 (between-damage variance), q (HKSJ dispersion), var, df; `excluded`: (damage, reason) left out."""
-    estimate: float
-    low: float
-    high: float
+    """theta pooled over damaged parents: the random-effects pooling (realign.analysis.pooling.Pooled: estimate,
+    interval, k, tau2, q, var, df, weights, method) at `level`, of the damages named in `damages`; `excluded`:
+    (damage, reason) left out."""
+    pooling: Pooled
     level: float
-    k: int
-    method: str
-    tau2: float
-    q: float
-    var: float
-    df: float
     damages: tuple[str, ...]
     excluded: tuple[tuple[str, str], ...]
+
+    @property
+    def estimate(self) -> float:
+        return self.pooling.estimate
+
+    @property
+    def low(self) -> float:
+        return self.pooling.low
+
+    @property
+    def high(self) -> float:
+        return self.pooling.high
+
+    @property
+    def k(self) -> int:
+        return self.pooling.k
 
 
 @dataclass(frozen=True)
@@ -146,13 +155,13 @@ def pool(damages: tuple[ThetaDamage, ...], alpha: float) -> ThetaPooled | None:
     names = tuple(d.label for d in kept)
     if len(kept) == 1:
         d = kept[0]
-        return ThetaPooled(d.theta, d.low, d.high, d.level, 1, "one damaged parent: its own interval", 0.0,
-                           math.nan, d.var, d.df, names, tuple(excluded))
+        own = Pooled(d.theta, d.low, d.high, 1, 0.0, math.nan, math.nan, d.var, d.df, (1.0,),
+                     "one damaged parent: its own interval")
+        return ThetaPooled(own, d.level, names, tuple(excluded))
     influence = np.column_stack([d.influence for d in kept])
     covariance = np.cov(influence, rowvar=False, ddof=1)
-    p = random_effects([d.theta for d in kept], [d.var for d in kept], alpha, covariance)
-    return ThetaPooled(p.estimate, p.low, p.high, 1 - alpha, p.k, p.method, p.tau2, p.q, p.var, p.df, names,
-                       tuple(excluded))
+    return ThetaPooled(random_effects([d.theta for d in kept], [d.var for d in kept], alpha, covariance), 1 - alpha,
+                       names, tuple(excluded))
 
 
 def theta_of_arms(arms: Arms, alpha: float, *, held: str | None = None, kd: str | None = None) -> Theta:

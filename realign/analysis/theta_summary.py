@@ -52,7 +52,8 @@ def _damage(d: ThetaDamage) -> dict[str, Any]:
 def _pooled(p: ThetaPooled | None) -> dict[str, Any] | None:
     if p is None:
         return None
-    out = dataclasses.asdict(p)
+    # One flat object, as before the pooling's fields had their own type: estimate, low, high, level, k, ...
+    out = {**dataclasses.asdict(p.pooling), "level": p.level, "damages": list(p.damages)}
     out["excluded"] = [{"parent": label, "reason": reason} for label, reason in p.excluded]
     return out
 
