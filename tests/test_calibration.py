@@ -149,3 +149,40 @@ def test_noise_sizes_measured_from_a_table():
     assert sizes.seed_sd == pytest.approx(0.02, rel=0.4)  # 27 degrees of freedom
     assert sizes.parent_sd == 0.01
     assert sizes.cka_se == pytest.approx(0.005 / 1.959964) and sizes.kl_se == pytest.approx(0.002)
+
+
+def _held_study(held_kl, seed_sd=0.0, seeds=3):
+    """kd and alignment-held on two parents: kd gains 0.2, held 0.02 (theta 0.9); held KL at `held_kl` between
+    kd's 0.1 and the parent's 0.5."""
+    rng = np.random.default_rng(5)
+    runs = study(rng, gains={"kd": 0.2, "held": 0.02}, methods={"held": "alignment-held"}, degradations=("q4", "p50"),
+                 seeds=seeds, seed_sd=seed_sd, delta_cka={"kd": 0.06, "held": -0.01},
+                 kl={"kd": 0.1, "held": held_kl}, parent_kl=0.5)
+    return build(runs)
+
+
+def test_study_power_reads_noise_and_intervention_from_the_table_and_finds_a_budget():
+    from realign.analysis.calibration import study_power
+    from realign.analysis.settings import AnalysisSettings
+
+    settings = AnalysisSettings.defaults()
+    out = study_power(_held_study(held_kl=0.12), settings, n_tables=40)
+    assert out["design"] == {"n_damages": 2, "n_seeds": 3}
+    assert out["scenario"]["kd_gain"] == pytest.approx(0.2, abs=0.03)
+    assert out["scenario"]["held_kl_share"] == pytest.approx(0.05, abs=0.02) and not out["intervention_blockers"]
+    grid = {(g["n_damages"], g["n_seeds"], g["items_factor"]): g for g in out["grid"]}
+    # more seeds never lower power much (binomial noise of 20 tables aside), and the largest budget decides
+    assert grid[(4, 12, 4)]["support_power"] >= grid[(2, 2, 1)]["support_power"]
+    assert out["budget"] is not None and min(out["budget"]["support_power"], out["budget"]["refute_power"]) >= 0.8
+    for rate in out["at_design"].values():
+        assert 0.0 <= rate <= 1.0
+
+
+def test_study_power_names_an_intervention_that_cannot_pass_its_check():
+    from realign.analysis.calibration import study_power
+    from realign.analysis.settings import AnalysisSettings
+
+    out = study_power(_held_study(held_kl=0.3), AnalysisSettings.defaults(), n_tables=20)
+    assert out["scenario"]["held_kl_share"] == pytest.approx(0.5, abs=0.02)
+    assert any("KL reduction" in b for b in out["intervention_blockers"])
+    assert out["budget"] is None and all(g["support_power"] == 0 for g in out["grid"])

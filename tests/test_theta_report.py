@@ -20,7 +20,7 @@ DAMAGES = ("q4", "prune", "forget")
 LOW_CKA = {"kd": 0.06, "held": 0.0, "sft": 0.01}
 KL = {"kd": 0.1, "held": 0.12, "sft": 0.4}
 # Non-default thresholds: the report must state these, not the schema's defaults.
-S = AnalysisSettings.defaults(n_boot=50, n_perm=50, theta_support=0.45, theta_refute=0.2)
+S = AnalysisSettings.defaults(n_boot=50, n_perm=50, theta_support=0.45, theta_refute=0.2, power_tables=20)
 
 
 def _table(gains, seed=0, **kw) -> pd.DataFrame:
@@ -122,6 +122,11 @@ def test_the_report_states_the_rules_then_the_verdict_and_theta(tmp_path):
     for c in entry["checks"]:
         for p in c["parts"]:
             assert p["statement"] in section
+    # the study's own simulated power, at its design, with the grid's budget
+    power = entry["power"]
+    assert power["design"] == {"n_damages": len(entry["damages"]), "n_seeds": 2}
+    assert "Simulated power of this study" in section
+    assert f"power {power['at_design']['support_power']:.2f}" in section.replace("<strong>", "")
     # the correlational verdict stays, labelled as a description
     assert "Association across arms (description)" in _render(table, stats, tmp_path / "r2.html")
 

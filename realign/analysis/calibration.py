@@ -4,10 +4,13 @@
   effect (power) and with none (false positives): :func:`simulate_calibration`.
 * The pre-registered verdict on theta (realign.analysis.preregistered): its outcomes on simulated studies with
   item-level, seed-level and shared-parent noise of given sizes, for scenarios that reach each of its rules and
-  their nulls: :func:`simulate_theta_verdict`. See tests/test_calibration.py."""
+  their nulls: :func:`simulate_theta_verdict`. See tests/test_calibration.py.
+* The study's own power (:func:`study_power`): that simulation at the noise, intervention and design measured on
+  the study's table, and the budget (damaged parents, seeds, items) at which it would reach POWER_TARGET."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Mapping
@@ -16,7 +19,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from realign.analysis.arms import HELD_METHOD, KD_METHOD, Arm, Parent, arms_by_parent
+from realign.analysis.arms import HELD_METHOD, KD_METHOD, Arm, Arms, Parent, arms_by_parent, pick
 from realign.analysis.preregistered import INCONCLUSIVE, REFUTED, SUPPORTED, analyze_arms
 from realign.analysis.settings import AnalysisSettings
 from realign.analysis.stats import analyze
@@ -228,3 +231,86 @@ def simulate_theta_verdict(scenario: Scenario, noise: NoiseSizes, n_tables: int,
         outcomes[v.outcome] += 1
         rules[v.rule] = rules.get(v.rule, 0) + 1
     return ThetaCalibration(scenario, noise, n_tables, outcomes, rules)
+
+
+# ---- The study's own power: the simulation at its measured noise, intervention and design ---------------------
+
+PLANTED_SUPPORT, PLANTED_REFUTE = 0.9, 0.0  # theta planted for "supported" (most of kd's recovery lost) / "refuted"
+POWER_TARGET = 0.8
+BUDGET_SEEDS = (2, 3, 5, 8, 12)
+BUDGET_ITEMS = (1, 4)  # x the study's benchmark items: the item-level standard error falls as 1 / sqrt(factor)
+
+
+def measured_scenario(arms: Arms, theta: float) -> Scenario:
+    """A Scenario with the intervention as the study measured it (means over the damaged parents that have a kd
+    and a held arm): kd's gain, delta CKA and KL, the parent's KL, the held arm's delta CKA as a share of kd's
+    and the share of kd's KL reduction it left; theta planted."""
+    pairs = [(pick(a, HELD_METHOD), pick(a, KD_METHOD)) for a in arms.values()]
+    pairs = [(h, k) for h, k in pairs if h is not None and k is not None]
+    if not pairs:
+        raise ValueError("measured_scenario: no damaged parent with an alignment-held and a kd arm")
+    kd_gain = float(np.mean([k.gains()[0].mean() for _, k in pairs]))
+    kd_cka = float(np.mean([k.delta_cka.mean() for _, k in pairs]))
+    held_cka = float(np.mean([h.delta_cka.mean() for h, _ in pairs]))
+    parent_kl = float(np.mean([k.parent.kl for _, k in pairs]))
+    kd_kl = float(np.mean([k.kl.mean() for _, k in pairs]))
+    held_kl = float(np.mean([h.kl.mean() for h, _ in pairs]))
+    return Scenario(theta, kd_gain=kd_gain, kd_delta_cka=kd_cka,
+                    held_cka_share=held_cka / kd_cka if kd_cka != 0 else 0.0,
+                    held_kl_share=(held_kl - kd_kl) / (parent_kl - kd_kl) if parent_kl != kd_kl else 0.0,
+                    parent_kl=parent_kl, kd_kl=kd_kl)
+
+
+def study_power(table: pd.DataFrame, settings: AnalysisSettings, n_tables: int = 200) -> dict:
+    """The study's own simulated power: the noise measured on the table (NoiseSizes.from_table; parent_sd 0, as it
+    cannot be told apart from real differences between damages), the intervention as measured
+    (measured_scenario), at the study's design (its damaged parents with theta, its fewest seeds) and at larger
+    budgets (BUDGET_SEEDS x damages x1, x2 x BUDGET_ITEMS), each cell n_tables simulated studies (half that in
+    the grid).
+
+    Returns noise, scenario (with theta planted at PLANTED_SUPPORT), design {n_damages, n_seeds}, at_design
+    {support_power (supported at PLANTED_SUPPORT), refute_power (refuted at PLANTED_REFUTE), false_support
+    (supported at PLANTED_REFUTE), false_refute (refuted at PLANTED_SUPPORT)}, grid (rows with n_damages, n_seeds,
+    items_factor, support_power, refute_power), intervention_blockers (why, as measured, the held arm would fail
+    its manipulation check at any budget; empty when it would not), budget (the smallest grid row, by damages x seeds x items, with
+    both powers >= POWER_TARGET; None when no row reaches it), n_tables, and what the simulation leaves out.
+    ValueError when no arm has two seeds (no seed variance to measure) or no parent has both arms."""
+    arms = arms_by_parent(table)
+    noise = NoiseSizes.from_table(table)
+    support, refute = measured_scenario(arms, PLANTED_SUPPORT), measured_scenario(arms, PLANTED_REFUTE)
+    pairs = [(pick(a, HELD_METHOD), pick(a, KD_METHOD)) for a in arms.values()]
+    seeds = [min(h.n_seeds, k.n_seeds) for h, k in pairs if h is not None and k is not None]
+    design = {"n_damages": len(seeds), "n_seeds": min(seeds)}
+
+    def rates(n_damages: int, n_seeds: int, items: int, n: int) -> tuple[ThetaCalibration, ThetaCalibration]:
+        scaled = dataclasses.replace(noise, item_se=noise.item_se / math.sqrt(items))
+        return tuple(simulate_theta_verdict(s, scaled, n, settings, n_damages=n_damages, n_seeds=n_seeds)
+                     for s in (support, refute))
+
+    planted, null = rates(design["n_damages"], design["n_seeds"], 1, n_tables)
+    grid = []
+    for damages in (design["n_damages"], 2 * design["n_damages"]):
+        for items in BUDGET_ITEMS:
+            for n_seeds in BUDGET_SEEDS:
+                s, r = rates(damages, n_seeds, items, max(n_tables // 2, 1))
+                grid.append({"n_damages": damages, "n_seeds": n_seeds, "items_factor": items,
+                             "support_power": s.rate(SUPPORTED), "refute_power": r.rate(REFUTED)})
+    reaching = [g for g in grid if min(g["support_power"], g["refute_power"]) >= POWER_TARGET]
+    budget = min(reaching, key=lambda g: (g["n_damages"] * g["n_seeds"] * g["items_factor"], g["n_seeds"]),
+                 default=None)
+    # Where the intervention as measured fails its manipulation check in expectation, no budget decides.
+    blockers = []
+    if support.held_kl_share > settings.kl_margin:
+        blockers.append(f"the held arm left {support.held_kl_share:.2f} of kd's KL reduction, more than kl_margin "
+                        f"{settings.kl_margin:g}: the KL part of the manipulation check fails whatever the budget")
+    if support.held_cka_share > settings.held_cka_margin:
+        blockers.append(f"the held arm kept {support.held_cka_share:.2f} of kd's delta CKA, more than held_cka_margin "
+                        f"{settings.held_cka_margin:g}: the delta CKA part fails whatever the budget")
+    return {"noise": dataclasses.asdict(noise), "scenario": dataclasses.asdict(support), "design": design,
+            "intervention_blockers": blockers,
+            "planted_support": PLANTED_SUPPORT, "planted_refute": PLANTED_REFUTE, "target": POWER_TARGET,
+            "at_design": {"support_power": planted.rate(SUPPORTED), "refute_power": null.rate(REFUTED),
+                          "false_support": null.rate(SUPPORTED), "false_refute": planted.rate(REFUTED)},
+            "grid": grid, "budget": budget, "n_tables": n_tables,
+            "leaves_out": "the RBF CKA, Procrustes and k-NN parts of the manipulation check (not simulated), and "
+                          "any between-damage variation of theta (parent_sd 0)"}

@@ -118,4 +118,16 @@ def theta_entry(table: pd.DataFrame, settings: AnalysisSettings) -> dict[str, An
     except ValueError as err:
         return _not_estimated(f"the theta analysis refused the table: {err}", settings, notes)
     return {"estimated": True, "thresholds": jsonable(thresholds(settings)), "notes": notes,
-            **theta_summary(analysis)}
+            **theta_summary(analysis), "power": _power(table, settings)}
+
+
+def _power(table: pd.DataFrame, settings: AnalysisSettings) -> dict[str, Any]:
+    """The study's own simulated power (realign.analysis.calibration.study_power), or {"error": why not}."""
+    from realign.analysis.calibration import study_power
+
+    if not settings.power_tables:
+        return {"error": "analysis.power_tables is 0"}
+    try:
+        return jsonable(study_power(table, settings, n_tables=settings.power_tables))
+    except ValueError as err:
+        return {"error": str(err)}

@@ -76,6 +76,7 @@ class ThetaView:
     not_estimated: str = ""
     how_to_estimate: str = ""
     notes: tuple[str, ...] = field(default=())
+    power: dict[str, Any] | None = None  # the study's simulated power (realign.analysis.calibration.study_power)
 
 
 def rule_statements(t: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -126,5 +127,6 @@ def theta_view(entry: dict[str, Any] | None) -> ThetaView:
                    for c in entry["checks"])
     return ThetaView(TITLE, True, True, rules, check_rules, entry["outcome"], entry["reason"],
                      tuple(RuleRow(r["name"], r["fired"], r["reason"]) for r in entry["rules"]), damages,
-                     entry["pooled"], 1 - entry["thresholds"]["alpha"], checks, notes=notes)
+                     entry["pooled"], 1 - entry["thresholds"]["alpha"], checks, notes=notes,
+                     power=entry.get("power"))
 
