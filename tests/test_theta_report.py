@@ -128,7 +128,10 @@ def test_the_report_states_the_rules_then_the_verdict_and_theta(tmp_path):
     assert "Simulated power of this study" in section
     assert f"power {power['at_design']['support_power']:.2f}" in section.replace("<strong>", "")
     # the correlational verdict stays, labelled as a description
-    assert "Association across arms (description)" in _render(table, stats, tmp_path / "r2.html")
+    html = _render(table, stats, tmp_path / "r2.html")
+    assert "Association across arms (description)" in html
+    # the report leads with the answer: the pre-registered test before the description
+    assert html.index('<section id="theta"') < html.index('<section id="verdict"')
 
 
 def test_the_report_says_why_theta_is_not_estimated(tmp_path):
