@@ -9,7 +9,6 @@ training state, so a resumed run continues the same multipliers).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from realign.data.row_cache import examples_fingerprint
 from realign.data.sequences import collate
 from realign.device import autocast, model_device, on_device
 from realign.io import atomic_path
@@ -68,16 +68,6 @@ def example_order(n_examples: int, n_needed: int, seed: int) -> list[int]:
     while len(order) < n_needed:
         order += torch.randperm(n_examples, generator=generator).tolist()
     return order[:n_needed]
-
-
-def examples_fingerprint(examples: list[dict]) -> str:
-    """sha256 of the training examples' token ids and labels, in order."""
-    digest = hashlib.sha256()
-    for e in examples:
-        digest.update(e["input_ids"].numpy().astype("int64").tobytes())
-        digest.update(e["labels"].numpy().astype("int64").tobytes())
-        digest.update(b"|")
-    return digest.hexdigest()
 
 
 def _fingerprint(cfg: TrainConfig, examples: list[dict], params: list[tuple[str, torch.nn.Parameter]],

@@ -3,7 +3,6 @@ checkpoints as repeated measures, a random effect per damaged parent), on constr
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from realign.analysis.regression import runs_model
 

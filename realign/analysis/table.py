@@ -164,8 +164,8 @@ def collect_row(artifact_json, eval_json, divergence_json, cka_parquet, cka_summ
         row["cka_mean_ci_low"], row["cka_mean_ci_high"] = _f(low), _f(high)
         row["cka_boot"] = [float(v) for v in summary["debiased_cka_mean_replicates"]]
     if summary is not None:
-        for measure, interval in (summary.get("other_means_jackknife") or {}).items():
-            row[f"{measure}_mean_ci_low"], row[f"{measure}_mean_ci_high"] = (_f(v) for v in interval["ci"])
+        for measure, jackknifed in (summary.get("other_means_jackknife") or {}).items():
+            row[f"{measure}_mean_ci_low"], row[f"{measure}_mean_ci_high"] = (_f(v) for v in jackknifed["ci"])
 
     row["seconds"] = _f((art.get("timings") or {}).get("seconds"))
     row["eval_seconds"] = _f(ev.get("seconds"))

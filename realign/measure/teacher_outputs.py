@@ -20,8 +20,7 @@ from tqdm import tqdm
 
 from realign.data.sequences import IGNORE, collate
 from realign.device import autocast, model_device, on_device
-from realign.io import load_checked_tensors, save_checked_tensors
-from realign.training import examples_fingerprint
+from realign.data.row_cache import load_row_cache, save_row_cache
 
 STEP = "teacher_outputs"
 
@@ -49,8 +48,7 @@ def compute_teacher_outputs(teacher, examples: list[dict], pad_id: int, batch_si
 
 def save_teacher_outputs(outputs: dict[str, torch.Tensor], path: str | Path, examples: list[dict],
                          teacher: str = "") -> None:
-    save_checked_tensors(outputs, path, {"fingerprint": examples_fingerprint(examples),
-                                         "n_examples": str(len(examples)), "teacher": str(teacher)})
+    save_row_cache(outputs, path, examples, {"n_examples": str(len(examples)), "teacher": str(teacher)})
 
 
 def load_teacher_outputs(path: str | Path, examples: list[dict]) -> dict[str, torch.Tensor]:
@@ -59,16 +57,11 @@ def load_teacher_outputs(path: str | Path, examples: list[dict]) -> dict[str, to
     error naming the file."""
     path = Path(path)
     what = f"teacher outputs cache {path}"
-    tensors, metadata = load_checked_tensors(path, what, STEP)
-    if metadata.get("fingerprint") != examples_fingerprint(examples):
-        raise ValueError(f"{what} was computed on other divergence examples (the prompts in prompts.json, the "
-                         f"tokenizer or training.max_len differ); delete it and rerun the {STEP} step")
-    if set(tensors) != {"logits", "offsets"}:
-        raise ValueError(f"{what} holds {sorted(tensors)}, not logits and offsets; delete it and rerun the {STEP} step")
-    logits, offsets = tensors["logits"], tensors["offsets"]
-    counts = offsets[1:] - offsets[:-1]
-    if len(counts) != len(examples) or int(offsets[0]) != 0 or int(offsets[-1]) != len(logits) \
-            or bool((counts < 0).any()) or logits.dtype != torch.float32 or logits.dim() != 2:
-        raise ValueError(f"{what} is inconsistent: {len(counts)} examples, {int(offsets[-1])} rows indexed, "
-                         f"{len(logits)} stored as {logits.dtype}; delete it and rerun the {STEP} step")
-    return {"logits": logits, "offsets": offsets}
+    tensors, _ = load_row_cache(path, examples, what=what, step=STEP, rows="logits",
+                                made_on="other divergence examples (the prompts in prompts.json, the tokenizer or "
+                                        "training.max_len differ)")
+    logits = tensors["logits"]
+    if set(tensors) != {"logits", "offsets"} or logits.dtype != torch.float32 or logits.dim() != 2:
+        raise ValueError(f"{what} holds {sorted(tensors)} with logits {tuple(logits.shape)} as {logits.dtype}, not "
+                         f"float32 [rows, vocab] logits and offsets; delete it and rerun the {STEP} step")
+    return {"logits": logits, "offsets": tensors["offsets"]}

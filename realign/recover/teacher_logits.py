@@ -17,9 +17,8 @@ from tqdm import tqdm
 
 from realign.data.sequences import collate
 from realign.device import autocast, model_device, on_device
-from realign.io import load_checked_tensors, save_checked_tensors
 from realign.recover.losses import supervised_log_probs, supervised_mask
-from realign.training import examples_fingerprint
+from realign.data.row_cache import load_row_cache, save_row_cache
 
 
 @torch.no_grad()
@@ -42,8 +41,8 @@ def compute_teacher_top_k(teacher, examples: list[dict], top_k: int, temperature
 
 
 def save_teacher_top_k(cache: dict[str, torch.Tensor], path: str | Path, examples: list[dict], temperature: float):
-    save_checked_tensors(cache, path, {"fingerprint": examples_fingerprint(examples),
-                                       "temperature": repr(float(temperature)), "top_k": str(cache["values"].shape[1])})
+    save_row_cache(cache, path, examples, {"temperature": repr(float(temperature)),
+                                           "top_k": str(cache["values"].shape[1])})
 
 
 class TeacherTopK:
@@ -52,18 +51,13 @@ class TeacherTopK:
 
     def __init__(self, path: str | Path, examples: list[dict], temperature: float):
         path = Path(path)
-        tensors, metadata = load_checked_tensors(path, f"teacher logits cache {path}", "teacher_top_k")
-        if metadata.get("fingerprint") != examples_fingerprint(examples):
-            raise ValueError(f"teacher logits cache {path} was computed on other distillation examples (answers, "
-                             "tokenizer or max_len differ); delete it and rerun")
+        tensors, metadata = load_row_cache(path, examples, what=f"teacher logits cache {path}", step="teacher_top_k",
+                                           rows="values", made_on="other distillation examples (answers, tokenizer "
+                                                                  "or max_len differ)")
         if float(metadata.get("temperature", "nan")) != float(temperature):
             raise ValueError(f"teacher logits cache {path} is at temperature {metadata.get('temperature')}, "
                              f"the recovery asks for {temperature}")
         self.values, self.indices, self.offsets = tensors["values"], tensors["indices"].long(), tensors["offsets"]
-        counts = self.offsets[1:] - self.offsets[:-1]
-        if len(counts) != len(examples) or int(self.offsets[-1]) != len(self.values) or (counts < 0).any():
-            raise ValueError(f"teacher logits cache {path} is inconsistent: {len(counts)} examples, "
-                             f"{int(self.offsets[-1])} rows indexed, {len(self.values)} stored")
         self.top_k = self.values.shape[1]
 
     def rows(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
