@@ -90,7 +90,8 @@ def test_cached_teacher_outputs_give_the_two_model_numbers(tiny, tmp_path, batch
     cached = cached_divergence(cache, artifact, examples, tokenizer.pad_token_id, batch_size, ids=ids)
     direct = output_divergence(model, artifact, examples, tokenizer.pad_token_id, batch_size, ids=ids)
     assert cached["kl_teacher_artifact"] > 1e-4
-    for key in ("kl_teacher_artifact", "kl_stderr", "top1_agreement"):
+    for key in ("kl_teacher_artifact", "kl_stderr", "reverse_kl", "reverse_kl_stderr", "js", "js_stderr",
+                "top1_agreement"):
         assert cached[key] == pytest.approx(direct[key], rel=1e-9, abs=1e-12), key
     assert (cached["n_tokens"], cached["n_prompts"]) == (direct["n_tokens"], direct["n_prompts"]) == \
         (len(outputs["logits"]), len(examples))
@@ -115,10 +116,12 @@ def test_token_measures_do_not_depend_on_the_rows_normalised_at_once():
     teacher, artifact = 3 * torch.randn(50, 300, generator=g), 3 * torch.randn(50, 300, generator=g)
     whole = _token_measures(teacher, artifact, rows=10**6)
     for rows in (1, 7, 50):
-        kl, agree = _token_measures(teacher, artifact, rows=rows)
-        assert torch.allclose(kl, whole[0], rtol=1e-12, atol=0) and torch.equal(agree, whole[1])
+        chunked = _token_measures(teacher, artifact, rows=rows)
+        for name in ("kl", "reverse_kl", "js"):
+            assert torch.allclose(chunked[name], whole[name], rtol=1e-12, atol=0), name
+        assert torch.equal(chunked["top1"], whole["top1"])
     t, s = torch.log_softmax(teacher.double(), -1), torch.log_softmax(artifact.double(), -1)
-    assert torch.allclose(whole[0], (t.exp() * (t - s)).sum(-1), rtol=1e-12)
+    assert torch.allclose(whole["kl"], (t.exp() * (t - s)).sum(-1), rtol=1e-12)
     with pytest.raises(ValueError, match="differ in shape"):
         _token_measures(teacher, artifact[:, :299])
 
@@ -236,3 +239,24 @@ def test_nll_and_hidden_states_equal_the_full_forward(tiny):
         for i in range(m.config.num_hidden_layers + 1):
             expected = torch.cat([full[seq][i][0, pos][None] for seq, pos in acts["token_index"].tolist()])
             assert torch.equal(acts[f"layer.{i}"], expected)
+
+
+def test_reverse_kl_and_js_against_independent_formulations():
+    """The reverse KL is the forward KL with the two models swapped; JS equals scipy's Jensen-Shannon distance
+    squared (natural log), is symmetric, and lies in [0, ln 2]; all three are 0 for identical logits."""
+    from scipy.spatial.distance import jensenshannon
+
+    from realign.measure.divergence import _token_measures
+
+    g = torch.Generator().manual_seed(1)
+    teacher, artifact = 3 * torch.randn(20, 50, generator=g), 3 * torch.randn(20, 50, generator=g)
+    forward, backward = _token_measures(teacher, artifact), _token_measures(artifact, teacher)
+    assert torch.allclose(forward["reverse_kl"], backward["kl"], rtol=1e-12)
+    assert torch.allclose(forward["js"], backward["js"], rtol=1e-12)
+    p, q = torch.softmax(teacher.double(), -1).numpy(), torch.softmax(artifact.double(), -1).numpy()
+    for i in range(len(p)):
+        assert float(forward["js"][i]) == pytest.approx(jensenshannon(p[i], q[i]) ** 2, rel=1e-9)
+    assert bool((forward["js"] >= 0).all()) and bool((forward["js"] <= math.log(2) + 1e-12).all())
+    same = _token_measures(teacher, teacher)
+    for name in ("kl", "reverse_kl", "js"):
+        assert torch.allclose(same[name], torch.zeros(20, dtype=torch.float64), atol=1e-12), name

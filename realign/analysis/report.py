@@ -115,7 +115,7 @@ ROW_COLS = [
     ("P", "P"), ("damage", "damage"), ("gain", "gain"), ("recovery_fraction", "recovery fraction"),
     ("cka_mean", "CKA mean"), ("cka_min", "CKA min"), ("delta_cka", "Δ CKA"), ("cka_embedding", "CKA embeddings"),
     ("cka_final", "CKA final state"), ("kl", "KL(T‖A)"),
-    ("delta_kl", "Δ KL"), ("top1", "top-1 agr."), ("bench_mean", "bench mean"), ("nll_general", "NLL general"),
+    ("delta_kl", "Δ KL"), ("reverse_kl", "KL(A‖T)"), ("js", "JS"), ("top1", "top-1 agr."), ("bench_mean", "bench mean"), ("nll_general", "NLL general"),
     ("nll_code", "NLL code"), ("nll_math", "NLL math"), ("seconds", "time (s)"),
 ]
 

@@ -61,7 +61,8 @@ def collect_row(artifact_json, eval_json, divergence_json, cka_parquet, cka_summ
     recovery or checkpoint), teacher (the teacher's degradation: none = the undamaged original),
     tasks (comma-joined sorted task names), acc_<task>, acc_<task>_stderr, bench_mean, bench_mean_stderr
     (stderr of the unweighted mean assuming independent tasks: sqrt(sum se^2) / k), nll_general, nll_code, nll_math,
-    kl, kl_stderr, top1, alignment_first/alignment_last (the pre-registered range of hidden states that the
+    kl, kl_stderr (KL(teacher || artifact) and its standard error over tokens), reverse_kl, reverse_kl_stderr
+    (KL(artifact || teacher)), js, js_stderr (Jensen-Shannon), top1, alignment_first/alignment_last (the pre-registered range of hidden states that the
     `cka` rule flagged, measure.alignment_layers), cka_mean and cka_min (mean and minimum over that range of the
     `cka_estimator`'s CKA, debiased or linear), <measure>_mean for every similarity measure in the parquet
     (linear_cka, debiased_cka, rbf_cka, procrustes_sim, knn_overlap; NaN where absent), n_layers (in the range),
@@ -127,6 +128,10 @@ def collect_row(artifact_json, eval_json, divergence_json, cka_parquet, cka_summ
     row["nll_math"] = _f((ppl.get("math") or {}).get("nll"))
 
     row["kl"] = _f(div.get("kl_teacher_artifact"))
+    # the reverse KL(artifact || teacher) and Jensen-Shannon divergence beside it (NaN for divergence files made
+    # before they were measured)
+    for name in ("reverse_kl", "js"):
+        row[name], row[f"{name}_stderr"] = _f(div.get(name)), _f(div.get(f"{name}_stderr"))
     row["kl_stderr"] = _f(div.get("kl_stderr"))
     row["top1"] = _f(div.get("top1_agreement"))
 

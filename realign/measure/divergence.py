@@ -17,46 +17,71 @@ from realign.device import autocast, keep_logits, model_device, on_device
 CHUNK_ROWS = 256  # supervised positions normalised at once: 256 x 49152 float64 = 100 MB a copy
 
 
+# Per supervised token, each written once in _token_measures: KL(teacher || artifact) (what kd minimises and the
+# analysis reads), the reverse KL(artifact || teacher), the Jensen-Shannon divergence (symmetric, bounded by ln 2),
+# and top-1 agreement; llama.cpp's KL-divergence tool reports the same family for quantized models.
+DIVERGENCES = ("kl", "reverse_kl", "js")
+
+
 def _token_measures(teacher_logits: torch.Tensor, logits: torch.Tensor, rows: int = CHUNK_ROWS
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row KL(teacher || model) and top-1 agreement of [n, vocab] logits, normalised in float64, `rows` rows at
-    a time (each row's numbers do not depend on the others; the float64 copies of a whole batch would be GBs)."""
+                    ) -> dict[str, torch.Tensor]:
+    """Per-row {"kl", "reverse_kl", "js", "top1"} of [n, vocab] logits (nats; top1 bool), normalised in float64,
+    `rows` rows at a time (each row's numbers do not depend on the others; the float64 copies of a whole batch
+    would be GBs)."""
     if teacher_logits.shape != logits.shape:
         raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} and artifact logits {tuple(logits.shape)} "
                          "differ in shape (another vocabulary?)")
-    kls, agree = [], []
+    out: dict[str, list[torch.Tensor]] = {name: [] for name in (*DIVERGENCES, "top1")}
     for start in range(0, len(logits), rows):
         t = F.log_softmax(teacher_logits[start:start + rows].double(), -1)
         s = F.log_softmax(logits[start:start + rows].double(), -1)
-        kls.append((t.exp() * (t - s)).sum(-1).cpu())
-        agree.append((t.argmax(-1) == s.argmax(-1)).cpu())
-    if not kls:
-        return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.bool)
-    return torch.cat(kls), torch.cat(agree)
+        pt, ps = t.exp(), s.exp()
+        mid = torch.logaddexp(t, s) - math.log(2.0)  # log of the mixture (p_t + p_s) / 2
+        out["kl"].append((pt * (t - s)).sum(-1).cpu())
+        out["reverse_kl"].append((ps * (s - t)).sum(-1).cpu())
+        out["js"].append((0.5 * (pt * (t - mid)).sum(-1) + 0.5 * (ps * (s - mid)).sum(-1)).cpu())
+        out["top1"].append((t.argmax(-1) == s.argmax(-1)).cpu())
+    empty = {name: torch.zeros(0, dtype=torch.float64) for name in DIVERGENCES}
+    return {**empty, "top1": torch.zeros(0, dtype=torch.bool)} if not out["kl"] else \
+        {name: torch.cat(values) for name, values in out.items()}
 
 
-def _summary(kl: torch.Tensor, agree: torch.Tensor, counts: list[int], ids: list | None = None) -> dict:
-    """The token-level means (what the analysis reads) and one record per prompt (`per_prompt`: its index in the
-    split, its id, its supervised tokens, its mean KL and top-1 rate), so artifacts can be paired by prompt."""
+def _summary(measures: dict[str, torch.Tensor], counts: list[int], ids: list | None = None) -> dict:
+    """The token-level means with standard errors (what the analysis reads: kl_teacher_artifact and kl_stderr,
+    reverse_kl and reverse_kl_stderr, js and js_stderr, top1_agreement) and one record per prompt (`per_prompt`:
+    its index in the split, its id, its supervised tokens, its mean of each divergence and its top-1 rate), so
+    artifacts can be paired by prompt."""
+    kl, agree = measures["kl"], measures["top1"]
     n = kl.numel()
     per_prompt, start = [], 0
     for i, count in enumerate(counts):
-        k, a = kl[start:start + count], agree[start:start + count]
-        per_prompt.append({"prompt": i, "id": ids[i] if ids else None, "n_tokens": count,
-                           "kl": float(k.mean()) if count else None,
-                           "top1_agreement": float(a.double().mean()) if count else None})
+        record = {"prompt": i, "id": ids[i] if ids else None, "n_tokens": count}
+        for name in DIVERGENCES:
+            record[name] = float(measures[name][start:start + count].mean()) if count else None
+        record["top1_agreement"] = float(agree[start:start + count].double().mean()) if count else None
+        per_prompt.append(record)
         start += count
-    return {"kl_teacher_artifact": float(kl.mean()),
-            "kl_stderr": float(kl.std() / math.sqrt(n)) if n > 1 else float("nan"),
+
+    def stderr(values: torch.Tensor) -> float:
+        return float(values.std() / math.sqrt(n)) if n > 1 else float("nan")
+
+    return {"kl_teacher_artifact": float(kl.mean()), "kl_stderr": stderr(kl),
+            "reverse_kl": float(measures["reverse_kl"].mean()), "reverse_kl_stderr": stderr(measures["reverse_kl"]),
+            "js": float(measures["js"].mean()), "js_stderr": stderr(measures["js"]),
             "top1_agreement": float(agree.double().mean()), "n_tokens": n,
             "n_prompts": len(counts), "per_prompt": per_prompt}
+
+
+def _concat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
 
 
 @torch.no_grad()
 def output_divergence(teacher, model, examples: list[dict], pad_id: int, batch_size: int = 8,
                       ids: list | None = None) -> dict:
-    """Per-token KL(teacher || model) and top-1 agreement over the supervised tokens of `examples`."""
-    kls, agree, counts = [], [], []
+    """Per-token KL(teacher || model), the reverse KL, JS and top-1 agreement over the supervised tokens of
+    `examples`."""
+    parts, counts = [], []
     device = model_device(model)
     if model_device(teacher) != device:
         raise ValueError(f"teacher on {model_device(teacher)}, artifact on {device}: load both on one device")
@@ -66,11 +91,9 @@ def output_divergence(teacher, model, examples: list[dict], pad_id: int, batch_s
         mask = batch["labels"][:, 1:] != IGNORE
         with autocast(device):
             teacher_logits, logits = teacher(**kwargs).logits, model(**kwargs).logits
-        kl, same = _token_measures(teacher_logits[:, :-1][mask], logits[:, :-1][mask])
-        kls.append(kl)
-        agree.append(same)
+        parts.append(_token_measures(teacher_logits[:, :-1][mask], logits[:, :-1][mask]))
         counts += mask.sum(1).tolist()
-    return _summary(torch.cat(kls), torch.cat(agree), counts, ids)
+    return _summary(_concat(parts), counts, ids)
 
 
 @torch.no_grad()
@@ -78,7 +101,7 @@ def cached_divergence(cache: dict[str, torch.Tensor], model, examples: list[dict
                       batch_size: int = 8, ids: list | None = None) -> dict:
     """`output_divergence` with the teacher's logits read from `cache` (load_teacher_outputs, checked against the
     same `examples`): the same numbers, one forward pass instead of two."""
-    kls, agree, counts = [], [], []
+    parts, counts = [], []
     device = model_device(model)
     offsets = cache["offsets"]
     for start in range(0, len(examples), batch_size):
@@ -91,11 +114,9 @@ def cached_divergence(cache: dict[str, torch.Tensor], model, examples: list[dict
         if len(rows) != int(mask.sum()):
             raise ValueError(f"examples {start}..{end - 1} have {int(mask.sum())} supervised tokens, the teacher "
                              f"outputs cache {len(rows)}")
-        kl, same = _token_measures(rows.to(device), logits[:, :-1][mask])
-        kls.append(kl)
-        agree.append(same)
+        parts.append(_token_measures(rows.to(device), logits[:, :-1][mask]))
         counts += mask.sum(1).tolist()
-    return _summary(torch.cat(kls), torch.cat(agree), counts, ids)
+    return _summary(_concat(parts), counts, ids)
 
 
 @torch.no_grad()
