@@ -117,8 +117,20 @@ def theta_entry(table: pd.DataFrame, settings: AnalysisSettings) -> dict[str, An
         analysis = analyze_arms(arms, settings)
     except ValueError as err:
         return _not_estimated(f"the theta analysis refused the table: {err}", settings, notes)
-    return {"estimated": True, "thresholds": jsonable(thresholds(settings)), "notes": notes,
-            **theta_summary(analysis), "power": _power(table, settings)}
+    summary = theta_summary(analysis)
+    families = _families(table)
+    for d in summary["damages"]:
+        d["family"] = families.get(d["parent"], "")
+    return {"estimated": True, "thresholds": jsonable(thresholds(settings)), "notes": notes, **summary,
+            "power": _power(table, settings)}
+
+
+def _families(table: pd.DataFrame) -> dict[str, str]:
+    """model/degradation -> the damage family of its damaged-parent row ("" without a family column)."""
+    if "family" not in table:
+        return {}
+    parents = table[(table["recovery"] == "none") & (table["degradation"] != "none")]
+    return {f"{r.model}/{r.degradation}": str(r.family) for r in parents.itertuples()}
 
 
 def _power(table: pd.DataFrame, settings: AnalysisSettings) -> dict[str, Any]:

@@ -29,6 +29,7 @@ class DamageRow:
     seeds_kd: int
     gain_held: float | None
     gain_kd: float | None
+    family: str = ""  # the damage family of the parent (forgetting, quantization, pruning)
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ def theta_view(entry: dict[str, Any] | None) -> ThetaView:
         return ThetaView(TITLE, True, False, rules, check_rules, not_estimated=entry["reason"],
                          how_to_estimate=entry["how_to_estimate"], notes=notes)
     damages = tuple(DamageRow(d["parent"], d["held"], d["kd"], d["theta"], d["low"], d["high"], d["bounded"],
-                              d["n_seeds_held"], d["n_seeds_kd"], d["gain_held"], d["gain_kd"])
+                              d["n_seeds_held"], d["n_seeds_kd"], d["gain_held"], d["gain_kd"], d.get("family", ""))
                     for d in entry["damages"])
     checks = tuple(CheckRow(c["parent"], c["held"], c["allowed_fraction"], c["passed"],
                             tuple(PartRow(p["name"], p["status"], p["required"], p["value"], p["limit"],
