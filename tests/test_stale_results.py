@@ -40,7 +40,8 @@ CASES = {
     # params_b sizes jobs only: the report (which prints the whole config) is the one job to rerun
     "models.tiny.params_b": (lambda c: c["models"]["tiny"].update(params_b=0.001), {"report": 1}),
     "measure.cka_bootstrap": (lambda c: c["measure"].update(cka_bootstrap=50), {"cka": ALL, **REPORT}),
-    "measure.jackknife_groups": (lambda c: c["measure"].update(jackknife_groups=3), {"cka": ALL, **REPORT}),
+    # the other measures' jackknife intervals are computed on the damaged models only (the 9 damages)
+    "measure.jackknife_groups": (lambda c: c["measure"].update(jackknife_groups=3), {"cka": 9, **REPORT}),
     "measure.knn_k": (lambda c: c["measure"].update(knn_k=3), {"cka": ALL, "null_floors": 1, **REPORT}),
     # the hidden states the alignment summary averages: every CKA summary, not the null floors (kept per layer)
     "measure.alignment_layers": (lambda c: c["measure"].update(alignment_layers=[1, 2]), {"cka": ALL, **REPORT}),

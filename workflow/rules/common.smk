@@ -118,14 +118,17 @@ def get_scoring_params():
     return {"max_len": config["training"]["max_len"], "batch_size": config["measure"]["eval_batch_size"]}
 
 
-def get_similarity_params(bootstrap=False):
-    """The null floors' similarity settings; with `bootstrap` the CKA step's: its bootstrap replicates and the
-    pre-registered hidden states its alignment summary averages."""
+def get_similarity_params(wildcards=None):
+    """The null floors' similarity settings; with an artifact's `wildcards` the CKA step's: its bootstrap
+    replicates, the pre-registered hidden states its alignment summary averages, and the jackknife groups of the
+    other measures' intervals, for a damaged model only (the held arm's manipulation check reads the damaged
+    parent's upper bound; at ~25 s an artifact on SmolLM2, the other artifacts skip it)."""
     params = {"seed": SEED, "knn_k": config["measure"]["knn_k"]}
-    if not bootstrap:
+    if wildcards is None:
         return params
+    damaged = wildcards.recovery == "none" and wildcards.degradation != "none"
     return {**params, "n_boot": config["measure"]["cka_bootstrap"],
-            "jackknife_groups": config["measure"]["jackknife_groups"],
+            "jackknife_groups": config["measure"]["jackknife_groups"] if damaged else 0,
             "alignment_layers": config["measure"]["alignment_layers"]}
 
 

@@ -72,7 +72,7 @@ rule cka:
         teacher="results/activations/{model}/none/none.safetensors",
         artifact="results/activations/{model}/{degradation}/{recovery}.safetensors",
     params:
-        similarity=get_similarity_params(bootstrap=True),
+        similarity=get_similarity_params,
     output:
         layers="results/cka/{model}/{degradation}/{recovery}.parquet",
         summary="results/cka/{model}/{degradation}/{recovery}.json",
