@@ -142,6 +142,13 @@ def arms_by_parent(table: pd.DataFrame) -> dict[tuple[str, str], tuple[Arm, ...]
     return out
 
 
+def held_kd_pairs(arms: Arms, held: str | None = None, kd: str | None = None) -> list[tuple[Arm, Arm]]:
+    """(held arm, kd arm) on every damaged parent that has both, chosen by :func:`pick` (`held` / `kd` name them
+    where a parent has several of a method)."""
+    pairs = [(pick(on_parent, HELD_METHOD, held), pick(on_parent, KD_METHOD, kd)) for on_parent in arms.values()]
+    return [(h, k) for h, k in pairs if h is not None and k is not None]
+
+
 def pick(arms: tuple[Arm, ...], method: str, name: str | None = None) -> Arm | None:
     """The arm of `method` from the undamaged teacher (kd from a damaged teacher is another control), or the one
     named `name`; None when there is none. Of several alignment-held arms, the one at dose 0 (hold_fraction 0: the

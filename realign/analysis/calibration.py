@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from realign.analysis.arms import HELD_METHOD, KD_METHOD, Arm, Arms, Parent, arms_by_parent, pick
+from realign.analysis.arms import HELD_METHOD, KD_METHOD, Arm, Arms, Parent, arms_by_parent, held_kd_pairs
 from realign.analysis.preregistered import INCONCLUSIVE, REFUTED, SUPPORTED, analyze_arms
 from realign.analysis.settings import AnalysisSettings
 from realign.analysis.stats import analyze
@@ -245,8 +245,7 @@ def measured_scenario(arms: Arms, theta: float) -> Scenario:
     """A Scenario with the intervention as the study measured it (means over the damaged parents that have a kd
     and a held arm): kd's gain, delta CKA and KL, the parent's KL, the held arm's delta CKA as a share of kd's
     and the share of kd's KL reduction it left; theta planted."""
-    pairs = [(pick(a, HELD_METHOD), pick(a, KD_METHOD)) for a in arms.values()]
-    pairs = [(h, k) for h, k in pairs if h is not None and k is not None]
+    pairs = held_kd_pairs(arms)
     if not pairs:
         raise ValueError("measured_scenario: no damaged parent with an alignment-held and a kd arm")
     kd_gain = float(np.mean([k.gains()[0].mean() for _, k in pairs]))
@@ -277,9 +276,9 @@ def study_power(table: pd.DataFrame, settings: AnalysisSettings, n_tables: int =
     ValueError when no arm has two seeds (no seed variance to measure) or no parent has both arms."""
     arms = arms_by_parent(table)
     noise = NoiseSizes.from_table(table)
-    support, refute = measured_scenario(arms, PLANTED_SUPPORT), measured_scenario(arms, PLANTED_REFUTE)
-    pairs = [(pick(a, HELD_METHOD), pick(a, KD_METHOD)) for a in arms.values()]
-    seeds = [min(h.n_seeds, k.n_seeds) for h, k in pairs if h is not None and k is not None]
+    support = measured_scenario(arms, PLANTED_SUPPORT)
+    refute = dataclasses.replace(support, theta=PLANTED_REFUTE)
+    seeds = [min(h.n_seeds, k.n_seeds) for h, k in held_kd_pairs(arms)]
     design = {"n_damages": len(seeds), "n_seeds": min(seeds)}
 
     def rates(n_damages: int, n_seeds: int, items: int, n: int) -> tuple[ThetaCalibration, ThetaCalibration]:

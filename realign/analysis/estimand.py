@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from realign.analysis.arms import HELD_METHOD, KD_METHOD, Arm, Arms, arms_by_parent, pick
+from realign.analysis.arms import Arm, Arms, arms_by_parent, held_kd_pairs
 from realign.analysis.components import MIN_SEEDS, fieller, from_replicates
 from realign.analysis.pooling import Pooled, random_effects
 from realign.analysis.settings import AnalysisSettings
@@ -169,12 +169,8 @@ def theta_of_arms(arms: Arms, alpha: float, *, held: str | None = None, kd: str 
     `held` / `kd` name the arms (configured recovery names) where a parent has several of a method (e.g. two
     doses of the held arm); by default the one arm of method alignment-held, and the one of kd from the
     undamaged teacher."""
-    damages = []
-    for on_parent in arms.values():
-        h, k = pick(on_parent, HELD_METHOD, held), pick(on_parent, KD_METHOD, kd)
-        if h is not None and k is not None:
-            damages.append(theta_damage(h, k, alpha))
-    return Theta(tuple(damages), pool(tuple(damages), alpha))
+    damages = tuple(theta_damage(h, k, alpha) for h, k in held_kd_pairs(arms, held, kd))
+    return Theta(damages, pool(damages, alpha))
 
 
 def theta(table: pd.DataFrame, settings: AnalysisSettings | None = None, *, held: str | None = None,
