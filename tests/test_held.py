@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from realign.config import ConfigError, load_schema, recovery_spec, validate_config
 from realign.data.sequences import collate
 from realign.measure.activations import content_positions
-from realign.measure.cka import debiased_cka, linear_cka
+from realign.measure.kernels import debiased_cka, linear_cka
 from realign.models.tiny import build_tiny_model, build_tiny_tokenizer
 from realign.recover.held import HeldAlignment, calibration_batches, content_token_mask
 from realign.recover.losses import divergence, supervised_log_probs

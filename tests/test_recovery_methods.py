@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from realign.data.sequences import IGNORE, chat_example, collate
 from realign.io import IntegrityError
-from realign.measure.cka import linear_cka
+from realign.measure.kernels import linear_cka
 from realign.recover.losses import (DIVERGENCES, coarsen_top_k, divergence, minibatch_linear_cka,
                                     supervised_log_probs, supervised_mask, top_k_with_tail)
 from realign.recover.methods import build_examples, distillation_loss, recover

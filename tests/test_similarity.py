@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
-from realign.measure.cka import cka_matrix, linear_cka, rbf_cka
-from realign.measure.similarity import (bootstrap_counts, compare_layers, mutual_knn, procrustes_similarity)
+from realign.measure.kernels import linear_cka, mutual_knn, procrustes_similarity
+from realign.measure.similarity import bootstrap_counts, compare_layers
+from reference_similarity import cka_matrix, rbf_cka
 
 
 def _sequences(n_sequences=8, per=6):
@@ -264,3 +265,22 @@ def test_jackknife_on_identical_representations_is_exactly_one():
         assert jackknife_interval(1.0, reps[m])[0] == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="groups"):
         jackknife_other_means([x], [x], seq, range(0, 1), groups=9)
+
+
+def test_the_registry_is_the_one_list_of_measures_every_stage_reads():
+    """MEASURES is the single home: compare_layers computes exactly its entries, the jackknife covers the measures
+    it computes by function, and the table, the breakdowns and the report list the same names."""
+    from realign.analysis.breakdowns import MEASURE_LABELS
+    from realign.analysis.report import MEASURE_COLS
+    from realign.analysis.table import LAYER_COLUMNS
+    from realign.measure.similarity import JACKKNIFE_MEASURES, MEASURE_NAMES, MEASURES, PRIMARY_MEASURE
+
+    seq = _sequences()
+    x, y = _pair(len(seq), 5, 0)
+    row = compare_layers([x], [y], seq, n_boot=10, knn_k=3, matrix=False)["layers"][0]
+    assert set(row) - {"layer", "debiased_cka_ci_low", "debiased_cka_ci_high"} == set(MEASURE_NAMES)
+    assert len(set(MEASURE_NAMES)) == len(MEASURES)
+    assert set(JACKKNIFE_MEASURES) == {m.name for m in MEASURES if m.of_pair is not None}
+    assert LAYER_COLUMNS[:len(MEASURE_NAMES)] == MEASURE_NAMES
+    assert list(MEASURE_LABELS) == [PRIMARY_MEASURE, *[m for m in MEASURE_NAMES if m != PRIMARY_MEASURE]]
+    assert [c for c, _ in MEASURE_COLS] == [f"{m}_mean" for m in MEASURE_LABELS]

@@ -18,12 +18,10 @@ from realign.analysis.selection import artifact_label, select_analysed
 from realign.analysis.settings import AnalysisSettings
 from realign.analysis.table import NLL_NOISE_NATS, _within_noise
 from realign.io import jsonable
+from realign.measure.similarity import measures_primary_first
 
 # Each similarity measure's layer mean, from realign.analysis.table; the first family is CKA, the second is not.
-MEASURE_LABELS = {
-    "debiased_cka": "debiased linear CKA", "linear_cka": "linear CKA (biased)", "rbf_cka": "RBF CKA (median)",
-    "procrustes_sim": "orthogonal Procrustes similarity", "knn_overlap": "mutual k-NN overlap",
-}
+MEASURE_LABELS = {m.name: m.label for m in measures_primary_first()}
 
 
 def by_measure(table: pd.DataFrame, settings: AnalysisSettings | None = None, **overrides) -> list[dict]:

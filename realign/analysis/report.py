@@ -18,6 +18,7 @@ import pandas as pd
 from realign.analysis import figures
 from realign.analysis.theta_view import theta_view
 from realign.io import atomic_path, jsonable
+from realign.measure.similarity import measures_primary_first
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "report"
 TEMPLATE_NAME = "report.html.j2"
@@ -208,9 +209,7 @@ def _ols_view(stats: dict) -> dict | None:
             "r2_adj": fmt_num(ols["r2_adj"]), "coefs": coefs, "notes": ols.get("notes", [])}
 
 
-MEASURE_COLS = [("debiased_cka_mean", "debiased CKA"), ("linear_cka_mean", "linear CKA"),
-                ("rbf_cka_mean", "RBF CKA"), ("procrustes_sim_mean", "Procrustes sim."),
-                ("knn_overlap_mean", "mutual k-NN")]
+MEASURE_COLS = [(f"{m.name}_mean", m.short) for m in measures_primary_first()]
 
 
 def _measure_rows(table: pd.DataFrame, base: Path) -> list[dict]:

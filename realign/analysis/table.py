@@ -30,6 +30,7 @@ from realign.analysis.performance import SECONDARY, bootstrap, interval, paired_
 from realign.analysis.performance import measure as performance_measure
 from realign.config import HELD_DEFAULTS, parse_recovery_name
 from realign.io import read_json, read_parquet, write_parquet
+from realign.measure.similarity import MEASURE_NAMES
 
 TEACHER = "none"
 NLL_NOISE_NATS = 0.01
@@ -47,7 +48,7 @@ def _f(x) -> float:
         return math.nan
 
 
-SIMILARITY_MEASURES = ("linear_cka", "debiased_cka", "rbf_cka", "procrustes_sim", "knn_overlap")
+SIMILARITY_MEASURES = MEASURE_NAMES  # realign.measure.similarity.MEASURES, in its order
 CKA_ESTIMATORS = ("debiased", "linear")
 LAYER_COLUMNS = (*SIMILARITY_MEASURES, "debiased_cka_ci_low", "debiased_cka_ci_high")
 

@@ -1,16 +1,9 @@
 """Every representation-similarity measure the study reports, from one teacher/artifact pair of activation caches.
 
 CKA alone is not enough to hang a conclusion on: it can be driven up or down without changing what a network
-computes (Davari et al., ICLR 2023). So each layer gets three CKA estimates and two measures of another family:
-
-* linear CKA (Kornblith et al. 2019), the biased HSIC estimator: inflated when the number of probe tokens n is
-  not much larger than the feature dimension (the null floors below show it);
-* debiased linear CKA: the unbiased HSIC estimator of Song et al. (2012), as in Nguyen et al. (2021);
-* RBF CKA with the median-distance bandwidth of each input;
-* orthogonal Procrustes similarity ||X^T Y||_* of the centred, unit-Frobenius-norm representations, i.e.
-  1 - d^2 / 2 with d the Procrustes distance of Ding et al. (2021): 1 = equal up to a rotation;
-* mutual k-nearest-neighbour overlap (Huh et al. 2024): the fraction of each token's k nearest neighbours
-  (cosine, centred features) shared by both representations; chance is k / (n - 1).
+computes (Davari et al., ICLR 2023). So each layer gets three CKA estimates and two measures of other families,
+listed once in :data:`MEASURES` (their mathematics: realign.measure.kernels). The table, the statistics, the
+manipulation check and the report read that list; adding a measure is one entry there plus its function.
 
 Uncertainty over the probe set: tokens come in probe sequences, and tokens of one sequence are not independent,
 so the bootstrap resamples whole sequences, for the debiased estimator only: resampling duplicates tokens, and
@@ -36,18 +29,13 @@ simply X X^T. Everything works in the n x n (Gram) space, so cost grows as n^2 d
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-
-def centered64(x: torch.Tensor, name: str = "x") -> torch.Tensor:
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be [n_samples, n_features], got shape {tuple(x.shape)}")
-    x = x.detach().to(torch.float64)
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or inf")
-    return x - x.mean(0, keepdim=True)
+from realign.measure.kernels import (centered64, cka_from_hsic, cka_matrices, hsic1, mutual_knn_from_gram,
+                                     procrustes_similarity, rbf_cka_from_gram)
 
 
 @dataclass(frozen=True)
@@ -93,7 +81,7 @@ def unbiased_hsic_replicates(k: Gram, l: Gram, sums: PairSums, counts: torch.Ten
     kw0, lw0 = k.block_rows0 @ counts, l.block_rows0 @ counts
     trace = (counts * (sums.blocks0 @ counts)).sum(0)
     k_sum, l_sum = (w * kw0).sum(0), (w * lw0).sum(0)
-    return (trace + k_sum * l_sum / ((n - 1) * (n - 2)) - 2 * (w * kw0 * lw0).sum(0) / (n - 2)) / (n * (n - 3))
+    return hsic1(trace, k_sum, l_sum, (w * kw0 * lw0).sum(0), n)
 
 
 def bootstrap_counts(n_sequences: int, n_boot: int, seed: int) -> torch.Tensor:
@@ -105,58 +93,52 @@ def bootstrap_counts(n_sequences: int, n_boot: int, seed: int) -> torch.Tensor:
     return torch.cat([torch.ones(1, n_sequences, dtype=torch.float64), counts]).T.contiguous()
 
 
-def rbf_cka_from_gram(k: torch.Tensor, l: torch.Tensor) -> float:
-    """RBF CKA with each input's median pairwise distance as bandwidth (= cka.rbf_cka), from linear Grams."""
+@dataclass(frozen=True)
+class LayerPair:
+    """One layer of the teacher (t) and the artifact (a) on the same probe tokens: centred float64 features and
+    their Gram matrices X X^T, what every measure of :data:`MEASURES` reads."""
 
-    def centred_rbf(g: torch.Tensor) -> torch.Tensor:
-        sq = torch.diagonal(g)
-        dist2 = (sq[:, None] + sq[None, :] - 2 * g).clamp_min(0)
-        off = dist2[~torch.eye(len(g), dtype=torch.bool)]
-        sigma2 = float(torch.median(off))
-        if sigma2 <= 0:
-            raise ValueError("RBF bandwidth is zero: the representation has (almost) no distinct points")
-        r = torch.exp(-dist2 / (2 * sigma2))
-        means = r.mean(0, keepdim=True)
-        return r - means - means.T + r.mean()
-
-    kr, lr = centred_rbf(k), centred_rbf(l)
-    return float((kr * lr).sum() / torch.sqrt((kr * kr).sum() * (lr * lr).sum()))
+    xt: torch.Tensor
+    xa: torch.Tensor
+    kt: torch.Tensor
+    ka: torch.Tensor
+    knn_k: int
 
 
-def procrustes_similarity(x: torch.Tensor, y: torch.Tensor) -> float:
-    """||X^T Y||_* for centred X, Y scaled to unit Frobenius norm: 1 - (Procrustes distance)^2 / 2, in [0, 1]."""
-    x, y = centered64(x, "x"), centered64(y, "y")
-    nx, ny = torch.linalg.matrix_norm(x), torch.linalg.matrix_norm(y)
-    if nx == 0 or ny == 0:
-        raise ValueError("Procrustes similarity is undefined for a constant representation")
-    return float(torch.linalg.svdvals((x / nx).T @ (y / ny)).sum())
+@dataclass(frozen=True)
+class Measure:
+    """One similarity measure: its column in every per-layer table and summary (`name`), how the report names it,
+    its family, how its uncertainty over probe sequences is estimated, and, for the measures outside the HSIC
+    bootstrap, the function of one layer pair."""
+
+    name: str
+    label: str  # the report's long name
+    short: str  # the report's column heading
+    family: str  # "cka" or the family of another kind of measure
+    interval: str  # "bootstrap": closed-form sequence bootstrap; "jackknife": delete-a-group; "none"
+    reference: str
+    of_pair: Callable[[LayerPair], float] | None = None  # None: computed with the HSIC bootstrap (compare_layers)
 
 
-def _neighbours(g: torch.Tensor, k: int) -> torch.Tensor:
-    norms = torch.sqrt(torch.diagonal(g)).clamp_min(1e-300)
-    cosine = g / norms[:, None] / norms[None, :]
-    cosine.fill_diagonal_(-math.inf)
-    return cosine.topk(k, dim=1).indices
+MEASURES: tuple[Measure, ...] = (
+    Measure("linear_cka", "linear CKA (biased)", "linear CKA", "cka", "none", "Kornblith et al. 2019"),
+    Measure("debiased_cka", "debiased linear CKA", "debiased CKA", "cka", "bootstrap",
+            "Song et al. 2012; Nguyen et al. 2021"),
+    Measure("rbf_cka", "RBF CKA (median)", "RBF CKA", "cka", "jackknife", "Kornblith et al. 2019",
+            lambda p: rbf_cka_from_gram(p.kt, p.ka)),
+    Measure("procrustes_sim", "orthogonal Procrustes similarity", "Procrustes sim.", "shape", "jackknife",
+            "Ding et al. 2021", lambda p: procrustes_similarity(p.xt, p.xa)),
+    Measure("knn_overlap", "mutual k-NN overlap", "mutual k-NN", "neighbourhood", "jackknife", "Huh et al. 2024",
+            lambda p: mutual_knn_from_gram(p.kt, p.ka, p.knn_k)),
+)
+MEASURE_NAMES = tuple(m.name for m in MEASURES)
+PRIMARY_MEASURE = "debiased_cka"  # the estimator the held arm constrains and the verdict reads
+JACKKNIFE_MEASURES = tuple(m.name for m in MEASURES if m.interval == "jackknife")  # layer means with a jackknife CI
 
 
-def mutual_knn_from_gram(k: torch.Tensor, l: torch.Tensor, n_neighbours: int) -> float:
-    """Mean fraction of shared cosine k-nearest neighbours (self excluded) of each token in the two spaces."""
-    if not 1 <= n_neighbours < len(k):
-        raise ValueError(f"knn_k must be between 1 and n_samples - 1 = {len(k) - 1}, got {n_neighbours}")
-    a, b = _neighbours(k, n_neighbours), _neighbours(l, n_neighbours)
-    shared = (a[:, :, None] == b[:, None, :]).any(-1).sum(1)
-    return float(shared.double().mean() / n_neighbours)
-
-
-def mutual_knn(x: torch.Tensor, y: torch.Tensor, n_neighbours: int = 10) -> float:
-    x, y = centered64(x, "x"), centered64(y, "y")
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"x and y must have the same number of samples, got {x.shape[0]} and {y.shape[0]}")
-    return mutual_knn_from_gram(x @ x.T, y @ y.T, n_neighbours)
-
-
-def _cka(hxy, hxx, hyy):
-    return hxy / torch.sqrt(hxx * hyy)
+def measures_primary_first() -> list[Measure]:
+    """MEASURES with the primary estimator first, the order of the report's sections."""
+    return sorted(MEASURES, key=lambda m: m.name != PRIMARY_MEASURE)
 
 
 def compare_layers(teacher_layers, artifact_layers, sequence_of_token: torch.Tensor, *, n_boot: int = 1000,
@@ -186,9 +168,9 @@ def compare_layers(teacher_layers, artifact_layers, sequence_of_token: torch.Ten
         gt, ga = gram(xt, sequence_of_token, n_sequences), gram(xa, sequence_of_token, n_sequences)
         if float(torch.diagonal(gt.gram).sum()) == 0 or float(torch.diagonal(ga.gram).sum()) == 0:
             raise ValueError(f"layer {i}: CKA is undefined for a constant representation (zero variance)")
-        debiased = _cka(*(unbiased_hsic_replicates(a, b, pair_sums(a, b, onehot), counts, sequence_of_token)
+        debiased = cka_from_hsic(*(unbiased_hsic_replicates(a, b, pair_sums(a, b, onehot), counts, sequence_of_token)
                           for a, b in ((gt, ga), (gt, gt), (ga, ga))))
-        linear = _cka((gt.gram * ga.gram).sum(), (gt.gram * gt.gram).sum(), (ga.gram * ga.gram).sum())
+        linear = cka_from_hsic((gt.gram * ga.gram).sum(), (gt.gram * gt.gram).sum(), (ga.gram * ga.gram).sum())
         row = {"layer": i, "linear_cka": float(linear), "debiased_cka": float(debiased[0]),
                **_other_measures(xt, xa, gt.gram, ga.gram, knn_k)}
         row["debiased_cka_ci_low"], row["debiased_cka_ci_high"] = percentile_ci(debiased[1:])
@@ -202,9 +184,6 @@ def compare_layers(teacher_layers, artifact_layers, sequence_of_token: torch.Ten
     return out
 
 
-JACKKNIFE_MEASURES = ("rbf_cka", "procrustes_sim", "knn_overlap")  # the layer means with a jackknife interval
-
-
 def _centre_gram(k: torch.Tensor) -> torch.Tensor:
     """H K H: the Gram matrix of the same features centred on this subset's own mean."""
     row = k.mean(0, keepdim=True)
@@ -212,10 +191,9 @@ def _centre_gram(k: torch.Tensor) -> torch.Tensor:
 
 
 def _other_measures(xt: torch.Tensor, xa: torch.Tensor, kt: torch.Tensor, ka: torch.Tensor, knn_k: int) -> dict:
-    """RBF CKA, Procrustes similarity and mutual k-NN overlap of one layer pair (centred features and their
-    Grams), as compare_layers computes them."""
-    return {"rbf_cka": rbf_cka_from_gram(kt, ka), "procrustes_sim": procrustes_similarity(xt, xa),
-            "knn_overlap": mutual_knn_from_gram(kt, ka, knn_k)}
+    """Every measure of MEASURES outside the HSIC bootstrap, of one layer pair (centred features and their Grams)."""
+    pair = LayerPair(xt, xa, kt, ka, knn_k)
+    return {m.name: m.of_pair(pair) for m in MEASURES if m.of_pair is not None}
 
 
 def jackknife_other_means(teacher_layers, artifact_layers, sequence_of_token: torch.Tensor, layers: range, *,
@@ -265,42 +243,3 @@ def percentile_ci(values: torch.Tensor, level: float = 0.95) -> tuple[float, flo
     q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=values.dtype)
     low, high = torch.quantile(values, q).tolist()
     return low, high
-
-
-def cka_matrices(teacher_layers, artifact_layers, max_tokens: int = 2048, seed: int = 0) -> dict:
-    """Linear and debiased CKA of every teacher layer (rows) with every artifact layer (columns).
-
-    All layers' Gram matrices are held at once, so above `max_tokens` probe tokens a seeded random subset of that
-    size is used (the debiased estimator keeps the subset free of small-sample inflation): memory is
-    2 x layers x max_tokens^2 float64 values. Terms of the zero-diagonal Grams come from the full ones minus
-    their diagonals, so only one Gram per layer is stored."""
-    n = teacher_layers[0].shape[0]
-    pick = torch.arange(n) if n <= max_tokens else torch.randperm(n, generator=torch.Generator().manual_seed(seed))[
-        :max_tokens].sort().values
-    m = len(pick)
-
-    def grams(layers):
-        flat = []
-        for x in layers:
-            xc = centered64(x[pick])
-            flat.append((xc @ xc.T).reshape(-1))
-        stacked = torch.stack(flat)  # [L, m * m]
-        diag = stacked[:, :: m + 1]  # [L, m]
-        rows0 = stacked.view(len(layers), m, m).sum(2) - diag  # row sums of K with a zero diagonal
-        return stacked, diag, rows0
-
-    kt, dt, rt = grams(teacher_layers)
-    ka, da, ra = grams(artifact_layers)
-
-    def unbiased(k_a, d_a, r_a, k_b, d_b, r_b):
-        trace0 = k_a @ k_b.T - d_a @ d_b.T
-        sums = r_a.sum(1)[:, None] * r_b.sum(1)[None, :]
-        return (trace0 + sums / ((m - 1) * (m - 2)) - 2 * (r_a @ r_b.T) / (m - 2)) / (m * (m - 3))
-
-    biased = kt @ ka.T
-    self_t, self_a = (kt * kt).sum(1), (ka * ka).sum(1)
-    u_ta = unbiased(kt, dt, rt, ka, da, ra)
-    u_t = torch.diagonal(unbiased(kt, dt, rt, kt, dt, rt))
-    u_a = torch.diagonal(unbiased(ka, da, ra, ka, da, ra))
-    return {"linear": biased / torch.sqrt(self_t[:, None] * self_a[None, :]),
-            "debiased": u_ta / torch.sqrt(u_t[:, None] * u_a[None, :]), "n_tokens": m}

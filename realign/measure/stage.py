@@ -13,13 +13,12 @@ from realign.data.stage import read_prompts
 from realign.io import read_jsonl, write_json, write_parquet
 from realign.measure.activations import (capture, content_positions, load_activations, sample_positions,
                                          save_activations)
-from realign.measure.cka import linear_cka
+from realign.measure.kernels import linear_cka
 from realign.measure.divergence import cached_divergence, pooled_nll, sequence_nlls
-from realign.measure.similarity import (JACKKNIFE_MEASURES, compare_layers, jackknife_interval,
+from realign.measure.similarity import (JACKKNIFE_MEASURES, MEASURE_NAMES, compare_layers, jackknife_interval,
                                         jackknife_other_means, percentile_ci)
 
 NULL_SEED_OFFSET = 7919  # the random-init null model's seed is the study seed + this
-MEASURES = ("linear_cka", "debiased_cka", "rbf_cka", "procrustes_sim", "knn_overlap")
 
 
 def load_artifact(artifact_dir, device: str | None = None):
@@ -136,14 +135,14 @@ def cka_vs_teacher(teacher_acts, artifact_acts, out_path, summary_path, *, n_boo
     summary = {
         "alignment_layers": [first, last],
         "final_layer": final,
-        "layer_means": {m: float(body[m].mean()) for m in MEASURES},
-        "layer_mins": {m: float(body[m].min()) for m in MEASURES},
+        "layer_means": {m: float(body[m].mean()) for m in MEASURE_NAMES},
+        "layer_mins": {m: float(body[m].min()) for m in MEASURE_NAMES},
         "debiased_cka_mean_ci": [low, high],
         "debiased_cka_mean_replicates": mean_replicates.tolist(),
         "jackknife_groups": groups if jackknife else 0,
         "other_means_jackknife": jackknife,
-        "embedding": {m: float(frame.loc[frame["layer"] == 0, m].iloc[0]) for m in MEASURES},
-        "final": {m: float(frame.loc[frame["layer"] == final, m].iloc[0]) for m in MEASURES},
+        "embedding": {m: float(frame.loc[frame["layer"] == 0, m].iloc[0]) for m in MEASURE_NAMES},
+        "final": {m: float(frame.loc[frame["layer"] == final, m].iloc[0]) for m in MEASURE_NAMES},
         "matrix": {k: v.tolist() if torch.is_tensor(v) else v for k, v in result["matrix"].items()},
         **{k: result[k] for k in ("n_tokens", "n_sequences", "n_boot", "seed", "knn_k")},
         "teacher": str(teacher_acts), "artifact": str(artifact_acts),
@@ -185,7 +184,7 @@ def null_floors(teacher_acts, random_acts, out_path, *, seed: int = 0, knn_k: in
                              "debiased_cka": sum(linear_cka(t[p], a[p], debiased=True) for p in picks) / repeats})
             frames.append(pd.DataFrame(rows).assign(null=name, n_samples=size))
     out = pd.concat(frames, ignore_index=True)
-    out = out[["null", "n_samples", "layer", *[m for m in MEASURES if m in out]]]
+    out = out[["null", "n_samples", "layer", *[m for m in MEASURE_NAMES if m in out]]]
     write_parquet(out, out_path)
     return out
 

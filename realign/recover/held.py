@@ -36,7 +36,7 @@ import torch
 from realign.config import HELD_DEFAULTS
 from realign.device import autocast, model_device, on_device
 from realign.measure.activations import content_positions
-from realign.measure.cka import debiased_cka
+from realign.measure.kernels import debiased_cka
 from realign.measure.stage import alignment_range
 from realign.recover.methods import _forward, logit_loss
 

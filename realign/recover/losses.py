@@ -102,7 +102,7 @@ def minibatch_linear_cka(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Differentiable linear CKA between [n, d] student and teacher features of the same n tokens.
 
     Feature-space form (d x d cross-covariance), float32; the biased estimator, as in CKA-regularised
-    training, where the batch is the sample. Not used for measurement (realign.measure.cka is)."""
+    training, where the batch is the sample. Not used for measurement (realign.measure.kernels is)."""
     x = x.float() - x.float().mean(0, keepdim=True)
     y = y.float() - y.float().mean(0, keepdim=True)
     cross = (y.T @ x).square().sum()
