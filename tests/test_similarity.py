@@ -260,7 +260,9 @@ def test_jackknife_on_identical_representations_is_exactly_one():
     seq = _sequences(n_sequences=8, per=6)
     x = _pair(len(seq), 5, 0)[0]
     reps = jackknife_other_means([x], [x @ _orthogonal(5, 1)], seq, range(0, 1), groups=4, knn_k=3)
-    for m in JACKKNIFE_MEASURES:
+    # RSA's correlation distance centres each token over features, which a rotation changes; ridge predictivity
+    # shrinks even an exact linear map: both are checked for their own properties in test_similarity_families.py
+    for m in set(JACKKNIFE_MEASURES) - {"rsa", "linear_predictivity"}:
         assert torch.allclose(reps[m], torch.full((4,), 1.0, dtype=torch.float64), atol=1e-9), m
         assert jackknife_interval(1.0, reps[m])[0] == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="groups"):

@@ -20,11 +20,11 @@ import numpy as np
 import pandas as pd
 
 from realign.config import parse_recovery_name
-from realign.measure.similarity import JACKKNIFE_MEASURES
+from realign.measure.similarity import CHECKED_MEASURES
 
 HELD_METHOD = "alignment-held"  # kd with each pre-registered layer's CKA held at or below the damaged model's
 KD_METHOD = "kd"
-OTHER_SIMILARITY = JACKKNIFE_MEASURES  # the measures besides debiased CKA with an interval: the manipulation check reads them
+OTHER_SIMILARITY = CHECKED_MEASURES  # RBF CKA, Procrustes, k-NN: the pre-registered manipulation check reads these
 
 Arms = Mapping[tuple[str, str], tuple["Arm", ...]]  # (model, degradation) -> the arms on that damaged parent
 

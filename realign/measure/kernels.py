@@ -179,3 +179,137 @@ def cka_matrices(teacher_layers, artifact_layers, max_tokens: int = 2048, seed: 
     u_a = torch.diagonal(unbiased(ka, da, ra, ka, da, ra))
     return {"linear": cka_from_hsic(biased, self_t[:, None], self_a[None, :]),
             "debiased": cka_from_hsic(u_ta, u_t[:, None], u_a[None, :]), "n_tokens": m}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Families beyond CKA (issue 18): CCA-based, representational similarity analysis, linear predictivity and CKNNA.
+# The probe has about as many tokens as the model has features, so estimators that fit a linear map (CCA, ridge)
+# are reduced or regularised as stated at each; their null floors (realign.measure.stage.null_floors: random-init
+# model, shuffled tokens) show what chance gives them on the study's own token count.
+
+CCA_VARIANCE = 0.99  # SVCCA keeps the leading singular directions that explain this share of the variance ...
+CCA_MAX_DIMS_PER_TOKEN = 0.1  # ... and at most this many per token: k canonical correlations fitted on n tokens are
+#                               inflated by about k / n, and Raghu et al. (2017) fitted on far more points than dims
+PREDICTIVITY_FOLDS = 5  # cross-validation folds of whole probe sequences (tokens of a sequence are not independent)
+PREDICTIVITY_RIDGE = 1e-2  # ridge penalty as a share of the mean squared token norm of the training fold
+
+
+def _hsic1_gram(k0: torch.Tensor, l0: torch.Tensor) -> torch.Tensor:
+    """HSIC_1 of two explicit kernel matrices whose diagonals are already zero, in its matrix form tr(K0 L0) and
+    1^T K0 L0 1, which also holds for the non-symmetric neighbour-masked kernels of CKNNA."""
+    return hsic1((k0 * l0.T).sum(), k0.sum(), l0.sum(), k0.sum(0) @ l0.sum(1), len(k0))
+
+
+def _cosine(g: torch.Tensor) -> torch.Tensor:
+    norms = torch.sqrt(torch.diagonal(g)).clamp_min(1e-300)
+    return g / norms[:, None] / norms[None, :]
+
+
+def cknna_from_gram(k: torch.Tensor, l: torch.Tensor, n_neighbours: int) -> float:
+    """CKNNA (Huh et al. 2024, the kernel-aligned mutual k-NN of platonic-rep): the unbiased-HSIC CKA of the cosine
+    kernels restricted to the token pairs that are k-nearest neighbours in both spaces, normalised by each space's
+    self-alignment over its own neighbour pairs. 1 when the two neighbourhood structures and kernels agree."""
+    if not 1 <= n_neighbours < len(k):
+        raise ValueError(f"knn_k must be between 1 and n_samples - 1 = {len(k) - 1}, got {n_neighbours}")
+    ck, cl = _cosine(k), _cosine(l)
+
+    def neighbour_mask(c: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros_like(c)
+        return mask.scatter_(1, _neighbours(c.clone(), n_neighbours), 1.0)
+
+    mk, ml = neighbour_mask(ck), neighbour_mask(cl)
+    both = mk * ml
+    hkl, hkk, hll = _hsic1_gram(both * ck, both * cl), _hsic1_gram(mk * ck, mk * ck), _hsic1_gram(ml * cl, ml * cl)
+    return float(hkl / torch.sqrt(hkk * hll))
+
+
+def _leading_subspace(k: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis [n, k] of the leading left singular directions of centred features X, from K = X X^T
+    (its eigenvectors; an n x n eigensolve instead of an SVD of X): CCA_VARIANCE of the variance, at most
+    CCA_MAX_DIMS_PER_TOKEN x n directions."""
+    values, vectors = torch.linalg.eigh(k)
+    values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
+    share = torch.cumsum(values, 0) / values.sum()
+    keep = int((share < CCA_VARIANCE).sum()) + 1
+    return vectors[:, :max(1, min(keep, int(CCA_MAX_DIMS_PER_TOKEN * len(k))))]
+
+
+def _canonical(k: torch.Tensor, l: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(canonical variates of the first representation [n, m] as unit vectors, canonical correlations [m])."""
+    ux, uy = _leading_subspace(k), _leading_subspace(l)
+    p, rho, _ = torch.linalg.svd(ux.T @ uy, full_matrices=False)
+    return ux @ p, rho.clamp(0, 1)
+
+
+def svcca_from_gram(k: torch.Tensor, l: torch.Tensor) -> float:
+    """SVCCA (Raghu et al. 2017): the mean canonical correlation between the leading singular subspaces of the two
+    representations, from their centred Gram matrices."""
+    return float(_canonical(k, l)[1].mean())
+
+
+def pwcca_from_gram(x: torch.Tensor, k: torch.Tensor, l: torch.Tensor) -> float:
+    """PWCCA (Morcos et al. 2018): the same canonical correlations weighted by how much of x (centred features,
+    K = x x^T; here the teacher) each canonical variate accounts for, alpha_i = sum_j |<h_i, x_j>| over features."""
+    variates, rho = _canonical(k, l)
+    weights = (variates.T @ x).abs().sum(1)
+    return float((weights * rho).sum() / weights.sum())
+
+
+def svcca(x: torch.Tensor, y: torch.Tensor) -> float:
+    x, y = centered_pair(x, y, min_n=4)
+    return svcca_from_gram(x @ x.T, y @ y.T)
+
+
+def pwcca(x: torch.Tensor, y: torch.Tensor) -> float:
+    x, y = centered_pair(x, y, min_n=4)
+    return pwcca_from_gram(x, x @ x.T, y @ y.T)
+
+
+def _ranks(v: torch.Tensor) -> torch.Tensor:
+    ranks = torch.empty_like(v)
+    ranks[v.argsort()] = torch.arange(len(v), dtype=v.dtype)
+    return ranks
+
+
+def rsa(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Representational similarity analysis (Kriegeskorte et al. 2008): the Spearman correlation between the two
+    representational dissimilarity matrices (1 - Pearson correlation of every pair of tokens), upper triangles."""
+    x, y = centered_pair(x, y, min_n=3)
+
+    def rdm(z: torch.Tensor) -> torch.Tensor:
+        z = z - z.mean(1, keepdim=True)
+        z = z / torch.linalg.vector_norm(z, dim=1, keepdim=True).clamp_min(1e-300)
+        upper = torch.triu_indices(len(z), len(z), 1)
+        return 1 - (z @ z.T)[upper[0], upper[1]]
+
+    rx, ry = _ranks(rdm(x)), _ranks(rdm(y))
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    return float((rx @ ry) / torch.sqrt((rx @ rx) * (ry @ ry)))
+
+
+def linear_predictivity(x: torch.Tensor, y: torch.Tensor, groups: torch.Tensor) -> float:
+    """Cross-validated R^2 of ridge regression predicting y (the teacher) from x (the artifact): PREDICTIVITY_FOLDS
+    folds of whole sequences (`groups`: the sequence of each token), the penalty PREDICTIVITY_RIDGE x the fold's mean
+    squared token norm, R^2 = 1 - SSE / SST pooled over folds and features, against each training fold's mean.
+    Not symmetric; 1: the teacher's features are a linear function of the artifact's; <= 0: no better than the mean.
+    Solved in the dual (n x n) form, which is the cheap one when tokens are fewer than features."""
+    x, y = centered_pair(x, y, min_n=4)
+    sequences = torch.unique(groups, return_inverse=True)[1]
+    n_sequences = int(sequences.max()) + 1
+    folds = min(PREDICTIVITY_FOLDS, n_sequences)
+    if folds < 2:
+        raise ValueError("linear predictivity needs at least 2 probe sequences to cross-validate")
+    fold_of_token = sequences % folds
+    sse = sst = 0.0
+    for f in range(folds):
+        test, train = fold_of_token == f, fold_of_token != f
+        x_mean, y_mean = x[train].mean(0), y[train].mean(0)
+        xtr, ytr, xte, yte = x[train] - x_mean, y[train] - y_mean, x[test] - x_mean, y[test] - y_mean
+        k = xtr @ xtr.T
+        ridge = PREDICTIVITY_RIDGE * float(torch.diagonal(k).mean())
+        coef = torch.linalg.solve(k + ridge * torch.eye(len(k), dtype=k.dtype), ytr)
+        sse += float((yte - xte @ xtr.T @ coef).square().sum())
+        sst += float(yte.square().sum())
+    if sst <= 0:
+        raise ValueError("linear predictivity is undefined for a constant target representation")
+    return 1 - sse / sst

@@ -34,8 +34,9 @@ from dataclasses import dataclass
 
 import torch
 
-from realign.measure.kernels import (centered64, cka_from_hsic, cka_matrices, hsic1, mutual_knn_from_gram,
-                                     procrustes_similarity, rbf_cka_from_gram)
+from realign.measure.kernels import (centered64, cka_from_hsic, cka_matrices, cknna_from_gram, hsic1,
+                                     linear_predictivity, mutual_knn_from_gram, procrustes_similarity,
+                                     pwcca_from_gram, rbf_cka_from_gram, rsa, svcca_from_gram)
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ class LayerPair:
     kt: torch.Tensor
     ka: torch.Tensor
     knn_k: int
+    sequences: torch.Tensor  # the probe sequence of each token (folds of the cross-validated measures)
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,7 @@ class Measure:
     interval: str  # "bootstrap": closed-form sequence bootstrap; "jackknife": delete-a-group; "none"
     reference: str
     of_pair: Callable[[LayerPair], float] | None = None  # None: computed with the HSIC bootstrap (compare_layers)
+    manipulation_check: bool = False  # one of the measures the pre-registered check of the held arm reads
 
 
 MEASURES: tuple[Measure, ...] = (
@@ -125,15 +128,28 @@ MEASURES: tuple[Measure, ...] = (
     Measure("debiased_cka", "debiased linear CKA", "debiased CKA", "cka", "bootstrap",
             "Song et al. 2012; Nguyen et al. 2021"),
     Measure("rbf_cka", "RBF CKA (median)", "RBF CKA", "cka", "jackknife", "Kornblith et al. 2019",
-            lambda p: rbf_cka_from_gram(p.kt, p.ka)),
+            lambda p: rbf_cka_from_gram(p.kt, p.ka), manipulation_check=True),
     Measure("procrustes_sim", "orthogonal Procrustes similarity", "Procrustes sim.", "shape", "jackknife",
-            "Ding et al. 2021", lambda p: procrustes_similarity(p.xt, p.xa)),
+            "Ding et al. 2021", lambda p: procrustes_similarity(p.xt, p.xa), manipulation_check=True),
     Measure("knn_overlap", "mutual k-NN overlap", "mutual k-NN", "neighbourhood", "jackknife", "Huh et al. 2024",
-            lambda p: mutual_knn_from_gram(p.kt, p.ka, p.knn_k)),
+            lambda p: mutual_knn_from_gram(p.kt, p.ka, p.knn_k), manipulation_check=True),
+    # Added after the manipulation check was pre-registered: described and correlated, never part of the check.
+    Measure("svcca", "SVCCA (mean canonical correlation)", "SVCCA", "cca", "jackknife", "Raghu et al. 2017",
+            lambda p: svcca_from_gram(p.kt, p.ka)),
+    Measure("pwcca", "PWCCA (projection-weighted CCA)", "PWCCA", "cca", "jackknife", "Morcos et al. 2018",
+            lambda p: pwcca_from_gram(p.xt, p.kt, p.ka)),
+    Measure("rsa", "RSA (Spearman of correlation-distance RDMs)", "RSA", "rsa", "jackknife",
+            "Kriegeskorte et al. 2008", lambda p: rsa(p.xt, p.xa)),
+    Measure("linear_predictivity", "linear predictivity (CV ridge R², artifact → teacher)", "lin. predictivity",
+            "regression", "jackknife", "Yamins et al. 2014; Schrimpf et al. 2018",
+            lambda p: linear_predictivity(p.xa, p.xt, p.sequences)),
+    Measure("cknna", "CKNNA (mutual-k-NN-restricted CKA)", "CKNNA", "neighbourhood", "jackknife", "Huh et al. 2024",
+            lambda p: cknna_from_gram(p.kt, p.ka, p.knn_k)),
 )
 MEASURE_NAMES = tuple(m.name for m in MEASURES)
 PRIMARY_MEASURE = "debiased_cka"  # the estimator the held arm constrains and the verdict reads
 JACKKNIFE_MEASURES = tuple(m.name for m in MEASURES if m.interval == "jackknife")  # layer means with a jackknife CI
+CHECKED_MEASURES = tuple(m.name for m in MEASURES if m.manipulation_check)  # RBF CKA, Procrustes, k-NN: fixed
 
 
 def measures_primary_first() -> list[Measure]:
@@ -172,7 +188,7 @@ def compare_layers(teacher_layers, artifact_layers, sequence_of_token: torch.Ten
                           for a, b in ((gt, ga), (gt, gt), (ga, ga))))
         linear = cka_from_hsic((gt.gram * ga.gram).sum(), (gt.gram * gt.gram).sum(), (ga.gram * ga.gram).sum())
         row = {"layer": i, "linear_cka": float(linear), "debiased_cka": float(debiased[0]),
-               **_other_measures(xt, xa, gt.gram, ga.gram, knn_k)}
+               **_other_measures(xt, xa, gt.gram, ga.gram, knn_k, sequence_of_token)}
         row["debiased_cka_ci_low"], row["debiased_cka_ci_high"] = percentile_ci(debiased[1:])
         rows.append(row)
         replicates.append(debiased[1:])
@@ -190,9 +206,10 @@ def _centre_gram(k: torch.Tensor) -> torch.Tensor:
     return k - row - row.T + k.mean()
 
 
-def _other_measures(xt: torch.Tensor, xa: torch.Tensor, kt: torch.Tensor, ka: torch.Tensor, knn_k: int) -> dict:
+def _other_measures(xt: torch.Tensor, xa: torch.Tensor, kt: torch.Tensor, ka: torch.Tensor, knn_k: int,
+                    sequences: torch.Tensor) -> dict:
     """Every measure of MEASURES outside the HSIC bootstrap, of one layer pair (centred features and their Grams)."""
-    pair = LayerPair(xt, xa, kt, ka, knn_k)
+    pair = LayerPair(xt, xa, kt, ka, knn_k, sequences)
     return {m.name: m.of_pair(pair) for m in MEASURES if m.of_pair is not None}
 
 
@@ -217,7 +234,7 @@ def jackknife_other_means(teacher_layers, artifact_layers, sequence_of_token: to
         for g in range(groups):
             keep = group_of_token != g
             sub = _other_measures(xt[keep], xa[keep], _centre_gram(kt[keep][:, keep]), _centre_gram(ka[keep][:, keep]),
-                                  knn_k)
+                                  knn_k, sequence_of_token[keep])
             for m, v in sub.items():
                 sums[m][g] += v
     return {m: v / len(layers) for m, v in sums.items()}
