@@ -118,7 +118,9 @@ _HELD_OPTIONS = ("hold_fraction", "hold_reference", "hold_baseline", "hold_rho",
 RECOVERY_OPTIONS = {"kd": _LOGIT_OPTIONS, "sdft": ("targets",), "onpolicy": ("max_new_tokens", "sample_temperature"),
                     "cka-kd": _LOGIT_OPTIONS + _ALIGN_OPTIONS, "alignment-blocked": _LOGIT_OPTIONS + _ALIGN_OPTIONS,
                     "alignment-held": _LOGIT_OPTIONS + _HELD_OPTIONS,
-                    "alignment-only": _ALIGN_OPTIONS + ("align_loss",), "sft": ()}
+                    "alignment-only": _ALIGN_OPTIONS + ("align_loss",), "sft": (),
+                    "squarehead": _LOGIT_OPTIONS + _ALIGN_OPTIONS,
+                    "hidden-cosine": _LOGIT_OPTIONS + _ALIGN_OPTIONS + ("with_kl",)}
 SHARED_RECOVERY_KEYS = ("method", "steps", "lr", "teacher", "checkpoints")
 # Degradations fitted layer by layer on calibration windows of the distill split (`data.calibration`).
 CALIBRATED_METHODS = ("gptq", "wanda", "sparsegpt")
@@ -248,6 +250,8 @@ def recovery_spec(config: dict, name: str) -> tuple[dict, int]:
     spec = training_params(config, "recoveries", recovery)
     if spec["method"] == "alignment-held":
         spec = {**HELD_DEFAULTS, **spec, "alignment_layers": config["measure"]["alignment_layers"]}
+    elif spec["method"] in ("squarehead", "hidden-cosine") and "layers" not in spec:
+        spec = {**spec, "alignment_layers": config["measure"]["alignment_layers"]}  # the pre-registered layers
     return spec, config["seed"] if seed is None else seed
 
 

@@ -208,6 +208,66 @@ def test_alignment_only_raises_cka_and_each_logit_loss_lowers_kl(sharp_teacher):
         assert kl1 < 0.8 * kl0, params
 
 
+def feature_distances(student, teacher, batch, layers):
+    """(SquareHead's normalised MSE, mean cosine distance) of the student's hidden states to the teacher's on the
+    supervised tokens, written out here rather than with the training losses."""
+    with torch.no_grad():
+        s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    mask = supervised_mask(batch["labels"])
+    mse = cos = 0.0
+    for i in layers:
+        a, b = s.hidden_states[i][mask].double(), t.hidden_states[i][mask].double()
+        mse += float(((a - b) ** 2).sum() / (b**2).sum())
+        cos += float((1 - (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).mean())
+    return mse / len(layers), cos / len(layers)
+
+
+@pytest.mark.parametrize("method", ["squarehead", "hidden-cosine"])
+def test_feature_distillation_lowers_its_feature_distance_on_the_pre_registered_layers(sharp_teacher, method):
+    """SquareHead and hidden-cosine: the feature loss falls during training, the feature distance to the teacher
+    falls on the layers they are given (here the inner range 1..L-1 that measure.alignment_layers 'inner' names),
+    and with KL the output divergence falls too."""
+    from realign.recover.losses import layer_cosine_distance, layer_mse
+
+    teacher, tokenizer = sharp_teacher
+    records, examples = examples_of(tokenizer)
+    batch = collate(examples, tokenizer.pad_token_id)
+    n_hidden = teacher.config.num_hidden_layers + 1
+    inner = list(range(1, n_hidden - 1))
+    student = perturbed(teacher, scale=1.0)
+    before = feature_distances(student, teacher, batch, inner)
+    _, kl0 = hidden_cka_and_kl(student, teacher, batch)
+    params = {"method": method, "align_weight": 1.0, "alignment_layers": "inner"}
+    student, curve, _ = recover(student, teacher, tokenizer, params, records,
+                                TrainConfig(steps=16, lr=1e-3, batch_size=4, seed=0), 48, {"kind": "none"}, {})
+    after = feature_distances(student, teacher, batch, inner)
+    index = 0 if method == "squarehead" else 1
+    assert after[index] < 0.7 * before[index]
+    losses = [row["loss"] for row in curve]
+    assert sum(losses[-4:]) < sum(losses[:4])
+    _, kl1 = hidden_cka_and_kl(student, teacher, batch)
+    assert kl1 < kl0
+    # the training losses are the distances above, on the same tokens
+    with torch.no_grad():
+        s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    mask = supervised_mask(batch["labels"])
+    assert float(layer_cosine_distance(s.hidden_states, t.hidden_states, mask, inner)) == pytest.approx(after[1], rel=1e-4)
+    # layer_mse averages per-layer ratios of mean squares over the same elements: the same ratio as above
+    assert float(layer_mse(s.hidden_states, t.hidden_states, mask, inner)) == pytest.approx(after[0], rel=1e-4)
+
+
+def test_feature_methods_take_the_pre_registered_layers_and_their_options_are_checked():
+    from realign.config import recovery_spec
+
+    config = {"training": {"batch_size": 4}, "measure": {"alignment_layers": "inner"}, "seed": 0,
+              "recoveries": {"sq": {"method": "squarehead", "steps": 1, "lr": 1e-4},
+                             "cos": {"method": "hidden-cosine", "steps": 1, "lr": 1e-4, "layers": [2, 3]}}}
+    assert recovery_spec(config, "sq")[0]["alignment_layers"] == "inner"
+    assert "alignment_layers" not in recovery_spec(config, "cos")[0]
+
+
 def test_onpolicy_trains_on_student_samples_deterministically(tiny):
     teacher, tokenizer = tiny
     params = {"method": "onpolicy", "max_new_tokens": 8}

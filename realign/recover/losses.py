@@ -115,9 +115,19 @@ def layer_cka(student_hidden, teacher_hidden, mask: torch.Tensor, layers: list[i
                         for i in layers]).mean()
 
 
+def layer_cosine_distance(student_hidden, teacher_hidden, mask: torch.Tensor, layers: list[int]) -> torch.Tensor:
+    """Mean over `layers` and supervised tokens of 1 - cos(student state, teacher state): 0 when every token's
+    hidden state points the teacher's way (its scale is free), 2 when opposite."""
+    terms = []
+    for i in layers:
+        s, t = student_hidden[i][mask].float(), teacher_hidden[i][mask].float()
+        terms.append((1 - torch.nn.functional.cosine_similarity(s, t, dim=-1, eps=1e-8)).mean())
+    return torch.stack(terms).mean()
+
+
 def layer_mse(student_hidden, teacher_hidden, mask: torch.Tensor, layers: list[int]) -> torch.Tensor:
     """Mean squared hidden-state difference over `layers`, each normalised by the teacher's mean square, so
-    layers with large activations do not dominate."""
+    layers with large activations do not dominate (SquareHead's feature term, Kurtic et al. 2023)."""
     terms = []
     for i in layers:
         s, t = student_hidden[i][mask].float(), teacher_hidden[i][mask].float()

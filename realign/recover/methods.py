@@ -8,7 +8,14 @@ Self-distillation:
 - `sdft`: SFT on the teacher's rewrites of the reference answers (Yang et al. 2024), or on its own answers;
 - `onpolicy`: the student samples an answer, the teacher conditioned on the reference answer (a demonstration)
          scores it; reverse KL on the student's tokens (Shenfeld et al. 2026, arXiv 2601.19897);
-- `cka-kd`: kd + align_weight * (1 - minibatch linear CKA) at `layers` (CKA-regularised distillation).
+- `cka-kd`: kd + align_weight * (1 - minibatch linear CKA) at `layers` (CKA-regularised distillation);
+- `squarehead`: kd + align_weight * per-layer hidden-state MSE normalised by the teacher's mean square (SquareHead,
+         Kurtic et al. 2023, the loss llm-compressor's users recover pruned models with);
+- `hidden-cosine`: align_weight * per-layer cosine distance of the student's hidden states to the teacher's
+         (ModelOpt, DistillKit), plus kd unless `with_kl` is false.
+Both feature losses force alignment directly and are not rotation-invariant: whether they raise CKA more than kd,
+and whether that buys more recovery, is evidence on the hypothesis. Their layers are `layers`, or else the
+pre-registered measure.alignment_layers (recovery_spec fills them in).
 Controls:
 - `alignment-blocked`: kd + align_weight * CKA: the logits are matched while layer CKA is pushed down;
 - `alignment-held`: kd under a ceiling on each pre-registered layer's debiased CKA to the teacher (the damaged
@@ -27,13 +34,16 @@ from realign.data.sequences import (IGNORE, chat_example, chat_prompt_ids, clamp
                                    model_context, prompt_budget)
 from realign.degrade import constraints
 from realign.device import autocast, model_device, on_device
-from realign.recover.losses import (coarsen_top_k, cross_entropy, divergence, layer_cka, layer_mse,
-                                    supervised_log_probs, supervised_mask, top_k_with_tail)
+from realign.recover.losses import (coarsen_top_k, cross_entropy, divergence, layer_cka, layer_cosine_distance,
+                                    layer_mse, supervised_log_probs, supervised_mask, top_k_with_tail)
 from realign.training import TrainConfig, example_order, train
 
-METHODS = ("kd", "sdft", "onpolicy", "cka-kd", "alignment-blocked", "alignment-held", "alignment-only", "sft")
-NEEDS_TEACHER_LOGITS = ("kd", "cka-kd", "alignment-blocked", "alignment-held")
-NEEDS_TEACHER_HIDDEN = ("cka-kd", "alignment-blocked", "alignment-held", "alignment-only")
+METHODS = ("kd", "sdft", "onpolicy", "cka-kd", "alignment-blocked", "alignment-held", "alignment-only", "sft",
+           "squarehead", "hidden-cosine")
+NEEDS_TEACHER_LOGITS = ("kd", "cka-kd", "alignment-blocked", "alignment-held", "squarehead", "hidden-cosine")
+NEEDS_TEACHER_HIDDEN = ("cka-kd", "alignment-blocked", "alignment-held", "alignment-only", "squarehead",
+                        "hidden-cosine")
+FEATURE_METHODS = ("squarehead", "hidden-cosine")  # hidden-state matching on the pre-registered layers
 DEMONSTRATION_TEMPLATE = ("{instruction}\n\nThis is an example of a good response:\n{reference}\n\n"
                           "Now write your own response to the request.")
 
@@ -71,6 +81,11 @@ def _forward(model, batch: dict, hidden: bool):
 
 
 def _hidden_layers(params: dict, n_hidden: int) -> list[int]:
+    if params.get("layers") is None and params.get("alignment_layers") is not None:
+        from realign.measure.stage import alignment_range
+
+        first, last = alignment_range(params["alignment_layers"], n_hidden)
+        return list(range(first, last + 1))
     layers = params.get("layers") or list(range(1, n_hidden))
     bad = [i for i in layers if not 0 <= i < n_hidden]
     if bad:
@@ -94,7 +109,8 @@ def logit_loss(params: dict, student_logits, teacher_out, batch: dict, teacher_t
 
 
 def distillation_loss(params: dict, teacher=None, teacher_top_k=None):
-    """The loss of kd, cka-kd, alignment-blocked and alignment-only as `loss_fn(model, batch)`."""
+    """The loss of kd, cka-kd, alignment-blocked, alignment-only, squarehead and hidden-cosine as
+    `loss_fn(model, batch)`."""
     method = params["method"]
     weight = params.get("align_weight", 1.0)
     needs_hidden = method in NEEDS_TEACHER_HIDDEN
@@ -108,12 +124,16 @@ def distillation_loss(params: dict, teacher=None, teacher_top_k=None):
                 teacher_out = _forward(teacher, batch, needs_hidden)
         out = _forward(model, batch, needs_hidden)
         loss = torch.zeros((), device=out.logits.device)
-        if method in NEEDS_TEACHER_LOGITS:
+        if method in NEEDS_TEACHER_LOGITS and params.get("with_kl", True):
             loss = logit_loss(params, out.logits, teacher_out, batch, teacher_top_k)
         if needs_hidden:
             mask = supervised_mask(batch["labels"])
             layers = _hidden_layers(params, len(out.hidden_states))
-            if method == "alignment-only" and params.get("align_loss", "cka") == "mse":
+            if method == "squarehead":
+                loss = loss + weight * layer_mse(out.hidden_states, teacher_out.hidden_states, mask, layers)
+            elif method == "hidden-cosine":
+                loss = loss + weight * layer_cosine_distance(out.hidden_states, teacher_out.hidden_states, mask, layers)
+            elif method == "alignment-only" and params.get("align_loss", "cka") == "mse":
                 loss = loss + weight * layer_mse(out.hidden_states, teacher_out.hidden_states, mask, layers)
             else:
                 cka = layer_cka(out.hidden_states, teacher_out.hidden_states, mask, layers)
