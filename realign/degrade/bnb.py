@@ -6,7 +6,7 @@ base plus an `adapter/` folder that `peft.PeftModel.from_pretrained` loads back.
 SHA-256 digest of every quantized weight (and its quantization statistics), so a check after recovery proves
 the base was not touched.
 
-bitsandbytes 0.50 runs NF4/FP4/int8 on CPU (measured: ../shared/notes/quant-libs-cpu.md); on a machine with
+bitsandbytes 0.50 runs NF4/FP4/int8 on CPU (measured: docs/notes/quant-libs-cpu.md); on a machine with
 CUDA the same code quantizes on the GPU with bf16 compute.
 """
 

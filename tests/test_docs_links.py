@@ -1,0 +1,21 @@
+"""The docs travel with the repository: every relative link in README.md and docs/**/*.md resolves to a file or
+folder inside it (no link reaches outside, e.g. to a design document next to the checkout)."""
+
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def test_every_relative_doc_link_resolves_inside_the_repository():
+    pages = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+    broken = []
+    for page in pages:
+        for target in LINK.findall(page.read_text()):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue  # a URL or an anchor in the same page
+            path = (page.parent / target.split("#")[0]).resolve()
+            if not path.exists() or REPO not in (path, *path.parents):
+                broken.append(f"{page.relative_to(REPO)}: {target}")
+    assert not broken, broken
