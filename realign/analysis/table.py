@@ -1,6 +1,6 @@
 """One row per artifact, then damage / recovery / alignment deltas relative to the teacher and the damaged parent.
 
-Vocabulary (see DESIGN.md, "Statistics and the verdict"):
+Vocabulary (see docs/DESIGN.md, "Statistics and the verdict"):
 
 * the *teacher* of model ``m`` is the artifact ``(m, "none", "none")``;
 * the *parent* (damaged model) of ``(m, d, r)`` is ``(m, d, "none")``;
