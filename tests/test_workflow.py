@@ -203,3 +203,15 @@ def test_second_run_has_nothing_to_do(study):
     again = snakemake(workdir, "-n")
     assert again.returncode == 0
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_snakemake_lint_is_clean():
+    """Input and parameter functions live in common.smk, paths are built without '+': `snakemake --lint` passes."""
+    import subprocess
+    import sys
+
+    from tiny_study import REPO
+
+    result = subprocess.run([sys.executable, "-m", "snakemake", "--lint", "-s", str(REPO / "Snakefile"),
+                             "--directory", str(REPO)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert "Congratulations, your workflow is in a good condition" in result.stdout + result.stderr, result.stdout

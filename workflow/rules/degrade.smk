@@ -2,19 +2,9 @@
 # pruning (magnitude, Wanda, SparseGPT; unstructured or N:M).
 
 
-def degrade_inputs(wildcards):
-    spec = config["degradations"][wildcards.degradation]
-    inputs = {"teacher": teacher_dir(wildcards)}
-    if spec["method"] == "sft":
-        inputs["narrow_train"] = f"results/data/{spec.get('corpus', 'code')}_train.jsonl"
-    if spec["method"] in CALIBRATED_METHODS:  # calibrated on the distillation split only
-        inputs["prompts"] = "results/data/prompts.json"
-    return inputs
-
-
 rule degrade:
     input:
-        unpack(degrade_inputs),
+        unpack(get_degrade_inputs),
     output:
         maybe_temp(directory("results/models/{model}/{degradation}/none")),
     wildcard_constraints:

