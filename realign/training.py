@@ -39,6 +39,15 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
 
+    @classmethod
+    def from_params(cls, params: dict, seed: int) -> "TrainConfig":
+        """The loop's settings from a degradation's or recovery's training parameters (the `training:` defaults
+        merged with the method's own entries, realign.config.training_params)."""
+        return cls(steps=params["steps"], lr=params["lr"], batch_size=params["batch_size"],
+                   grad_accum=params.get("grad_accum", 1), schedule=params.get("schedule", "cosine"),
+                   warmup_steps=params.get("warmup_steps", 0), max_grad_norm=params.get("max_grad_norm", 1.0),
+                   seed=seed)
+
     def __post_init__(self):
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")

@@ -16,6 +16,8 @@ import hashlib
 
 import torch
 
+from realign.models.artifact import keep_canonical_format
+
 QUANT_TYPES = ("nf4", "fp4", "int8")
 LORA_TARGETS = "all-linear"  # every Linear except the output head, the same set the other degradations touch
 
@@ -40,20 +42,6 @@ def load_quantized(model_dir, quant_type: str, device: str = "cpu", key: str = "
                                                  device_map={"": device}, dtype=torch.float32)
     model.eval()
     return keep_canonical_format(model)
-
-
-def keep_canonical_format(model):
-    """Stop bitsandbytes from repacking 4-bit layers for its CPU inference kernel.
-
-    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit in place on its first no-grad eval forward
-    and rounds the per-block absmax statistics to bfloat16 on the way (measured: 0.0614 -> 0.0615); saving the
-    layer afterwards keeps the rounded values. Evaluation would then see a slightly different model than
-    training, and a measured model would no longer be the saved one. The plain dequantize path is used instead.
-    """
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-    return model
 
 
 def _is_bnb_linear(module) -> bool:

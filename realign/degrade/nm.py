@@ -10,7 +10,7 @@ import re
 
 import torch
 
-from realign.degrade.prune import validate_sparsity
+from realign.degrade.targets import validate_sparsity
 
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 

@@ -5,12 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from realign.degrade.targets import damage_targets
-
-
-def validate_sparsity(sparsity, key: str = "sparsity") -> None:
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 < float(sparsity) < 1.0:
-        raise ValueError(f"{key} must be a number strictly between 0 and 1, got {sparsity!r}")
+from realign.degrade.targets import damage_targets, validate_sparsity
 
 
 def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:

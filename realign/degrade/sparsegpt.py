@@ -20,7 +20,8 @@ from realign.degrade.calibration import (
     sequential_layers, targets_by_layer,
 )
 from realign.degrade.nm import check_widths, nm_mask, resolve_target
-from realign.degrade.prune import mask_constraint, validate_sparsity
+from realign.degrade.prune import mask_constraint
+from realign.degrade.targets import validate_sparsity
 
 
 def sparsegpt_prune_weight(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float | None = None,

@@ -30,13 +30,6 @@ FAMILIES = {"sft": "forgetting",
             "magnitude": "pruning", "wanda": "pruning", "sparsegpt": "pruning"}
 
 
-def train_config(params: dict, seed: int) -> TrainConfig:
-    return TrainConfig(steps=params["steps"], lr=params["lr"], batch_size=params["batch_size"],
-                       grad_accum=params.get("grad_accum", 1), schedule=params.get("schedule", "cosine"),
-                       warmup_steps=params.get("warmup_steps", 0), max_grad_norm=params.get("max_grad_norm", 1.0),
-                       seed=seed)
-
-
 def calibration_ids(tokenizer, records: list[dict], n_sequences: int, seq_len: int) -> torch.Tensor:
     """[n_sequences, seq_len] token ids from the distillation split (instruction + reference answer in the chat
     format the model is used with), concatenated and cut into full windows. Never evaluation data."""
@@ -125,7 +118,7 @@ def degrade(teacher_dir: str | Path, out_dir: str | Path, model_name: str, name:
         model, tokenizer, teacher_meta = load_artifact(teacher_dir)
         if method == "sft":
             texts = [row["text"] for row in read_jsonl(narrow_train, verify=True, producer="the `narrow_corpus` rule")]
-            curve, n_chunks = forget_by_sft(model, tokenizer, texts, train_config(params, seed), params["max_len"],
+            curve, n_chunks = forget_by_sft(model, tokenizer, texts, TrainConfig.from_params(params, seed), params["max_len"],
                                             run_identity={"parent": artifact_digest(teacher_meta), "params": params})
             constraint = dict(constraints.NO_CONSTRAINT)
             extra["data"] = {"corpus": params.get("corpus", "code"), "path": str(narrow_train), "chunks": n_chunks,

@@ -165,3 +165,8 @@ def untargeted_matrices(model, targets: dict[str, Target] | None = None) -> list
 def block_linears(model) -> dict[str, torch.nn.Module]:
     """The modules of the linear and conv1d targets by name (kept for callers that want modules)."""
     return {name: t.module for name, t in damage_targets(model).items() if t.kind != "experts"}
+
+
+def validate_sparsity(sparsity, key: str = "sparsity") -> None:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 < float(sparsity) < 1.0:
+        raise ValueError(f"{key} must be a number strictly between 0 and 1, got {sparsity!r}")

@@ -14,7 +14,8 @@ from realign.degrade.calibration import (
     calibration_summary, check_calibration, collect_input_sq_norms, targets_by_layer, sequential_layers,
 )
 from realign.degrade.nm import check_widths, nm_mask, resolve_target
-from realign.degrade.prune import mask_constraint, validate_sparsity
+from realign.degrade.prune import mask_constraint
+from realign.degrade.targets import validate_sparsity
 
 
 def wanda_mask(weight: torch.Tensor, input_sq_norm: torch.Tensor, sparsity: float | None = None,

@@ -137,6 +137,20 @@ def artifact_facts(artifact_dir: str | Path):
     return facts_from_config(read_json(config_file)) if config_file.is_file() else ModelFacts()
 
 
+def keep_canonical_format(model):
+    """Stop bitsandbytes from repacking 4-bit layers for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit in place on its first no-grad eval forward
+    and rounds the per-block absmax statistics to bfloat16 on the way (measured: 0.0614 -> 0.0615); saving the
+    layer afterwards keeps the rounded values. Evaluation would then see a slightly different model than
+    training, and a measured model would no longer be the saved one. The plain dequantize path is used instead.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
 def load_artifact(artifact_dir: str | Path, device: str | None = None):
     """Load (model, tokenizer, meta) in fp32 on `device` (default: realign.device.compute_device(), the GPU when
     there is one); a damaged or incomplete directory is a clear error."""
@@ -154,8 +168,6 @@ def load_artifact(artifact_dir: str | Path, device: str | None = None):
     try:
         model = AutoModelForCausalLM.from_pretrained(artifact_dir, dtype=torch.float32, **placement)
         if quantized:
-            from realign.degrade.bnb import keep_canonical_format
-
             keep_canonical_format(model)
         else:
             model.to(device)

@@ -38,7 +38,7 @@ from realign.device import autocast, model_device, on_device
 from realign.measure.activations import content_positions
 from realign.measure.kernels import debiased_cka
 from realign.measure.stage import alignment_range
-from realign.recover.methods import _forward, logit_loss
+from realign.recover.losses import forward, logit_loss
 
 
 def option(params: dict, key: str):
@@ -105,8 +105,8 @@ class HeldAlignment:
         """Per held layer, the student's debiased CKA to the teacher on the batch's content tokens (differentiable),
         and the kd term when `with_logits`."""
         with torch.no_grad():
-            teacher_out = _forward(self.teacher, batch, True)
-        out = _forward(model, batch, True)
+            teacher_out = forward(self.teacher, batch, True)
+        out = forward(model, batch, True)
         mask = content_token_mask(batch)
         # The estimator in float32 outside autocast: bf16 products would swamp CKA differences of 0.01.
         with torch.autocast(out.hidden_states[0].device.type, enabled=False):

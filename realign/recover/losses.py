@@ -133,3 +133,23 @@ def layer_mse(student_hidden, teacher_hidden, mask: torch.Tensor, layers: list[i
         s, t = student_hidden[i][mask].float(), teacher_hidden[i][mask].float()
         terms.append((s - t).square().mean() / (t.square().mean() + 1e-12))
     return torch.stack(terms).mean()
+
+
+def forward(model, batch: dict, hidden: bool):
+    """The model on a collated batch, with every hidden state when `hidden`."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=hidden)
+
+
+def logit_loss(params: dict, student_logits, teacher_out, batch: dict, teacher_top_k=None) -> torch.Tensor:
+    """kd's term: the divergence of the student's supervised next-token distributions from the teacher's (its
+    cached top-k + tail when `teacher_top_k` is given, else `teacher_out`'s full logits), times T^2."""
+    temperature = params.get("temperature", 1.0)
+    kind, beta = params.get("divergence", "forward_kl"), params.get("beta", 0.5)
+    student_logp = supervised_log_probs(student_logits, batch["labels"], temperature)
+    if teacher_top_k is not None:
+        values, indices = teacher_top_k.rows(batch)
+        loss = divergence(top_k_with_tail(values), coarsen_top_k(student_logp, indices), kind, beta)
+    else:
+        teacher_logp = supervised_log_probs(teacher_out.logits, batch["labels"], temperature)
+        loss = divergence(teacher_logp, student_logp, kind, beta)
+    return loss * temperature**2

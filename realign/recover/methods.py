@@ -34,8 +34,8 @@ from realign.data.sequences import (IGNORE, chat_example, chat_prompt_ids, clamp
                                    model_context, prompt_budget)
 from realign.degrade import constraints
 from realign.device import autocast, model_device, on_device
-from realign.recover.losses import (coarsen_top_k, cross_entropy, divergence, layer_cka, layer_cosine_distance,
-                                    layer_mse, supervised_log_probs, supervised_mask, top_k_with_tail)
+from realign.recover.losses import (cross_entropy, divergence, forward, layer_cka, layer_cosine_distance, layer_mse,
+                                    logit_loss, supervised_log_probs, supervised_mask)
 from realign.training import TrainConfig, example_order, train
 
 METHODS = ("kd", "sdft", "onpolicy", "cka-kd", "alignment-blocked", "alignment-held", "alignment-only", "sft",
@@ -76,10 +76,6 @@ def build_examples(tokenizer, records: list[dict], answer_key: str, max_len: int
             for i, r in enumerate(usable)]
 
 
-def _forward(model, batch: dict, hidden: bool):
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=hidden)
-
-
 def _hidden_layers(params: dict, n_hidden: int) -> list[int]:
     if params.get("layers") is None and params.get("alignment_layers") is not None:
         from realign.measure.stage import alignment_range
@@ -91,21 +87,6 @@ def _hidden_layers(params: dict, n_hidden: int) -> list[int]:
     if bad:
         raise ValueError(f"recovery layers {bad} out of range: the model has hidden states 0..{n_hidden - 1}")
     return layers
-
-
-def logit_loss(params: dict, student_logits, teacher_out, batch: dict, teacher_top_k=None) -> torch.Tensor:
-    """kd's term: the divergence of the student's supervised next-token distributions from the teacher's (its
-    cached top-k + tail when `teacher_top_k` is given, else `teacher_out`'s full logits), times T^2."""
-    temperature = params.get("temperature", 1.0)
-    kind, beta = params.get("divergence", "forward_kl"), params.get("beta", 0.5)
-    student_logp = supervised_log_probs(student_logits, batch["labels"], temperature)
-    if teacher_top_k is not None:
-        values, indices = teacher_top_k.rows(batch)
-        loss = divergence(top_k_with_tail(values), coarsen_top_k(student_logp, indices), kind, beta)
-    else:
-        teacher_logp = supervised_log_probs(teacher_out.logits, batch["labels"], temperature)
-        loss = divergence(teacher_logp, student_logp, kind, beta)
-    return loss * temperature**2
 
 
 def distillation_loss(params: dict, teacher=None, teacher_top_k=None):
@@ -121,8 +102,8 @@ def distillation_loss(params: dict, teacher=None, teacher_top_k=None):
         teacher_out = None
         if teacher is not None and (needs_hidden or teacher_top_k is None):
             with torch.no_grad():
-                teacher_out = _forward(teacher, batch, needs_hidden)
-        out = _forward(model, batch, needs_hidden)
+                teacher_out = forward(teacher, batch, needs_hidden)
+        out = forward(model, batch, needs_hidden)
         loss = torch.zeros((), device=out.logits.device)
         if method in NEEDS_TEACHER_LOGITS and params.get("with_kl", True):
             loss = logit_loss(params, out.logits, teacher_out, batch, teacher_top_k)
@@ -190,8 +171,8 @@ def onpolicy_loss(teacher, tokenizer, records: list[dict], params: dict, max_len
         # The teacher reads the demonstration too; it runs without gradients, so it may see a longer context.
         teacher_batch = scored_batch([teacher_prompts[i] for i in indices], responses, device, teacher_length)
         with torch.no_grad():
-            teacher_logp = supervised_log_probs(_forward(teacher, teacher_batch, False).logits, teacher_batch["labels"])
-        student_logp = supervised_log_probs(_forward(model, student_batch, False).logits, student_batch["labels"])
+            teacher_logp = supervised_log_probs(forward(teacher, teacher_batch, False).logits, teacher_batch["labels"])
+        student_logp = supervised_log_probs(forward(model, student_batch, False).logits, student_batch["labels"])
         return divergence(teacher_logp, student_logp, "reverse_kl")
 
     return loss_fn
@@ -232,7 +213,7 @@ def recover(student, teacher, tokenizer, params: dict, records: list[dict], cfg:
                 loss_fn = distillation_loss(params, teacher, top_k)
         else:
             def loss_fn(model, batch):
-                return cross_entropy(_forward(model, batch, False).logits, batch["labels"])
+                return cross_entropy(forward(model, batch, False).logits, batch["labels"])
     if teacher is not None:
         teacher.eval()
 

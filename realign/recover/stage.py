@@ -9,7 +9,6 @@ from pathlib import Path
 
 from realign.config import recovery_name
 from realign.degrade import constraints
-from realign.degrade.stage import train_config
 from realign.device import model_device
 from realign.data.stage import read_prompts
 from realign.io import file_sha256, read_jsonl, write_jsonl
@@ -18,6 +17,7 @@ from realign.models.artifact import (artifact_digest, artifact_facts, load_artif
 from realign.models.checks import check_fits
 from realign.recover.methods import build_examples, needs_live_teacher, recover, training_targets
 from realign.recover.teacher_data import generate_answers, generate_rewrites
+from realign.training import TrainConfig
 
 CHECKPOINTS_DIR = "checkpoints"
 
@@ -106,7 +106,7 @@ def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, records_path:
         save_artifact(snapshot, tokenizer, checkpoint_dir(staging, step), meta, constraint_tensors=constraint_tensors,
                       frozen_base_dir=damaged_dir)
 
-    student, curve, check = recover(student, teacher, tokenizer, params, records, train_config(params, seed),
+    student, curve, check = recover(student, teacher, tokenizer, params, records, TrainConfig.from_params(params, seed),
                                     params["max_len"], constraint, constraint_tensors,
                                     teacher_top_k_path=teacher_top_k_path, on_checkpoint=save_checkpoint,
                                     checkpoint_steps=checkpoint_steps, state_path=state_path, state_every=state_every,
