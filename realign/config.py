@@ -123,7 +123,6 @@ RECOVERY_OPTIONS = {"kd": _LOGIT_OPTIONS, "sdft": ("targets",), "onpolicy": ("ma
                     "hidden-cosine": _LOGIT_OPTIONS + _ALIGN_OPTIONS + ("with_kl",)}
 SHARED_RECOVERY_KEYS = ("method", "steps", "lr", "teacher", "checkpoints")
 # Degradations fitted layer by layer on calibration windows of the distill split (`data.calibration`).
-CALIBRATED_METHODS = ("gptq", "wanda", "sparsegpt")
 TRAINING_KEYS = ("batch_size", "grad_accum", "max_len", "schedule", "warmup_steps", "max_grad_norm", "state_every")
 
 

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from realign.degrade import constraints
 from realign.degrade.calibration import decoder_layers, sequential_layers, targets_by_layer
 from realign.degrade.coverage import DamageNotApplied, check_supported, check_supported_config, damage_report, snapshot
-from realign.degrade.stage import apply_method
+from realign.degrade.registry import apply_method
 from realign.degrade.targets import damage_targets, untargeted_matrices
 from realign.models.tiny import ARCHITECTURES, tiny_config
 

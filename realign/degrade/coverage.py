@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from realign.config import CALIBRATED_METHODS
+from realign.degrade.registry import CALIBRATED_METHODS
 from realign.degrade.targets import Target, damage_targets, untargeted_matrices
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from realign.config import CALIBRATED_METHODS as CALIBRATED
 from realign.data.sequences import chat_example
 from realign.degrade import constraints
 from realign.degrade.coverage import DamageNotApplied, check_supported, damage_report, snapshot
 from realign.degrade.forgetting import forget_by_sft
+from realign.degrade.registry import degradation_method
 from realign.device import compute_device
 from realign.data.stage import read_prompts
 from realign.io import read_jsonl
@@ -24,11 +24,6 @@ from realign.models.artifact import artifact_digest, load_artifact, save_artifac
 from realign.training import TrainConfig
 
 log = logging.getLogger(__name__)
-
-FAMILIES = {"sft": "forgetting",
-            "rtn": "quantization", "gptq": "quantization", "nvfp4": "quantization", "bnb": "quantization",
-            "magnitude": "pruning", "wanda": "pruning", "sparsegpt": "pruning"}
-
 
 def calibration_ids(tokenizer, records: list[dict], n_sequences: int, seq_len: int) -> torch.Tensor:
     """[n_sequences, seq_len] token ids from the distillation split (instruction + reference answer in the chat
@@ -42,40 +37,6 @@ def calibration_ids(tokenizer, records: list[dict], n_sequences: int, seq_len: i
         raise ValueError(f"the distillation split has {len(stream)} tokens, fewer than data.calibration asks for "
                          f"({n_sequences} x {seq_len}); lower data.calibration.sequences or .max_len")
     return torch.tensor(stream[: n_sequences * seq_len]).reshape(n_sequences, seq_len)
-
-
-def apply_method(model, params: dict, calibration: torch.Tensor | None, key: str):
-    """Damage `model` in place with a post-training method; returns (constraint, constraint tensors)."""
-    method = params["method"]
-    if method == "rtn":
-        from realign.degrade.quantize import quantize_model
-
-        return quantize_model(model, params["bits"], params["group_size"], key=key)
-    if method == "gptq":
-        from realign.degrade.gptq import gptq_quantize_model
-
-        return gptq_quantize_model(model, calibration, params["bits"], params["group_size"],
-                                   sym=params.get("sym", False), act_order=params.get("act_order", False),
-                                   damp=params.get("damp", 0.01), key=key)
-    if method == "nvfp4":
-        from realign.degrade.nvfp4 import nvfp4_quantize_model
-
-        return nvfp4_quantize_model(model, key=key)
-    if method == "magnitude":
-        from realign.degrade.prune import prune_model
-
-        return prune_model(model, params.get("sparsity"), pattern=params.get("pattern"), key=key)
-    if method == "wanda":
-        from realign.degrade.wanda import wanda_prune_model
-
-        return wanda_prune_model(model, calibration, sparsity=params.get("sparsity"), pattern=params.get("pattern"),
-                                 key=key)
-    if method == "sparsegpt":
-        from realign.degrade.sparsegpt import sparsegpt_prune_model
-
-        return sparsegpt_prune_model(model, calibration, sparsity=params.get("sparsity"),
-                                     pattern=params.get("pattern"), damp=params.get("damp", 0.01), key=key)
-    raise ValueError(f"{key}method: unknown method {method!r}; known: {', '.join(FAMILIES)}")
 
 
 def bnb_report(model, targets: dict, key: str) -> dict:
@@ -98,14 +59,12 @@ def degrade(teacher_dir: str | Path, out_dir: str | Path, model_name: str, name:
             calibration: dict | None = None) -> dict:
     start = time.time()
     key = f"degradations.{name}."
-    method = params["method"]
-    if method not in FAMILIES:
-        raise ValueError(f"{key}method: unknown method {method!r}; known: {', '.join(FAMILIES)}")
+    method = degradation_method(params["method"], key)
     device = compute_device()
     tensors: dict = {}
     curve: list[dict] = []
     extra: dict = {}
-    if method == "bnb":
+    if method.kind == "load":
         from realign.degrade.bnb import frozen_constraint, load_quantized
 
         teacher, tokenizer, _ = load_artifact(teacher_dir, device="cpu")
@@ -116,7 +75,7 @@ def degrade(teacher_dir: str | Path, out_dir: str | Path, model_name: str, name:
         extra["damage"] = bnb_report(model, targets, key)
     else:
         model, tokenizer, teacher_meta = load_artifact(teacher_dir)
-        if method == "sft":
+        if method.kind == "training":
             texts = [row["text"] for row in read_jsonl(narrow_train, verify=True, producer="the `narrow_corpus` rule")]
             curve, n_chunks = forget_by_sft(model, tokenizer, texts, TrainConfig.from_params(params, seed), params["max_len"],
                                             run_identity={"parent": artifact_digest(teacher_meta), "params": params})
@@ -126,26 +85,26 @@ def degrade(teacher_dir: str | Path, out_dir: str | Path, model_name: str, name:
         else:
             check_supported(model, params, key=key)  # refuse before any work
             ids = None
-            if method in CALIBRATED:
+            if method.calibrated:
                 ids = calibration_ids(tokenizer, read_prompts(prompts_path)["distill"], calibration["sequences"],
                                       calibration["max_len"])
                 extra["calibration"] = {"split": "distill (instruction + reference answer)",
                                         "sequences": ids.shape[0], "tokens_per_sequence": ids.shape[1]}
             before = snapshot(model)
             model.to(device)
-            constraint, tensors = apply_method(model, params, ids, key)
+            constraint, tensors = method.apply(model, params, ids, key)
             model.to("cpu")
             tensors = {k: v.cpu() for k, v in tensors.items()}
     check = constraints.check(model, constraint, tensors)
-    if method not in ("sft", "bnb"):
+    if method.kind == "post-training":
         extra["damage"] = damage_report(model, constraint, check, before, key=key)
-        log.info("%s: %s touched %.4f of %d targeted weights (%s)", name, method,
+        log.info("%s: %s touched %.4f of %d targeted weights (%s)", name, method.name,
                  extra["damage"]["touched_fraction"], extra["damage"]["targeted_parameters"],
                  extra["damage"]["claim"])
     seconds = time.time() - start
-    log.info("%s: %s applied in %.1f s on %s; constraint check %s", name, method, seconds, device, check)
-    meta = {"model": model_name, "degradation": name, "recovery": "none", "family": FAMILIES[method],
-            "degradation_method": method, "degradation_params": params, "recovery_method": "none",
+    log.info("%s: %s applied in %.1f s on %s; constraint check %s", name, method.name, seconds, device, check)
+    meta = {"model": model_name, "degradation": name, "recovery": "none", "family": method.family,
+            "degradation_method": method.name, "degradation_params": params, "recovery_method": "none",
             "recovery_params": {}, "constraint": constraint, "constraint_check": check, "seed": seed,
             "parents": [str(teacher_dir)], "training_curve": curve,
             "timings": {"seconds": seconds, "device": device}, **extra}

@@ -1,10 +1,11 @@
 # Config validation (before any job), wildcard constraints, and the input functions shared by the rules.
 import re
 
-from realign.config import (CALIBRATED_METHODS, ConfigError, artifact_location, checkpoint_steps, config_hash,
-                            load_schema, recovery_spec, run_dir, study_cells, study_degradations, study_recoveries,
+from realign.config import (ConfigError, artifact_location, checkpoint_steps, config_hash, load_schema,
+                            recovery_spec, run_dir, study_cells, study_degradations, study_recoveries,
                             trained_recoveries, training_params, validate_config)
 from realign.data.stage import forgetting_chars_needed
+from realign.degrade.registry import CALIBRATED_METHODS
 from realign.io import DIGEST_SUFFIX
 from realign.resources import job_resources, parameter_count_b
 
