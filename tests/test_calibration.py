@@ -186,3 +186,23 @@ def test_study_power_names_an_intervention_that_cannot_pass_its_check():
     assert out["scenario"]["held_kl_share"] == pytest.approx(0.5, abs=0.02)
     assert any("KL reduction" in b for b in out["intervention_blockers"])
     assert out["budget"] is None and all(g["support_power"] == 0 for g in out["grid"])
+
+
+def test_study_power_names_the_damage_whose_clamp_leaks_even_when_the_mean_hides_it():
+    """One parent over-holds (held delta CKA -kd's), the other does not hold at all (held = kd's): their mean share
+    is 0, inside held_cka_margin, but the pooled verdict needs every parent's check, so the leaking one blocks."""
+    from realign.analysis.calibration import study_power
+    from realign.analysis.settings import AnalysisSettings
+
+    table = _held_study(held_kl=0.12)
+    held = table["recovery"].str.fullmatch(r"held(\+seed\d+)?")
+    kd_cka = table.loc[table["recovery"].str.fullmatch(r"kd(\+seed\d+)?"), "delta_cka"].mean()
+    for degradation, value in (("q4", -kd_cka), ("p50", kd_cka)):
+        rows = held & (table["degradation"] == degradation)
+        shift = value - table.loc[rows, "delta_cka"]
+        for column in ("delta_cka", "delta_cka_ci_low", "delta_cka_ci_high"):
+            table.loc[rows, column] += shift
+    out = study_power(table, AnalysisSettings.defaults(), n_tables=10)
+    assert abs(out["scenario"]["held_cka_share"]) < 0.1
+    assert len(out["intervention_blockers"]) == 1 and "/p50 the held arm kept 1.00 of kd's delta CKA" in \
+        out["intervention_blockers"][0]
