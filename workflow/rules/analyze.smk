@@ -53,6 +53,7 @@ rule report:
         config=config,
         config_hash=config_hash(config),
         seed=SEED,
+        timings_root="results/benchmarks",  # every other job's benchmark file: the report's run times
     log:
         "logs/analyze/report.log",
     benchmark:
