@@ -12,6 +12,8 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from realign.recover.registry import RECOVERY_OPTIONS
+
 
 class ConfigError(ValueError):
     pass
@@ -104,23 +106,14 @@ def _study_blocks(config: dict) -> list[dict]:
     return study if isinstance(study, list) else [study]
 
 
-# Options a recovery method reads beyond the shared ones; any other key is a mistake worth an error.
-_LOGIT_OPTIONS = ("temperature", "divergence", "beta", "top_k")
-_ALIGN_OPTIONS = ("layers", "align_weight")
-# alignment-held (realign.recover.held): the dose (allowed CKA rise = hold_fraction x hold_reference, where
+# Options a recovery method reads beyond the shared ones (realign.recover.registry); any other key is a mistake
+# worth an error. alignment-held's defaults: the dose (allowed CKA rise = hold_fraction x hold_reference, where
 # "headroom" = 1 - the damaged model's CKA per layer, or a number: an absolute rise such as kd's measured ΔCKA);
 # the damaged model's CKA that the rise is counted from: on the same batch ("batch", paired) or the mean of the
 # run's first `hold_calibration_batches` batches ("mean"); the augmented Lagrangian's rho. Its layers are not an
 # option: they are measure.alignment_layers, the range the study measures (recovery_spec fills them in).
 HELD_DEFAULTS = {"hold_fraction": 0.0, "hold_reference": "headroom", "hold_baseline": "batch", "hold_rho": 10.0,
                  "hold_calibration_batches": 4, "alignment_layers": "inner"}
-_HELD_OPTIONS = ("hold_fraction", "hold_reference", "hold_baseline", "hold_rho", "hold_calibration_batches")
-RECOVERY_OPTIONS = {"kd": _LOGIT_OPTIONS, "sdft": ("targets",), "onpolicy": ("max_new_tokens", "sample_temperature"),
-                    "cka-kd": _LOGIT_OPTIONS + _ALIGN_OPTIONS, "alignment-blocked": _LOGIT_OPTIONS + _ALIGN_OPTIONS,
-                    "alignment-held": _LOGIT_OPTIONS + _HELD_OPTIONS,
-                    "alignment-only": _ALIGN_OPTIONS + ("align_loss",), "sft": (),
-                    "squarehead": _LOGIT_OPTIONS + _ALIGN_OPTIONS,
-                    "hidden-cosine": _LOGIT_OPTIONS + _ALIGN_OPTIONS + ("with_kl",)}
 SHARED_RECOVERY_KEYS = ("method", "steps", "lr", "teacher", "checkpoints")
 # Degradations fitted layer by layer on calibration windows of the distill split (`data.calibration`).
 TRAINING_KEYS = ("batch_size", "grad_accum", "max_len", "schedule", "warmup_steps", "max_grad_norm", "state_every")

@@ -6,7 +6,7 @@ from pathlib import Path
 import yaml
 
 from realign.degrade.registry import CALIBRATED_METHODS, FAMILIES, METHODS, apply_method
-from realign.recover.methods import METHODS as RECOVERY_METHODS
+from realign.recover.registry import METHODS as RECOVERY_METHODS
 
 SCHEMA = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflow/schemas/config.schema.yaml").read_text())
 
@@ -33,3 +33,18 @@ def test_a_method_that_is_not_post_training_cannot_be_applied_to_weights():
         apply_method(None, {"method": "sft"}, None, key="degradations.x.")
     with pytest.raises(ValueError, match="unknown method 'zip'"):
         apply_method(None, {"method": "zip"}, None, key="degradations.x.")
+
+
+def test_recovery_options_and_teacher_needs_come_from_the_registry():
+    from realign.config import RECOVERY_OPTIONS
+    from realign.recover import methods
+    from realign.recover.registry import METHODS as RECOVERIES
+    from realign.recover.registry import training_targets
+
+    assert RECOVERY_OPTIONS == {name: m.options for name, m in RECOVERIES.items()}
+    assert methods.METHODS == tuple(RECOVERIES)
+    assert set(methods.NEEDS_TEACHER_HIDDEN) == {"cka-kd", "alignment-blocked", "alignment-held", "alignment-only",
+                                                 "squarehead", "hidden-cosine"}
+    assert training_targets("sdft", {}) == "rewrite" and training_targets("sdft", {"targets": "answers"}) == \
+        "teacher_answer"
+    assert training_targets("sft", {}) == "reference" and training_targets("kd", {}) == "teacher_answer"

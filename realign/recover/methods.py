@@ -36,14 +36,11 @@ from realign.degrade import constraints
 from realign.device import autocast, model_device, on_device
 from realign.recover.losses import (cross_entropy, divergence, forward, layer_cka, layer_cosine_distance, layer_mse,
                                     logit_loss, supervised_log_probs, supervised_mask)
+from realign.recover.registry import METHODS as REGISTRY
+from realign.recover.registry import NEEDS_TEACHER_HIDDEN, NEEDS_TEACHER_LOGITS, training_targets
 from realign.training import TrainConfig, example_order, train
 
-METHODS = ("kd", "sdft", "onpolicy", "cka-kd", "alignment-blocked", "alignment-held", "alignment-only", "sft",
-           "squarehead", "hidden-cosine")
-NEEDS_TEACHER_LOGITS = ("kd", "cka-kd", "alignment-blocked", "alignment-held", "squarehead", "hidden-cosine")
-NEEDS_TEACHER_HIDDEN = ("cka-kd", "alignment-blocked", "alignment-held", "alignment-only", "squarehead",
-                        "hidden-cosine")
-FEATURE_METHODS = ("squarehead", "hidden-cosine")  # hidden-state matching on the pre-registered layers
+METHODS = tuple(REGISTRY)  # realign.recover.registry: the one list
 DEMONSTRATION_TEMPLATE = ("{instruction}\n\nThis is an example of a good response:\n{reference}\n\n"
                           "Now write your own response to the request.")
 
@@ -54,15 +51,6 @@ def needs_live_teacher(params: dict) -> bool:
     method = params["method"]
     return (method in NEEDS_TEACHER_HIDDEN or method == "onpolicy"
             or (method in NEEDS_TEACHER_LOGITS and params.get("top_k") is None))
-
-
-def training_targets(method: str, params: dict) -> str:
-    """Which text of a distillation record the student is trained on (the key of the record)."""
-    if method == "sft":
-        return "reference"
-    if method == "sdft" and params.get("targets", "rewrite") == "rewrite":
-        return "rewrite"
-    return "teacher_answer"
 
 
 def build_examples(tokenizer, records: list[dict], answer_key: str, max_len: int, content: bool = False) -> list[dict]:

@@ -6,6 +6,7 @@ from realign.config import (ConfigError, artifact_location, checkpoint_steps, co
                             trained_recoveries, training_params, validate_config)
 from realign.data.stage import forgetting_chars_needed
 from realign.degrade.registry import CALIBRATED_METHODS
+from realign.recover.registry import training_targets
 from realign.io import DIGEST_SUFFIX
 from realign.resources import job_resources, parameter_count_b
 
@@ -183,8 +184,7 @@ def get_top_k_cache(model, spec):
 
 def get_recovery_inputs(wildcards):
     spec = recovery_spec(config, wildcards.recovery)[0]
-    records = "teacher_rewrites" if spec["method"] == "sdft" and spec.get("targets", "rewrite") == "rewrite" \
-        else "teacher_answers"
+    records = "teacher_rewrites" if training_targets(spec["method"], spec) == "rewrite" else "teacher_answers"
     inputs = {"teacher": get_recovery_teacher(wildcards),
               "damaged": artifact_dir(wildcards.model, wildcards.degradation, "none"),
               "records": f"results/data/{wildcards.model}/{records}.jsonl"}
