@@ -48,3 +48,10 @@ def test_recovery_options_and_teacher_needs_come_from_the_registry():
     assert training_targets("sdft", {}) == "rewrite" and training_targets("sdft", {"targets": "answers"}) == \
         "teacher_answer"
     assert training_targets("sft", {}) == "reference" and training_targets("kd", {}) == "teacher_answer"
+
+
+def test_constraint_kinds_are_one_entry_each():
+    from realign.degrade.constraints import KINDS, TARGET_KINDS
+
+    assert KINDS == ("none", "grid", "fp4-grid", "mask", "frozen")
+    assert {k for k, v in TARGET_KINDS.items() if v.grid} == {"grid", "fp4-grid"}

@@ -17,13 +17,15 @@ A constraint must cover every target of the model and at least one: a check over
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch.nn.utils import parametrize
 
 from realign.degrade.targets import damage_targets, targets_by_parameter
 
 NO_CONSTRAINT = {"kind": "none"}
-KINDS = ("none", "grid", "fp4-grid", "mask", "frozen")
 # Relative distance (in grid steps) tolerated from float rounding when re-checking a saved grid.
 GRID_TOLERANCE = 1e-3
 
@@ -39,20 +41,66 @@ def _kind(constraint: dict) -> str:
     return kind
 
 
-def _parametrization(kind: str, name: str, constraint: dict, tensors: dict, device) -> torch.nn.Module:
-    """The parametrization of one target's [out, in] matrix."""
-    if kind == "grid":
-        from realign.degrade.quantize import STEFakeQuant
+def _grid_parametrization(name: str, constraint: dict, tensors: dict, device) -> torch.nn.Module:
+    from realign.degrade.quantize import STEFakeQuant
 
-        return STEFakeQuant(tensors[f"{name}.scale"].to(device), tensors[f"{name}.zero"].to(device),
-                            constraint["bits"])
-    if kind == "fp4-grid":
-        from realign.degrade.nvfp4 import STENVFP4
+    return STEFakeQuant(tensors[f"{name}.scale"].to(device), tensors[f"{name}.zero"].to(device), constraint["bits"])
 
-        return STENVFP4(tensors[f"{name}.block_scale"].to(device), tensors[f"{name}.global_scale"].to(device))
+
+def _grid_violation(name: str, weight: torch.Tensor, constraint: dict, tensors: dict) -> float:
+    from realign.degrade.quantize import grid_violation
+
+    return grid_violation(weight, tensors[f"{name}.scale"], tensors[f"{name}.zero"], constraint["bits"])
+
+
+def _fp4_parametrization(name: str, constraint: dict, tensors: dict, device) -> torch.nn.Module:
+    from realign.degrade.nvfp4 import STENVFP4
+
+    return STENVFP4(tensors[f"{name}.block_scale"].to(device), tensors[f"{name}.global_scale"].to(device))
+
+
+def _fp4_violation(name: str, weight: torch.Tensor, constraint: dict, tensors: dict) -> float:
+    from realign.degrade.nvfp4 import nvfp4_violation
+
+    return nvfp4_violation(weight, tensors[f"{name}.block_scale"], tensors[f"{name}.global_scale"])
+
+
+def _mask_parametrization(name: str, constraint: dict, tensors: dict, device) -> torch.nn.Module:
     from realign.degrade.prune import ApplyMask
 
     return ApplyMask(tensors[name].to(device))
+
+
+def _mask_violation(name: str, weight: torch.Tensor, constraint: dict, tensors: dict) -> float:
+    _check_mask(name, weight, tensors[name], constraint.get("pattern"))  # raises on a violation
+    return 0.0
+
+
+@dataclass(frozen=True)
+class TargetKind:
+    """A constraint enforced on each targeted weight matrix: the parametrization that keeps it during training
+    (of the [out, in] matrix) and the re-check of a saved or trained weight (its distance from the constraint in
+    grid steps; a mask raises instead)."""
+
+    name: str
+    parametrization: Callable
+    violation: Callable
+    grid: bool  # a grid whose violations are measured in steps and reported
+
+
+# Constraint kinds: "none" and "frozen" (a bitsandbytes base, LoRA adapters trained) act on the whole model; the
+# others are enforced per targeted matrix, one entry each here. Adding a kind is one entry plus its two functions.
+TARGET_KINDS: dict[str, TargetKind] = {k.name: k for k in (
+    TargetKind("grid", _grid_parametrization, _grid_violation, grid=True),
+    TargetKind("fp4-grid", _fp4_parametrization, _fp4_violation, grid=True),
+    TargetKind("mask", _mask_parametrization, _mask_violation, grid=False),
+)}
+KINDS = ("none", *TARGET_KINDS, "frozen")
+
+
+def _parametrization(kind: str, name: str, constraint: dict, tensors: dict, device) -> torch.nn.Module:
+    """The parametrization of one target's [out, in] matrix."""
+    return TARGET_KINDS[kind].parametrization(name, constraint, tensors, device)
 
 
 class Transposed(torch.nn.Module):
@@ -195,25 +243,14 @@ def check(model, constraint: dict, tensors: dict[str, torch.Tensor]) -> dict:
         return {"kind": kind, "ok": True, "modules_checked": len(expected)}
     targets = constrained_targets(model, constraint)
     worst = 0.0
+    target_kind = TARGET_KINDS[kind]
     for name, target in targets.items():
-        weight = target.weight.detach()
-        if kind == "grid":
-            from realign.degrade.quantize import grid_violation
-
-            violation = grid_violation(weight, tensors[f"{name}.scale"], tensors[f"{name}.zero"],
-                                       constraint["bits"])
-        elif kind == "fp4-grid":
-            from realign.degrade.nvfp4 import nvfp4_violation
-
-            violation = nvfp4_violation(weight, tensors[f"{name}.block_scale"], tensors[f"{name}.global_scale"])
-        else:
-            _check_mask(name, weight, tensors[name], constraint.get("pattern"))
-            continue
+        violation = target_kind.violation(name, target.weight.detach(), constraint, tensors)
         worst = max(worst, violation)
         if violation > GRID_TOLERANCE:
             raise ConstraintViolation(f"{name}: weights are {violation:.3g} grid steps off their saved "
                                       f"{constraint.get('scheme', kind)} grid")
     result = {"kind": kind, "ok": True, "modules_checked": len(targets)}
-    if kind in ("grid", "fp4-grid"):
+    if target_kind.grid:
         result["max_grid_violation_steps"] = worst
     return result
