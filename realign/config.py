@@ -6,12 +6,12 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import re
 from pathlib import Path
 
 import jsonschema
 import yaml
 
+from realign.identity import ArtifactId
 from realign.recover.registry import RECOVERY_OPTIONS
 
 
@@ -159,32 +159,27 @@ def _check_cross_references(config: dict) -> None:
     check_models(config)
 
 
-# Artifact names of recoveries: `<recovery>[+seed<N>][@step<K>]`. A replicate trained with another seed than
-# the config's carries `+seed<N>`; `@step<K>` is the checkpoint of that run after K optimizer steps.
-_RECOVERY_NAME = re.compile(r"^(?P<recovery>.+?)(?:\+seed(?P<seed>[0-9]+))?(?:@step(?P<step>[0-9]+))?$")
+# Artifact names and paths: realign.identity.ArtifactId (one parser, one path builder); these are its shorthands.
 
 
 def recovery_name(recovery: str, seed: int | None = None, step: int | None = None) -> str:
-    return recovery + (f"+seed{seed}" if seed is not None else "") + (f"@step{step}" if step is not None else "")
+    return ArtifactId("", "", recovery, seed, step).recovery_name
 
 
 def parse_recovery_name(name: str) -> tuple[str, int | None, int | None]:
     """(recovery, replicate seed or None, checkpoint step or None) of an artifact's recovery name."""
-    match = _RECOVERY_NAME.match(name)
-    seed, step = match["seed"], match["step"]
-    return match["recovery"], int(seed) if seed else None, int(step) if step else None
+    artifact = ArtifactId.parse("", "", name)
+    return artifact.recovery, artifact.seed, artifact.step
 
 
 def run_dir(model: str, degradation: str, recovery: str) -> str:
     """The directory a DAG job writes for an artifact: a checkpoint lives inside its training run's directory."""
-    base, seed, step = parse_recovery_name(recovery)
-    return f"results/models/{model}/{degradation}/{recovery_name(base, seed) if step is not None else recovery}"
+    return ArtifactId.parse(model, degradation, recovery).run_dir
 
 
 def artifact_location(model: str, degradation: str, recovery: str) -> str:
     """Where the artifact itself lies (its artifact.json, weights and tokenizer), relative to the study."""
-    step = parse_recovery_name(recovery)[2]
-    return run_dir(model, degradation, recovery) + (f"/checkpoints/step-{step}" if step is not None else "")
+    return ArtifactId.parse(model, degradation, recovery).location
 
 
 def checkpoint_steps(spec: dict) -> list[int]:

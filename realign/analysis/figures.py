@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from realign.analysis.selection import select_analysed  # noqa: E402
+from realign.identity import ArtifactId  # noqa: E402
 
 _RC = {
     "svg.hashsalt": "realign",
@@ -51,7 +52,7 @@ def _empty(msg: str) -> str:
 
 def _final_recoveries(recoveries) -> list[str]:
     """The configured runs: neither replicates (+seedN) nor checkpoints (@stepK), which would crowd a figure."""
-    return [r for r in recoveries if "+seed" not in r and "@step" not in r]
+    return [r for r in recoveries if ArtifactId.parse("", "", r).is_configured_run]
 
 
 def cka_layer_curves(cka_layers: pd.DataFrame, metric: str = "debiased_cka",

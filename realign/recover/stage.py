@@ -17,14 +17,8 @@ from realign.models.artifact import (artifact_digest, artifact_facts, load_artif
 from realign.models.checks import check_fits
 from realign.recover.methods import build_examples, needs_live_teacher, recover, training_targets
 from realign.recover.teacher_data import generate_answers, generate_rewrites
+from realign.identity import CHECKPOINTS_DIR, checkpoint_dir
 from realign.training import TrainConfig
-
-CHECKPOINTS_DIR = "checkpoints"
-
-
-def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
-    return Path(run_dir) / CHECKPOINTS_DIR / f"step-{step}"
-
 
 def teacher_answers(teacher_dir: str | Path, prompts_path: str | Path, max_new_tokens: int, out_path: str | Path,
                     batch_size: int = 8) -> int:

@@ -1,0 +1,66 @@
+"""The identity of an artifact: (model, degradation, recovery, replicate seed, checkpoint step), with the one parser
+of its recovery name `<recovery>[+seed<N>][@step<K>]` and the one builder of its paths.
+
+A replicate trained with another seed than the config's carries `+seed<N>`; `@step<K>` is the checkpoint of that run
+after K optimizer steps, stored inside its run's directory. "none" as a degradation is the undamaged model, as a
+recovery the damaged parent itself.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+_RECOVERY_NAME = re.compile(r"^(?P<recovery>.+?)(?:\+seed(?P<seed>[0-9]+))?(?:@step(?P<step>[0-9]+))?$")
+CHECKPOINTS_DIR = "checkpoints"
+
+
+@dataclass(frozen=True)
+class ArtifactId:
+    model: str
+    degradation: str
+    recovery: str  # the configured recovery (or "none"), without seed or step
+    seed: int | None = None  # a replicate's training seed; None: the config's seed
+    step: int | None = None  # a checkpoint's optimizer step; None: the final model
+
+    @classmethod
+    def parse(cls, model: str, degradation: str, recovery_name: str) -> ArtifactId:
+        match = _RECOVERY_NAME.match(recovery_name)
+        if match is None:
+            raise ValueError(f"not a recovery artifact name: {recovery_name!r}")
+        seed, step = match["seed"], match["step"]
+        return cls(model, degradation, match["recovery"], int(seed) if seed else None, int(step) if step else None)
+
+    @property
+    def recovery_name(self) -> str:
+        return (self.recovery + (f"+seed{self.seed}" if self.seed is not None else "")
+                + (f"@step{self.step}" if self.step is not None else ""))
+
+    @property
+    def run(self) -> ArtifactId:
+        """The training run this artifact belongs to (itself unless it is a checkpoint)."""
+        return replace(self, step=None)
+
+    @property
+    def is_configured_run(self) -> bool:
+        """Neither a replicate nor a checkpoint: the run the config names."""
+        return self.seed is None and self.step is None
+
+    @property
+    def run_dir(self) -> str:
+        """The directory a DAG job writes for the artifact: a checkpoint lives inside its run's directory."""
+        return f"results/models/{self.model}/{self.degradation}/{self.run.recovery_name}"
+
+    @property
+    def location(self) -> str:
+        """Where the artifact itself lies (artifact.json, weights, tokenizer), relative to the study."""
+        return self.run_dir + (f"/{checkpoint_subdir(self.step)}" if self.step is not None else "")
+
+
+def checkpoint_subdir(step: int) -> str:
+    return f"{CHECKPOINTS_DIR}/step-{step}"
+
+
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / checkpoint_subdir(step)
