@@ -235,13 +235,14 @@ def test_the_degrade_stage_records_the_damage(models, tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer
 
     from realign.degrade.stage import degrade
-    from realign.models.artifact import read_meta, save_artifact
+    from realign.models.artifact import read_record, save_artifact
+    from realign.models.record import ArtifactRecord
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     assert len(tokenizer) <= VOCAB
-    teacher = save_artifact(models["gpt2"], tokenizer, tmp_path / "teacher", {"constraint": {"kind": "none"}})
+    teacher = save_artifact(models["gpt2"], tokenizer, tmp_path / "teacher", ArtifactRecord("gpt2"))
     meta = degrade(teacher, tmp_path / "pruned", "gpt2", "p50", {"method": "magnitude", "sparsity": 0.5}, seed=0)
-    saved = read_meta(tmp_path / "pruned")["damage"]
-    assert saved == meta["damage"] and saved["targets"]["conv1d"] == 8
+    saved = read_record(tmp_path / "pruned").damage
+    assert saved == meta.damage and saved["targets"]["conv1d"] == 8
     assert saved["touched_fraction"] == pytest.approx(0.5, abs=1e-6) and saved["expected_fraction"] == 0.5
-    assert meta["constraint_check"]["modules_checked"] == 8
+    assert meta.constraint_check["modules_checked"] == 8

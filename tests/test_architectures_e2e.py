@@ -24,7 +24,7 @@ from realign.degrade.stage import degrade
 from realign.io import read_json, read_jsonl
 from realign.measure.divergence import output_divergence
 from realign.measure.stage import activations, cka_vs_teacher, divergence, evaluate, teacher_outputs
-from realign.models.artifact import load_artifact, read_meta
+from realign.models.artifact import load_artifact, read_record
 from realign.models.stage import prepare_teacher
 from realign.models.tiny import build_tiny_model
 from realign.recover.stage import run_recovery, teacher_answers, teacher_top_k
@@ -137,7 +137,7 @@ def test_the_study_runs_end_to_end(arch, data, tmp_path):
     # models.smk: the teacher artifact {model}/none/none from a local path
     teacher_dir = prepare_teacher(arch, {"source": "path", "path": str(source)}, root / "models" / arch / "none"
                                   / "none")
-    assert read_meta(teacher_dir)["source"]["path"] == str(source)
+    assert read_record(teacher_dir).source["path"] == str(source)
     # data.smk: the teacher's answers to the distillation split (prompts clamped to GPT-2's context)
     answers = root / "data" / arch / "teacher_answers.jsonl"
     teacher_answers(teacher_dir, data / "prompts.json", TEACHER_MAX_NEW_TOKENS, answers, batch_size=4)
@@ -161,20 +161,20 @@ def test_the_study_runs_end_to_end(arch, data, tmp_path):
         meta = degrade(teacher_dir, damaged_dir, arch, damage, {**TRAINING, **spec}, SEED,
                        narrow_train=data / f"{spec.get('corpus', 'code')}_train.jsonl",
                        prompts_path=data / "prompts.json", calibration=CALIBRATION)
-        saved = read_meta(damaged_dir)
+        saved = read_record(damaged_dir)
         if spec["method"] == "sft":
-            assert saved["family"] == "forgetting" and saved["constraint"] == {"kind": "none"}
-            assert saved["training_curve"] and all(math.isfinite(p["loss"]) for p in saved["training_curve"])
+            assert saved.family == "forgetting" and saved.constraint == {"kind": "none"}
+            assert saved.training_curve and all(math.isfinite(p["loss"]) for p in saved.training_curve)
             touched = None
         else:
-            block = saved["damage"]
-            assert block == meta["damage"]
+            block = saved.damage
+            assert block == meta.damage
             assert block["expected_fraction"] == CLAIMED[damage]
             assert block["touched_fraction"] == pytest.approx(CLAIMED[damage], abs=1 / 128), block
             touched = block["touched_fraction"]
             targets = {k: v for k, v in KINDS[arch].items() if spec["method"] != "bnb" or k != "experts"}
             assert block["targets"] == targets, block
-            assert saved["constraint_check"]["ok"] and saved["constraint_check"]["modules_checked"] > 0
+            assert saved.constraint_check["ok"] and saved.constraint_check["modules_checked"] > 0
 
         # recover.smk (a top-k cache first when the recovery reads one, as the teacher_top_k rule makes it)
         params = {**TRAINING, **recovery_spec}
@@ -186,15 +186,15 @@ def test_the_study_runs_end_to_end(arch, data, tmp_path):
         recovered_dir = root / "models" / arch / damage / recovery
         recovered = run_recovery(teacher_dir, damaged_dir, answers, recovered_dir, recovery, params, SEED,
                                  teacher_top_k_path=top_k_path)
-        check = read_meta(recovered_dir)["constraint_check"]
-        assert check == recovered["constraint_check"] and check["ok"], check
-        if saved["constraint"]["kind"] != "none":  # forgetting leaves nothing to keep
-            assert check["modules_checked"] == saved["constraint_check"]["modules_checked"] > 0, check
-        curve = [p["loss"] for p in recovered["training_curve"]]
+        check = read_record(recovered_dir).constraint_check
+        assert check == recovered.constraint_check and check["ok"], check
+        if saved.constraint["kind"] != "none":  # forgetting leaves nothing to keep
+            assert check["modules_checked"] == saved.constraint_check["modules_checked"] > 0, check
+        curve = [p["loss"] for p in recovered.training_curve]
         assert len(curve) == params["steps"] and all(math.isfinite(x) for x in curve)
         assert curve[-1] < curve[0], curve  # one batch holds every distill example: the kd loss falls
         damaged_weights, recovered_weights = _weights(damaged_dir), _weights(recovered_dir)
-        if saved["constraint"]["kind"] == "frozen":  # QLoRA: the base is unchanged, the adapters trained
+        if saved.constraint["kind"] == "frozen":  # QLoRA: the base is unchanged, the adapters trained
             lora_b = [w for k, w in recovered_weights.items() if "lora_B" in k]
             assert lora_b and any(w.abs().sum() > 0 for w in lora_b)
         else:

@@ -8,6 +8,7 @@ from realign.degrade.bnb import base_digests, frozen_constraint, load_quantized,
 from realign.degrade.targets import block_linears
 from realign.measure.divergence import mean_nll
 from realign.models.artifact import load_artifact, save_artifact
+from realign.models.record import ArtifactRecord
 from realign.recover.losses import cross_entropy
 from realign.training import TrainConfig, train
 
@@ -44,7 +45,7 @@ def test_qlora_trains_adapters_keeps_the_base_and_reloads(tiny_model_dir, tmp_pa
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = load_quantized(tiny_model_dir, "nf4")
     constraint = frozen_constraint(model, "nf4", lora_r=4, lora_alpha=8)
-    damaged_dir = save_artifact(model, tokenizer, tmp_path / "damaged", {"constraint": constraint})
+    damaged_dir = save_artifact(model, tokenizer, tmp_path / "damaged", ArtifactRecord("tiny", constraint=constraint))
     model, _, _ = load_artifact(damaged_dir)
     assert base_digests(model) == constraint["digests"]  # the saved quantized base reloads bit for bit
 
@@ -57,7 +58,7 @@ def test_qlora_trains_adapters_keeps_the_base_and_reloads(tiny_model_dir, tmp_pa
     assert after < before and len(curve) == 4
     assert constraints.check(student, constraint, {})["ok"]
 
-    recovered_dir = save_artifact(student, tokenizer, tmp_path / "recovered", {"constraint": constraint},
+    recovered_dir = save_artifact(student, tokenizer, tmp_path / "recovered", ArtifactRecord("tiny", constraint=constraint),
                                   frozen_base_dir=damaged_dir)
     assert (recovered_dir / "adapter" / "adapter_model.safetensors").is_file()
     reloaded, _, _ = load_artifact(recovered_dir)

@@ -6,6 +6,7 @@ import torch
 
 from realign.device import autocast, compute_device, model_device, on_device
 from realign.models.artifact import load_artifact
+from realign.models.record import ArtifactRecord
 
 
 def test_cpu_is_chosen_without_cuda_and_a_forced_gpu_fails_clearly(monkeypatch):
@@ -31,7 +32,7 @@ def test_batches_follow_the_model(tiny_model_dir, tmp_path, monkeypatch):
     from realign.models.artifact import save_artifact
 
     artifact = save_artifact(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                             AutoTokenizer.from_pretrained(tiny_model_dir), tmp_path / "artifact", {"model": "tiny"})
+                             AutoTokenizer.from_pretrained(tiny_model_dir), tmp_path / "artifact", ArtifactRecord("tiny"))
     monkeypatch.setenv("REALIGN_DEVICE", "cpu")
     model, _, _ = load_artifact(artifact)
     device = model_device(model)

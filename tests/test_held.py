@@ -222,8 +222,8 @@ def test_a_held_recovery_keeps_its_damage_and_records_its_ceilings(tiny_model_di
     params = {"method": "alignment-held", "steps": 3, "lr": 1e-3, "batch_size": 3, "max_len": 32,
               "alignment_layers": "inner", "hold_rho": 10.0}
     meta = run_recovery(teacher, parents[0.6], records, tmp_path / "tiny/magnitude-0.6/held", "held", params, 0)
-    assert meta["constraint"]["kind"] == "mask" and meta["constraint_check"]["ok"]
-    curve = meta["training_curve"]
+    assert meta.constraint["kind"] == "mask" and meta.constraint_check["ok"]
+    curve = meta.training_curve
     assert [c["held_layers"] for c in curve] == [[1]] * 3  # 2 blocks: every block but the last
     assert all(len(c["cka"]) == len(c["cka_limit"]) == len(c["multiplier"]) == 1 and c["kd"] >= 0 for c in curve)
 

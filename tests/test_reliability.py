@@ -22,7 +22,8 @@ from transformers import AutoModelForCausalLM
 from realign.io import IntegrityError, digest_path, read_json, tensors_sha256, write_json
 from realign.measure.activations import load_activations, save_activations
 from realign.measure.stage import cka_vs_teacher
-from realign.models.artifact import load_artifact, read_meta, save_artifact
+from realign.models.artifact import load_artifact, read_record, save_artifact
+from realign.models.record import ArtifactRecord
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -34,6 +35,7 @@ SAVE_CHILD = textwrap.dedent("""
     import sys, time
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from realign.models.artifact import save_artifact
+    from realign.models.record import ArtifactRecord
 
     class Stall:
         def item(self):
@@ -42,7 +44,7 @@ SAVE_CHILD = textwrap.dedent("""
 
     model_dir, out, mode = sys.argv[1:]
     model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
-    save_artifact(model, tokenizer, out, {"seed": 0, **({"stall": Stall()} if mode == "stall" else {})})
+    save_artifact(model, tokenizer, out, ArtifactRecord("tiny", seed=0, timings={"stall": Stall()} if mode == "stall" else {}))
     print("saved", flush=True)
 """)
 
@@ -68,7 +70,7 @@ def test_sigkill_mid_write_leaves_no_artifact_and_a_rerun_completes(tiny_model_d
                            capture_output=True, text=True, env=ENV, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     model, _, meta = load_artifact(out, device="cpu")
-    assert meta["seed"] == 0
+    assert meta.seed == 0
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
 
@@ -127,7 +129,7 @@ def test_activation_cache_without_a_digest_is_an_error_not_a_pass(tmp_path):
 @pytest.fixture
 def artifact_dir(tiny, tmp_path):
     model, tokenizer = tiny
-    return save_artifact(model, tokenizer, tmp_path / "artifact", {"seed": 0})
+    return save_artifact(model, tokenizer, tmp_path / "artifact", ArtifactRecord("tiny", seed=0))
 
 
 @pytest.mark.parametrize("corrupt", FORMAT_CORRUPTIONS.values(), ids=FORMAT_CORRUPTIONS.keys())
@@ -169,7 +171,7 @@ def test_every_file_of_an_artifact_and_its_metadata_are_verified(artifact_dir):
     meta = artifact_dir / "artifact.json"
     meta.write_text(meta.read_text().replace('"seed": 0', '"seed": 1'))
     with pytest.raises(IntegrityError, match=f"{meta} does not match"):
-        read_meta(artifact_dir)
+        read_record(artifact_dir)
 
 
 def test_an_artifact_without_digests_is_an_error_not_a_pass(artifact_dir):

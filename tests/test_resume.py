@@ -112,9 +112,10 @@ def _recovery_inputs(tiny_model_dir, tmp_path):
     from realign.degrade.stage import degrade
     from realign.io import write_jsonl
     from realign.models.artifact import save_artifact
+    from realign.models.record import ArtifactRecord
 
     model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
-    teacher = save_artifact(model, tokenizer, tmp_path / "tiny/none/none", {"model": "tiny", "constraint": {}})
+    teacher = save_artifact(model, tokenizer, tmp_path / "tiny/none/none", ArtifactRecord("tiny"))
     parents = {}
     for sparsity in (0.6, 0.3):
         parents[sparsity] = tmp_path / f"tiny/magnitude-{sparsity}/none"
@@ -131,7 +132,7 @@ def test_a_state_saved_under_another_parent_is_discarded_and_the_rerun_equals_a_
     """Killed under parent 0.6 after step 2 (with a checkpoint at step 1 staged); the damage is then changed to
     0.3: the rerun must not continue the old state or keep its checkpoint, and equals a clean 0.3 run bit for bit."""
     import realign.training as training
-    from realign.models.artifact import read_meta
+    from realign.models.artifact import read_record
     from realign.recover.stage import checkpoint_dir, run_recovery
 
     teacher, parents, records = _recovery_inputs(tiny_model_dir, tmp_path)
@@ -156,9 +157,9 @@ def test_a_state_saved_under_another_parent_is_discarded_and_the_rerun_equals_a_
         rerun = run_recovery(teacher, parents[0.3], records, out, "sft", params, 0, checkpoint_steps=[1])
     assert "discarding training state" in caplog.text and "run.parent" in caplog.text
     clean = run_recovery(teacher, parents[0.3], records, tmp_path / "clean/sft", "sft", params, 0, checkpoint_steps=[1])
-    assert [c["step"] for c in rerun["training_curve"]] == [1, 2, 3, 4]
-    assert rerun["training_curve"] == clean["training_curve"]
-    assert read_meta(out)["weights_sha256"] == read_meta(tmp_path / "clean/sft")["weights_sha256"]
-    assert (read_meta(checkpoint_dir(out, 1))["weights_sha256"]
-            == read_meta(checkpoint_dir(tmp_path / "clean/sft", 1))["weights_sha256"])
+    assert [c["step"] for c in rerun.training_curve] == [1, 2, 3, 4]
+    assert rerun.training_curve == clean.training_curve
+    assert read_record(out).weights_sha256 == read_record(tmp_path / "clean/sft").weights_sha256
+    assert (read_record(checkpoint_dir(out, 1)).weights_sha256
+            == read_record(checkpoint_dir(tmp_path / "clean/sft", 1)).weights_sha256)
     assert not state.exists()

@@ -142,25 +142,25 @@ def test_saved_artifacts_keep_their_constraint_after_every_recovery(study):
     for degradation, recovery in cells(config):
         artifact = workdir / artifact_location("tiny", degradation, recovery)
         model, _, meta = load_artifact(artifact)
-        assert meta["recovery"] == recovery
+        assert meta.recovery == recovery
         masks = load_constraint_tensors(artifact)
-        result = constraints.check(model, meta["constraint"], masks)
+        result = constraints.check(model, meta.constraint, masks)
         assert result["ok"]
-        checked.add(meta["constraint"]["kind"])
+        checked.add(meta.constraint["kind"])
         if recovery != "none":
-            curve = meta["training_curve"]
+            curve = meta.training_curve
             spec, seed = recovery_spec(config, recovery)
             expected_steps = parse_recovery_name(recovery)[2] or spec["steps"]
-            assert len(curve) == meta["step"] == expected_steps
-            assert meta["seed"] == seed
+            assert len(curve) == meta.step == expected_steps
+            assert meta.seed == seed
             assert all(math.isfinite(point["loss"]) for point in curve)
             # the constraint is the damaged parent's own, not one re-derived from the recovered weights
             parent = workdir / artifact_location("tiny", degradation, "none")
-            assert meta["constraint"] == read_json(parent / "artifact.json")["constraint"]
+            assert meta.constraint == read_json(parent / "artifact.json")["constraint"]
             parent_tensors = load_constraint_tensors(parent)
             assert masks.keys() == parent_tensors.keys()
             assert all(torch.equal(masks[k], parent_tensors[k]) for k in masks)
-            if meta["constraint"]["kind"] == "frozen":  # QLoRA: the base is unchanged, the adapter is trained
+            if meta.constraint["kind"] == "frozen":  # QLoRA: the base is unchanged, the adapter is trained
                 assert (artifact / "adapter" / "adapter_config.json").is_file()
                 from peft import PeftModel
 

@@ -45,13 +45,13 @@ def provenance(config: dict, config_hash: str, teacher_dir, prompts_path, benchm
     `report` rule), the hardware, and the data splits (prompt split sizes, the benchmark export's manifest)."""
     from realign.data.stage import read_prompts
     from realign.io import read_json
-    from realign.models.artifact import read_meta
+    from realign.models.artifact import read_record
 
     prompts = read_prompts(prompts_path)
     return {
         "config": config,
         "config_hash": config_hash,
-        "versions": read_meta(teacher_dir).get("versions"),
+        "versions": read_record(teacher_dir).versions,
         "timings": rule_timings(timings_root),
         "hardware": hardware(),
         "data_splits": {

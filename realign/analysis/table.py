@@ -28,9 +28,11 @@ import pandas as pd
 
 from realign.analysis.performance import SECONDARY, bootstrap, interval, paired_matrices, statistic
 from realign.analysis.performance import measure as performance_measure
-from realign.config import HELD_DEFAULTS, parse_recovery_name
+from realign.config import HELD_DEFAULTS
+from realign.identity import ArtifactId
 from realign.io import read_json, read_parquet, write_parquet
 from realign.measure.similarity import MEASURE_NAMES
+from realign.models.record import ArtifactRecord
 
 TEACHER = "none"
 NLL_NOISE_NATS = 0.01
@@ -74,36 +76,34 @@ def collect_row(artifact_json, eval_json, divergence_json, cka_parquet, cka_summ
     procrustes_sim and knn_overlap (delete-a-group jackknife over probe sequences, where the summary has it); seconds (training/degradation time of the
     artifact), eval_seconds, divergence_seconds, path_artifact, path_eval, path_divergence, path_cka.
     """
-    art = read_json(artifact_json, verify=True, producer="the step that made the artifact")
+    art = ArtifactRecord.from_json(read_json(artifact_json, verify=True, producer="the step that made the artifact"),
+                                   artifact_json)
     ev = read_json(eval_json, verify=True, producer="the `evaluate` rule")
     div = read_json(divergence_json, verify=True, producer="the `divergence` rule")
     cka = read_parquet(cka_parquet, producer="the `cka` rule")
     missing = {"layer", "linear_cka"} - set(cka.columns)
     if missing:
         raise ValueError(f"{cka_parquet}: missing column(s) {sorted(missing)}")
-    for k in KEY:
-        if k not in art:
-            raise ValueError(f"{artifact_json}: missing key {k!r}")
 
     row: dict = {
-        "model": str(art["model"]),
-        "degradation": str(art["degradation"]),
-        "recovery": str(art["recovery"]),
-        "family": str(art.get("family", "teacher")),
-        "degradation_method": str(art.get("degradation_method", "none")),
-        "recovery_method": str(art.get("recovery_method", "none")),
-        "seed": int(art["seed"]) if art.get("seed") is not None else -1,
+        "model": art.model,
+        "degradation": art.degradation,
+        "recovery": art.recovery,
+        "family": art.family,
+        "degradation_method": art.degradation_method,
+        "recovery_method": art.recovery_method,
+        "seed": int(art.seed) if art.seed is not None else -1,
     }
     # Recovery artifact names carry replicates and checkpoints: `<recovery>[+seed<N>][@step<K>]`.
-    base, _, checkpoint_step = parse_recovery_name(row["recovery"])
-    row["recovery_base"] = base
-    row["checkpoint"] = checkpoint_step is not None
-    row["step"] = float(art["step"]) if art.get("step") is not None else math.nan
-    row["teacher"] = str((art.get("recovery_params") or {}).get("teacher", "none"))
+    identity = ArtifactId.parse(art.model, art.degradation, art.recovery)
+    row["recovery_base"] = identity.recovery
+    row["checkpoint"] = identity.step is not None
+    row["step"] = float(art.step) if art.step is not None else math.nan
+    row["teacher"] = str(art.recovery_params.get("teacher", "none"))
     # The dose of an alignment-held run (its allowed CKA rise; 0 = hold the damaged value): the estimand takes the
     # arm at dose 0, the others are dose arms (realign.analysis.arms.pick).
-    row["hold_fraction"] = (float((art.get("recovery_params") or {}).get("hold_fraction", HELD_DEFAULTS["hold_fraction"]))
-                            if row["recovery_method"] == "alignment-held" else math.nan)
+    row["hold_fraction"] = (float(art.recovery_params.get("hold_fraction", HELD_DEFAULTS["hold_fraction"]))
+                            if art.recovery_method == "alignment-held" else math.nan)
 
     benches = ev.get("benchmarks") or {}
     tasks = sorted(benches)
@@ -173,7 +173,7 @@ def collect_row(artifact_json, eval_json, divergence_json, cka_parquet, cka_summ
         for measure, jackknifed in (summary.get("other_means_jackknife") or {}).items():
             row[f"{measure}_mean_ci_low"], row[f"{measure}_mean_ci_high"] = (_f(v) for v in jackknifed["ci"])
 
-    row["seconds"] = _f((art.get("timings") or {}).get("seconds"))
+    row["seconds"] = _f(art.seconds)
     row["eval_seconds"] = _f(ev.get("seconds"))
     row["divergence_seconds"] = _f(div.get("seconds"))
 

@@ -20,7 +20,8 @@ from realign.degrade.registry import degradation_method
 from realign.device import compute_device
 from realign.data.stage import read_prompts
 from realign.io import read_jsonl
-from realign.models.artifact import artifact_digest, load_artifact, save_artifact
+from realign.models.artifact import load_artifact, save_artifact
+from realign.models.record import ArtifactRecord
 from realign.training import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -56,14 +57,14 @@ def bnb_report(model, targets: dict, key: str) -> dict:
 
 def degrade(teacher_dir: str | Path, out_dir: str | Path, model_name: str, name: str, params: dict, seed: int,
             narrow_train: str | Path | None = None, prompts_path: str | Path | None = None,
-            calibration: dict | None = None) -> dict:
+            calibration: dict | None = None) -> ArtifactRecord:
     start = time.time()
     key = f"degradations.{name}."
     method = degradation_method(params["method"], key)
     device = compute_device()
     tensors: dict = {}
     curve: list[dict] = []
-    extra: dict = {}
+    damage = calibration_used = data = None  # what the record says by kind of method (realign.models.record)
     if method.kind == "load":
         from realign.degrade.bnb import frozen_constraint, load_quantized
 
@@ -72,24 +73,24 @@ def degrade(teacher_dir: str | Path, out_dir: str | Path, model_name: str, name:
         del teacher
         model = load_quantized(teacher_dir, params["quant_type"], device=device, key=key)
         constraint = frozen_constraint(model, params["quant_type"], params["lora_r"], params["lora_alpha"])
-        extra["damage"] = bnb_report(model, targets, key)
+        damage = bnb_report(model, targets, key)
     else:
-        model, tokenizer, teacher_meta = load_artifact(teacher_dir)
+        model, tokenizer, teacher_record = load_artifact(teacher_dir)
         if method.kind == "training":
             texts = [row["text"] for row in read_jsonl(narrow_train, verify=True, producer="the `narrow_corpus` rule")]
             curve, n_chunks = forget_by_sft(model, tokenizer, texts, TrainConfig.from_params(params, seed), params["max_len"],
-                                            run_identity={"parent": artifact_digest(teacher_meta), "params": params})
+                                            run_identity={"parent": teacher_record.content_digest(), "params": params})
             constraint = dict(constraints.NO_CONSTRAINT)
-            extra["data"] = {"corpus": params.get("corpus", "code"), "path": str(narrow_train), "chunks": n_chunks,
-                             "tokens_per_chunk": params["max_len"]}
+            data = {"corpus": params.get("corpus", "code"), "path": str(narrow_train), "chunks": n_chunks,
+                    "tokens_per_chunk": params["max_len"]}
         else:
             check_supported(model, params, key=key)  # refuse before any work
             ids = None
             if method.calibrated:
                 ids = calibration_ids(tokenizer, read_prompts(prompts_path)["distill"], calibration["sequences"],
                                       calibration["max_len"])
-                extra["calibration"] = {"split": "distill (instruction + reference answer)",
-                                        "sequences": ids.shape[0], "tokens_per_sequence": ids.shape[1]}
+                calibration_used = {"split": "distill (instruction + reference answer)",
+                                    "sequences": ids.shape[0], "tokens_per_sequence": ids.shape[1]}
             before = snapshot(model)
             model.to(device)
             constraint, tensors = method.apply(model, params, ids, key)
@@ -97,16 +98,15 @@ def degrade(teacher_dir: str | Path, out_dir: str | Path, model_name: str, name:
             tensors = {k: v.cpu() for k, v in tensors.items()}
     check = constraints.check(model, constraint, tensors)
     if method.kind == "post-training":
-        extra["damage"] = damage_report(model, constraint, check, before, key=key)
+        damage = damage_report(model, constraint, check, before, key=key)
         log.info("%s: %s touched %.4f of %d targeted weights (%s)", name, method.name,
-                 extra["damage"]["touched_fraction"], extra["damage"]["targeted_parameters"],
-                 extra["damage"]["claim"])
+                 damage["touched_fraction"], damage["targeted_parameters"], damage["claim"])
     seconds = time.time() - start
     log.info("%s: %s applied in %.1f s on %s; constraint check %s", name, method.name, seconds, device, check)
-    meta = {"model": model_name, "degradation": name, "recovery": "none", "family": method.family,
-            "degradation_method": method.name, "degradation_params": params, "recovery_method": "none",
-            "recovery_params": {}, "constraint": constraint, "constraint_check": check, "seed": seed,
-            "parents": [str(teacher_dir)], "training_curve": curve,
-            "timings": {"seconds": seconds, "device": device}, **extra}
-    save_artifact(model, tokenizer, out_dir, meta, constraint_tensors=tensors)
-    return meta
+    record = ArtifactRecord(model=model_name, degradation=name, family=method.family, degradation_method=method.name,
+                            degradation_params=params, constraint=constraint, constraint_check=check, seed=seed,
+                            parents=[str(teacher_dir)], training_curve=curve,
+                            timings={"seconds": seconds, "device": device}, damage=damage,
+                            calibration=calibration_used, data=data)
+    save_artifact(model, tokenizer, out_dir, record, constraint_tensors=tensors)
+    return record

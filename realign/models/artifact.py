@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import platform
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from realign.device import compute_device
 from realign.io import IntegrityError, atomic_path, digest_path, file_sha256, read_json, verify_file, write_json
+from realign.models.record import ArtifactRecord
 from realign.models.sources import require_eos
 
 ARTIFACT_JSON = "artifact.json"
@@ -52,7 +54,7 @@ def _is_peft(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def save_artifact(model, tokenizer, out_dir: str | Path, meta: dict,
+def save_artifact(model, tokenizer, out_dir: str | Path, record: ArtifactRecord,
                   constraint_tensors: dict[str, torch.Tensor] | None = None,
                   frozen_base_dir: str | Path | None = None, include: dict[str, Path] | None = None) -> Path:
     """Write the whole artifact into a temporary directory, then rename it into place.
@@ -61,8 +63,8 @@ def save_artifact(model, tokenizer, out_dir: str | Path, meta: dict,
     source is skipped), so e.g. a run's checkpoints appear together with the final model or not at all.
     A LoRA-wrapped model (recovery of a frozen quantized base) saves its adapter; the base weights are copied
     from `frozen_base_dir`, whose weights the caller has verified unchanged (constraint check)."""
-    meta = dict(meta)
-    meta.setdefault("versions", library_versions())
+    if not isinstance(record, ArtifactRecord):
+        raise TypeError(f"save_artifact records an ArtifactRecord, not {type(record).__name__}")
     with atomic_path(out_dir, is_dir=True) as tmp:
         if _is_peft(model):
             if frozen_base_dir is None:
@@ -80,53 +82,47 @@ def save_artifact(model, tokenizer, out_dir: str | Path, meta: dict,
         # A digest per weight file: a flipped byte passes safetensors' own (format-only) checks. The other files
         # (config, tokenizer, adapter config) change the model as surely, so they have theirs too.
         weights = sorted(tmp.glob("*.safetensors")) + sorted(tmp.glob(f"{ADAPTER_DIR}/*.safetensors"))
-        meta["weights_sha256"] = {path.name: file_sha256(path) for path in weights}
-        meta["files_sha256"] = {path.relative_to(tmp).as_posix(): file_sha256(path)
-                                for path in sorted(tmp.rglob("*")) if path.is_file() and path not in weights}
+        record = replace(record, versions=record.versions or library_versions(),
+                         weights_sha256={path.name: file_sha256(path) for path in weights},
+                         files_sha256={path.relative_to(tmp).as_posix(): file_sha256(path)
+                                       for path in sorted(tmp.rglob("*")) if path.is_file() and path not in weights})
         for inside, source in (include or {}).items():
             if Path(source).is_dir():
                 shutil.move(str(source), str(tmp / inside))
-        write_json(tmp / ARTIFACT_JSON, meta, digest=True)
+        write_json(tmp / ARTIFACT_JSON, record.to_json(), digest=True)
     return Path(out_dir)
 
 
-def artifact_digest(meta: dict) -> str:
-    """One sha256 naming an artifact's content: over the digests of its weights and files (not its timings)."""
-    import hashlib
-
-    return hashlib.sha256(json.dumps([meta.get("weights_sha256"), meta.get("files_sha256")],
-                                     sort_keys=True).encode()).hexdigest()
-
-
-def verify_weights(artifact_dir: Path, meta: dict) -> None:
+def verify_weights(artifact_dir: Path, record: ArtifactRecord) -> None:
     """Compare every weight file and every other file of the artifact with the digests saved in artifact.json;
     an artifact without them (saved by an older realign) cannot be verified and is an error."""
     recorded = f"{artifact_dir / ARTIFACT_JSON}"
     for key in ("weights_sha256", "files_sha256"):
-        if not meta.get(key):
+        if not getattr(record, key):
             raise IntegrityError(f"cannot load artifact {artifact_dir}: {recorded} records no {key}, so its files "
                                  "cannot be verified (saved by an older version?); delete the artifact and rerun "
                                  "the step that made it")
-    for name, expected in meta["weights_sha256"].items():
+    for name, expected in record.weights_sha256.items():
         path = artifact_dir / name if (artifact_dir / name).is_file() else artifact_dir / ADAPTER_DIR / name
         if not path.is_file():
             raise RuntimeError(f"cannot load weights of artifact {artifact_dir}: {name} is missing")
         if file_sha256(path) != expected:
             raise RuntimeError(f"cannot load weights of artifact {artifact_dir}: {path} does not match its saved "
                                "sha256 (corrupted on disk?); delete the artifact and rerun")
-    for name, expected in meta["files_sha256"].items():
+    for name, expected in record.files_sha256.items():
         verify_file(artifact_dir / name, expected, recorded, "the step that made the artifact (delete the whole "
                     f"artifact {artifact_dir})")
 
 
-def read_meta(artifact_dir: str | Path) -> dict:
+def read_record(artifact_dir: str | Path) -> ArtifactRecord:
     """artifact.json, verified against its sidecar digest artifact.json.sha256."""
     path = Path(artifact_dir) / ARTIFACT_JSON
     if path.is_file() and not digest_path(path).is_file():
         raise IntegrityError(f"{path} has no sha256 digest ({digest_path(path).name} is missing), so it cannot be "
                              f"verified (saved by an older version?); delete the artifact {artifact_dir} and rerun "
                              "the step that made it")
-    return read_json(path, verify=True, producer=f"the step that made the artifact (delete the whole artifact {artifact_dir})")
+    return ArtifactRecord.from_json(read_json(path, verify=True, producer="the step that made the artifact (delete the "
+                                              f"whole artifact {artifact_dir})"), path)
 
 
 def artifact_facts(artifact_dir: str | Path):
@@ -152,15 +148,15 @@ def keep_canonical_format(model):
 
 
 def load_artifact(artifact_dir: str | Path, device: str | None = None):
-    """Load (model, tokenizer, meta) in fp32 on `device` (default: realign.device.compute_device(), the GPU when
+    """Load (model, tokenizer, record) in fp32 on `device` (default: realign.device.compute_device(), the GPU when
     there is one); a damaged or incomplete directory is a clear error."""
     artifact_dir = Path(artifact_dir)
     if not (artifact_dir / ARTIFACT_JSON).is_file():
         raise FileNotFoundError(f"{artifact_dir} is not a complete artifact (no {ARTIFACT_JSON})")
-    meta = read_meta(artifact_dir)
+    record = read_record(artifact_dir)
     if not (artifact_dir / "config.json").is_file():
         raise FileNotFoundError(f"{artifact_dir} is not a complete artifact (no config.json)")
-    verify_weights(artifact_dir, meta)
+    verify_weights(artifact_dir, record)
     quantized = "quantization_config" in json.loads((artifact_dir / "config.json").read_text())
     device = device or compute_device()
     # bitsandbytes layers must be placed at load time; everything else loads in fp32 and then moves.
@@ -180,7 +176,7 @@ def load_artifact(artifact_dir: str | Path, device: str | None = None):
     tokenizer = AutoTokenizer.from_pretrained(artifact_dir)
     require_eos(tokenizer, f"artifact {artifact_dir}")
     model.eval()
-    return model, tokenizer, meta
+    return model, tokenizer, record
 
 
 def load_constraint_tensors(artifact_dir: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

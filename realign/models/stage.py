@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from realign.models.artifact import save_artifact
+from realign.models.record import ArtifactRecord
 from realign.models.checks import check_local_model, is_gguf_path
 from realign.models.sources import hub_location, load_gguf, load_pretrained
 
@@ -29,9 +30,6 @@ def prepare_teacher(name: str, spec: dict, out_dir: str | Path, wheel_dir: str |
                                            what=f"models.{name}")
     else:
         raise ValueError(f"models.{name}.source: unknown source {source!r}")
-    meta = {"model": name, "degradation": "none", "recovery": "none", "family": "teacher",
-            "degradation_method": "none", "degradation_params": {}, "recovery_method": "none",
-            "recovery_params": {}, "constraint": {"kind": "none"}, "source": spec, "parents": [],
-            "n_parameters": model.num_parameters(), "timings": {"seconds": time.time() - start},
-            "training_curve": []}
-    return save_artifact(model, tokenizer, out_dir, meta)
+    record = ArtifactRecord(model=name, source=spec, n_parameters=model.num_parameters(),
+                            timings={"seconds": time.time() - start})
+    return save_artifact(model, tokenizer, out_dir, record)

@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from realign.config import recovery_name
 from realign.degrade import constraints
 from realign.device import model_device
 from realign.data.stage import read_prompts
 from realign.io import file_sha256, read_jsonl, write_jsonl
-from realign.models.artifact import (artifact_digest, artifact_facts, load_artifact, load_constraint_tensors,
-                                     read_meta, save_artifact)
+from realign.models.artifact import artifact_facts, load_artifact, load_constraint_tensors, read_record, save_artifact
+from realign.models.record import ArtifactRecord
 from realign.models.checks import check_fits
 from realign.recover.methods import build_examples, needs_live_teacher, recover, training_targets
 from realign.recover.teacher_data import generate_answers, generate_rewrites
-from realign.identity import CHECKPOINTS_DIR, checkpoint_dir
+from realign.identity import CHECKPOINTS_DIR, ArtifactId, checkpoint_dir
 from realign.training import TrainConfig
 
 def teacher_answers(teacher_dir: str | Path, prompts_path: str | Path, max_new_tokens: int, out_path: str | Path,
@@ -60,7 +60,7 @@ def teacher_top_k(teacher_dir: str | Path, answers_path: str | Path, out_path: s
 
 def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, records_path: str | Path, out_dir: str | Path,
                  name: str, params: dict, seed: int, teacher_top_k_path: str | Path | None = None,
-                 checkpoint_steps: list[int] = ()) -> dict:
+                 checkpoint_steps: list[int] = ()) -> ArtifactRecord:
     start = time.time()
     out_dir = Path(out_dir)
     lengths = {f"recoveries.{name}.max_len (or training.max_len)": params["max_len"]}
@@ -68,24 +68,26 @@ def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, records_path:
         lengths[f"recoveries.{name}.max_new_tokens"] = params.get("max_new_tokens", 64) + 1
     check_fits(artifact_facts(damaged_dir), f"the model {damaged_dir}",
                {f"recoveries.{name}.top_k": params["top_k"]} if "top_k" in params else {}, lengths)
-    student, tokenizer, parent_meta = load_artifact(damaged_dir)
-    constraint = parent_meta["constraint"]
+    student, tokenizer, parent = load_artifact(damaged_dir)
+    constraint = parent.constraint
     constraint_tensors = load_constraint_tensors(damaged_dir, device=model_device(student))
     teacher = load_artifact(teacher_dir)[0] if needs_live_teacher(params) else None
     records = read_teacher_records(records_path)
-    base_meta = {**{k: parent_meta[k] for k in ("model", "degradation", "family", "degradation_method",
-                                                "degradation_params", "constraint")},
-                 "recovery_method": params["method"], "recovery_params": params, "seed": seed,
-                 "teacher": str(teacher_dir), "parents": [str(damaged_dir), str(teacher_dir)],
-                 "data_split": {"train": "distill", "records": str(records_path), "n_records": len(records),
-                                "targets": training_targets(params["method"], params),
-                                "teacher_top_k": str(teacher_top_k_path) if teacher_top_k_path else None}}
+    # what the run and each of its checkpoints share: the parent's identity and damage, how it was trained
+    run_record = ArtifactRecord(
+        model=parent.model, degradation=parent.degradation, family=parent.family,
+        degradation_method=parent.degradation_method, degradation_params=parent.degradation_params,
+        constraint=constraint, recovery_method=params["method"], recovery_params=params, seed=seed,
+        teacher=str(teacher_dir), parents=[str(damaged_dir), str(teacher_dir)],
+        data_split={"train": "distill", "records": str(records_path), "n_records": len(records),
+                    "targets": training_targets(params["method"], params),
+                    "teacher_top_k": str(teacher_top_k_path) if teacher_top_k_path else None})
     staging = out_dir.parent / f".{out_dir.name}.checkpoints.partial"
     state_path = out_dir.parent / f".{out_dir.name}.train_state.pt"
     state_every = params.get("state_every", 0)
     # A saved state is continued only by the run that saved it: same parent and teacher (their content digests),
     # constraint, training records, teacher top-k cache and method parameters (realign.training.train).
-    identity = {"parent": artifact_digest(parent_meta), "teacher": artifact_digest(read_meta(teacher_dir)),
+    identity = {"parent": parent.content_digest(), "teacher": read_record(teacher_dir).content_digest(),
                 "constraint": constraint, "records": file_sha256(records_path),
                 "teacher_top_k": file_sha256(teacher_top_k_path) if teacher_top_k_path else None,
                 "params": {k: v for k, v in params.items() if k != "state_every"},
@@ -95,9 +97,10 @@ def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, records_path:
         # The run goes on training `model`; the checkpoint is a copy with the constraint baked in.
         snapshot = model if constraint.get("kind") == "frozen" else constraints.baked_copy(model)
         check = constraints.check(snapshot, constraint, constraint_tensors)
-        meta = {**base_meta, "recovery": recovery_name(name, step=step), "checkpoint_of": name, "step": step,
-                "constraint_check": check, "training_curve": curve}
-        save_artifact(snapshot, tokenizer, checkpoint_dir(staging, step), meta, constraint_tensors=constraint_tensors,
+        checkpoint = replace(ArtifactId.parse(parent.model, parent.degradation, name), step=step)
+        record = replace(run_record, recovery=checkpoint.recovery_name, checkpoint_of=name, step=step,
+                         constraint_check=check, training_curve=curve)
+        save_artifact(snapshot, tokenizer, checkpoint_dir(staging, step), record, constraint_tensors=constraint_tensors,
                       frozen_base_dir=damaged_dir)
 
     student, curve, check = recover(student, teacher, tokenizer, params, records, TrainConfig.from_params(params, seed),
@@ -107,10 +110,9 @@ def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, records_path:
                                     run_identity=identity,
                                     # checkpoints saved by an interrupted run are kept only while its state is
                                     on_restart=lambda: shutil.rmtree(staging, ignore_errors=True))
-    meta = {**base_meta, "recovery": name, "step": params["steps"], "constraint_check": check,
-            "checkpoints": list(checkpoint_steps), "training_curve": curve,
-            "timings": {"seconds": time.time() - start}}
-    save_artifact(student, tokenizer, out_dir, meta, constraint_tensors=constraint_tensors,
+    record = replace(run_record, recovery=name, step=params["steps"], constraint_check=check,
+                     checkpoints=list(checkpoint_steps), training_curve=curve, timings={"seconds": time.time() - start})
+    save_artifact(student, tokenizer, out_dir, record, constraint_tensors=constraint_tensors,
                   frozen_base_dir=damaged_dir, include={CHECKPOINTS_DIR: staging / CHECKPOINTS_DIR})
     shutil.rmtree(staging, ignore_errors=True)
-    return meta
+    return record
