@@ -10,10 +10,10 @@ repository's config.yaml: `measure`, `data`, `training.max_len`, `seed`; the sch
                    on the code and math held-out chunks; lm-eval on the exported benchmarks (per-item records)
   divergence       load the artifact; KL(teacher || artifact) against the teacher_outputs cache
   activations      load the artifact; hidden states at the probe's content positions of the `probe` prompts
-  cka              per-layer similarity of the artifact's activations to the teacher's (every measure, the
+  similarity       per-layer similarity of the artifact's activations to the teacher's (every measure, the
                    bootstrap, the layer matrices, the alignment summary)
 
-The per-artifact cost is evaluate + divergence + activations + cka. The steps run in one process, in that order,
+The per-artifact cost is evaluate + divergence + activations + similarity. The steps run in one process, in that order,
 after importing torch, transformers and realign (timed as `imports`); evaluate, the first step to load a model
 after teacher_outputs, also pays lm-eval's import. `--scripts` also runs each real script (scripts/*.py) in a
 fresh Python process with a stand-in for Snakemake's `snakemake` object and reports its wall time, which adds the
@@ -81,8 +81,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-STEPS = ("teacher_outputs", "evaluate", "divergence", "activations", "cka")
-PER_ARTIFACT = ("evaluate", "divergence", "activations", "cka")  # teacher_outputs runs once per study
+STEPS = ("teacher_outputs", "evaluate", "divergence", "activations", "similarity")
+PER_ARTIFACT = ("evaluate", "divergence", "activations", "similarity")  # teacher_outputs runs once per study
 MODEL = "smollm2-135m"
 
 
@@ -200,7 +200,7 @@ def job_arguments(study: Path, artifact: Path, teacher: Path, config: dict, scra
                                              "positions": measure["positions_per_sequence"],
                                              "seed": config["seed"], "tokens": "content"}},
                         "output": {"0": str(scratch / "activations.safetensors")}},
-        "cka": {"input": {"teacher": str(teacher_acts), "artifact": str(scratch / "activations.safetensors")},
+        "similarity": {"input": {"teacher": str(teacher_acts), "artifact": str(scratch / "activations.safetensors")},
                 "params": {"similarity": {"seed": config["seed"], "knn_k": measure["knn_k"],
                                           "n_boot": measure["cka_bootstrap"],
                                           "alignment_layers": measure["alignment_layers"]}},
@@ -445,8 +445,8 @@ def run_step(name: str, job: dict):
         result = stage.activations(p["artifact"], i["prompts"], o["0"], q["max_tokens"], q["positions"], q["seed"])
     else:
         s = p["similarity"]
-        stage.cka_vs_teacher(i["teacher"], i["artifact"], o["layers"], o["summary"], n_boot=s["n_boot"],
-                             seed=s["seed"], knn_k=s["knn_k"], alignment_layers=s["alignment_layers"])
+        stage.similarity_to_teacher(i["teacher"], i["artifact"], o["layers"], o["summary"], n_boot=s["n_boot"],
+                                    seed=s["seed"], knn_k=s["knn_k"], alignment_layers=s["alignment_layers"])
         result = None
     return result
 
@@ -596,8 +596,8 @@ def main() -> None:
     if "divergence" in args.steps and "teacher_outputs" not in args.steps and not teacher_outputs.exists():
         raise SystemExit(f"the divergence step reads the teacher_outputs cache, and {teacher_outputs} does not "
                          "exist: run the teacher_outputs step too, or name a cache with --teacher-outputs")
-    if "cka" in args.steps and "activations" not in args.steps:
-        raise SystemExit("the cka step reads the activations the activations step writes: run both")
+    if "similarity" in args.steps and "activations" not in args.steps:
+        raise SystemExit("the similarity step reads the activations the activations step writes: run both")
     jobs = job_arguments(study, artifact, teacher, config, scratch, tasks, teacher_outputs,
                          scratch / "activations.safetensors")
 
@@ -612,11 +612,11 @@ def main() -> None:
     results = {}
     profile_text = None
     for name in [s for s in STEPS if s in args.steps]:
-        if name == "cka":
-            acts, figures["cka_teacher"] = teacher_activations(study, model, artifact, teacher,
+        if name == "similarity":
+            acts, figures["similarity_teacher"] = teacher_activations(study, model, artifact, teacher,
                                                                scratch / "activations.safetensors")
-            jobs["cka"]["input"]["teacher"] = str(acts)
-            print(f"cka against {figures['cka_teacher']}", flush=True)
+            jobs["similarity"]["input"]["teacher"] = str(acts)
+            print(f"similarity against {figures['cka_teacher']}", flush=True)
         peaks.append(gemm_peak())  # before every step: the best of all is the peak
         if name == "evaluate":
             instrument_evaluate(phases, counter, args.evaluate_patch)

@@ -1,6 +1,6 @@
 """How long does the CKA stage take per artifact, and how much memory? A benchmark run on demand (not a test).
 
-The stage (realign.measure.stage.cka_vs_teacher -> realign.measure.similarity.compare_layers) computes, per layer,
+The stage (realign.measure.stage.similarity_to_teacher -> realign.measure.similarity.compare_layers) computes, per layer,
 linear / debiased / RBF CKA, Procrustes similarity and mutual k-NN overlap, a sequence bootstrap of the debiased
 CKA, and the layer x layer matrices. Shape of the default study: SmolLM2-135M (31 hidden states of width 576),
 24 probe sequences x 24 positions = 576 tokens, 1000 replicates; synthetic float16 activations of that shape

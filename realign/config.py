@@ -11,7 +11,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-from realign.identity import ArtifactId
+from realign.identity import format_recovery_name, parse_recovery_name
 from realign.recover.registry import RECOVERY_OPTIONS
 
 
@@ -159,29 +159,6 @@ def _check_cross_references(config: dict) -> None:
     check_models(config)
 
 
-# Artifact names and paths: realign.identity.ArtifactId (one parser, one path builder); these are its shorthands.
-
-
-def recovery_name(recovery: str, seed: int | None = None, step: int | None = None) -> str:
-    return ArtifactId("", "", recovery, seed, step).recovery_name
-
-
-def parse_recovery_name(name: str) -> tuple[str, int | None, int | None]:
-    """(recovery, replicate seed or None, checkpoint step or None) of an artifact's recovery name."""
-    artifact = ArtifactId.parse("", "", name)
-    return artifact.recovery, artifact.seed, artifact.step
-
-
-def run_dir(model: str, degradation: str, recovery: str) -> str:
-    """The directory a DAG job writes for an artifact: a checkpoint lives inside its training run's directory."""
-    return ArtifactId.parse(model, degradation, recovery).run_dir
-
-
-def artifact_location(model: str, degradation: str, recovery: str) -> str:
-    """Where the artifact itself lies (its artifact.json, weights and tokenizer), relative to the study."""
-    return ArtifactId.parse(model, degradation, recovery).location
-
-
 def checkpoint_steps(spec: dict) -> list[int]:
     """The optimizer steps at which a recovery saves a measurable checkpoint (`checkpoints`: fractions of
     its steps); the final model is the recovery itself and the damaged model is step 0."""
@@ -209,7 +186,7 @@ def study_cells(config: dict) -> list[tuple[str, str]]:
                 for seed in seeds:
                     replicate = None if seed == config["seed"] else seed
                     for step in checkpoint_steps(config["recoveries"][recovery]) + [None]:
-                        add((degradation, recovery_name(recovery, replicate, step)))
+                        add((degradation, format_recovery_name(recovery, replicate, step)))
     return cells
 
 

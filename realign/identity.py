@@ -26,16 +26,11 @@ class ArtifactId:
 
     @classmethod
     def parse(cls, model: str, degradation: str, recovery_name: str) -> ArtifactId:
-        match = _RECOVERY_NAME.match(recovery_name)
-        if match is None:
-            raise ValueError(f"not a recovery artifact name: {recovery_name!r}")
-        seed, step = match["seed"], match["step"]
-        return cls(model, degradation, match["recovery"], int(seed) if seed else None, int(step) if step else None)
+        return cls(model, degradation, *parse_recovery_name(recovery_name))
 
     @property
     def recovery_name(self) -> str:
-        return (self.recovery + (f"+seed{self.seed}" if self.seed is not None else "")
-                + (f"@step{self.step}" if self.step is not None else ""))
+        return format_recovery_name(self.recovery, self.seed, self.step)
 
     @property
     def run(self) -> ArtifactId:
@@ -56,6 +51,27 @@ class ArtifactId:
     def location(self) -> str:
         """Where the artifact itself lies (artifact.json, weights, tokenizer), relative to the study."""
         return self.run_dir + (f"/{checkpoint_subdir(self.step)}" if self.step is not None else "")
+
+
+def parse_recovery_name(name: str) -> tuple[str, int | None, int | None]:
+    """(configured recovery, replicate seed or None, checkpoint step or None) of a recovery artifact name; the one
+    parser of `<recovery>[+seed<N>][@step<K>]` (a study's cells name recoveries before any model is chosen)."""
+    match = _RECOVERY_NAME.match(name)
+    if match is None:
+        raise ValueError(f"not a recovery artifact name: {name!r}")
+    seed, step = match["seed"], match["step"]
+    return match["recovery"], int(seed) if seed else None, int(step) if step else None
+
+
+def format_recovery_name(recovery: str, seed: int | None = None, step: int | None = None) -> str:
+    """The artifact name of a configured recovery's replicate `seed` (None: the config's) at checkpoint `step`."""
+    return recovery + (f"+seed{seed}" if seed is not None else "") + (f"@step{step}" if step is not None else "")
+
+
+def run_name(recovery_name: str) -> str:
+    """The recovery name of the training run an artifact belongs to (its name without `@step<K>`)."""
+    recovery, seed, _ = parse_recovery_name(recovery_name)
+    return format_recovery_name(recovery, seed)
 
 
 def checkpoint_subdir(step: int) -> str:

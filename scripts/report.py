@@ -21,8 +21,8 @@ provenance = assemble_provenance(snakemake.params.config, snakemake.params.confi
 # The null floors of each model (its name is the folder: results/null/<model>/floors.parquet).
 null_floors = pd.concat([read_parquet(path, producer="the `null_floors` rule").assign(model=Path(path).parent.name)
                          for path in snakemake.input.null_floors], ignore_index=True)
-matrices = {(r.model, r.degradation, r.recovery): read_json(r.path_cka_summary, verify=True,
-                                                             producer="the `cka` rule")
-            for r in table.itertuples() if getattr(r, "path_cka_summary", "")}
-render_report(table, stats, read_table(snakemake.input.cka_layers), provenance, snakemake.output.report,
+matrices = {(r.model, r.degradation, r.recovery): read_json(r.path_similarity_summary, verify=True,
+                                                             producer="the `similarity` rule")
+            for r in table.itertuples() if getattr(r, "path_similarity_summary", "")}
+render_report(table, stats, read_table(snakemake.input.similarity_layers), provenance, snakemake.output.report,
               null_floors=null_floors, matrices=matrices, figures_dir=snakemake.output.figures)

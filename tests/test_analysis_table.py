@@ -1,4 +1,4 @@
-"""realign.analysis.table: collect_row, build_table (hand-computed), load_cka_layers."""
+"""realign.analysis.table: collect_row, build_table (hand-computed), load_similarity_layers."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from realign.analysis.table import build_table, collect_row, load_cka_layers, read_table, write_table
+from realign.analysis.table import build_table, collect_row, load_similarity_layers, read_table, write_table
 from realign.io import IntegrityError, digest_path, write_json, write_parquet
 from item_records import records_for
 
@@ -96,7 +96,7 @@ def test_missing_teacher_and_parent_named():
 
 
 def _write_artifact(root, model, deg, rec, accs, cka_vals, alignment=None):
-    """`alignment`: the (first, last) layers the `cka` rule flagged; by default 1..L-1 (1 when there is no other)."""
+    """`alignment`: the (first, last) layers the `similarity` rule flagged; by default 1..L-1 (1 when there is no other)."""
     d = root / model / deg / rec
     d.mkdir(parents=True)
     write_json(d / "artifact.json", digest=True, obj={
@@ -123,7 +123,7 @@ def _write_artifact(root, model, deg, rec, accs, cka_vals, alignment=None):
     return [d / f for f in ("artifact.json", "eval.json", "divergence.json", "cka.parquet")]
 
 
-def test_collect_row_and_cka_layers(tmp_path):
+def test_collect_row_and_similarity_layers(tmp_path):
     paths = _write_artifact(tmp_path, "m", "p50", "kd", {"arc": 0.5, "hella": 0.7}, [0.2, 0.9, 0.7, 0.8])
     row = collect_row(*paths)
     assert row["model"] == "m" and row["family"] == "pruning" and row["recovery_method"] == "kd"
@@ -141,15 +141,15 @@ def test_collect_row_and_cka_layers(tmp_path):
     with pytest.raises(ValueError, match="cka_estimator"):
         collect_row(*paths, cka_estimator="rbf")
     assert row["kl"] == 0.2 and row["top1"] == 0.8 and row["nll_code"] == 1.5 and row["seconds"] == 12.5
-    assert row["path_cka"] == str(paths[3])
+    assert row["path_similarity"] == str(paths[3])
 
     paths2 = _write_artifact(tmp_path, "m", "p50", "none", {"arc": 0.4, "hella": 0.6}, [0.2, 0.5, 0.6, 0.7])
-    long = load_cka_layers({("m", "p50", "kd"): paths[3], ("m", "p50", "none"): paths2[3]})
+    long = load_similarity_layers({("m", "p50", "kd"): paths[3], ("m", "p50", "none"): paths2[3]})
     assert list(long.columns)[:6] == ["model", "degradation", "recovery", "layer", "linear_cka", "debiased_cka"]
     assert long["knn_overlap"].isna().all()  # a parquet without the measure reads as missing, not as zero
     assert len(long) == 8
     assert long[long.recovery == "kd"]["linear_cka"].tolist() == [0.2, 0.9, 0.7, 0.8]
-    long2 = load_cka_layers([(("m", "p50", "kd"), paths[3])])
+    long2 = load_similarity_layers([(("m", "p50", "kd"), paths[3])])
     assert len(long2) == 4
 
 
@@ -189,7 +189,7 @@ def test_table_inputs_are_verified(tmp_path):
     with pytest.raises(IntegrityError, match=f"{cka} does not match"):
         collect_row(artifact_json, eval_json, divergence_json, cka)
     with pytest.raises(IntegrityError, match=f"{cka} does not match"):
-        load_cka_layers({("m", "p50", "kd"): cka})
+        load_similarity_layers({("m", "p50", "kd"): cka})
     digest_path(artifact_json).unlink()
     with pytest.raises(IntegrityError, match=f"{artifact_json} has no sha256 digest"):
         collect_row(artifact_json, eval_json, divergence_json, cka)
@@ -239,7 +239,7 @@ def test_paired_bootstrap_delta_ci(tmp_path):
 
 
 def test_cka_summary_over_the_flagged_range_only(tmp_path):
-    """cka_mean and its replicates come from the range the `cka` rule flagged (measure.alignment_layers), not from
+    """cka_mean and its replicates come from the range the `similarity` rule flagged (measure.alignment_layers), not from
     `layer >= 1`; a summary made over another range, or a parquet from before the range existed, is refused."""
     paths = _write_artifact(tmp_path, "m", "p50", "kd", {"arc": 0.5}, [0.1, 0.5, 0.6, 0.7, 0.9], alignment=(2, 3))
     row = collect_row(*paths)
@@ -253,7 +253,7 @@ def test_cka_summary_over_the_flagged_range_only(tmp_path):
     old = paths[3].parent.parent / "old.parquet"
     write_parquet(pd.DataFrame({"layer": [0, 1, 2], "linear_cka": [0.1, 0.5, 0.9], "debiased_cka": [0.1, 0.5, 0.9]}),
                   old)
-    with pytest.raises(ValueError, match=f"{old}: no 'in_alignment_range' column .* rerun the `cka` rule"):
+    with pytest.raises(ValueError, match=f"{old}: no 'in_alignment_range' column .* rerun the `similarity` rule"):
         collect_row(*paths[:3], old)
 
 

@@ -23,7 +23,7 @@ from realign.data.stage import prepare_code_corpus, prepare_math_corpus, prepare
 from realign.degrade.stage import degrade
 from realign.io import read_json, read_jsonl
 from realign.measure.divergence import output_divergence
-from realign.measure.stage import activations, cka_vs_teacher, divergence, evaluate, teacher_outputs
+from realign.measure.stage import activations, similarity_to_teacher, divergence, evaluate, teacher_outputs
 from realign.models.artifact import load_artifact, read_record
 from realign.models.stage import prepare_teacher
 from realign.models.tiny import build_tiny_model
@@ -100,9 +100,9 @@ def _measure(root, model, teacher_acts, artifact_dir, data, evaluate_it: bool) -
     name = artifact_dir.relative_to(root / "models").as_posix().replace("/", "_")
     acts = root / "activations" / f"{name}.safetensors"
     activations(artifact_dir, data / "prompts.json", acts, PROBE_TOKENS, PER_SEQUENCE, SEED)
-    frame = cka_vs_teacher(teacher_acts, acts, root / "cka" / f"{name}.parquet", root / "cka" / f"{name}.json",
-                           n_boot=20, seed=SEED, knn_k=3)
-    result = {"cka": read_json(root / "cka" / f"{name}.json", verify=True)["layer_means"]["linear_cka"],
+    frame = similarity_to_teacher(teacher_acts, acts, root / "similarity" / f"{name}.parquet",
+                                  root / "similarity" / f"{name}.json", n_boot=20, seed=SEED, knn_k=3)
+    result = {"cka": read_json(root / "similarity" / f"{name}.json", verify=True)["layer_means"]["linear_cka"],
               "cka_layers": frame["linear_cka"].tolist(),
               "divergence": divergence(root / "teacher" / model / "divergence_logits.safetensors", artifact_dir,
                                        data / "prompts.json", TRAINING["max_len"], 8)}
@@ -144,8 +144,8 @@ def test_the_study_runs_end_to_end(arch, data, tmp_path):
     assert len(read_jsonl(answers, verify=True)) == SPLITS["distill"]
     teacher_acts = root / "activations" / f"{arch}_none_none.safetensors"
     activations(teacher_dir, data / "prompts.json", teacher_acts, PROBE_TOKENS, PER_SEQUENCE, SEED)
-    self_frame = cka_vs_teacher(teacher_acts, teacher_acts, root / "cka" / "self.parquet", root / "cka" / "self.json",
-                                n_boot=20, seed=SEED, knn_k=3)
+    self_frame = similarity_to_teacher(teacher_acts, teacher_acts, root / "similarity" / "self.parquet",
+                                       root / "similarity" / "self.json", n_boot=20, seed=SEED, knn_k=3)
     assert self_frame["linear_cka"].tolist() == pytest.approx([1.0] * len(self_frame), abs=1e-6)
     # measure.smk: the teacher's side of the divergence, once
     teacher_outputs(teacher_dir, data / "prompts.json", root / "teacher" / arch / "divergence_logits.safetensors",

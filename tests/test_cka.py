@@ -98,7 +98,7 @@ def hidden_states(n, d, seed):
 
 def test_measurement_stage_values_equal_float64_linear_cka(tmp_path):
     from realign.measure.activations import load_activations, save_activations
-    from realign.measure.stage import cka_vs_teacher
+    from realign.measure.stage import similarity_to_teacher
 
     index = torch.stack([torch.arange(300), torch.arange(300)], 1)
     g = torch.Generator().manual_seed(4)
@@ -106,7 +106,7 @@ def test_measurement_stage_values_equal_float64_linear_cka(tmp_path):
     artifact = {k: v + torch.randn(v.shape, generator=g) for k, v in teacher.items()}
     for name, acts in (("teacher", teacher), ("artifact", artifact)):
         save_activations({**acts, "token_index": index}, tmp_path / f"{name}.safetensors", {"artifact": name})
-    frame = cka_vs_teacher(tmp_path / "teacher.safetensors", tmp_path / "artifact.safetensors",
+    frame = similarity_to_teacher(tmp_path / "teacher.safetensors", tmp_path / "artifact.safetensors",
                            tmp_path / "cka.parquet", tmp_path / "cka.json", n_boot=50)
     (t_layers, _), (a_layers, _) = (load_activations(tmp_path / f"{n}.safetensors") for n in ("teacher", "artifact"))
     assert list(frame["layer"]) == [0, 1, 2]
@@ -122,7 +122,7 @@ def test_measurement_stage_gives_the_other_measures_jackknife_intervals(tmp_path
     import json
 
     from realign.measure.activations import save_activations
-    from realign.measure.stage import cka_vs_teacher
+    from realign.measure.stage import similarity_to_teacher
 
     index = torch.stack([torch.arange(240) // 10, torch.arange(240) % 10], 1)  # 24 sequences x 10 positions
     g = torch.Generator().manual_seed(5)
@@ -130,7 +130,7 @@ def test_measurement_stage_gives_the_other_measures_jackknife_intervals(tmp_path
     artifact = {k: v + 0.7 * torch.randn(v.shape, generator=g) for k, v in teacher.items()}
     for name, acts in (("teacher", teacher), ("artifact", artifact)):
         save_activations({**acts, "token_index": index}, tmp_path / f"{name}.safetensors", {"artifact": name})
-    frame = cka_vs_teacher(tmp_path / "teacher.safetensors", tmp_path / "artifact.safetensors",
+    frame = similarity_to_teacher(tmp_path / "teacher.safetensors", tmp_path / "artifact.safetensors",
                            tmp_path / "cka.parquet", tmp_path / "cka.json", n_boot=20, jackknife_groups=6)
     summary = json.loads((tmp_path / "cka.json").read_text())
     assert summary["jackknife_groups"] == 6
@@ -140,6 +140,6 @@ def test_measurement_stage_gives_the_other_measures_jackknife_intervals(tmp_path
         assert low < body[m].mean() < high and high - low < 0.5, m
         assert (low + high) / 2 == pytest.approx(body[m].mean(), abs=1e-12)
         assert len(summary["other_means_jackknife"][m]["replicates"]) == 6
-    cka_vs_teacher(tmp_path / "teacher.safetensors", tmp_path / "artifact.safetensors", tmp_path / "cka0.parquet",
+    similarity_to_teacher(tmp_path / "teacher.safetensors", tmp_path / "artifact.safetensors", tmp_path / "cka0.parquet",
                    tmp_path / "cka0.json", n_boot=20, jackknife_groups=0)
     assert json.loads((tmp_path / "cka0.json").read_text())["other_means_jackknife"] == {}

@@ -183,7 +183,7 @@ def test_shipped_study_configs_plan_their_whole_grid(tmp_path, name, models, deg
     assert _job_count(log, "prepare_teacher") == models
     assert _job_count(log, "degrade") == models * degradations
     assert _job_count(log, "recover") == recover_jobs
-    assert _job_count(log, "evaluate") == _job_count(log, "cka") == artifacts
+    assert _job_count(log, "evaluate") == _job_count(log, "similarity") == artifacts
     if name == "qwen2.5.yaml":  # sized from params_b: a 1.5B training job asks for ~34 GB and one GPU
         assert re.search(r"wildcards: model=qwen2.5-1.5b, degradation=[^,]+, recovery=kd\n\s+resources: .*"
                          r"mem_mb=33800,.*gpu=1", log)

@@ -2,8 +2,7 @@
 
 import pytest
 
-from realign.config import artifact_location, parse_recovery_name, recovery_name, run_dir
-from realign.identity import ArtifactId, checkpoint_dir
+from realign.identity import ArtifactId, checkpoint_dir, format_recovery_name, parse_recovery_name, run_name
 
 
 @pytest.mark.parametrize("name, parts", [("kd", ("kd", None, None)), ("kd+seed1", ("kd", 1, None)),
@@ -13,10 +12,19 @@ from realign.identity import ArtifactId, checkpoint_dir
 def test_names_round_trip_and_paths_are_built_in_one_place(name, parts):
     artifact = ArtifactId.parse("m", "d", name)
     assert (artifact.recovery, artifact.seed, artifact.step) == parts == parse_recovery_name(name)
-    assert artifact.recovery_name == name == recovery_name(*parts)
+    assert artifact.recovery_name == name == format_recovery_name(*parts)
     assert artifact.is_configured_run == (parts[1:] == (None, None))
-    assert artifact.run_dir == run_dir("m", "d", name) == f"results/models/m/d/{artifact.run.recovery_name}"
+    assert artifact.run.recovery_name == run_name(name) == format_recovery_name(*parts[:2])
+    assert artifact.run_dir == f"results/models/m/d/{artifact.run.recovery_name}"
     expected = artifact.run_dir + (f"/checkpoints/step-{parts[2]}" if parts[2] is not None else "")
-    assert artifact.location == artifact_location("m", "d", name) == expected
+    assert artifact.location == expected
     if parts[2] is not None:
         assert str(checkpoint_dir(artifact.run_dir, parts[2])) == expected
+
+
+def test_any_configured_name_survives_a_seed_and_a_step():
+    for name in ("kd", "kd-topk.v2", "a+b"):
+        for seed in (None, 3):
+            for step in (None, 7):
+                assert parse_recovery_name(format_recovery_name(name, seed, step)) == (name, seed, step)
+    assert ArtifactId.parse("m", "d", "kd+seed1@step3").location == "results/models/m/d/kd+seed1/checkpoints/step-3"

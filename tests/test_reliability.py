@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from realign.io import IntegrityError, digest_path, read_json, tensors_sha256, write_json
 from realign.measure.activations import load_activations, save_activations
-from realign.measure.stage import cka_vs_teacher
+from realign.measure.stage import similarity_to_teacher
 from realign.models.artifact import load_artifact, read_record, save_artifact
 from realign.models.record import ArtifactRecord
 
@@ -105,7 +105,7 @@ def test_corrupted_activation_cache_is_an_error_naming_the_file(tmp_path, corrup
         load_activations(artifact)
     # ...and the CKA step refuses it rather than writing numbers computed from it.
     with pytest.raises(RuntimeError, match=str(artifact)):
-        cka_vs_teacher(teacher, artifact, tmp_path / "cka.parquet", tmp_path / "cka.json")
+        similarity_to_teacher(teacher, artifact, tmp_path / "cka.parquet", tmp_path / "cka.json")
     assert not (tmp_path / "cka.parquet").exists() and not (tmp_path / "cka.json").exists()
     assert len(load_activations(teacher)[0]) == 3  # the intact file next to it still loads
 
@@ -189,8 +189,8 @@ def test_an_artifact_without_digests_is_an_error_not_a_pass(artifact_dir):
 CKA_CHILD = textwrap.dedent("""
     import sys, torch
     torch.set_num_threads(int(sys.argv[1]))
-    from realign.measure.stage import cka_vs_teacher
-    cka_vs_teacher(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[4] + ".json", n_boot=200)
+    from realign.measure.stage import similarity_to_teacher
+    similarity_to_teacher(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[4] + ".json", n_boot=200)
 """)
 
 
@@ -205,8 +205,8 @@ def test_cka_stage_is_deterministic_and_independent_of_the_thread_count(tmp_path
     for name, acts in (("teacher", teacher), ("artifact", artifact)):
         save_activations({**acts, "token_index": index}, tmp_path / f"{name}.safetensors", {})
     paths = [str(tmp_path / "teacher.safetensors"), str(tmp_path / "artifact.safetensors")]
-    first = cka_vs_teacher(*paths, tmp_path / "a.parquet", tmp_path / "a.json", n_boot=200)
-    again = cka_vs_teacher(*paths, tmp_path / "b.parquet", tmp_path / "b.json", n_boot=200)
+    first = similarity_to_teacher(*paths, tmp_path / "a.parquet", tmp_path / "a.json", n_boot=200)
+    again = similarity_to_teacher(*paths, tmp_path / "b.parquet", tmp_path / "b.json", n_boot=200)
     pd.testing.assert_frame_equal(first, again, check_exact=True)
     assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()  # bootstrap and matrices too
@@ -329,8 +329,8 @@ def _benchmark(root: Path, relative: str, *rows: tuple[float, str]) -> None:
 def test_study_rules_summarises_benchmark_files_per_rule(tmp_path):
     _benchmark(tmp_path, "recover/m/wanda-50/kd.tsv", (100.0, "4000.5"))
     _benchmark(tmp_path, "recover/m/rtn/kd.tsv", (30.0, "3900"))
-    _benchmark(tmp_path, "cka/m/none/none.tsv", (2.0, "NA"))
-    _benchmark(tmp_path, "cka/m/rtn/none.tsv", (4.0, "-"))
+    _benchmark(tmp_path, "similarity/m/none/none.tsv", (2.0, "NA"))
+    _benchmark(tmp_path, "similarity/m/rtn/none.tsv", (4.0, "-"))
     _benchmark(tmp_path, "evaluate/m/none/none.tsv", (10.0, "1000"), (20.0, "1200"))  # repeat(): mean, max RSS
     _benchmark(tmp_path, "report/all.tsv", (1.5, "300"))
     result = subprocess.run([sys.executable, str(REPO / "benchmarks/study_rules.py"), str(tmp_path)],
@@ -338,10 +338,10 @@ def test_study_rules_summarises_benchmark_files_per_rule(tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     rows = {line.split()[0]: line.split()[1:] for line in lines[1:] if not line.startswith("-")}
-    assert [line.split()[0] for line in lines[1:5]] == ["recover", "evaluate", "cka", "report"]  # slowest first
+    assert [line.split()[0] for line in lines[1:5]] == ["recover", "evaluate", "similarity", "report"]  # slowest first
     assert rows["recover"] == ["2", "130.0", "100.0", "4000"]
     assert rows["evaluate"] == ["1", "15.0", "15.0", "1200"]
-    assert rows["cka"] == ["2", "6.0", "4.0", "-"]
+    assert rows["similarity"] == ["2", "6.0", "4.0", "-"]
     assert rows["total"] == ["6", "152.5", "100.0", "4000"]
 
 
@@ -349,7 +349,7 @@ def test_study_rules_errors_name_the_directory_or_file(tmp_path):
     run = [sys.executable, str(REPO / "benchmarks/study_rules.py"), str(tmp_path)]
     result = subprocess.run(run, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and f"no Snakemake benchmark files (*.tsv) under {tmp_path}" in result.stderr
-    bad = tmp_path / "results" / "benchmarks" / "cka" / "x.tsv"
+    bad = tmp_path / "results" / "benchmarks" / "similarity" / "x.tsv"
     bad.parent.mkdir(parents=True)
     bad.write_text("seconds\n3\n")
     result = subprocess.run(run, capture_output=True, text=True, timeout=60)

@@ -28,7 +28,7 @@ def _study(root):
             "path_artifact": str(base / "models/tiny" / deg / rec / "artifact.json"),
             "path_eval": str(base / "eval/tiny" / deg / f"{rec}.json"),
             "path_divergence": str(base / "divergence/tiny" / deg / f"{rec}.json"),
-            "path_cka": str(base / "cka/tiny" / deg / f"{rec}.parquet"),
+            "path_similarity": str(base / "cka/tiny" / deg / f"{rec}.parquet"),
         })
         for layer in range(5):
             c = 1.0 if deg == "none" else max(0.0, cka - 0.05 * layer + 0.1)

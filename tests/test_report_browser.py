@@ -283,7 +283,7 @@ def realistic_study(root: Path):
                "path_artifact": str(base / f"models/{model}/{deg}/{rec}/artifact.json"),
                "path_eval": str(base / f"eval/{model}/{deg}/{rec}.json"),
                "path_divergence": str(base / f"divergence/{model}/{deg}/{rec}.json"),
-               "path_cka": str(base / f"cka/{model}/{deg}/{rec}.parquet")}
+               "path_similarity": str(base / f"cka/{model}/{deg}/{rec}.parquet")}
         for task in tasks:
             row[f"acc_{task}"], row[f"acc_{task}_stderr"] = bench + rng.normal(0, 0.02), 0.015
         rows.append(row)

@@ -148,7 +148,7 @@ def test_mismatched_layers_and_tokens_are_clear_errors():
 def test_null_floors_and_summary(tmp_path):
     from realign.io import read_json
     from realign.measure.activations import save_activations
-    from realign.measure.stage import cka_vs_teacher, null_floors
+    from realign.measure.stage import similarity_to_teacher, null_floors
 
     g = torch.Generator().manual_seed(0)
     n, d, layers = 240, 64, 3
@@ -166,7 +166,7 @@ def test_null_floors_and_summary(tmp_path):
     assert (small["linear_cka"] > 0.4).all()  # d = 64 features, 16 tokens: the biased estimator is inflated
     assert (small["debiased_cka"].abs() < small["linear_cka"] / 3).all()
 
-    frame = cka_vs_teacher(tmp_path / "teacher.safetensors", tmp_path / "teacher.safetensors", tmp_path / "c.parquet",
+    frame = similarity_to_teacher(tmp_path / "teacher.safetensors", tmp_path / "teacher.safetensors", tmp_path / "c.parquet",
                            tmp_path / "c.json", n_boot=50)
     assert frame["debiased_cka"].tolist() == pytest.approx([1.0] * layers)
     summary = read_json(tmp_path / "c.json")
@@ -181,7 +181,7 @@ def test_alignment_summary_over_the_pre_registered_range(tmp_path):
     are reported apart; an explicit range is checked against the model's depth."""
     from realign.io import read_json
     from realign.measure.activations import save_activations
-    from realign.measure.stage import alignment_range, cka_vs_teacher
+    from realign.measure.stage import alignment_range, similarity_to_teacher
 
     assert alignment_range("inner", 31) == (1, 29) and alignment_range([2, 30], 31) == (2, 30)
     with pytest.raises(ValueError, match=r"measure.alignment_layers = \[1, 31\] is not a range within 1..30"):
@@ -199,7 +199,7 @@ def test_alignment_summary_over_the_pre_registered_range(tmp_path):
     for name, acts in (("teacher", teacher), ("artifact", artifact)):
         save_activations({**acts, "token_index": index}, tmp_path / f"{name}.safetensors", {"artifact": name})
     paths = [tmp_path / f"{name}.safetensors" for name in ("teacher", "artifact")]
-    frame = cka_vs_teacher(*paths, tmp_path / "c.parquet", tmp_path / "c.json", n_boot=50)
+    frame = similarity_to_teacher(*paths, tmp_path / "c.parquet", tmp_path / "c.json", n_boot=50)
     summary = read_json(tmp_path / "c.json")
     assert summary["alignment_layers"] == [1, 3] and summary["final_layer"] == 4
     assert frame["in_alignment_range"].tolist() == [False, True, True, True, False]
@@ -207,11 +207,11 @@ def test_alignment_summary_over_the_pre_registered_range(tmp_path):
     assert summary["final"]["debiased_cka"] == pytest.approx(1.0)
     assert abs(summary["layer_means"]["debiased_cka"]) < 0.1 and summary["debiased_cka_mean_ci"][1] < 0.2
     assert summary["layer_means"]["linear_cka"] == pytest.approx(frame["linear_cka"][1:4].mean())
-    cka_vs_teacher(*paths, tmp_path / "e.parquet", tmp_path / "e.json", n_boot=50, alignment_layers=[2, 4])
+    similarity_to_teacher(*paths, tmp_path / "e.parquet", tmp_path / "e.json", n_boot=50, alignment_layers=[2, 4])
     explicit = read_json(tmp_path / "e.json")
     assert explicit["alignment_layers"] == [2, 4] and explicit["layer_means"]["debiased_cka"] > 0.2
     with pytest.raises(ValueError, match=r"measure.alignment_layers = \[2, 5\]"):
-        cka_vs_teacher(*paths, tmp_path / "x.parquet", tmp_path / "x.json", n_boot=0, alignment_layers=[2, 5])
+        similarity_to_teacher(*paths, tmp_path / "x.parquet", tmp_path / "x.json", n_boot=0, alignment_layers=[2, 5])
 
 
 def test_jackknife_replicates_recompute_each_measure_without_the_left_out_sequences():

@@ -18,7 +18,7 @@ SCRIPT = REPO / "tools" / "local_slurm.sh"
 # One damaged-and-recovered cell with every kind of rule on its path: data, teacher, answers, degrade, recover,
 # and all four measurements (teacher included), so each rule is submitted to Slurm at least once.
 CELL = ("rtn-w2g32", "kd")
-TARGETS = [f"results/cka/tiny/{CELL[0]}/{CELL[1]}.parquet", f"results/eval/tiny/{CELL[0]}/{CELL[1]}.json",
+TARGETS = [f"results/similarity/tiny/{CELL[0]}/{CELL[1]}.parquet", f"results/eval/tiny/{CELL[0]}/{CELL[1]}.json",
            f"results/divergence/tiny/{CELL[0]}/{CELL[1]}.json", f"results/eval/tiny/{CELL[0]}/none.json"]
 
 
@@ -56,7 +56,7 @@ def test_jobs_ran_as_slurm_jobs(slurm_run, request):
     _, _, log = slurm_run
     job_ids = set(re.findall(r"SLURM jobid (\d+)", log))
     rules = set(re.findall(r"rule (\w+):", log))
-    assert {"prepare_teacher", "teacher_answers", "degrade", "recover", "activations", "cka", "divergence",
+    assert {"prepare_teacher", "teacher_answers", "degrade", "recover", "activations", "similarity", "divergence",
             "evaluate"} <= rules
     assert len(job_ids) >= 12, log[-3000:]
     # The controller's own record: every id the plugin reported is a job Slurm ran to completion.

@@ -22,7 +22,7 @@ ALL, RECOVERED, RUNS = 25, 15, 14
 REPORT = {"table": 1, "report": 1}
 
 
-def measured(n: int, kinds=("activations", "cka", "divergence", "evaluate")) -> dict[str, int]:
+def measured(n: int, kinds=("activations", "similarity", "divergence", "evaluate")) -> dict[str, int]:
     """The measurement jobs of `n` artifacts."""
     return {kind: n for kind in kinds}
 
@@ -39,16 +39,16 @@ CASES = {
     "analysis.cka_estimator": (lambda c: c["analysis"].update(cka_estimator="linear"), REPORT),
     # params_b sizes jobs only: the report (which prints the whole config) is the one job to rerun
     "models.tiny.params_b": (lambda c: c["models"]["tiny"].update(params_b=0.001), {"report": 1}),
-    "measure.cka_bootstrap": (lambda c: c["measure"].update(cka_bootstrap=50), {"cka": ALL, **REPORT}),
+    "measure.cka_bootstrap": (lambda c: c["measure"].update(cka_bootstrap=50), {"similarity": ALL, **REPORT}),
     # the other measures' jackknife intervals are computed on the damaged models only (the 9 damages)
-    "measure.jackknife_groups": (lambda c: c["measure"].update(jackknife_groups=3), {"cka": 9, **REPORT}),
-    "measure.knn_k": (lambda c: c["measure"].update(knn_k=3), {"cka": ALL, "null_floors": 1, **REPORT}),
+    "measure.jackknife_groups": (lambda c: c["measure"].update(jackknife_groups=3), {"similarity": 9, **REPORT}),
+    "measure.knn_k": (lambda c: c["measure"].update(knn_k=3), {"similarity": ALL, "null_floors": 1, **REPORT}),
     # the hidden states the alignment summary averages: every CKA summary, not the null floors (kept per layer)
-    "measure.alignment_layers": (lambda c: c["measure"].update(alignment_layers=[1, 2]), {"cka": ALL, **REPORT}),
+    "measure.alignment_layers": (lambda c: c["measure"].update(alignment_layers=[1, 2]), {"similarity": ALL, **REPORT}),
     "measure.probe_max_tokens": (lambda c: c["measure"].update(probe_max_tokens=24),
-                                 {"activations": ALL, "cka": ALL, "null_activations": 1, "null_floors": 1, **REPORT}),
+                                 {"activations": ALL, "similarity": ALL, "null_activations": 1, "null_floors": 1, **REPORT}),
     "measure.positions_per_sequence": (lambda c: c["measure"].update(positions_per_sequence=6),
-                                       {"activations": ALL, "cka": ALL, "null_activations": 1, "null_floors": 1,
+                                       {"activations": ALL, "similarity": ALL, "null_activations": 1, "null_floors": 1,
                                         **REPORT}),
     "measure.benchmarks": (lambda c: c["measure"]["benchmarks"].update(arc_easy=5),
                            {"export_benchmarks": 1, "evaluate": ALL, **REPORT}),
@@ -56,11 +56,11 @@ CASES = {
     # states of the teacher and the damaged models (their probe pass is unbatched)
     "measure.eval_batch_size": (lambda c: c["measure"].update(eval_batch_size=4),
                                 {**TEACHER_DATA, **TEACHER_OUTPUTS, "divergence": ALL, "evaluate": ALL,
-                                 "activations": RECOVERED, "cka": RECOVERED, **REPORT}),
+                                 "activations": RECOVERED, "similarity": RECOVERED, **REPORT}),
     "data.code_heldout_chunks": (lambda c: c["data"].update(code_heldout_chunks=3), {"evaluate": ALL, **REPORT}),
     # the narrow corpora: both forgetting damages, the 3 recoveries of sft-code, and every held-out NLL
     "data.code_heldout_fraction": (lambda c: c["data"].update(code_heldout_fraction=0.2),
-                                   {"narrow_corpus": 2, "degrade": 2, "recover": 3, "activations": 5, "cka": 5,
+                                   {"narrow_corpus": 2, "degrade": 2, "recover": 3, "activations": 5, "similarity": 5,
                                     "divergence": 5, "evaluate": ALL, **REPORT}),
     "data.teacher_max_new_tokens": (lambda c: c["data"].update(teacher_max_new_tokens=10),
                                     {**TEACHER_DATA, **measured(RECOVERED), **REPORT}),
@@ -79,7 +79,7 @@ CASES = {
     # and the teacher's outputs on the divergence examples (cut at max_len)
     "training.max_len": (lambda c: c["training"].update(max_len=48),
                          {"degrade": 2, "recover": RUNS, "teacher_top_k": 1, **TEACHER_OUTPUTS, "activations": 17,
-                          "cka": 17, "divergence": ALL, "evaluate": ALL, **REPORT}),
+                          "similarity": 17, "divergence": ALL, "evaluate": ALL, **REPORT}),
     "training.batch_size": (lambda c: c["training"].update(batch_size=3),
                             {"degrade": 2, "recover": RUNS, **measured(17), **REPORT}),
     # the seed draws the prompt and benchmark subsets, the probe positions, the bootstrap and every training run;

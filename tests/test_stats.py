@@ -167,7 +167,7 @@ def test_control_contrasts_pick_the_arms_and_holm_correct():
 
 def _art(degradation, recovery, acc, cka, kl, se=(0.01, 0.05), model="m", step=None):
     """A collect_row-like row with two benchmark tasks a and b (acc = (acc_a, acc_b))."""
-    from realign.config import parse_recovery_name
+    from realign.identity import parse_recovery_name
 
     base, _, ck_step = parse_recovery_name(recovery)
     row = {"model": model, "degradation": degradation, "recovery": recovery, "family": "pruning",

@@ -9,7 +9,8 @@ import pytest
 import torch
 from tiny_study import snakemake
 
-from realign.config import artifact_location, parse_recovery_name, recovery_spec, run_dir, study_cells
+from realign.config import recovery_spec, study_cells
+from realign.identity import ArtifactId
 from realign.degrade import constraints
 from realign.io import read_json, read_jsonl
 from realign.models.artifact import load_artifact, load_constraint_tensors
@@ -30,8 +31,8 @@ def cells(config):
 def test_dry_run_lists_every_artifact_and_measurement(study):
     workdir, config, dry = study
     for degradation, recovery in cells(config):
-        assert run_dir("tiny", degradation, recovery) in dry
-        for kind, suffix in (("activations", "safetensors"), ("cka", "parquet"), ("divergence", "json"),
+        assert ArtifactId.parse("tiny", degradation, recovery).run_dir in dry
+        for kind, suffix in (("activations", "safetensors"), ("similarity", "parquet"), ("divergence", "json"),
                              ("eval", "json")):
             assert f"results/{kind}/tiny/{degradation}/{recovery}.{suffix}" in dry
 
@@ -117,7 +118,7 @@ def test_snakemake_report_archive_holds_the_report_and_its_figures(study, tmp_pa
 
 def test_teacher_measures_identical_to_itself(study):
     workdir, _, _ = study
-    cka = pd.read_parquet(workdir / "results/cka/tiny/none/none.parquet")
+    cka = pd.read_parquet(workdir / "results/similarity/tiny/none/none.parquet")
     for measure in ("linear_cka", "debiased_cka", "rbf_cka", "procrustes_sim", "knn_overlap"):
         assert cka[measure].sub(1).abs().max() < 1e-6, measure
     divergence = read_json(workdir / "results/divergence/tiny/none/none.json")
@@ -140,7 +141,7 @@ def test_saved_artifacts_keep_their_constraint_after_every_recovery(study):
     workdir, config, _ = study
     checked = set()
     for degradation, recovery in cells(config):
-        artifact = workdir / artifact_location("tiny", degradation, recovery)
+        artifact = workdir / ArtifactId.parse("tiny", degradation, recovery).location
         model, _, meta = load_artifact(artifact)
         assert meta.recovery == recovery
         masks = load_constraint_tensors(artifact)
@@ -150,12 +151,12 @@ def test_saved_artifacts_keep_their_constraint_after_every_recovery(study):
         if recovery != "none":
             curve = meta.training_curve
             spec, seed = recovery_spec(config, recovery)
-            expected_steps = parse_recovery_name(recovery)[2] or spec["steps"]
+            expected_steps = ArtifactId.parse("tiny", degradation, recovery).step or spec["steps"]
             assert len(curve) == meta.step == expected_steps
             assert meta.seed == seed
             assert all(math.isfinite(point["loss"]) for point in curve)
             # the constraint is the damaged parent's own, not one re-derived from the recovered weights
-            parent = workdir / artifact_location("tiny", degradation, "none")
+            parent = workdir / ArtifactId("tiny", degradation, "none").location
             assert meta.constraint == read_json(parent / "artifact.json")["constraint"]
             parent_tensors = load_constraint_tensors(parent)
             assert masks.keys() == parent_tensors.keys()

@@ -19,7 +19,7 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-from realign.config import parse_recovery_name
+from realign.identity import parse_recovery_name
 from realign.measure.similarity import CHECKED_MEASURES
 
 HELD_METHOD = "alignment-held"  # kd with each pre-registered layer's CKA held at or below the damaged model's

@@ -13,7 +13,7 @@ import pandas as pd
 
 from realign.analysis.resampling import holm, paired_difference
 from realign.analysis.settings import AnalysisSettings
-from realign.config import parse_recovery_name
+from realign.identity import parse_recovery_name
 
 # Paired ablations on the same damaged model: (label, arm A, arm B, what a difference means). Arms are chosen
 # by recovery method (and teacher); "damaged" is the damaged model itself (recovery none).

@@ -11,7 +11,7 @@ import pandas as pd
 from realign.analysis.regression import slope
 from realign.analysis.selection import artifact_label
 from realign.analysis.settings import AnalysisSettings
-from realign.config import parse_recovery_name, recovery_name
+from realign.identity import run_name
 from realign.io import jsonable
 
 
@@ -35,7 +35,7 @@ def dose_response(table: pd.DataFrame, settings: AnalysisSettings | None = None,
     key = {k: i for i, k in enumerate(table[["model", "degradation", "recovery"]].itertuples(index=False, name=None))}
     ck = table[table["checkpoint"].astype(bool)].copy()
     # The run a checkpoint belongs to: its recovery name without the @step suffix (keeps +seedN).
-    ck["_run"] = [recovery_name(*parse_recovery_name(r)[:2]) for r in ck["recovery"]]
+    ck["_run"] = [run_name(r) for r in ck["recovery"]]
     runs = []
     for (model, degradation, run), group in ck.groupby(["model", "degradation", "_run"], sort=True):
         notes = []

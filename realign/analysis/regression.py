@@ -150,14 +150,14 @@ def mixed_model(d: pd.DataFrame, settings: AnalysisSettings | None = None, **ove
 def _run_rows(table: pd.DataFrame) -> pd.DataFrame:
     """The recovered artifacts (final runs and their checkpoints) of damaged parents beyond noise with finite
     recovery_fraction and delta_cka, with `parent` (model/degradation) and `run` (parent/recovery without @step)."""
-    from realign.config import parse_recovery_name, recovery_name
+    from realign.identity import run_name
 
     rows = table[(table["degradation"] != "none") & (table["recovery"] != "none")]
     if "damage_within_noise" in rows:
         rows = rows[~rows["damage_within_noise"].astype(bool)]
     rows = rows[np.isfinite(rows["recovery_fraction"].astype(float)) & np.isfinite(rows["delta_cka"].astype(float))]
     parent = rows["model"].astype(str) + "/" + rows["degradation"].astype(str)
-    run = [recovery_name(*parse_recovery_name(r)[:2]) for r in rows["recovery"]]
+    run = [run_name(r) for r in rows["recovery"]]
     return rows.assign(parent=parent.to_numpy(), run=(parent + "/" + pd.Series(run, index=rows.index)).to_numpy())
 
 

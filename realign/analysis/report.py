@@ -24,7 +24,8 @@ TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "report"
 TEMPLATE_NAME = "report.html.j2"
 CSS_NAME = "report.css"
 
-PATH_COLS = {"artifact": "path_artifact", "eval": "path_eval", "divergence": "path_divergence", "cka": "path_cka"}
+PATH_COLS = {"artifact": "path_artifact", "eval": "path_eval", "divergence": "path_divergence",
+             "similarity": "path_similarity"}
 
 
 def fmt_num(x, digits: int = 3) -> str:
@@ -217,7 +218,7 @@ def _measure_rows(table: pd.DataFrame, base: Path) -> list[dict]:
     rows = []
     for _, r in table.iterrows():
         rows.append({"artifact": f"{r['model']} / {r['degradation']} / {r['recovery']}",
-                     "href": _rel(r.get("path_cka_summary") or r.get("path_cka"), base),
+                     "href": _rel(r.get("path_similarity_summary") or r.get("path_similarity"), base),
                      "cells": [fmt_num(r.get(c)) for c, _ in MEASURE_COLS],
                      "ci": f"[{fmt_num(r.get('cka_mean_ci_low'))}, {fmt_num(r.get('cka_mean_ci_high'))}]",
                      "delta": fmt_num(r.get("delta_cka")),
@@ -293,7 +294,7 @@ def figure_files(ctx: dict) -> dict[str, str]:
 def render_report(
     table: pd.DataFrame,
     stats: dict,
-    cka_layers: pd.DataFrame,
+    similarity_layers: pd.DataFrame,
     provenance: dict,
     out_path,
     *,
@@ -309,7 +310,7 @@ def render_report(
     ({rule kind: seconds | [seconds] | {"n", "seconds"}}), hardware (dict or str), data_splits (dict).
     Artifact file links are relative to the report's directory. null_floors: the long tables of
     realign.measure.stage.null_floors with a `model` column; matrices: {(model, degradation, recovery): CKA
-    summary dict of realign.measure.stage.cka_vs_teacher} for the layer x layer heatmaps.
+    summary dict of realign.measure.stage.similarity_to_teacher} for the layer x layer heatmaps.
     """
     out_path = Path(out_path)
     tdir = Path(template_dir) if template_dir else TEMPLATE_DIR
@@ -348,7 +349,7 @@ def render_report(
         "recovery_rows": _recovery_rows(table),
         "secondary": str(table["secondary_metric"].iloc[0]) if "secondary_metric" in table and len(table) else "",
         "estimator": estimator,
-        "cka_figs": figures.cka_layer_curves(cka_layers, f"{estimator}_cka", null_floors),
+        "cka_figs": figures.cka_layer_curves(similarity_layers, f"{estimator}_cka", null_floors),
         "heatmaps": figures.cka_heatmaps(table, matrices or {}, estimator),
         "inflation": figures.small_n_inflation(null_floors) if null_floors is not None else None,
         "floors": _floor_rows(null_floors, _alignment_ranges(table)),

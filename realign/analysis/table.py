@@ -55,7 +55,7 @@ CKA_ESTIMATORS = ("debiased", "linear")
 LAYER_COLUMNS = (*SIMILARITY_MEASURES, "debiased_cka_ci_low", "debiased_cka_ci_high")
 
 
-def collect_row(artifact_json, eval_json, divergence_json, cka_parquet, cka_summary=None,
+def collect_row(artifact_json, eval_json, divergence_json, similarity_parquet, similarity_summary=None,
                 cka_estimator: str = "debiased") -> dict:
     """Read the per-artifact files and return one flat row (scalars, plus the `cka_boot` replicate list).
 
@@ -65,25 +65,26 @@ def collect_row(artifact_json, eval_json, divergence_json, cka_parquet, cka_summ
     tasks (comma-joined sorted task names), acc_<task>, acc_<task>_stderr, bench_mean, bench_mean_stderr
     (stderr of the unweighted mean assuming independent tasks: sqrt(sum se^2) / k), nll_general, nll_code, nll_math,
     kl, kl_stderr (KL(teacher || artifact) and its standard error over tokens), reverse_kl, reverse_kl_stderr
-    (KL(artifact || teacher)), js, js_stderr (Jensen-Shannon), top1, alignment_first/alignment_last (the pre-registered range of hidden states that the
-    `cka` rule flagged, measure.alignment_layers), cka_mean and cka_min (mean and minimum over that range of the
-    `cka_estimator`'s CKA, debiased or linear), <measure>_mean for every similarity measure in the parquet
-    (linear_cka, debiased_cka, rbf_cka, procrustes_sim, knn_overlap; NaN where absent), n_layers (in the range),
+    (KL(artifact || teacher)), js, js_stderr (Jensen-Shannon), top1, alignment_first/alignment_last (the
+    pre-registered range of hidden states that the `similarity` rule flagged, measure.alignment_layers), cka_mean
+    and cka_min (mean and minimum over that range of the `cka_estimator`'s CKA, debiased or linear), <measure>_mean
+    for every measure of realign.measure.similarity.MEASURES (NaN where the parquet lacks it), n_layers (in the range),
     cka_embedding and cka_final (the estimator's CKA at the embeddings, layer 0, and at the final post-norm state,
-    layer L, both outside the range); from the JSON summary of the CKA step (when given, debiased estimator only;
+    layer L, both outside the range); from the JSON summary of the similarity step (when given, debiased estimator only;
     its range must be the parquet's): cka_mean_ci_low/high (95% bootstrap over probe sequences) and cka_boot (the
     replicates over the same range, paired across artifacts), and <measure>_mean_ci_low/high of rbf_cka,
-    procrustes_sim and knn_overlap (delete-a-group jackknife over probe sequences, where the summary has it); seconds (training/degradation time of the
-    artifact), eval_seconds, divergence_seconds, path_artifact, path_eval, path_divergence, path_cka.
+    procrustes_sim and knn_overlap (delete-a-group jackknife over probe sequences, where the summary has it);
+    seconds (training/degradation time of the artifact), eval_seconds, divergence_seconds, path_artifact, path_eval,
+    path_divergence, path_similarity, path_similarity_summary.
     """
     art = ArtifactRecord.from_json(read_json(artifact_json, verify=True, producer="the step that made the artifact"),
                                    artifact_json)
     ev = read_json(eval_json, verify=True, producer="the `evaluate` rule")
     div = read_json(divergence_json, verify=True, producer="the `divergence` rule")
-    cka = read_parquet(cka_parquet, producer="the `cka` rule")
-    missing = {"layer", "linear_cka"} - set(cka.columns)
+    layers = read_parquet(similarity_parquet, producer="the `similarity` rule")
+    missing = {"layer", "linear_cka"} - set(layers.columns)
     if missing:
-        raise ValueError(f"{cka_parquet}: missing column(s) {sorted(missing)}")
+        raise ValueError(f"{similarity_parquet}: missing column(s) {sorted(missing)}")
 
     row: dict = {
         "model": art.model,
@@ -139,15 +140,15 @@ def collect_row(artifact_json, eval_json, divergence_json, cka_parquet, cka_summ
     if cka_estimator not in CKA_ESTIMATORS:
         raise ValueError(f"analysis.cka_estimator must be one of {CKA_ESTIMATORS}, got {cka_estimator!r}")
     column = f"{cka_estimator}_cka"
-    if column not in cka:
-        raise ValueError(f"{cka_parquet}: no {column!r} column for analysis.cka_estimator {cka_estimator!r}")
-    if "in_alignment_range" not in cka:
-        raise ValueError(f"{cka_parquet}: no 'in_alignment_range' column (written before measure.alignment_layers "
-                         "existed): rerun the `cka` rule")
-    body = cka[cka["in_alignment_range"].astype(bool)]
+    if column not in layers:
+        raise ValueError(f"{similarity_parquet}: no {column!r} column for analysis.cka_estimator {cka_estimator!r}")
+    if "in_alignment_range" not in layers:
+        raise ValueError(f"{similarity_parquet}: no 'in_alignment_range' column (written before "
+                         "measure.alignment_layers existed): rerun the `similarity` rule")
+    body = layers[layers["in_alignment_range"].astype(bool)]
     if body.empty:
-        raise ValueError(f"{cka_parquet}: no layer in the alignment range (measure.alignment_layers)")
-    first, last, final = int(body["layer"].min()), int(body["layer"].max()), int(cka["layer"].max())
+        raise ValueError(f"{similarity_parquet}: no layer in the alignment range (measure.alignment_layers)")
+    first, last, final = int(body["layer"].min()), int(body["layer"].max()), int(layers["layer"].max())
     row["cka_estimator"] = cka_estimator
     row["alignment_first"], row["alignment_last"] = first, last
     row["cka_mean"] = float(body[column].mean())
@@ -155,17 +156,19 @@ def collect_row(artifact_json, eval_json, divergence_json, cka_parquet, cka_summ
     for measure in SIMILARITY_MEASURES:
         row[f"{measure}_mean"] = float(body[measure].mean()) if measure in body else math.nan
     # Reported apart from the range: the embeddings (layer 0) and the final post-norm state (layer L).
-    row["cka_embedding"] = float(cka.loc[cka["layer"] == 0, column].iloc[0]) if (cka["layer"] == 0).any() else math.nan
-    row["cka_final"] = float(cka.loc[cka["layer"] == final, column].iloc[0])
+    embedding = layers["layer"] == 0
+    row["cka_embedding"] = float(layers.loc[embedding, column].iloc[0]) if embedding.any() else math.nan
+    row["cka_final"] = float(layers.loc[layers["layer"] == final, column].iloc[0])
     row["n_layers"] = int(body["layer"].nunique())
     row["cka_mean_ci_low"] = row["cka_mean_ci_high"] = math.nan
     row["cka_boot"] = []
-    summary = read_json(cka_summary, verify=True, producer="the `cka` rule") if cka_summary is not None else None
+    summary = (read_json(similarity_summary, verify=True, producer="the `similarity` rule")
+               if similarity_summary is not None else None)
     if summary is not None and cka_estimator == "debiased":
         if summary.get("alignment_layers") != [first, last]:
-            raise ValueError(f"{cka_summary}: its alignment range {summary.get('alignment_layers')} is not the range "
-                             f"[{first}, {last}] flagged in {cka_parquet} (measure.alignment_layers): rerun the "
-                             "`cka` rule")
+            raise ValueError(f"{similarity_summary}: its alignment range {summary.get('alignment_layers')} is not "
+                             f"the range [{first}, {last}] flagged in {similarity_parquet} (measure.alignment_layers): "
+                             "rerun the `similarity` rule")
         low, high = summary["debiased_cka_mean_ci"]
         row["cka_mean_ci_low"], row["cka_mean_ci_high"] = _f(low), _f(high)
         row["cka_boot"] = [float(v) for v in summary["debiased_cka_mean_replicates"]]
@@ -180,8 +183,8 @@ def collect_row(artifact_json, eval_json, divergence_json, cka_parquet, cka_summ
     row["path_artifact"] = str(artifact_json)
     row["path_eval"] = str(eval_json)
     row["path_divergence"] = str(divergence_json)
-    row["path_cka"] = str(cka_parquet)
-    row["path_cka_summary"] = str(cka_summary) if cka_summary is not None else ""
+    row["path_similarity"] = str(similarity_parquet)
+    row["path_similarity_summary"] = str(similarity_summary) if similarity_summary is not None else ""
     return row
 
 
@@ -200,7 +203,7 @@ def _iter_keyed_paths(paths_with_keys) -> Iterable[tuple[tuple[str, str, str], s
             yield tuple(key), path
 
 
-def load_cka_layers(paths_with_keys) -> pd.DataFrame:
+def load_similarity_layers(paths_with_keys) -> pd.DataFrame:
     """Long table of per-layer similarity: columns model, degradation, recovery, layer, and every measure of
     SIMILARITY_MEASURES with its CI columns where the parquet has them (NaN otherwise).
 
@@ -209,7 +212,7 @@ def load_cka_layers(paths_with_keys) -> pd.DataFrame:
     """
     frames = []
     for (m, d, r), path in _iter_keyed_paths(paths_with_keys):
-        df = read_parquet(path, producer="the `cka` rule")
+        df = read_parquet(path, producer="the `similarity` rule")
         for column in LAYER_COLUMNS:
             if column not in df:
                 df[column] = math.nan

@@ -96,6 +96,18 @@ def debiased_cka(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return cka_from_hsic(_feature_hsic1(x, y), hxx, hyy)
 
 
+def minibatch_linear_cka(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Differentiable linear CKA between [n, d] student and teacher features of the same n tokens.
+
+    Feature-space form (d x d cross-covariance), float32; the biased estimator, as in CKA-regularised training,
+    where the batch is the sample: the training term of the CKA-regularised recoveries (realign.recover.losses),
+    never a measurement."""
+    x = x.float() - x.float().mean(0, keepdim=True)
+    y = y.float() - y.float().mean(0, keepdim=True)
+    cross = (y.T @ x).square().sum()
+    return cross / ((x.T @ x).square().sum().sqrt() * (y.T @ y).square().sum().sqrt() + 1e-12)
+
+
 def rbf_cka_from_gram(k: torch.Tensor, l: torch.Tensor) -> float:
     """RBF CKA with each input's median pairwise distance as bandwidth, from the linear Gram matrices X X^T."""
 
@@ -123,18 +135,27 @@ def procrustes_similarity(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(torch.linalg.svdvals((x / nx).T @ (y / ny)).sum())
 
 
-def _neighbours(g: torch.Tensor, k: int) -> torch.Tensor:
+def _cosine(g: torch.Tensor) -> torch.Tensor:
+    """The cosine kernel of a Gram matrix."""
     norms = torch.sqrt(torch.diagonal(g)).clamp_min(1e-300)
-    cosine = g / norms[:, None] / norms[None, :]
-    cosine.fill_diagonal_(-math.inf)
+    return g / norms[:, None] / norms[None, :]
+
+
+def _nearest(cosine: torch.Tensor, k: int) -> torch.Tensor:
+    """[n, k] indices of each token's k nearest neighbours under a cosine kernel, itself excluded."""
+    cosine = cosine.clone().fill_diagonal_(-math.inf)
     return cosine.topk(k, dim=1).indices
+
+
+def _check_neighbours(n_neighbours: int, n_samples: int) -> None:
+    if not 1 <= n_neighbours < n_samples:
+        raise ValueError(f"knn_k must be between 1 and n_samples - 1 = {n_samples - 1}, got {n_neighbours}")
 
 
 def mutual_knn_from_gram(k: torch.Tensor, l: torch.Tensor, n_neighbours: int) -> float:
     """Mean fraction of shared cosine k-nearest neighbours (self excluded) of each token in the two spaces."""
-    if not 1 <= n_neighbours < len(k):
-        raise ValueError(f"knn_k must be between 1 and n_samples - 1 = {len(k) - 1}, got {n_neighbours}")
-    a, b = _neighbours(k, n_neighbours), _neighbours(l, n_neighbours)
+    _check_neighbours(n_neighbours, len(k))
+    a, b = _nearest(_cosine(k), n_neighbours), _nearest(_cosine(l), n_neighbours)
     shared = (a[:, :, None] == b[:, None, :]).any(-1).sum(1)
     return float(shared.double().mean() / n_neighbours)
 
@@ -200,22 +221,15 @@ def _hsic1_gram(k0: torch.Tensor, l0: torch.Tensor) -> torch.Tensor:
     return hsic1((k0 * l0.T).sum(), k0.sum(), l0.sum(), k0.sum(0) @ l0.sum(1), len(k0))
 
 
-def _cosine(g: torch.Tensor) -> torch.Tensor:
-    norms = torch.sqrt(torch.diagonal(g)).clamp_min(1e-300)
-    return g / norms[:, None] / norms[None, :]
-
-
 def cknna_from_gram(k: torch.Tensor, l: torch.Tensor, n_neighbours: int) -> float:
     """CKNNA (Huh et al. 2024, the kernel-aligned mutual k-NN of platonic-rep): the unbiased-HSIC CKA of the cosine
     kernels restricted to the token pairs that are k-nearest neighbours in both spaces, normalised by each space's
     self-alignment over its own neighbour pairs. 1 when the two neighbourhood structures and kernels agree."""
-    if not 1 <= n_neighbours < len(k):
-        raise ValueError(f"knn_k must be between 1 and n_samples - 1 = {len(k) - 1}, got {n_neighbours}")
+    _check_neighbours(n_neighbours, len(k))
     ck, cl = _cosine(k), _cosine(l)
 
     def neighbour_mask(c: torch.Tensor) -> torch.Tensor:
-        mask = torch.zeros_like(c)
-        return mask.scatter_(1, _neighbours(c.clone(), n_neighbours), 1.0)
+        return torch.zeros_like(c).scatter_(1, _nearest(c, n_neighbours), 1.0)
 
     mk, ml = neighbour_mask(ck), neighbour_mask(cl)
     both = mk * ml

@@ -107,14 +107,16 @@ def alignment_range(alignment_layers, n_hidden: int) -> tuple[int, int]:
     return first, last
 
 
-def cka_vs_teacher(teacher_acts, artifact_acts, out_path, summary_path, *, n_boot: int = 1000,
-                   jackknife_groups: int = 8, seed: int = 0, knn_k: int = 10, alignment_layers="inner") -> pd.DataFrame:
+def similarity_to_teacher(teacher_acts, artifact_acts, out_path, summary_path, *, n_boot: int = 1000,
+                          jackknife_groups: int = 8, seed: int = 0, knn_k: int = 10,
+                          alignment_layers="inner") -> pd.DataFrame:
     """Per-layer similarity of an artifact to the teacher (parquet, with an `in_alignment_range` flag per layer)
     and a JSON summary: over the pre-registered range of hidden states (`alignment_layers`, see alignment_range),
     the layer means and minima of every measure, the debiased CKA layer mean's bootstrap replicates (paired across
     artifacts: same seed, same probe sequences) and CI, the other measures' layer means' delete-a-group jackknife
-    intervals over probe sequences (`jackknife_groups`, 0: none; realign.measure.similarity); apart from it every measure at the embeddings (layer 0)
-    and at the final post-norm state (layer L); and the teacher-layer x artifact-layer CKA matrices."""
+    intervals over probe sequences (`jackknife_groups`, 0: none; realign.measure.similarity); apart from it every
+    measure at the embeddings (layer 0) and at the final post-norm state (layer L); and the teacher-layer x
+    artifact-layer CKA matrices."""
     teacher_layers, layers, sequence_of_token = _matched(teacher_acts, artifact_acts)
     first, last = alignment_range(alignment_layers, len(layers))
     result = compare_layers(teacher_layers, layers, sequence_of_token, n_boot=n_boot, seed=seed, knn_k=knn_k)

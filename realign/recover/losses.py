@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from realign.data.sequences import IGNORE
+from realign.measure.kernels import minibatch_linear_cka
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
@@ -96,17 +97,6 @@ def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, label
     """Mean over supervised tokens of KL(p_teacher || p_student) at `temperature`, scaled by T^2 (Hinton)."""
     return divergence(supervised_log_probs(teacher_logits, labels, temperature),
                       supervised_log_probs(student_logits, labels, temperature)) * temperature**2
-
-
-def minibatch_linear_cka(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Differentiable linear CKA between [n, d] student and teacher features of the same n tokens.
-
-    Feature-space form (d x d cross-covariance), float32; the biased estimator, as in CKA-regularised
-    training, where the batch is the sample. Not used for measurement (realign.measure.kernels is)."""
-    x = x.float() - x.float().mean(0, keepdim=True)
-    y = y.float() - y.float().mean(0, keepdim=True)
-    cross = (y.T @ x).square().sum()
-    return cross / ((x.T @ x).square().sum().sqrt() * (y.T @ y).square().sum().sqrt() + 1e-12)
 
 
 def layer_cka(student_hidden, teacher_hidden, mask: torch.Tensor, layers: list[int]) -> torch.Tensor:

@@ -3,21 +3,21 @@
 
 rule table:
     input:
-        artifacts=[run_dir(*cell) for cell in artifacts()],
+        artifacts=[artifact_dir(*cell) for cell in artifacts()],
         evals=measurement_files("eval", "json"),
         item_records=measurement_files("eval", "items.parquet"),
         sequence_records=measurement_files("eval", "sequences.parquet"),
         divergences=measurement_files("divergence", "json"),
-        ckas=measurement_files("cka", "parquet"),
-        cka_summaries=measurement_files("cka", "json"),
+        similarities=measurement_files("similarity", "parquet"),
+        similarity_summaries=measurement_files("similarity", "json"),
     output:
         table="results/table.parquet",
-        cka_layers="results/cka_layers.parquet",
+        similarity_layers="results/similarity_layers.parquet",
         table_digest=digest_of("results/table.parquet"),
-        cka_layers_digest=digest_of("results/cka_layers.parquet"),
+        similarity_layers_digest=digest_of("results/similarity_layers.parquet"),
     params:
         cells=artifacts(),
-        artifact_paths=[artifact_location(*cell) for cell in artifacts()],
+        artifact_paths=[ArtifactId.parse(*cell).location for cell in artifacts()],
         analysis={key: config["analysis"][key] for key in ("performance", "cka_estimator", "n_boot", "alpha")},
         seed=SEED,
     log:
@@ -36,7 +36,7 @@ rule table:
 rule report:
     input:
         table="results/table.parquet",
-        cka_layers="results/cka_layers.parquet",
+        similarity_layers="results/similarity_layers.parquet",
         null_floors=[f"results/null/{m}/floors.parquet" for m in MODELS],
         prompts="results/data/prompts.json",
         benchmarks="results/data/benchmarks",

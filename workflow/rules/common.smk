@@ -1,11 +1,11 @@
 # Config validation (before any job), wildcard constraints, and the input functions shared by the rules.
 import re
 
-from realign.config import (ConfigError, artifact_location, checkpoint_steps, config_hash, load_schema,
-                            recovery_spec, run_dir, study_cells, study_degradations, study_recoveries,
-                            trained_recoveries, training_params, validate_config)
+from realign.config import (ConfigError, checkpoint_steps, config_hash, load_schema, recovery_spec, study_cells,
+                            study_degradations, study_recoveries, trained_recoveries, training_params, validate_config)
 from realign.data.stage import forgetting_chars_needed
 from realign.degrade.registry import CALIBRATED_METHODS
+from realign.identity import ArtifactId
 from realign.recover.registry import training_targets
 from realign.io import DIGEST_SUFFIX
 from realign.resources import job_resources, parameter_count_b
@@ -57,15 +57,15 @@ def artifacts():
 
 
 def artifact_dir(model, degradation, recovery):
-    return run_dir(model, degradation, recovery)
+    return ArtifactId.parse(model, degradation, recovery).run_dir
 
 
 def model_dir(wildcards):
-    return run_dir(wildcards.model, wildcards.degradation, wildcards.recovery)
+    return artifact_dir(wildcards.model, wildcards.degradation, wildcards.recovery)
 
 
 def model_path(wildcards):
-    return artifact_location(wildcards.model, wildcards.degradation, wildcards.recovery)
+    return ArtifactId.parse(wildcards.model, wildcards.degradation, wildcards.recovery).location
 
 
 def teacher_dir(wildcards):

@@ -67,28 +67,28 @@ rule null_floors:
         "../../scripts/null_floors.py"
 
 
-rule cka:
+rule similarity:
     input:
         teacher="results/activations/{model}/none/none.safetensors",
         artifact="results/activations/{model}/{degradation}/{recovery}.safetensors",
     params:
         similarity=get_similarity_params,
     output:
-        layers="results/cka/{model}/{degradation}/{recovery}.parquet",
-        summary="results/cka/{model}/{degradation}/{recovery}.json",
-        layers_digest=digest_of("results/cka/{model}/{degradation}/{recovery}.parquet"),
-        summary_digest=digest_of("results/cka/{model}/{degradation}/{recovery}.json"),
+        layers="results/similarity/{model}/{degradation}/{recovery}.parquet",
+        summary="results/similarity/{model}/{degradation}/{recovery}.json",
+        layers_digest=digest_of("results/similarity/{model}/{degradation}/{recovery}.parquet"),
+        summary_digest=digest_of("results/similarity/{model}/{degradation}/{recovery}.json"),
     log:
-        "logs/cka/{model}/{degradation}/{recovery}.log",
+        "logs/similarity/{model}/{degradation}/{recovery}.log",
     benchmark:
-        "results/benchmarks/cka/{model}/{degradation}/{recovery}.tsv"
+        "results/benchmarks/similarity/{model}/{degradation}/{recovery}.tsv"
     threads: 2
     resources:
         **sized("similarity"),
     conda:
         CONDA_ENV
     script:
-        "../../scripts/cka.py"
+        "../../scripts/similarity.py"
 
 
 # The teacher's side of the divergence, once per model: its logits at the supervised positions of the divergence
