@@ -128,6 +128,14 @@ def test_report_shows_measures_nulls_heatmaps_controls_and_trajectories(tmp_path
     nulls = html[html.index('id="nulls"'):html.index('id="measures"')]
     assert "random-init" in nulls and "token-shuffled" in nulls and "<svg" in nulls
     assert "orthogonal Procrustes similarity" in html and "mutual k-NN overlap" in html
+    # the legend of the measures table is the registry: one row per measure, its family, interval and paper
+    from realign.measure.similarity import MEASURES
+
+    legend = html[html.index('id="measure-legend"'):]
+    legend = legend[:legend.index("</table>")]
+    assert legend.count("<tr>") == len(MEASURES) + 1
+    assert all(m.label in legend and m.reference in legend for m in MEASURES)
+    assert legend.count("&#10003;") == sum(m.manipulation_check for m in MEASURES) == 3
     controls = html[html.index('id="controls"'):html.index('id="dose"')]
     assert "<svg" in controls and "kd vs sft" in controls
     assert "<svg" in html[html.index('id="dose"'):html.index('id="benchmarks"')]

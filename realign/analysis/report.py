@@ -211,6 +211,14 @@ def _ols_view(stats: dict) -> dict | None:
 
 
 MEASURE_COLS = [(f"{m.name}_mean", m.short) for m in measures_primary_first()]
+INTERVALS = {"bootstrap": "bootstrap over probe sequences",
+             "jackknife": "delete-a-group jackknife over probe sequences", "none": "none"}
+
+
+def _measure_legend() -> list[dict]:
+    """What each column of the measures table is, read from the registry (realign.measure.similarity.MEASURES)."""
+    return [{"short": m.short, "label": m.label, "family": m.family, "reference": m.reference,
+             "interval": INTERVALS[m.interval], "checked": m.manipulation_check} for m in measures_primary_first()]
 
 
 def _measure_rows(table: pd.DataFrame, base: Path) -> list[dict]:
@@ -360,6 +368,7 @@ def render_report(
         "by_measure": stats.get("by_measure") or [],
         "measure_rows": _measure_rows(table, out_path.parent),
         "measure_columns": [label for _, label in MEASURE_COLS],
+        "measure_legend": _measure_legend(),
         "per_benchmark": stats.get("per_benchmark") or {},
         "mixed": stats.get("mixed_model") or {},
         "runs_model": stats.get("runs_model") or {},
