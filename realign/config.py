@@ -53,7 +53,15 @@ def _apply_defaults(instance, schema) -> None:
 
 
 def load_schema(path: str | Path) -> dict:
-    return yaml.safe_load(Path(path).read_text())
+    """The config schema, with the allowed `method` of each degradation and recovery filled in from their registries
+    (realign.degrade.registry, realign.recover.registry): a new method is an entry there, not also a schema edit."""
+    from realign.degrade.registry import METHODS as DEGRADATION_METHODS
+    from realign.recover.registry import METHODS as RECOVERY_METHODS
+
+    schema = yaml.safe_load(Path(path).read_text())
+    for section, names in (("degradations", DEGRADATION_METHODS), ("recoveries", RECOVERY_METHODS)):
+        schema["properties"][section]["additionalProperties"]["properties"]["method"] = {"enum": list(names)}
+    return schema
 
 
 def _check_schema(instance, schema: dict, prefix: tuple[str, ...] = ()) -> None:

@@ -8,16 +8,29 @@ import yaml
 from realign.degrade.registry import CALIBRATED_METHODS, FAMILIES, METHODS, apply_method
 from realign.recover.registry import METHODS as RECOVERY_METHODS
 
-SCHEMA = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflow/schemas/config.schema.yaml").read_text())
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow/schemas/config.schema.yaml"
 
 
-def _method_enum(section: str) -> list[str]:
-    return SCHEMA["properties"][section]["additionalProperties"]["properties"]["method"]["enum"]
+def _method_enum(schema: dict, section: str) -> list[str]:
+    return schema["properties"][section]["additionalProperties"]["properties"]["method"]["enum"]
 
 
 def test_the_schema_enums_are_the_registries():
-    assert sorted(_method_enum("degradations")) == sorted(METHODS)
-    assert sorted(_method_enum("recoveries")) == sorted(RECOVERY_METHODS)
+    from realign.config import ConfigError, load_schema, validate_config
+
+    schema = load_schema(SCHEMA_PATH)
+    assert _method_enum(schema, "degradations") == list(METHODS)
+    assert _method_enum(schema, "recoveries") == list(RECOVERY_METHODS)
+    # the YAML itself lists no method names, so there is no second list to keep in step
+    raw = yaml.safe_load(SCHEMA_PATH.read_text())
+    assert all("enum" not in raw["properties"][s]["additionalProperties"]["properties"]["method"]
+               for s in ("degradations", "recoveries"))
+    config = yaml.safe_load((SCHEMA_PATH.parents[2] / "config.yaml").read_text())
+    config["degradations"]["rtn-w3g64"]["method"] = "zip"
+    import pytest
+
+    with pytest.raises(ConfigError, match="degradations.rtn-w3g64.method"):
+        validate_config(config, schema)
 
 
 def test_families_and_calibration_come_from_the_entries():

@@ -4,9 +4,9 @@ the teacher quantized), whether it is fitted on calibration windows of the disti
 post-training methods the function `(model, params, calibration ids, key) -> (constraint, constraint tensors)`.
 
 The stage (realign.degrade.stage), the config's cross-checks, the coverage checks and the workflow's input functions
-read this list; tests/test_registries.py fails when the schema's enum and the list disagree. Adding a method is
-one entry here plus its function (and its options in the schema). The method modules are imported only when
-their method runs, so reading the list costs nothing.
+read this list, and so does the config schema's `method` enum (realign.config.load_schema fills it in). Adding a
+method is one entry here plus its function (and its options in the schema, if it has new ones). The method
+modules are imported only when their method runs, so reading the list costs nothing.
 """
 
 from __future__ import annotations

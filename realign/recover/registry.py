@@ -2,8 +2,9 @@
 it reads beyond the shared ones (any other key is a config error naming it), whether it trains on the teacher's
 logits (its cached top-k, or a live teacher) and on its hidden states (a live teacher), and which text of a
 distillation record it trains on. realign.config (option checks), realign.recover.methods (losses, data) and the
-workflow's input functions read this list; tests/test_registries.py fails when the schema's enum disagrees.
-Adding a method is one entry here plus its loss in realign.recover.methods (and its options in the schema).
+workflow's input functions read this list, and so does the config schema's `method` enum (realign.config.load_schema
+fills it in). Adding a method is one entry here plus its loss in realign.recover.methods (and its options in the
+schema, if it has new ones).
 """
 
 from __future__ import annotations
