@@ -81,6 +81,21 @@ def targets_by_layer(model) -> list[dict[str, Target]]:
     return grouped
 
 
+
+def pruning_plan(model, sparsity, pattern, calibration, key: str = ""):
+    """What a calibrated pruner (Wanda, SparseGPT) checks before any work: exactly one target (`sparsity` or an
+    N:M `pattern`), the calibration windows, each decoder layer's damage targets, and that N:M groups fit every
+    target's input width. Returns (target sparsity, (n, m) or None, calibration ids, targets by layer)."""
+    from realign.degrade.nm import check_widths, resolve_target
+
+    goal, nm = resolve_target(sparsity, pattern, key=key)
+    calibration = check_calibration(calibration, key=key)
+    groups = targets_by_layer(model)
+    if nm is not None:
+        for group in groups:
+            check_widths(group, nm[1], key=key)
+    return goal, nm, calibration, groups
+
 def _first(output):
     # transformers 5.x decoder layers return the hidden-state tensor; 4.x returned a tuple led by it.
     return output[0] if isinstance(output, (tuple, list)) else output
@@ -199,6 +214,21 @@ class _ExpertInputs(torch.overrides.TorchFunctionMode):
                     self.on_input(names[expert], x.reshape(-1, x.shape[-1]).to(torch.float64))
         return func(*args, **(kwargs or {}))
 
+
+
+def prune_layer_by_layer(model, calibration: torch.LongTensor, groups: list[dict], collect: Callable,
+                         prune: Callable) -> dict[str, torch.Tensor]:
+    """The loop of a calibrated pruner: decoder layer by decoder layer (sequential_layers), `collect(targets, run)`
+    gathers each target's statistics on inputs from the already-pruned layers before it, then
+    `prune(weight, statistics) -> (pruned weight, keep-mask)` prunes each target in place (its statistics freed as
+    it goes). Returns {module name: keep-mask}."""
+    masks = {}
+    for index, _, run in sequential_layers(model, calibration):
+        statistics = collect(groups[index], run)
+        for name, target in groups[index].items():
+            pruned, masks[name] = prune(target.weight, statistics.pop(name))
+            target.assign(pruned)
+    return masks
 
 def _eager_experts(modules) -> None:
     """Run transformers experts modules with their plain per-expert loop (not grouped_mm/batched_mm), so that

@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 
 from realign.degrade.calibration import (
-    calibration_summary, check_calibration, check_damp_block, collect_hessians, damped_inverse_cholesky,
-    sequential_layers, targets_by_layer,
+    calibration_summary, check_damp_block, collect_hessians, damped_inverse_cholesky, prune_layer_by_layer,
+    pruning_plan,
 )
-from realign.degrade.nm import check_widths, nm_mask, resolve_target
+from realign.degrade.nm import nm_mask
 from realign.degrade.prune import mask_constraint
 from realign.degrade.targets import validate_sparsity
 
@@ -87,22 +87,11 @@ def sparsegpt_prune_model(model, calibration, sparsity: float | None = None, pat
 
     Exactly one of `sparsity` / `pattern` ("2:4"). Returns (constraint description, {module name: keep-mask})
     in the format of prune.prune_model; `key` prefixes error messages with the config key."""
-    goal, nm = resolve_target(sparsity, pattern, key=key)
     check_damp_block(damp, block_size, key=key)
-    calibration = check_calibration(calibration, key=key)
-    groups = targets_by_layer(model)
-    if nm is not None:
-        for group in groups:
-            check_widths(group, nm[1], key=key)
+    goal, nm, calibration, groups = pruning_plan(model, sparsity, pattern, calibration, key=key)
 
-    masks = {}
-    for index, layer, run in sequential_layers(model, calibration):
-        modules = groups[index]
-        hessians = collect_hessians(modules, run)
-        for name, target in modules.items():
-            pruned, mask = sparsegpt_prune_weight(target.weight, hessians.pop(name),
-                                                  sparsity=goal if nm is None else None, nm=nm, damp=damp,
-                                                  block_size=block_size)
-            target.assign(pruned)
-            masks[name] = mask
+    masks = prune_layer_by_layer(
+        model, calibration, groups, collect_hessians,
+        lambda weight, hessian: sparsegpt_prune_weight(weight, hessian, sparsity=goal if nm is None else None, nm=nm,
+                                                       damp=damp, block_size=block_size))
     return mask_constraint("sparsegpt", nm, goal, masks, calibration=calibration_summary(calibration)), masks

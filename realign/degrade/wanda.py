@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 
 from realign.degrade.calibration import (
-    calibration_summary, check_calibration, collect_input_sq_norms, targets_by_layer, sequential_layers,
+    calibration_summary, collect_input_sq_norms, prune_layer_by_layer, pruning_plan,
 )
-from realign.degrade.nm import check_widths, nm_mask, resolve_target
+from realign.degrade.nm import nm_mask
 from realign.degrade.prune import mask_constraint
 from realign.degrade.targets import validate_sparsity
 
@@ -42,20 +42,12 @@ def wanda_prune_model(model, calibration, sparsity: float | None = None, pattern
 
     Exactly one of `sparsity` / `pattern` ("2:4"). Returns (constraint description, {module name: keep-mask})
     in the format of prune.prune_model; `key` prefixes error messages with the config key."""
-    goal, nm = resolve_target(sparsity, pattern, key=key)
-    calibration = check_calibration(calibration, key=key)
-    groups = targets_by_layer(model)
-    if nm is not None:
-        for group in groups:
-            check_widths(group, nm[1], key=key)
+    goal, nm, calibration, groups = pruning_plan(model, sparsity, pattern, calibration, key=key)
 
-    masks = {}
-    for index, layer, run in sequential_layers(model, calibration):
-        modules = groups[index]
-        norms = collect_input_sq_norms(modules, run)
-        for name, target in modules.items():
-            mask = wanda_mask(target.weight, norms[name], sparsity=goal if nm is None else None, nm=nm)
-            target.assign(target.weight.detach().masked_fill(~mask, 0))
-            masks[name] = mask
+    def prune(weight, input_sq_norms):
+        mask = wanda_mask(weight, input_sq_norms, sparsity=goal if nm is None else None, nm=nm)
+        return weight.detach().masked_fill(~mask, 0), mask
+
+    masks = prune_layer_by_layer(model, calibration, groups, collect_input_sq_norms, prune)
     return mask_constraint("wanda", nm, goal, masks, calibration=calibration_summary(calibration)), masks
 
