@@ -1,15 +1,22 @@
 """The mathematics of representation similarity, each estimator written once: one unbiased HSIC, one CKA of each
-kind, Procrustes similarity and mutual k-NN overlap. Inputs are [n_samples, n_features] representations of the same
-inputs (tokens); realign.measure.similarity lists the measures the study reports and computes them layer by layer.
+kind, Procrustes similarity, neighbourhood, canonical-correlation, representational-similarity and predictivity
+measures. Inputs are [n_samples, n_features] representations of the same inputs (tokens);
+realign.measure.similarity lists the measures the study reports and computes them layer by layer.
 
 * linear CKA (Kornblith et al. 2019) with the biased HSIC estimator: inflated when the number of tokens n is not
-  much larger than the feature dimension;
+  much larger than the feature dimension; its differentiable float32 form `minibatch_linear_cka` is the training
+  term of the CKA-regularised recoveries;
 * debiased linear CKA: the unbiased HSIC estimator HSIC_1 of Song et al. (2012), as in Nguyen et al. (2021);
 * RBF CKA with the median pairwise distance of each input as bandwidth (Kornblith et al. 2019);
 * orthogonal Procrustes similarity ||X^T Y||_* of the centred, unit-Frobenius-norm representations, i.e.
   1 - d^2 / 2 with d the Procrustes distance of Ding et al. (2021): 1 = equal up to a rotation;
 * mutual k-nearest-neighbour overlap (Huh et al. 2024): the fraction of each token's k nearest neighbours
-  (cosine, centred features) shared by both representations; chance is k / (n - 1).
+  (cosine, centred features) shared by both representations; chance is k / (n - 1); and CKNNA, its kernel-aligned
+  form (platonic-rep);
+* SVCCA (Raghu et al. 2017) and PWCCA (Morcos et al. 2018) on the leading singular subspaces;
+* RSA: the Spearman correlation of the correlation-distance dissimilarity matrices (Kriegeskorte et al. 2008);
+* linear predictivity: cross-validated ridge R^2 from the artifact's representation to the teacher's, folds of
+  whole probe sequences.
 
 The slow textbook formulations these are checked against (explicit H K H, n x n Gram matrices) live in
 tests/reference_similarity.py.
