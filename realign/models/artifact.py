@@ -54,6 +54,15 @@ def _is_peft(model) -> bool:
     return isinstance(model, PeftModel)
 
 
+def _sort_adapter_targets(config_path: Path) -> None:
+    """peft keeps `target_modules` as a set and saves it in hash order, which differs from process to process: sorted,
+    the same run saves the same bytes (and the same files_sha256) every time."""
+    config = json.loads(config_path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def save_artifact(model, tokenizer, out_dir: str | Path, record: ArtifactRecord,
                   constraint_tensors: dict[str, torch.Tensor] | None = None,
                   frozen_base_dir: str | Path | None = None, include: dict[str, Path] | None = None) -> Path:
@@ -73,6 +82,7 @@ def save_artifact(model, tokenizer, out_dir: str | Path, record: ArtifactRecord,
                 for path in Path(frozen_base_dir).glob(pattern):
                     shutil.copy2(path, tmp / path.name)
             model.save_pretrained(tmp / ADAPTER_DIR)
+            _sort_adapter_targets(tmp / ADAPTER_DIR / "adapter_config.json")
         else:
             model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
