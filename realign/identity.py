@@ -68,6 +68,11 @@ def format_recovery_name(recovery: str, seed: int | None = None, step: int | Non
     return recovery + (f"+seed{seed}" if seed is not None else "") + (f"@step{step}" if step is not None else "")
 
 
+def is_configured_run(recovery_name: str) -> bool:
+    """Neither a replicate nor a checkpoint: the run the config names (ArtifactId.is_configured_run of a name)."""
+    return parse_recovery_name(recovery_name)[1:] == (None, None)
+
+
 def run_name(recovery_name: str) -> str:
     """The recovery name of the training run an artifact belongs to (its name without `@step<K>`)."""
     recovery, seed, _ = parse_recovery_name(recovery_name)

@@ -2,7 +2,8 @@
 
 import pytest
 
-from realign.identity import ArtifactId, checkpoint_dir, format_recovery_name, parse_recovery_name, run_name
+from realign.identity import (ArtifactId, checkpoint_dir, format_recovery_name, is_configured_run, parse_recovery_name,
+                              run_name)
 
 
 @pytest.mark.parametrize("name, parts", [("kd", ("kd", None, None)), ("kd+seed1", ("kd", 1, None)),
@@ -13,7 +14,7 @@ def test_names_round_trip_and_paths_are_built_in_one_place(name, parts):
     artifact = ArtifactId.parse("m", "d", name)
     assert (artifact.recovery, artifact.seed, artifact.step) == parts == parse_recovery_name(name)
     assert artifact.recovery_name == name == format_recovery_name(*parts)
-    assert artifact.is_configured_run == (parts[1:] == (None, None))
+    assert artifact.is_configured_run == is_configured_run(name) == (parts[1:] == (None, None))
     assert artifact.run.recovery_name == run_name(name) == format_recovery_name(*parts[:2])
     assert artifact.run_dir == f"results/models/m/d/{artifact.run.recovery_name}"
     expected = artifact.run_dir + (f"/checkpoints/step-{parts[2]}" if parts[2] is not None else "")

@@ -13,7 +13,7 @@ import pandas as pd
 
 from realign.analysis.resampling import holm, paired_difference
 from realign.analysis.settings import AnalysisSettings
-from realign.identity import parse_recovery_name
+from realign.identity import is_configured_run
 
 # Paired ablations on the same damaged model: (label, arm A, arm B, what a difference means). Arms are chosen
 # by recovery method (and teacher); "damaged" is the damaged model itself (recovery none).
@@ -29,7 +29,7 @@ CONTRASTS = (
 
 def _arm(group: pd.DataFrame, arm: str) -> pd.Series | None:
     # The configured run itself: neither a replicate (+seedN) nor a checkpoint (@stepK).
-    final = group[[parse_recovery_name(r)[1:] == (None, None) for r in group["recovery"]]]
+    final = group[[is_configured_run(r) for r in group["recovery"]]]
     teacher = final["teacher"].astype(str) if "teacher" in final else pd.Series("none", index=final.index)
     if arm == "damaged":
         rows = final[final["recovery"] == "none"]

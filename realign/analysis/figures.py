@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from realign.analysis.selection import select_analysed  # noqa: E402
-from realign.identity import ArtifactId  # noqa: E402
+from realign.identity import is_configured_run  # noqa: E402
 
 _RC = {
     "svg.hashsalt": "realign",
@@ -52,7 +52,7 @@ def _empty(msg: str) -> str:
 
 def _final_recoveries(recoveries) -> list[str]:
     """The configured runs: neither replicates (+seedN) nor checkpoints (@stepK), which would crowd a figure."""
-    return [r for r in recoveries if ArtifactId.parse("", "", r).is_configured_run]
+    return [r for r in recoveries if is_configured_run(r)]
 
 
 def cka_layer_curves(cka_layers: pd.DataFrame, metric: str = "debiased_cka",
