@@ -47,7 +47,8 @@ class AnalysisSettings:
     its upper bound below it; at most theta_support), meaningful_recovery (the share of kd's gain below which an
     arm's recovery is not meaningful), cka_rise_min (the share of kd's delta CKA an arm must exceed to count as
     re-aligning), held_cka_margin (the held arm's delta CKA bound: its allowed share of kd's plus this share),
-    kl_margin (the share of kd's KL reduction the held arm may leave). power_tables: simulated studies per cell of
+    kl_margin (the share of kd's KL reduction the held arm may leave), eligible_gain_share (kd's mean gain must reach
+    this share of the damage for the damage to enter theta). power_tables: simulated studies per cell of
     the study's own power (realign.analysis.calibration.study_power; 0: none)."""
 
     performance: str | None
@@ -64,6 +65,7 @@ class AnalysisSettings:
     cka_rise_min: float
     held_cka_margin: float
     kl_margin: float
+    eligible_gain_share: float
     power_tables: int
     seed: int
 
@@ -112,7 +114,8 @@ _REAL, _INT = (numbers.Real,), (numbers.Integral,)  # numpy scalars included; __
 _TYPES: dict[str, tuple[type, ...]] = {
     "performance": (str, type(None)), "cka_estimator": (str,), "alpha": _REAL, "min_effect": _REAL, "n_boot": _INT,
     "n_perm": _INT, "min_n": _INT, "min_n_ci": _INT, "theta_support": _REAL, "theta_refute": _REAL,
-    "meaningful_recovery": _REAL, "cka_rise_min": _REAL, "held_cka_margin": _REAL, "kl_margin": _REAL, "power_tables": _INT,
+    "meaningful_recovery": _REAL, "cka_rise_min": _REAL, "held_cka_margin": _REAL, "kl_margin": _REAL,
+    "eligible_gain_share": _REAL, "power_tables": _INT,
     "seed": _INT,
 }
 _TYPE_NAMES = {str: "string", type(None): "None", numbers.Real: "number", numbers.Integral: "integer"}
