@@ -11,12 +11,10 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from realign.errors import ConfigError  # re-exported: `from realign.config import ConfigError` keeps working
 from realign.identity import format_recovery_name, parse_recovery_name
+from realign.models.checks import check_models
 from realign.recover.registry import RECOVERY_OPTIONS
-
-
-class ConfigError(ValueError):
-    pass
 
 
 def _key_path(error: jsonschema.ValidationError, prefix: tuple[str, ...] = ()) -> str:
@@ -162,9 +160,7 @@ def _check_cross_references(config: dict) -> None:
     if performance.startswith("acc:") and performance[4:] not in config["measure"]["benchmarks"]:
         raise ConfigError(f"invalid config key analysis.performance: task {performance[4:]!r} is not in "
                           f"measure.benchmarks ({', '.join(config['measure']['benchmarks'])})")
-    from realign.models.checks import check_models  # imports this module's ConfigError
-
-    check_models(config)
+    check_models(config, study_degradations(config))
 
 
 def checkpoint_steps(spec: dict) -> list[int]:

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from realign.analysis.preregistered import analyze_theta
+from realign.analysis.theta import analyze_theta
 from realign.analysis.report import render_report
 from realign.analysis.settings import AnalysisSettings
 from realign.analysis.stats import analyze_with_controls
@@ -36,7 +36,9 @@ def _table(gains, seed=0, **kw) -> pd.DataFrame:
     t["recovery_fraction"] = np.where(t["recovery"] == "none", np.nan, t["gain"] / t["damage"])
     t["delta_kl"] = t["kl"] - t["degradation"].map(parents["kl"])
     t["cka_mean"] = 0.6 + t["delta_cka"]  # the control contrasts read it
-    t["family"] = "quantization"
+    t["damage_ci_low"] = t["damage"] - 0.1  # every damage beyond noise
+    t["family"] = t["degradation"].map({"q4": "quantization", "prune": "pruning", "forget": "forgetting"})
+    t["changed_fraction"] = np.where(t["recovery"] == "none", np.nan, 0.5)  # kd's record: it moved the weights
     return t
 
 
@@ -59,17 +61,12 @@ def test_the_statistics_carry_analyze_theta_s_verdict_and_interval(gains, outcom
     assert expected.verdict.outcome == outcome, expected.verdict.reason  # the tables do what they are built for
     entry = analyze_with_controls(table, S)["theta"]
     assert entry["estimated"] is True
-    assert (entry["outcome"], entry["rule"], entry["reason"]) == (
-        expected.verdict.outcome, expected.verdict.rule, expected.verdict.reason)
-    pooled = expected.theta.pooled
-    assert (entry["pooled"]["estimate"], entry["pooled"]["low"], entry["pooled"]["high"]) == (
-        pooled.estimate, pooled.low, pooled.high)
-    assert [r["fired"] for r in entry["rules"]] == [r.fired for r in expected.verdict.rules]
-    assert [(d["parent"], d["theta"], d["low"], d["high"], d["n_seeds_held"], d["n_seeds_kd"])
-            for d in entry["damages"]] == [(d.label, d.theta, d.low, d.high, d.n_seeds_held, d.n_seeds_kd)
-                                           for d in expected.theta.damages]
+    assert (entry["outcome"], entry["reason"]) == (expected.verdict.outcome, expected.verdict.reason)
+    assert [v["outcome"] for v in entry["verdicts"]] == [v.outcome for v in expected.verdict.damages]
+    assert [(d["damage"], d["theta"], d["low"], d["high"], d["seeds"]) for d in entry["damages"]] == [
+        (d.damage, d.theta, d.low, d.high, list(d.seeds)) for d in expected.theta.damages]
     assert [c["passed"] for c in entry["checks"]] == [c.passed for c in expected.checks]
-    assert [a["arm"] for a in entry["arms"]] == [a.arm for a in expected.arms]
+    assert [e["eligible"] for e in entry["eligibility"]] == [e.eligible for e in expected.eligibility]
     assert entry["thresholds"]["theta_support"] == 0.45 and entry["thresholds"]["theta_refute"] == 0.2
     json.dumps(entry, allow_nan=False)  # plain JSON: no NaN, no numpy
 
@@ -85,7 +82,7 @@ def test_a_held_arm_without_kd_on_its_parent_is_named():
     table = table[~((table["degradation"] == "q4") & table["recovery"].str.startswith("kd"))]
     entry = analyze_with_controls(table, S)["theta"]
     assert entry["estimated"] is True  # the two other parents still estimate theta
-    assert [d["parent"] for d in entry["damages"]] == ["m/prune", "m/forget"]
+    assert [d["damage"] for d in entry["damages"]] == ["m/prune", "m/forget"]
     assert any("no kd arm" in n and "m/q4" in n for n in entry["notes"])
     only_q4 = table[table["degradation"] == "q4"]
     entry = analyze_with_controls(only_q4, S)["theta"]
@@ -113,20 +110,19 @@ def test_the_report_states_the_rules_then_the_verdict_and_theta(tmp_path):
                  "held_cka_margin = 0.25", "kl_margin = 0.2", "α / 2 = 0.025"):
         assert text in section, text
     # the rules come before the verdict
-    assert section.index("θ_support = 0.45") < section.index("Pre-registered verdict on θ")
+    assert section.index("θ_support = 0.45") < section.index("Pre-registered verdict")
     assert '<span class="word">supported</span>' in section and entry["reason"] in section
-    pooled = entry["pooled"]
-    assert f"{pooled['estimate']:.3f}" in section and f"[{pooled['low']:.3f}, {pooled['high']:.3f}]" in section
     for d in entry["damages"]:
-        assert d["parent"] in section and f"[{d['low']:.3f}, {d['high']:.3f}]" in section
+        assert d["damage"] in section and f"[{d['low']:.3f}, {d['high']:.3f}]" in section
+    for v in entry["verdicts"]:
+        assert all(r in section for r in v["reasons"])
     for c in entry["checks"]:
         for p in c["parts"]:
             assert p["statement"] in section
-    # the study's own simulated power, at its design, with the grid's budget
+    # the study's own simulated power at its design, per damage, and its validation
     power = entry["power"]
-    assert power["design"] == {"n_damages": len(entry["damages"]), "n_seeds": 2}
-    assert "Simulated power of this study" in section
-    assert f"power {power['at_design']['support_power']:.2f}" in section.replace("<strong>", "")
+    assert power["design"]["n_seeds"] == 2 and power["damages"] == [d["damage"] for d in entry["damages"]]
+    assert "Simulated power of this study" in section and "Validation" in section
     # the correlational verdict stays, labelled as a description
     html = _render(table, stats, tmp_path / "r2.html")
     assert "Association across arms (description)" in html
@@ -139,8 +135,8 @@ def test_the_report_says_why_theta_is_not_estimated(tmp_path):
     section = _theta_section(_render(table, analyze_with_controls(table, S), tmp_path / "r.html"))
     assert TITLE in section and "θ_refute = 0.2" in section
     assert "θ not estimated:</strong> no alignment-held arm in the study." in section
-    assert "alignment-held" in section and "configs/controls.yaml" in section
-    assert "Pre-registered verdict on θ" not in section
+    assert "alignment-held" in section and "paired by seed" in section
+    assert "Pre-registered verdict" not in section
 
 
 def test_statistics_without_a_theta_entry_still_render(tmp_path):

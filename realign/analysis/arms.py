@@ -13,6 +13,7 @@ them directly; :func:`arms_by_parent` reads them from the table.
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -40,6 +41,12 @@ class Parent:
     kl_stderr: float
     n_records: int | None
     similarity_high: Mapping[str, float]
+    damage: float = math.nan            # teacher's P minus the parent's, and its paired item-bootstrap lower bound
+    damage_low: float = math.nan
+    family: str = ""
+    kl_prompts: np.ndarray | None = None  # per divergence prompt: KL and tokens (None: the table has none)
+    kl_tokens: np.ndarray | None = None
+    similarity: Mapping[str, float] = dataclasses.field(default_factory=dict)  # OTHER_SIMILARITY layer means
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,6 +71,10 @@ class Arm:
     similarity: Mapping[str, np.ndarray]
     parent: Parent
     hold_fraction: float = math.nan  # alignment-held's dose (allowed share of the CKA rise; 0 = held); NaN otherwise
+    seeds: tuple[int, ...] = ()      # each run's training seed (the pairing across arms); () when unknown
+    delta_cka_boot: np.ndarray | None = None  # [B, S] paired probe-bootstrap replicates of delta CKA (None: none)
+    kl_prompts: np.ndarray | None = None      # [S, n_prompts] per-prompt KL to the teacher (None: none)
+    changed_fraction: np.ndarray | None = None  # [S] share of the targeted values the run changed (NaN: unknown)
 
     @property
     def artifacts(self) -> tuple[str, ...]:
@@ -103,11 +114,34 @@ def _dose(rows: pd.DataFrame, label: str) -> float:
     return doses.pop() if doses else math.nan
 
 
+def _lists(rows: pd.DataFrame, name: str) -> np.ndarray | None:
+    """A list column as [runs, n] (None when the table lacks it or a run has none or they differ in length)."""
+    if name not in rows:
+        return None
+    values = [np.asarray(v if v is not None else [], float) for v in rows[name]]
+    if not values or any(v.size == 0 or v.size != values[0].size for v in values):
+        return None
+    return np.vstack(values)
+
+
 def _parent(row: pd.Series) -> Parent:
     n = _scalar(row, "n_records")
     high = {m: _scalar(row, f"{m}_mean_ci_high") for m in OTHER_SIMILARITY}
+    frame = row.to_frame().T
+    prompts, tokens = _lists(frame, "kl_prompts"), _lists(frame, "kl_prompt_tokens")
     return Parent(float(row["P"]), np.asarray(row["P_boot"], float), _scalar(row, "kl"), _scalar(row, "kl_stderr"),
-                  int(n) if math.isfinite(n) else None, {m: v for m, v in high.items() if math.isfinite(v)})
+                  int(n) if math.isfinite(n) else None, {m: v for m, v in high.items() if math.isfinite(v)},
+                  _scalar(row, "damage"), _scalar(row, "damage_ci_low"), str(row["family"]) if "family" in row else "",
+                  prompts[0] if prompts is not None else None, tokens[0] if tokens is not None else None,
+                  {m: v for m in OTHER_SIMILARITY if math.isfinite(v := _scalar(row, f"{m}_mean"))})
+
+
+def _seeds(rows: pd.DataFrame) -> tuple[int, ...]:
+    """Each run's training seed: the table's `seed`, or parsed from the name (`+seed<N>`; none: the study seed,
+    which the table does not carry, so the configured run counts as seed 0 of the pairing)."""
+    if "seed" in rows and (rows["seed"] >= 0).all():
+        return tuple(int(s) for s in rows["seed"])
+    return tuple(parse_recovery_name(str(r))[1] or 0 for r in rows["recovery"])
 
 
 def arms_by_parent(table: pd.DataFrame) -> dict[tuple[str, str], tuple[Arm, ...]]:
@@ -138,7 +172,9 @@ def arms_by_parent(table: pd.DataFrame) -> dict[tuple[str, str], tuple[Arm, ...]
                 tuple(str(r) for r in rows["recovery"]), rows["P"].to_numpy(float),
                 np.column_stack([np.asarray(b, float) for b in rows["P_boot"]]), _values(rows, "delta_cka"),
                 _values(rows, "delta_cka_ci_low"), _values(rows, "delta_cka_ci_high"), _values(rows, "kl"),
-                _values(rows, "kl_stderr"), similarity, p, _dose(rows, f"{model}/{degradation}/{recovery}")))
+                _values(rows, "kl_stderr"), similarity, p, _dose(rows, f"{model}/{degradation}/{recovery}"),
+                _seeds(rows), None if (boot := _lists(rows, "delta_cka_boot")) is None else boot.T,
+                _lists(rows, "kl_prompts"), _values(rows, "changed_fraction")))
         out[(str(model), str(degradation))] = tuple(arms)
     return out
 

@@ -42,14 +42,14 @@ class AnalysisSettings:
     replicates and permutations; min_n: fewer analysed artifacts give "inconclusive" without statistics;
     min_n_ci: fewer do not refute by the correlation CI; seed: the seed of all resampling.
 
-    The pre-registered rules of the theta verdict (realign.analysis.preregistered), ratios to the kd arm on the
+    The pre-registered rules of the theta verdict (realign.analysis.theta), ratios to the kd arm on the
     same damaged parent: theta_support (supported: pooled theta's lower bound above it), theta_refute (refuted:
     its upper bound below it; at most theta_support), meaningful_recovery (the share of kd's gain below which an
     arm's recovery is not meaningful), cka_rise_min (the share of kd's delta CKA an arm must exceed to count as
     re-aligning), held_cka_margin (the held arm's delta CKA bound: its allowed share of kd's plus this share),
     kl_margin (the share of kd's KL reduction the held arm may leave), eligible_gain_share (kd's mean gain must reach
     this share of the damage for the damage to enter theta). power_tables: simulated studies per cell of
-    the study's own power (realign.analysis.calibration.study_power; 0: none)."""
+    the study's own power (realign.analysis.theta.power.study_power; 0: none)."""
 
     performance: str | None
     cka_estimator: str

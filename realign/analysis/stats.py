@@ -20,7 +20,7 @@ Statistics, each in its module
 * Dose-response along runs measured at checkpoints (:mod:`realign.analysis.dose_response`).
 * Calibration of the verdict by simulation (:mod:`realign.analysis.calibration`).
 * The pre-registered test of theta = 1 - gain(held) / gain(kd) and its verdict
-  (:mod:`realign.analysis.preregistered`, presented by :mod:`realign.analysis.theta_summary`).
+  (:mod:`realign.analysis.theta`, presented by :mod:`realign.analysis.theta_summary`).
 """
 
 from __future__ import annotations

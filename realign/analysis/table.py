@@ -62,10 +62,12 @@ def collect_row(artifact_json, eval_json, divergence_json, similarity_parquet, s
     Columns: model, degradation, recovery, family, degradation_method, recovery_method, seed, recovery_base
     (the configured recovery of a replicate or checkpoint), checkpoint (bool), step (optimizer steps of a
     recovery or checkpoint), teacher (the teacher's degradation: none = the undamaged original),
+    changed_fraction, changed_matrices and targeted_matrices (how much of the damage a constrained recovery changed),
     tasks (comma-joined sorted task names), acc_<task>, acc_<task>_stderr, bench_mean, bench_mean_stderr
     (stderr of the unweighted mean assuming independent tasks: sqrt(sum se^2) / k), nll_general, nll_code, nll_math,
     kl, kl_stderr (KL(teacher || artifact) and its standard error over tokens), reverse_kl, reverse_kl_stderr
-    (KL(artifact || teacher)), js, js_stderr (Jensen-Shannon), top1, alignment_first/alignment_last (the
+    (KL(artifact || teacher)), js, js_stderr (Jensen-Shannon), kl_prompts and kl_prompt_tokens (per divergence
+    prompt), top1, alignment_first/alignment_last (the
     pre-registered range of hidden states that the `similarity` rule flagged, measure.alignment_layers), cka_mean
     and cka_min (mean and minimum over that range of the `cka_estimator`'s CKA, debiased or linear), <measure>_mean
     for every measure of realign.measure.similarity.MEASURES (NaN where the parquet lacks it), n_layers (in the range),
@@ -101,10 +103,22 @@ def collect_row(artifact_json, eval_json, divergence_json, similarity_parquet, s
     row["checkpoint"] = identity.step is not None
     row["step"] = float(art.step) if art.step is not None else math.nan
     row["teacher"] = str(art.recovery_params.get("teacher", "none"))
-    # The dose of an alignment-held run (its allowed CKA rise; 0 = hold the damaged value): the estimand takes the
+    # The dose of an alignment-held run (its allowed CKA rise; 0 = hold the damaged value): the test takes the
     # arm at dose 0, the others are dose arms (realign.analysis.arms.pick).
     row["hold_fraction"] = (float(art.recovery_params.get("hold_fraction", HELD_DEFAULTS["hold_fraction"]))
                             if art.recovery_method == "alignment-held" else math.nan)
+    # How much of the damage a constrained recovery changed (artifact.json `damage_touched`, per target kind;
+    # realign.degrade.constraints.damage_touched): changed_fraction, the targeted values whose stored value (grid
+    # point, kept unmasked weight) changed, over every kind weighted by values, and changed_matrices of
+    # targeted_matrices. NaN without a constraint or a record made before it.
+    # A LoRA recovery on a frozen quantized base changes the effective weights through its adapter: there the
+    # adapter's share of moved values is what counts (its base stays untouched by design).
+    touched = [] if art.constraint.get("kind", "none") == "none" else [
+        kind.get("adapter", kind) for kind in (art.damage_touched or {}).values()]
+    values = sum(kind["values"] for kind in touched)
+    row["changed_fraction"] = sum(kind["values_changed"] for kind in touched) / values if values else math.nan
+    row["changed_matrices"] = float(sum(kind["matrices_changed"] for kind in touched)) if touched else math.nan
+    row["targeted_matrices"] = float(sum(kind["matrices"] for kind in touched)) if touched else math.nan
 
     benches = ev.get("benchmarks") or {}
     tasks = sorted(benches)
@@ -135,6 +149,11 @@ def collect_row(artifact_json, eval_json, divergence_json, similarity_parquet, s
     for name in ("reverse_kl", "js"):
         row[name], row[f"{name}_stderr"] = _f(div.get(name)), _f(div.get(f"{name}_stderr"))
     row["kl_stderr"] = _f(div.get("kl_stderr"))
+    # Per divergence prompt: KL and token count, so that the manipulation check resamples every artifact on the
+    # same prompts (realign.analysis.theta.check); empty for divergence files without per-prompt records.
+    prompts = div.get("per_prompt") or []
+    row["kl_prompts"] = [_f(p.get("kl")) for p in prompts]
+    row["kl_prompt_tokens"] = [_f(p.get("n_tokens")) for p in prompts]
     row["top1"] = _f(div.get("top1_agreement"))
 
     if cka_estimator not in CKA_ESTIMATORS:
@@ -294,7 +313,7 @@ def build_table(rows: list[dict], performance: str, records: Records) -> pd.Data
     reaches 0), gain (+ CI), gain_within_noise (the gain's interval reaches 0), recovery_fraction (+ CI: the
     percentile interval of the replicates' ratio); the same for the secondary measure (accuracy) prefixed
     `secondary_`, and sign_disagrees (a recovered row whose gain has opposite signs on the two measures);
-    cka_parent, delta_cka, delta_cka_ci_low/high (paired bootstrap over probe sequences), delta_<measure> for each
+    cka_parent, delta_cka, delta_cka_ci_low/high (paired bootstrap over probe sequences), delta_cka_boot (its replicates), delta_<measure> for each
     similarity measure, kl_parent, delta_kl. The teacher rows have NaN damage/deltas and False flags; a parent row
     has gain 0 and NaN recovery_fraction. Raises ValueError naming any missing teacher or parent artifact,
     duplicates, or artifacts scored on different items.
@@ -362,6 +381,7 @@ def build_table(rows: list[dict], performance: str, records: Records) -> pd.Data
             values = df[f"{measure_name}_mean"].to_numpy(float)
             df[f"delta_{measure_name}"] = np.where(is_teacher, nan, values - values[p_idx])
     df["delta_cka_ci_low"], df["delta_cka_ci_high"] = _paired_delta_ci(df, p_idx, is_teacher)
+    df["delta_cka_boot"] = _paired_delta_replicates(df, p_idx, is_teacher)
     df = df.drop(columns=["cka_boot"], errors="ignore")
 
     role_order = df["role"].map({"teacher": 0, "degraded": 1, "recovered": 2})
@@ -383,6 +403,21 @@ def _paired_delta_ci(df: pd.DataFrame, p_idx: np.ndarray, is_teacher: np.ndarray
             continue
         low[i], high[i] = np.percentile(own - theirs, [2.5, 97.5])
     return low, high
+
+
+def _paired_delta_replicates(df: pd.DataFrame, p_idx: np.ndarray, is_teacher: np.ndarray) -> list[list[float]]:
+    """Each artifact's delta CKA replicates (its bootstrap replicates minus its parent's, on the same resampled
+    probe sequences: the similarity step draws them from one seed for every artifact), kept for the per-arm
+    manipulation check; empty where there are none (the teacher, a parent, a summary without replicates)."""
+    out: list[list[float]] = [[] for _ in range(len(df))]
+    if "cka_boot" not in df:
+        return out
+    boots = [np.asarray(b if b is not None else [], float) for b in df["cka_boot"]]
+    for i, parent in enumerate(p_idx):
+        own, theirs = boots[i], boots[parent]
+        if not is_teacher[i] and parent != i and own.size >= 10 and own.size == theirs.size:
+            out[i] = (own - theirs).tolist()
+    return out
 
 
 def write_table(table: pd.DataFrame, path: str | os.PathLike) -> None:

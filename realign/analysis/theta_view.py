@@ -1,9 +1,10 @@
-"""The report's view of the pre-registered theta test: the statistics' `theta` entry
-(realign.analysis.theta_summary.theta_entry) turned into what report/report.html.j2 shows.
+"""The report's view of the pre-registered test: the statistics' `theta` entry
+(realign.analysis.theta_summary.theta_entry) turned into what report/report.html.j2 shows, the per-damage verdict
+table first.
 
 The rules are stated from the thresholds the entry carries (the settings the analysis ran with), in the words of
-realign.analysis.preregistered's docstring, so that the report states them before any result; numbers stay
-numbers here and are formatted by the template's `num` filter.
+realign.analysis.theta.rules' docstring, so that the report states them before any result; numbers stay numbers
+here and are formatted by the template's `num` filter.
 """
 
 from __future__ import annotations
@@ -13,23 +14,26 @@ from typing import Any
 
 from realign.analysis.theta_summary import HOW_TO_ESTIMATE
 
-TITLE = "Pre-registered test: θ = 1 − gain(held) / gain(kd)"
+TITLE = "Pre-registered test: θ = 1 − gain(held) / gain(kd), per damage"
 
 
 @dataclass(frozen=True)
-class DamageRow:
-    parent: str
-    held: str
-    kd: str
-    theta: float | None
-    low: float | None
-    high: float | None
-    bounded: bool
-    seeds_held: int
-    seeds_kd: int
-    gain_held: float | None
-    gain_kd: float | None
-    family: str = ""  # the damage family of the parent (forgetting, quantization, pruning)
+class VerdictRow:
+    """One damage: its outcome and reasons, H1 / H1' / H2, and theta where it was estimated."""
+    damage: str
+    family: str
+    outcome: str
+    reasons: tuple[str, ...]
+    h1: str
+    h1prime: str
+    h2: str
+    theta: float | None = None
+    low: float | None = None
+    high: float | None = None
+    bounded: bool = False
+    gain_held: float | None = None
+    gain_kd: float | None = None
+    seeds: int = 0
 
 
 @dataclass(frozen=True)
@@ -38,30 +42,23 @@ class PartRow:
     status: str
     required: bool
     value: float | None
-    limit: float | None
+    upper: float | None
     statement: str
 
 
 @dataclass(frozen=True)
 class CheckRow:
-    parent: str
+    damage: str
     held: str
     allowed_fraction: float
     passed: bool
+    h2: str
     parts: tuple[PartRow, ...]
 
 
 @dataclass(frozen=True)
-class RuleRow:
-    name: str
-    fired: bool
-    reason: str
-
-
-@dataclass(frozen=True)
 class ThetaView:
-    """`present`: the statistics carry a theta entry (statistics from `analyze` alone do not); `rules`,
-    `check_rules`: the rules and the manipulation check stated with their thresholds (empty without an entry)."""
+    """`present`: the statistics carry a theta entry; `rules`, `check_rules`: stated with their thresholds."""
     title: str
     present: bool
     estimated: bool
@@ -69,43 +66,56 @@ class ThetaView:
     check_rules: tuple[str, ...] = ()
     outcome: str = ""
     reason: str = ""
-    rule_rows: tuple[RuleRow, ...] = ()
-    damages: tuple[DamageRow, ...] = ()
-    pooled: dict[str, Any] | None = None
+    lines: tuple[str, ...] = ()
+    rows: tuple[VerdictRow, ...] = ()
+    summary: dict[str, Any] | None = None
     level: float | None = None
     checks: tuple[CheckRow, ...] = ()
     not_estimated: str = ""
     how_to_estimate: str = ""
     notes: tuple[str, ...] = field(default=())
-    power: dict[str, Any] | None = None  # the study's simulated power (realign.analysis.calibration.study_power)
+    power: dict[str, Any] | None = None
 
 
 def rule_statements(t: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The verdict's rules and the manipulation check's parts, with the thresholds `t` (theta_entry's)."""
     alpha, level = t["alpha"], 1 - t["alpha"]
-    seeds = t["min_seeds"]
     rules = (
-        f"refute-clamp — refuted (“performance recovers while CKA stays low”) when the upper bound of pooled θ's "
-        f"{level:.0%} interval is below θ_refute = {t['theta_refute']:g}, the manipulation check passed on every "
-        f"pooled damaged parent, and every arm in θ has at least {seeds} training seeds.",
-        f"refute-cka-without-recovery — refuted (“CKA rises without performance”) when some arm other than kd and "
-        f"the held arm raises ΔCKA beyond cka_rise_min = {t['cka_rise_min']:g} of kd's on the same parent while "
-        f"its gain stays below meaningful_recovery = {t['meaningful_recovery']:g} of kd's, Holm-adjusted p below "
-        f"α / 2 = {alpha / 2:g}.",
-        f"support-theta — supported when the lower bound of pooled θ's {level:.0%} interval is above θ_support = "
-        f"{t['theta_support']:g}, with the same manipulation-check and seed conditions as refute-clamp.",
-        "Otherwise inconclusive. The two refutations take precedence over support; every rule reads an interval or "
-        "an adjusted p-value, never a point value.",
+        f"Eligibility, judged on kd and the damaged parent only, before any θ: the damage is beyond noise; kd's gain "
+        f"and ΔCKA have {level:.0%} lower bounds above 0; kd's mean gain is at least eligible_gain_share = "
+        f"{t['eligible_gain_share']:g} of the damage; on a quantized or pruned parent, kd's record shows it changed "
+        "the damaged weights. An ineligible damage is reported with its reasons and left out.",
+        f"H1 refuted (“performance recovers while CKA stays low”) on a damage when θ's upper bound is below θ_refute "
+        f"= {t['theta_refute']:g} (Holm across eligible damages, α / 2 = {alpha / 2:g}) and the check's CKA and KL "
+        "parts passed; supported when θ's lower bound is above θ_support = "
+        f"{t['theta_support']:g} (same Holm and level) and the check passed.",
+        f"H1′ refuted (“CKA rises without performance”) when alignment-only raises ΔCKA beyond cka_rise_min = "
+        f"{t['cka_rise_min']:g} of kd's while its gain stays below meaningful_recovery = "
+        f"{t['meaningful_recovery']:g} of kd's (paired by seed, Holm across damages, α / 2).",
+        "Per damage: refuted, check failed, supported or inconclusive, in that order. Overall: refuted when H1 or H1′ "
+        "is refuted on some eligible damage and H1 supported on none; mixed when refuted on some and supported on "
+        "others; supported only when H1 is supported on every eligible damage with at least two families eligible; "
+        "otherwise inconclusive. θ's interval: seeds paired across arms, one seed covariance pooled across the "
+        "eligible damages, Fieller.",
     )
     checks = (
-        f"ΔCKA: every held run's upper bound at most (dose + held_cka_margin = {t['held_cka_margin']:g}) × kd's "
-        "mean ΔCKA on the same parent.",
-        f"Output KL to the teacher: the held arm leaves at most kl_margin = {t['kl_margin']:g} of kd's KL "
-        f"reduction (upper bound of the {level:.0%} interval).",
-        "RBF CKA, Procrustes, mutual k-NN: the held runs at most the damaged parent's upper bound, where the table "
-        "carries one (otherwise not evaluated, and not deciding).",
+        f"ΔCKA (required): the upper {level:.0%} bound of mean ΔCKA(held) − (dose + held_cka_margin = "
+        f"{t['held_cka_margin']:g}) × mean ΔCKA(kd) is at most 0, held, kd and parent on the same probe resamples.",
+        f"Output KL to the teacher (required): the held arm leaves at most kl_margin = {t['kl_margin']:g} of kd's KL "
+        f"reduction (upper {level:.0%} bound, on the same resampled divergence prompts).",
+        "RBF CKA, Procrustes, mutual k-NN (H2, never blocking H1): the same margin relative to kd's rise; a measure "
+        "the clamp does not hold makes H2 “not tested by this intervention”.",
     )
     return rules, checks
+
+
+def _row(v: dict[str, Any], theta: dict[str, Any] | None) -> VerdictRow:
+    extra = {}
+    if theta is not None:
+        extra = {"theta": theta["theta"], "low": theta["low"], "high": theta["high"], "bounded": theta["bounded"],
+                 "gain_held": theta["gain_held"], "gain_kd": theta["gain_kd"], "seeds": len(theta["seeds"])}
+    return VerdictRow(v["damage"], v["family"], v["outcome"], tuple(v["reasons"]), v["h1"], v["h1prime"], v["h2"],
+                      **extra)
 
 
 def theta_view(entry: dict[str, Any] | None) -> ThetaView:
@@ -119,15 +129,12 @@ def theta_view(entry: dict[str, Any] | None) -> ThetaView:
     if not entry["estimated"]:
         return ThetaView(TITLE, True, False, rules, check_rules, not_estimated=entry["reason"],
                          how_to_estimate=entry["how_to_estimate"], notes=notes)
-    damages = tuple(DamageRow(d["parent"], d["held"], d["kd"], d["theta"], d["low"], d["high"], d["bounded"],
-                              d["n_seeds_held"], d["n_seeds_kd"], d["gain_held"], d["gain_kd"], d.get("family", ""))
-                    for d in entry["damages"])
-    checks = tuple(CheckRow(c["parent"], c["held"], c["allowed_fraction"], c["passed"],
-                            tuple(PartRow(p["name"], p["status"], p["required"], p["value"], p["limit"],
+    thetas = {d["damage"]: d for d in entry["damages"]}
+    rows = tuple(_row(v, thetas.get(v["damage"])) for v in entry["verdicts"])
+    checks = tuple(CheckRow(c["damage"], c["held"], c["allowed_fraction"], c["passed"], c["h2"],
+                            tuple(PartRow(p["name"], p["status"], p["required"], p["value"], p["upper"],
                                           p["statement"]) for p in c["parts"]))
                    for c in entry["checks"])
-    return ThetaView(TITLE, True, True, rules, check_rules, entry["outcome"], entry["reason"],
-                     tuple(RuleRow(r["name"], r["fired"], r["reason"]) for r in entry["rules"]), damages,
-                     entry["pooled"], 1 - entry["thresholds"]["alpha"], checks, notes=notes,
+    return ThetaView(TITLE, True, True, rules, check_rules, entry["outcome"], entry["reason"], tuple(entry["lines"]),
+                     rows, entry["summary"], 1 - entry["thresholds"]["alpha"], checks, notes=notes,
                      power=entry.get("power"))
-

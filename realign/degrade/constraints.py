@@ -13,6 +13,10 @@ Targets (targets.py) are Linear and Conv1D weights and each expert matrix of sta
 are stored per target in its [out, in] orientation; the parametrization of a Conv1D weight ([in, out]) transposes
 around it, and that of a stacked [E, ...] expert parameter applies each expert's own.
 A constraint must cover every target of the model and at least one: a check over nothing proves nothing.
+
+`damage_touched` says how much of the damage a recovery changed (saved as `damage_touched` in artifact.json): a
+recovery that moved no grid point (3-bit RTN: 12 steps at lr 2e-4 never move a latent weight half a step) trained
+only the embeddings and norms, and its record says so.
 """
 
 from __future__ import annotations
@@ -76,24 +80,35 @@ def _mask_violation(name: str, weight: torch.Tensor, constraint: dict, tensors: 
     return 0.0
 
 
+def _all_values(name: str, tensors: dict) -> None:
+    return None
+
+
+def _kept_values(name: str, tensors: dict) -> torch.Tensor:
+    return tensors[name].to("cpu", torch.bool)
+
+
 @dataclass(frozen=True)
 class TargetKind:
     """A constraint enforced on each targeted weight matrix: the parametrization that keeps it during training
-    (of the [out, in] matrix) and the re-check of a saved or trained weight (its distance from the constraint in
-    grid steps; a mask raises instead)."""
+    (of the [out, in] matrix), the re-check of a saved or trained weight (its distance from the constraint in
+    grid steps; a mask raises instead) and the values the damage left free to change (`free(name, tensors)`: an
+    [out, in] boolean mask, or None for every value), which `damage_touched` counts."""
 
     name: str
     parametrization: Callable
     violation: Callable
     grid: bool  # a grid whose violations are measured in steps and reported
+    free: Callable = _all_values
 
 
 # Constraint kinds: "none" and "frozen" (a bitsandbytes base, LoRA adapters trained) act on the whole model; the
-# others are enforced per targeted matrix, one entry each here. Adding a kind is one entry plus its two functions.
+# others are enforced per targeted matrix, one entry each here. Adding a kind is one entry plus its two functions
+# (three where recovery may change only some of a target's values).
 TARGET_KINDS: dict[str, TargetKind] = {k.name: k for k in (
     TargetKind("grid", _grid_parametrization, _grid_violation, grid=True),
     TargetKind("fp4-grid", _fp4_parametrization, _fp4_violation, grid=True),
-    TargetKind("mask", _mask_parametrization, _mask_violation, grid=False),
+    TargetKind("mask", _mask_parametrization, _mask_violation, grid=False, free=_kept_values),
 )}
 KINDS = ("none", *TARGET_KINDS, "frozen")
 
@@ -254,3 +269,73 @@ def check(model, constraint: dict, tensors: dict[str, torch.Tensor]) -> dict:
     if target_kind.grid:
         result["max_grid_violation_steps"] = worst
     return result
+
+
+def stored_values(model, constraint: dict) -> dict[str, torch.Tensor] | None:
+    """A CPU copy of every constrained target's stored [out, in] weight (its grid points, or its masked values),
+    taken from the damaged model before recovery for `damage_touched`; None for a constraint that is not kept
+    per target (none, frozen). Costs host memory the size of the targeted weights."""
+    if _kind(constraint) not in TARGET_KINDS:
+        return None
+    return {name: target.weight.detach().to("cpu", copy=True)
+            for name, target in constrained_targets(model, constraint).items()}
+
+
+def _lora_b_matrices(model) -> list[torch.Tensor]:
+    return [param.detach() for name, param in model.named_parameters() if ".lora_B." in name]
+
+
+def damage_touched(model, constraint: dict, tensors: dict[str, torch.Tensor],
+                   before: dict[str, torch.Tensor] | None) -> dict | None:
+    """How much of the damage a recovery changed: {kind: {matrices_changed, matrices, values_changed, values,
+    fraction}}, or None without a constraint (kind none).
+
+    Grid kinds (grid, fp4-grid) count every targeted value whose stored value (its dequantized grid point, as
+    saved) differs from the damaged parent's `before` (stored_values): with the grid fixed, a changed value is a
+    changed integer code (the stored weights are the grid points themselves, so no code is decoded). A mask counts
+    only the kept (unmasked) values: the pruned ones stay zero by construction. `fraction` =
+    values_changed / values; `matrices_changed` counts the targets with at least one changed value. `model` holds
+    the recovered weights with the constraint baked in (after `detach`, or a `baked_copy`).
+
+    A frozen bitsandbytes base (LoRA recovery) changes no base value by design: its entry counts the quantized
+    layers whose digest differs from the saved one (0 after a passing check; the values of a layer cannot be
+    compared one by one, so `values_changed` is that layer's whole size) and adds `adapter`, the same counts over
+    the LoRA B matrices, which start at zero (peft's default initialisation): a nonzero B value is one the training
+    moved, so `adapter.values_changed` > 0 says the adapter was trained."""
+    kind = _kind(constraint)
+    if kind == "none":
+        return None
+    if kind == "frozen":
+        from realign.degrade.bnb import base_digests, quantized_modules
+
+        modules = quantized_modules(model)
+        digests, expected = base_digests(model), constraint["digests"]
+        sizes = {name: module.in_features * module.out_features for name, module in modules.items()}
+        changed = [name for name in expected if digests.get(name) != expected[name]]
+        values = sum(sizes.values())
+        entry = _counts(len(changed), len(expected), sum(sizes.get(name, 0) for name in changed), values)
+        b = _lora_b_matrices(model)
+        entry["adapter"] = _counts(sum(bool((m != 0).any()) for m in b), len(b), sum(int((m != 0).sum()) for m in b),
+                                   sum(m.numel() for m in b))
+        return {kind: entry}
+    if before is None:
+        raise ValueError(f"damage_touched: no stored values of the damaged {kind} targets to compare with")
+    targets = constrained_targets(model, constraint)
+    if set(before) != set(targets):
+        raise ValueError(f"damage_touched: {len(before)} stored targets, but the constraint covers {len(targets)}")
+    matrices_changed = values_changed = values = 0
+    for name, target in targets.items():
+        differs = target.weight.detach().cpu() != before[name]
+        free = TARGET_KINDS[kind].free(name, tensors)
+        if free is not None:
+            differs &= free
+        n_changed = int(differs.sum())
+        matrices_changed += n_changed > 0
+        values_changed += n_changed
+        values += differs.numel() if free is None else int(free.sum())
+    return {kind: _counts(matrices_changed, len(targets), values_changed, values)}
+
+
+def _counts(matrices_changed: int, matrices: int, values_changed: int, values: int) -> dict:
+    return {"matrices_changed": int(matrices_changed), "matrices": int(matrices), "values_changed": int(values_changed),
+            "values": int(values), "fraction": values_changed / values if values else 0.0}

@@ -14,7 +14,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from realign.config import ConfigError
+from realign.errors import ConfigError
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 
@@ -247,17 +247,17 @@ def check_fits(facts: ModelFacts, model: str, top_k: dict[str, int], lengths: di
                               f"({facts.context_length} tokens, its max_position_embeddings)")
 
 
-def check_models(config: dict) -> None:
+def check_models(config: dict, degradations: list[str]) -> None:
     """Config validation of the model sources and of the keys their vocabulary and context bound (see
-    model_facts for which sources are known before any job)."""
+    model_facts for which sources are known before any job). `degradations`: the ones the study applies, from
+    realign.config.study_degradations; its caller, realign.config, passes them so that this module needs no import
+    of it (no import circle)."""
     resources = config["data"].get("resources_dir", "resources")
     top_k = {f"recoveries.{name}.top_k": spec["top_k"] for name, spec in config["recoveries"].items()
              if "top_k" in spec}
-    from realign.config import study_degradations
-
     # bitsandbytes replaces Linear layers: stacked MoE expert weights would stay in full precision
     # (realign.degrade.coverage.check_supported refuses it again at the start of the job, for sources not known here)
-    bnb = [d for d in study_degradations(config) if config["degradations"][d]["method"] == "bnb"]
+    bnb = [d for d in degradations if config["degradations"][d]["method"] == "bnb"]
     for name, spec in config["models"].items():
         facts = model_facts(spec, name, resources)
         check_fits(facts, f"models.{name}", top_k, dict(_length_keys(config)))

@@ -4,7 +4,12 @@ table reads back (realign.models.artifact saves and verifies it beside the weigh
 The three stages fill different parts: the teacher (`prepare_teacher`) its `source` and `n_parameters`; a damage
 its `degradation_*` fields, the constraint its weights keep and, by kind of method, `damage` (what it changed),
 `calibration` or `data` (the narrow corpus of forgetting); a recovery its `recovery_*` fields, the teacher it
-learned from, `data_split`, and either `checkpoints` (a run) or `checkpoint_of` (a checkpoint of that run).
+learned from, `data_split`, either `checkpoints` (a run) or `checkpoint_of` (a checkpoint of that run), and,
+under a constraint, `damage_touched`: how much of the damage it changed, per target kind
+{kind: {matrices_changed, matrices, values_changed, values, fraction}} (realign.degrade.constraints.damage_touched:
+the targeted values whose stored grid point, or kept unmasked weight, differs from the damaged parent's; a LoRA
+recovery of a frozen bitsandbytes base changes no base value by design and adds `adapter`, its trained B values).
+Records saved before the field existed read back with None.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class ArtifactRecord:
     calibration: dict | None = None  # a calibrated damage: the calibration sequences
     data: dict | None = None  # forgetting: the narrow corpus it was trained on
     data_split: dict | None = None  # a recovery: the records it trained on
+    damage_touched: dict | None = None  # a constrained recovery: per target kind, how much of the damage it changed
     versions: dict | None = None  # library versions (filled in when saved)
     weights_sha256: dict | None = None  # digests of the weight files (filled in when saved)
     files_sha256: dict | None = None  # digests of every other file (filled in when saved)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from realign.config import ConfigError
+from realign.errors import ConfigError
 
 # Config keys that describe the GGUF container rather than the network; a clean copy must not carry them.
 _GGUF_ONLY_CONFIG_KEYS = ("quantization_config", "_name_or_path", "transformers_version")

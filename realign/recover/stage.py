@@ -3,6 +3,7 @@ recovery run, whose checkpoints are saved as artifacts of their own inside the r
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from dataclasses import replace
@@ -19,6 +20,9 @@ from realign.recover.methods import build_examples, needs_live_teacher, recover,
 from realign.recover.teacher_data import generate_answers, generate_rewrites
 from realign.identity import CHECKPOINTS_DIR, ArtifactId, checkpoint_dir
 from realign.training import TrainConfig
+
+log = logging.getLogger(__name__)
+
 
 def teacher_answers(teacher_dir: str | Path, prompts_path: str | Path, max_new_tokens: int, out_path: str | Path,
                     batch_size: int = 8) -> int:
@@ -71,6 +75,8 @@ def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, records_path:
     student, tokenizer, parent = load_artifact(damaged_dir)
     constraint = parent.constraint
     constraint_tensors = load_constraint_tensors(damaged_dir, device=model_device(student))
+    # The damaged targets' stored values, to record how much of the damage the recovery changed (damage_touched).
+    damaged_values = constraints.stored_values(student, constraint)
     teacher = load_artifact(teacher_dir)[0] if needs_live_teacher(params) else None
     records = read_teacher_records(records_path)
     # what the run and each of its checkpoints share: the parent's identity and damage, how it was trained
@@ -93,13 +99,23 @@ def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, records_path:
                 "params": {k: v for k, v in params.items() if k != "state_every"},
                 "checkpoint_steps": list(checkpoint_steps)}
 
+    def touched(model, label: str) -> dict | None:
+        result = constraints.damage_touched(model, constraint, constraint_tensors, damaged_values)
+        for kind, counts in (result or {}).items():
+            log.log(logging.WARNING if kind != "frozen" and counts["matrices_changed"] == 0 else logging.INFO,
+                    "%s: changed %d of %d targeted %s matrices (%d of %d values, %.4g)", label,
+                    counts["matrices_changed"], counts["matrices"], kind, counts["values_changed"], counts["values"],
+                    counts["fraction"])
+        return result
+
     def save_checkpoint(model, step: int, curve: list[dict]) -> None:
         # The run goes on training `model`; the checkpoint is a copy with the constraint baked in.
         snapshot = model if constraint.get("kind") == "frozen" else constraints.baked_copy(model)
         check = constraints.check(snapshot, constraint, constraint_tensors)
         checkpoint = replace(ArtifactId.parse(parent.model, parent.degradation, name), step=step)
         record = replace(run_record, recovery=checkpoint.recovery_name, checkpoint_of=name, step=step,
-                         constraint_check=check, training_curve=curve)
+                         constraint_check=check, training_curve=curve,
+                         damage_touched=touched(snapshot, checkpoint.recovery_name))
         save_artifact(snapshot, tokenizer, checkpoint_dir(staging, step), record, constraint_tensors=constraint_tensors,
                       frozen_base_dir=damaged_dir)
 
@@ -111,7 +127,8 @@ def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, records_path:
                                     # checkpoints saved by an interrupted run are kept only while its state is
                                     on_restart=lambda: shutil.rmtree(staging, ignore_errors=True))
     record = replace(run_record, recovery=name, step=params["steps"], constraint_check=check,
-                     checkpoints=list(checkpoint_steps), training_curve=curve, timings={"seconds": time.time() - start})
+                     checkpoints=list(checkpoint_steps), training_curve=curve, timings={"seconds": time.time() - start},
+                     damage_touched=touched(student, name))
     save_artifact(student, tokenizer, out_dir, record, constraint_tensors=constraint_tensors,
                   frozen_base_dir=damaged_dir, include={CHECKPOINTS_DIR: staging / CHECKPOINTS_DIR})
     shutil.rmtree(staging, ignore_errors=True)

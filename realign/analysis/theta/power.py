@@ -1,0 +1,210 @@
+"""Power of the pre-registered test at the noise a study measured, and the design that would decide (issue 28).
+
+The simulation draws, per damage, what the real study has, measured on its own table
+(:func:`measured_noise`):
+
+* **item noise shared by every run** of the damage: one draw of the 2 x 2 item covariance of the (held, kd) gain
+  means, with the measured held-kd item correlation (the distinct-seed covariance of the joint bootstrap,
+  realign.analysis.theta.paired), divided by the items factor;
+* **seed noise, paired**: each seed draws (held, kd) together from the pooled seed covariance as measured (on
+  the theta scale, times the damage's own kd gain squared; not floored);
+* **probe noise shared by the runs** (one probe set): the measured 2 x 2 probe covariance of the (held, kd) delta
+  CKA means divided by the probe factor (probe sequences x factor; positions per sequence enter through the
+  measured per-sequence variance only); seed noise of delta CKA likewise;
+* **KL**: the measured 3 x 3 prompt covariance of (held, kd, parent) and its seed covariance;
+* **each damage its own** kd gain, kd delta CKA, held delta CKA share and KL as measured; theta planted.
+
+Each simulated damage is turned into the same paired quantities a table gives (parametric replicates: one shared
+draw per replicate for every seed, so their distinct-seed covariance is the item covariance) and run through the
+same estimator and check (realign.analysis.theta.estimator.estimate_paired, check.required_parts).
+
+:func:`study_power` reports the power at the study's design and over a grid of (seeds, items, probe sequences),
+the validation (at each damage's theta as measured, the simulated median theta half-width against the observed
+one, per damage: within 25 %), and the
+smallest design with power >= POWER_TARGET both to refute at theta = 0 and to support at theta = 0.9 on every
+damage; H1' power (an alignment-only arm that re-aligns as much as kd and recovers nothing) at that design.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+import numpy as np
+
+from realign.analysis.arms import Arms
+from realign.analysis.components import t_quantile
+from realign.analysis.theta.check import PASSED, required_parts
+from realign.analysis.theta.damage import damages_of_arms
+from realign.analysis.theta.estimator import estimate_paired
+from realign.analysis.theta.paired import Paired, pool_seed_covariance
+
+PLANTED_SUPPORT, PLANTED_REFUTE = 0.9, 0.0
+POWER_TARGET = 0.8
+VALIDATION_TOLERANCE = 0.25
+GRID_SEEDS = (2, 3, 4, 6, 8)
+GRID_ITEMS = (1, 2, 4, 8)    # x the study's items
+GRID_PROBES = (1, 2, 4, 8)   # x the study's probe sequences
+SIM_REPLICATES = 200
+
+
+@dataclass(frozen=True)
+class DamageNoise:
+    """What one damage measured: means and shared covariances (gain: held, kd; delta CKA: held, kd; KL: held, kd,
+    parent), and the study's pooled seed covariances (theta scale; kd's delta CKA; kd's KL reduction)."""
+    damage: str
+    gain: np.ndarray
+    gain_item: np.ndarray
+    cka: np.ndarray
+    cka_probe: np.ndarray
+    kl: np.ndarray
+    kl_prompt: np.ndarray
+    dose: float
+    observed_halfwidth: float
+
+
+@dataclass(frozen=True)
+class StudyNoise:
+    damages: tuple[DamageNoise, ...]
+    gain_seed: np.ndarray
+    cka_seed: np.ndarray
+    kl_seed: np.ndarray
+    n_seeds: int
+
+
+def _halfwidth(var_item: float, var_seed: float, df: float, alpha: float) -> float:
+    z = t_quantile(1 - alpha / 2, math.inf)
+    t = t_quantile(1 - alpha / 2, df) if var_seed > 0 and math.isfinite(df) else 0.0
+    return math.sqrt(z * z * var_item + t * t * var_seed)
+
+
+def measured_noise(arms: Arms, settings) -> StudyNoise:
+    """The noise of the damages with a held arm and a positive kd gain (ValueError when none has two seeds)."""
+    damages = [d for d in damages_of_arms(arms) if d.held is not None and float(np.mean(d.kd.gains()[0])) > 0]
+    roles = ("held", "kd")
+    gains = [d.gains(roles) for d in damages]
+    if not damages or max(g.n_seeds for g in gains) < 2:
+        raise ValueError("measured_noise: no damage with a held and a kd arm of two paired seeds or more")
+    ckas = [d.delta_cka(roles) for d in damages]
+    kls = [d.kl(roles, settings.n_boot, settings.seed) for d in damages]
+    theta = estimate_paired([(d.label, d.family, "held", "kd", ()) for d in damages], gains, settings)
+    rows = []
+    for d, g, c, k, t in zip(damages, gains, ckas, kls, theta.damages):
+        f = d.held.hold_fraction if math.isfinite(d.held.hold_fraction) else 0.0
+        rows.append(DamageNoise(d.label, g.means, g.shared_covariance(), c.means, c.shared_covariance(), k.means,
+                                k.shared_covariance(), f, _halfwidth(t.var_item, t.var_seed, t.df, settings.alpha)))
+    return StudyNoise(tuple(rows), pool_seed_covariance(gains).cov, pool_seed_covariance(ckas).cov,
+                      pool_seed_covariance(kls).cov, min(g.n_seeds for g in gains))
+
+
+def _psd(m: np.ndarray) -> np.ndarray:
+    """The nearest positive-semidefinite matrix (eigenvalues clipped at 0): a covariance estimated from distinct
+    seeds' replicates, or from two seeds, can dip below it by sampling noise."""
+    w, v = np.linalg.eigh((m + m.T) / 2)
+    return (v * np.clip(w, 0.0, None)) @ v.T
+
+
+def _draw(names: tuple[str, ...], true: np.ndarray, shared: np.ndarray, seed_cov: np.ndarray, scale: float,
+          n_seeds: int, rng: np.random.Generator) -> Paired:
+    a = len(true)
+    shared, seed_cov = _psd(shared), _psd(seed_cov)
+    common = rng.multivariate_normal(np.zeros(a), shared, method="eigh")
+    own = rng.multivariate_normal(np.zeros(a), seed_cov * scale**2, size=n_seeds, method="eigh")
+    values = true + common + own
+    eta = rng.multivariate_normal(np.zeros(a), shared, size=SIM_REPLICATES, method="eigh")
+    replicates = values[None, :, :] + eta[:, None, :]
+    kd = values[:, 1].mean()
+    return Paired(names, tuple(range(n_seeds)), values, replicates, abs(kd) if kd else 1.0)
+
+
+def _simulate(noise: StudyNoise, theta: float | None, n_seeds: int, items: float, probes: float, n_sims: int, settings,
+              rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Per damage: the rate of H1 refuted / supported (check passed) and the theta half-widths; theta None: each
+    damage's held gain as measured (the validation's truth)."""
+    k = len(noise.damages)
+    refuted, supported, halfwidths = np.zeros(k), np.zeros(k), [[] for _ in range(k)]
+    for _ in range(n_sims):
+        gains, ckas, kls = [], [], []
+        for d in noise.damages:
+            g_kd = d.gain[1]
+            true_gain = np.array([d.gain[0] if theta is None else (1 - theta) * g_kd, g_kd])
+            gains.append(_draw(("held", "kd"), true_gain, d.gain_item / items, noise.gain_seed, g_kd, n_seeds, rng))
+            ckas.append(_draw(("held", "kd"), d.cka, d.cka_probe / probes, noise.cka_seed, d.cka[1], n_seeds, rng))
+            kls.append(_draw(("held", "kd", "parent"), d.kl, d.kl_prompt, noise.kl_seed, d.kl[2] - d.kl[1],
+                             n_seeds, rng))
+        est = estimate_paired([(d.damage, "", "held", "kd", ()) for d in noise.damages], gains, settings)
+        parts = required_parts(ckas, kls, [d.dose for d in noise.damages], settings)
+        level = settings.alpha / 2
+        for i, (t, (c, kl)) in enumerate(zip(est.damages, parts)):
+            ok = c.status == PASSED and kl.status == PASSED
+            refuted[i] += ok and t.p_refute_holm < level
+            supported[i] += ok and t.p_support_holm < level
+            halfwidths[i].append(_halfwidth(t.var_item, t.var_seed, t.df, settings.alpha))
+    return {"refute": refuted / n_sims, "support": supported / n_sims,
+            "halfwidth": np.array([np.median(h) for h in halfwidths])}
+
+
+def _h1prime_power(noise: StudyNoise, n_seeds: int, items: float, probes: float, n_sims: int, settings,
+                   rng: np.random.Generator) -> float:
+    """Power of H1' on one damage (the first) when alignment-only re-aligns as much as kd and recovers nothing:
+    its seed and item noise taken as kd's (the study measured no alignment-only arm)."""
+    d = noise.damages[0]
+    hits = 0
+    for _ in range(n_sims):
+        g = _draw(("only", "kd"), np.array([0.0, d.gain[1]]), d.gain_item / items, noise.gain_seed, d.gain[1],
+                  n_seeds, rng)
+        c = _draw(("only", "kd"), np.array([d.cka[1], d.cka[1]]), d.cka_probe / probes, noise.cka_seed, d.cka[1],
+                  n_seeds, rng)
+        gs, cs = pool_seed_covariance([g]), pool_seed_covariance([c])
+        rise = c.combine(c.coef({"only": 1.0, "kd": -settings.cka_rise_min}), cs).p_greater()
+        short = g.combine(g.coef({"only": 1.0, "kd": -settings.meaningful_recovery}), gs).p_less()
+        hits += max(rise, short) < settings.alpha / 2
+    return hits / n_sims
+
+
+def study_power(arms: Arms, settings, n_tables: int = 200, *, grid: bool = True) -> dict:
+    """Power at the study's design, the validation, and (grid=True) the grid and the smallest deciding design
+    (module docstring). ValueError as :func:`measured_noise`."""
+    noise = measured_noise(arms, settings)
+    rng = np.random.default_rng([settings.seed, 28])
+    at_design = {
+        "refute": _simulate(noise, PLANTED_REFUTE, noise.n_seeds, 1, 1, n_tables, settings, rng),
+        "support": _simulate(noise, PLANTED_SUPPORT, noise.n_seeds, 1, 1, n_tables, settings, rng),
+    }
+    as_measured = _simulate(noise, None, noise.n_seeds, 1, 1, n_tables, settings, rng)
+    validation = []
+    for i, d in enumerate(noise.damages):
+        simulated = float(as_measured["halfwidth"][i])
+        ratio = simulated / d.observed_halfwidth if d.observed_halfwidth else math.nan
+        validation.append({"damage": d.damage, "observed_halfwidth": d.observed_halfwidth,
+                           "simulated_median_halfwidth": simulated, "ratio": ratio,
+                           "within_tolerance": bool(abs(ratio - 1) <= VALIDATION_TOLERANCE)})
+    out = {
+        "damages": [d.damage for d in noise.damages], "design": {"n_seeds": noise.n_seeds, "items": 1, "probes": 1},
+        "at_design": {"refute_power": at_design["refute"]["refute"].tolist(),
+                      "support_power": at_design["support"]["support"].tolist(),
+                      "false_support": at_design["refute"]["support"].tolist(),
+                      "false_refute": at_design["support"]["refute"].tolist()},
+        "validation": validation, "validated": all(v["within_tolerance"] for v in validation),
+        "n_tables": n_tables, "target": POWER_TARGET, "planted_refute": PLANTED_REFUTE,
+        "planted_support": PLANTED_SUPPORT,
+        "leaves_out": "eligibility (every simulated damage is taken as eligible), the H2 parts, between-damage "
+                      "variation of theta; alignment-only's noise is taken as kd's",
+    }
+    if grid:
+        rows = []
+        n = max(n_tables // 4, 1)  # a quarter per grid cell: 160 cells
+        for seeds, items, probes in itertools.product(GRID_SEEDS, GRID_ITEMS, GRID_PROBES):
+            r = _simulate(noise, PLANTED_REFUTE, seeds, items, probes, n, settings, rng)
+            s = _simulate(noise, PLANTED_SUPPORT, seeds, items, probes, n, settings, rng)
+            rows.append({"n_seeds": seeds, "items": items, "probes": probes,
+                         "refute_power": r["refute"].tolist(), "support_power": s["support"].tolist()})
+        out["grid"] = rows
+        deciding = [r for r in rows if min(r["refute_power"] + r["support_power"]) >= POWER_TARGET]
+        best = min(deciding, key=lambda r: (r["n_seeds"] * (1 + r["items"] + r["probes"]), r["n_seeds"]),
+                   default=None)
+        out["budget"] = best
+        if best is not None:
+            out["h1prime_power"] = _h1prime_power(noise, best["n_seeds"], best["items"], best["probes"], n,
+                                                  settings, rng)
+    return out

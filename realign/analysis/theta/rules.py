@@ -1,0 +1,134 @@
+"""The pre-registered verdict (issue 28; docs/2026-12-06-statistics-reanalysis.md, part 1), applied by one function
+to the eligibility, theta, the per-arm check and H1'.
+
+Per damage, in this order:
+1. "ineligible" (realign.analysis.theta.eligibility), with its reasons;
+2. "refuted" when H1' is refuted (its Holm p < alpha / 2), or when H1 is refuted (theta's Holm-adjusted refute p
+   < alpha / 2: with one damage, the upper bound of the two-sided 1 - alpha interval below theta_refute) with the
+   check's CKA and KL parts passed;
+3. "check failed" when the CKA or KL part failed (or could not be evaluated);
+4. "supported" when H1 is supported (Holm support p < alpha / 2: the lower bound above theta_support);
+5. "inconclusive".
+A damage where H1 is supported while H1' refutes is "refuted", and the reason says both.
+
+Overall: "refuted" when H1 or H1' is refuted on at least one eligible damage and H1 is supported on none; "mixed"
+when refuted on some and supported on others; "supported" only when H1 is supported on every eligible damage with
+at least two families eligible; otherwise "inconclusive", with one line per family.
+
+Error rates: each per-damage test runs at alpha / 2 after Holm within its family (refute, support, H1'), so a false
+refutation by H1 or H1' stays within alpha (Bonferroni over the two) and a false support within alpha / 2.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+from realign.analysis.theta.check import ArmCheck
+from realign.analysis.theta.eligibility import Eligibility
+from realign.analysis.theta.estimator import ThetaDamage
+from realign.analysis.theta.h1prime import OnlyTest
+
+REFUTED, SUPPORTED, INCONCLUSIVE, MIXED = "refuted", "supported", "inconclusive", "mixed"
+CHECK_FAILED, INELIGIBLE = "check failed", "ineligible"
+
+
+@dataclass(frozen=True)
+class DamageVerdict:
+    damage: str
+    family: str
+    outcome: str
+    reasons: tuple[str, ...]
+    h1: str        # refuted / supported / inconclusive / not tested
+    h1prime: str   # refuted / not refuted / not tested
+    h2: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    outcome: str
+    reason: str
+    damages: tuple[DamageVerdict, ...]
+    lines: tuple[str, ...]  # one per family
+
+
+def _theta_text(t: ThetaDamage) -> str:
+    return (f"theta {t.theta:.3f} [{t.low:.3f}, {t.high:.3f}] ({t.level:.0%}, {len(t.seeds)} paired seeds, "
+            f"seed df {t.df:.3g})")
+
+
+def damage_verdict(e: Eligibility, theta: ThetaDamage | None, check: ArmCheck | None, only: OnlyTest | None,
+                   settings) -> DamageVerdict:
+    """One damage's outcome by the rules of the module docstring."""
+    level = settings.alpha / 2
+    if not e.eligible:
+        return DamageVerdict(e.damage, e.family, INELIGIBLE, e.reasons, "not tested", "not tested", "not tested")
+    h1p = "not tested"
+    reasons: list[str] = []
+    if only is not None:
+        fired = math.isfinite(only.p_holm) and only.p_holm < level
+        h1p = REFUTED if fired else "not refuted"
+        reasons.append(f"H1' ({only.arm}): delta CKA {only.delta_cka:.4g} vs {only.cka_threshold:.4g} "
+                       f"(p {only.p_cka_rise:.3g}), gain {only.gain:.4g} vs {only.gain_threshold:.4g} "
+                       f"(p {only.p_short:.3g}); Holm p {only.p_holm:.3g} vs {level:g}: {h1p}")
+    h2 = check.h2 if check is not None else "not tested"
+    if theta is None or check is None:
+        h1 = "not tested"
+        reasons.append("no alignment-held arm on this damage: H1 not tested")
+    else:
+        refute = math.isfinite(theta.p_refute_holm) and theta.p_refute_holm < level
+        support = math.isfinite(theta.p_support_holm) and theta.p_support_holm < level
+        reasons.append(f"H1: {_theta_text(theta)}; refute Holm p {theta.p_refute_holm:.3g}, support Holm p "
+                       f"{theta.p_support_holm:.3g} vs {level:g}")
+        if not check.passed:
+            h1 = CHECK_FAILED
+            reasons += [f"check: {p.statement}" for p in check.failures]
+        else:
+            h1 = REFUTED if refute else SUPPORTED if support else INCONCLUSIVE
+    if h1p == REFUTED:
+        outcome = REFUTED
+        if h1 == SUPPORTED:
+            reasons.append("H1 is supported here too: re-alignment is necessary for kd's recovery but not "
+                           "sufficient for recovery")
+    elif h1 == REFUTED:
+        outcome = REFUTED
+    elif h1 == CHECK_FAILED:
+        outcome = CHECK_FAILED
+    elif h1 == SUPPORTED:
+        outcome = SUPPORTED
+    else:
+        outcome = INCONCLUSIVE
+    return DamageVerdict(e.damage, e.family, outcome, tuple(reasons), h1, h1p, h2)
+
+
+def overall(verdicts: Sequence[DamageVerdict]) -> Verdict:
+    """The study's verdict from the per-damage ones (module docstring)."""
+    eligible = [v for v in verdicts if v.outcome != INELIGIBLE]
+    refuted = [v for v in eligible if v.outcome == REFUTED]
+    supported = [v for v in eligible if v.h1 == SUPPORTED]
+    families = sorted({v.family for v in verdicts})
+    lines = []
+    for family in families:
+        of = [v for v in verdicts if v.family == family]
+        lines.append(f"{family or 'unknown family'}: " + "; ".join(f"{v.damage} {v.outcome}" for v in of))
+    if refuted and not supported:
+        outcome = REFUTED
+        reason = ("refuted on " + ", ".join(v.damage for v in refuted)
+                  + " and supported on no eligible damage")
+    elif refuted and supported:
+        outcome = MIXED
+        reason = (f"refuted on {', '.join(v.damage for v in refuted)}, supported on "
+                  f"{', '.join(v.damage for v in supported)}")
+    elif eligible and len(supported) == len(eligible) and len({v.family for v in eligible}) >= 2:
+        outcome = SUPPORTED
+        reason = f"H1 supported on every eligible damage ({len(eligible)}, {len({v.family for v in eligible})} families)"
+    else:
+        outcome = INCONCLUSIVE
+        if not eligible:
+            reason = "no damage is eligible"
+        elif eligible and len(supported) == len(eligible):
+            reason = "H1 supported on every eligible damage, but fewer than two families are eligible"
+        else:
+            reason = "no eligible damage decides"
+    return Verdict(outcome, reason, tuple(verdicts), tuple(lines))
