@@ -30,6 +30,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from typing import Sequence
 import numpy as np
 
 from realign.analysis.arms import Arms
@@ -44,8 +45,19 @@ POWER_TARGET = 0.8
 VALIDATION_TOLERANCE = 0.25
 GRID_SEEDS = (2, 3, 4, 6, 8)
 GRID_ITEMS = (1, 2, 4, 8)    # x the study's items
-GRID_PROBES = (1, 2, 4, 8)   # x the study's probe sequences
+GRID_PROBES = (1, 2, 4, 8, 16)   # x the study's probe sequences
 SIM_REPLICATES = 200
+# Seconds of job time per run on the project's 2-core machine, from the default study's uncontended jobs at e845fe7
+# (docs/2026-12-06-statistics-reanalysis.md): training (kd / held / alignment-only, mean), divergence, and the parts
+# that grow with the items (evaluation) and with the probe sequences (activations + similarity). The grid's cost.
+SECONDS_TRAIN, SECONDS_DIVERGENCE, SECONDS_PER_ITEMS, SECONDS_PER_PROBES = 110.0, 25.0, 90.0, 35.0
+ARMS_PER_DAMAGE = 3  # kd, alignment-held, alignment-only
+
+
+def job_seconds(n_damages: int, n_seeds: int, items: float, probes: float) -> float:
+    """The design's job time (the runs only; the teacher and the damaged parents are a fixed few minutes)."""
+    per_run = SECONDS_TRAIN + SECONDS_DIVERGENCE + SECONDS_PER_ITEMS * items + SECONDS_PER_PROBES * probes
+    return n_damages * ARMS_PER_DAMAGE * n_seeds * per_run
 
 
 @dataclass(frozen=True)
@@ -78,9 +90,11 @@ def _halfwidth(var_item: float, var_seed: float, df: float, alpha: float) -> flo
     return math.sqrt(z * z * var_item + t * t * var_seed)
 
 
-def measured_noise(arms: Arms, settings) -> StudyNoise:
-    """The noise of the damages with a held arm and a positive kd gain (ValueError when none has two seeds)."""
-    damages = [d for d in damages_of_arms(arms) if d.held is not None and float(np.mean(d.kd.gains()[0])) > 0]
+def measured_noise(arms: Arms, settings, only: Sequence[str] | None = None) -> StudyNoise:
+    """The noise of the damages with a held arm and a positive kd gain (`only`: of these labels; ValueError when
+    none has two seeds)."""
+    damages = [d for d in damages_of_arms(arms) if d.held is not None and float(np.mean(d.kd.gains()[0])) > 0
+               and (only is None or d.label in only)]
     roles = ("held", "kd")
     gains = [d.gains(roles) for d in damages]
     if not damages or max(g.n_seeds for g in gains) < 2:
@@ -162,10 +176,11 @@ def _h1prime_power(noise: StudyNoise, n_seeds: int, items: float, probes: float,
     return hits / n_sims
 
 
-def study_power(arms: Arms, settings, n_tables: int = 200, *, grid: bool = True) -> dict:
+def study_power(arms: Arms, settings, n_tables: int = 200, *, grid: bool = True,
+                only: Sequence[str] | None = None) -> dict:
     """Power at the study's design, the validation, and (grid=True) the grid and the smallest deciding design
     (module docstring). ValueError as :func:`measured_noise`."""
-    noise = measured_noise(arms, settings)
+    noise = measured_noise(arms, settings, only)
     rng = np.random.default_rng([settings.seed, 28])
     at_design = {
         "refute": _simulate(noise, PLANTED_REFUTE, noise.n_seeds, 1, 1, n_tables, settings, rng),
@@ -198,11 +213,11 @@ def study_power(arms: Arms, settings, n_tables: int = 200, *, grid: bool = True)
             r = _simulate(noise, PLANTED_REFUTE, seeds, items, probes, n, settings, rng)
             s = _simulate(noise, PLANTED_SUPPORT, seeds, items, probes, n, settings, rng)
             rows.append({"n_seeds": seeds, "items": items, "probes": probes,
-                         "refute_power": r["refute"].tolist(), "support_power": s["support"].tolist()})
+                         "refute_power": r["refute"].tolist(), "support_power": s["support"].tolist(),
+                         "job_seconds": job_seconds(len(noise.damages), seeds, items, probes)})
         out["grid"] = rows
         deciding = [r for r in rows if min(r["refute_power"] + r["support_power"]) >= POWER_TARGET]
-        best = min(deciding, key=lambda r: (r["n_seeds"] * (1 + r["items"] + r["probes"]), r["n_seeds"]),
-                   default=None)
+        best = min(deciding, key=lambda r: (r["job_seconds"], r["n_seeds"]), default=None)
         out["budget"] = best
         if best is not None:
             out["h1prime_power"] = _h1prime_power(noise, best["n_seeds"], best["items"], best["probes"], n,
