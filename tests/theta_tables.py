@@ -51,12 +51,14 @@ def build(runs: list[Run], n_boot: int = 500, seed: int = 0) -> pd.DataFrame:
 def study(rng: np.random.Generator, *, gains: dict[str, float], methods: dict[str, str] | None = None,
           degradations: tuple[str, ...] = ("q4",), seeds: int = 2, n_items: int = 400, item_sd: float = 0.3,
           own_sd: float = 0.1, seed_sd: float | dict[str, float] = 0.0, delta_cka: dict[str, float] | None = None,
-          kl: dict[str, float] | None = None, parent_kl: float = 0.5, shared_seed_sd: float = 0.0) -> list[Run]:
+          kl: dict[str, float] | None = None, parent_kl: float = 0.5, shared_seed_sd: float = 0.0,
+          arm_item_sd: float = 0.0) -> list[Run]:
     """Runs of arms `gains` (arm name -> true gain over the parent) on each damaged parent, `seeds` runs each
     (artifact names `<arm>` and `<arm>+seed<i>`); per-item scores = difficulty (sd item_sd, shared by every
     artifact) + level + own noise (sd own_sd) + a seed effect per run (sd seed_sd, per arm when a dict); with
     shared_seed_sd > 0 also a seed effect u_s (sd shared_seed_sd) that every arm's seed-s run shares (the same data
-    order), drawn per damaged parent after its parent's scores."""
+    order), drawn per damaged parent after its parent's scores; with arm_item_sd > 0 an item-level effect per arm
+    (sd arm_item_sd per item) that the arm's runs share, drawn before the arm's runs."""
     methods = methods or {}
     difficulty = rng.normal(0.0, item_sd, n_items)
     runs = []
@@ -65,9 +67,11 @@ def study(rng: np.random.Generator, *, gains: dict[str, float], methods: dict[st
         shared = rng.normal(0.0, shared_seed_sd, seeds) if shared_seed_sd > 0 else np.zeros(seeds)
         for arm, gain in gains.items():
             sd = seed_sd[arm] if isinstance(seed_sd, dict) else seed_sd
+            arm_items = rng.normal(0.0, arm_item_sd, n_items) if arm_item_sd > 0 else 0.0
             for s in range(seeds):
                 name = arm if s == 0 else f"{arm}+seed{s}"
-                items = difficulty + gain + shared[s] + rng.normal(0.0, sd) + rng.normal(0.0, own_sd, n_items)
+                items = (difficulty + gain + shared[s] + arm_items + rng.normal(0.0, sd)
+                         + rng.normal(0.0, own_sd, n_items))
                 runs.append(Run(d, name, methods.get(arm, arm), items,
                                 delta_cka=(delta_cka or {}).get(arm, 0.05), kl=(kl or {}).get(arm, 0.1)))
     return runs
