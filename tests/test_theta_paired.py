@@ -78,6 +78,9 @@ def test_held_identical_to_kd_per_seed_gives_theta_0_exactly():
     assert len(a.theta.damages) == 3
     for t in a.theta.damages:
         assert t.bounded and abs(t.theta) < 1e-9 and abs(t.low) < 1e-9 and abs(t.high) < 1e-9
+    # the fixed-effect summary of damages whose pivots have no noise at all: 0, bounded, weighted by kd's gain
+    summary = a.theta.summary
+    assert summary.bounded and abs(summary.theta) < 1e-9 and abs(summary.low) < 1e-9 and abs(summary.high) < 1e-9
 
 
 def _random_paired(rng, n_seeds: int, names=("held", "kd"), scale: float = 1.0, n_boot: int = 300,

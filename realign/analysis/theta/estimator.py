@@ -134,6 +134,8 @@ def _summary(rows: list[ThetaDamage], gains: list[Paired], seed: SeedCovariance,
         v = _p_pivot(p, 1 - r.theta, seed) if math.isfinite(r.theta) else None
         weights.append(r.gain_kd / (v.var_shared + v.var_seed) if v and v.var_shared + v.var_seed > 0 else 0.0)
     a = np.array(weights)
+    if not a.any():  # every pivot exactly without noise (held identical to kd run by run): weigh by kd's gain
+        a = np.array([r.gain_kd for r in rows], float)
     num = float(sum(w * p.means[0] for w, p in zip(a, gains)))
     den = float(sum(w * p.means[1] for w, p in zip(a, gains)))
     labels = tuple(r.damage for r in rows)
