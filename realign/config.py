@@ -74,8 +74,24 @@ def _check_schema(instance, schema: dict, prefix: tuple[str, ...] = ()) -> None:
                           + ("\nall problems:\n  " + "\n  ".join(lines) if len(errors) > 1 else ""))
 
 
+def _check_duplicate_seeds(config: dict) -> None:
+    """A block's `seeds` listed twice would be the same run twice: named here, before the schema's `oneOf` over a
+    block or a list of blocks answers with a dump that names no key."""
+    study = config.get("study") if isinstance(config, dict) else None
+    blocks = study if isinstance(study, list) else [study] if isinstance(study, dict) else []
+    for index, block in enumerate(blocks):
+        seeds = block.get("seeds") if isinstance(block, dict) else None
+        if isinstance(seeds, list):
+            repeated = sorted({s for s in seeds if seeds.count(s) > 1}, key=str)
+            if repeated:
+                where = f"study[{index}]" if isinstance(study, list) else "study"
+                raise ConfigError(f"invalid config key {where}.seeds: seed(s) {repeated} listed more than once "
+                                  "(each seed is one training run)")
+
+
 def validate_config(config: dict, schema: dict) -> dict:
     """Return a validated copy of `config` with defaults filled; raise ConfigError naming the key."""
+    _check_duplicate_seeds(config)
     _check_schema(config, schema)
     config = copy.deepcopy(config)
     _apply_defaults(config, schema)
@@ -150,6 +166,16 @@ def _check_cross_references(config: dict) -> None:
             if key not in options + SHARED_RECOVERY_KEYS + TRAINING_KEYS:
                 raise ConfigError(f"invalid config key recoveries.{name}.{key}: not an option of method "
                                   f"{spec['method']}; its options: {', '.join(options) or 'none'}")
+    for index, block in enumerate(blocks):
+        # Only where the block names both: an all x all block leaves that cell out instead (study_cells)
+        where = f"study[{index}]" if isinstance(config.get("study"), list) else "study"
+        for recovery in block.get("recoveries", []) if "degradations" in block else []:
+            teacher = config["recoveries"][recovery].get("teacher", "none")
+            if teacher != "none" and teacher in block["degradations"]:
+                raise ConfigError(f"invalid config key recoveries.{recovery}.teacher: {teacher!r} is a damage "
+                                  f"{where} recovers with it, so that recovery would distil the damaged model "
+                                  "into itself: nothing to learn")
+    _check_warmup(config)
     layers = config["measure"]["alignment_layers"]
     if isinstance(layers, list) and layers[0] > layers[1]:
         raise ConfigError(f"invalid config key measure.alignment_layers: [{layers[0]}, {layers[1]}] is not a range "
@@ -161,6 +187,20 @@ def _check_cross_references(config: dict) -> None:
         raise ConfigError(f"invalid config key analysis.performance: task {performance[4:]!r} is not in "
                           f"measure.benchmarks ({', '.join(config['measure']['benchmarks'])})")
     check_models(config, study_degradations(config))
+
+
+def _check_warmup(config: dict) -> None:
+    """Warm-up at or beyond a run's steps: the learning rate never reaches its value (a 3-step run with 2 warm-up
+    steps trains at 0.02-0.06 x lr). Named where it is set: the run's own entry or `training`."""
+    runs = [("recoveries", name, spec) for name, spec in config["recoveries"].items()]
+    runs += [("degradations", name, spec) for name, spec in config["degradations"].items() if "steps" in spec]
+    for section, name, spec in runs:
+        params = training_params(config, section, name)
+        if params["warmup_steps"] >= params["steps"]:
+            key = f"{section}.{name}.warmup_steps" if "warmup_steps" in spec else "training.warmup_steps"
+            raise ConfigError(f"invalid config key {key}: {params['warmup_steps']} warm-up steps for {section}.{name} "
+                              f"of {params['steps']} steps: its learning rate would never reach "
+                              f"{section}.{name}.lr")
 
 
 def checkpoint_steps(spec: dict) -> list[int]:
@@ -175,7 +215,9 @@ def study_cells(config: dict) -> list[tuple[str, str]]:
     `study` is absent (all x all), one block {degradations, recoveries, seeds} (its cross product; a missing list
     means all), or a list of such blocks (the union), so a study can cross a long damage ladder with one recovery
     and a few damages with every control. `seeds` replicates the block's recoveries; degradation `none` trains the
-    undamaged model (a control: self-distillation should change nothing). Checkpoints are artifacts too."""
+    undamaged model (a control: self-distillation should change nothing). Checkpoints are artifacts too. A
+    recovery whose damaged teacher is the block's own damage is left out (nothing to learn; validate_config
+    rejects a block that names both)."""
     cells: list[tuple[str, str]] = []
 
     def add(cell):
@@ -187,6 +229,8 @@ def study_cells(config: dict) -> list[tuple[str, str]]:
         for degradation in block.get("degradations", list(config["degradations"])):
             add((degradation, "none"))
             for recovery in block.get("recoveries", list(config["recoveries"])):
+                if degradation != "none" and config["recoveries"][recovery].get("teacher", "none") == degradation:
+                    continue  # distilling a damage into itself teaches nothing (named in a block: a ConfigError)
                 for seed in seeds:
                     replicate = None if seed == config["seed"] else seed
                     for step in checkpoint_steps(config["recoveries"][recovery]) + [None]:

