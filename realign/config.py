@@ -166,6 +166,13 @@ def _check_cross_references(config: dict) -> None:
             if key not in options + SHARED_RECOVERY_KEYS + TRAINING_KEYS:
                 raise ConfigError(f"invalid config key recoveries.{name}.{key}: not an option of method "
                                   f"{spec['method']}; its options: {', '.join(options) or 'none'}")
+    for name, spec in config["degradations"].items():
+        pattern = spec.get("pattern")
+        if isinstance(pattern, str) and ":" in pattern:
+            n, m = (int(x) for x in pattern.split(":"))
+            if not 0 < n < m:
+                raise ConfigError(f"invalid config key degradations.{name}.pattern: {pattern!r} keeps {n} of every {m} "
+                                  "weights; an N:M pattern needs 0 < N < M (e.g. '2:4')")
     for index, block in enumerate(blocks):
         # Only where the block names both: an all x all block leaves that cell out instead (study_cells)
         where = f"study[{index}]" if isinstance(config.get("study"), list) else "study"

@@ -237,3 +237,24 @@ def test_parameter_count_errors_name_the_key(tmp_path):
     del config["models"]["smollm2-135m"]["params_b"]
     with pytest.raises(ConfigError, match=r"models\.smollm2-135m: 'params_b' is a required property"):
         validate_config(config, SCHEMA)
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    (lambda c: c["measure"].update(alignment_layers=[1, 99]),
+     r"measure\.alignment_layers: \[1, 99\] is not within 1\.\.2: models\.tiny has 2 transformer blocks"),
+    (lambda c: c["degradations"]["rtn-w3g64"].update(group_size=48),
+     r"degradations\.rtn-w3g64\.group_size: groups of 48 do not divide the input width 64"),
+    (lambda c: c["degradations"].update({"nm": {"method": "magnitude", "pattern": "2:24"}})
+     or c["study"][0]["degradations"].append("nm"), r"degradations\.nm\.pattern: groups of 24 do not divide"),
+    (lambda c: c["degradations"].update({"nm": {"method": "magnitude", "pattern": "4:2"}}),
+     r"degradations\.nm\.pattern: '4:2' keeps 4 of every 2 weights; an N:M pattern needs 0 < N < M"),
+])
+def test_keys_the_model_shape_bounds_are_rejected_at_validation(tiny_model_dir, edit, pattern):
+    """Issue 32: these failed only in the similarity or degrade job, after every damage and recovery had run; with
+    the model's config.json readable (a local model) they are named at validation."""
+    config = copy.deepcopy(DEFAULT)
+    config["models"] = {"tiny": {"source": "path", "path": str(tiny_model_dir), "params_b": 0.0001}}
+    validate_config(copy.deepcopy(config), SCHEMA)  # the default study's keys fit the tiny model
+    edit(config)
+    with pytest.raises(ConfigError, match=pattern):
+        validate_config(config, SCHEMA)

@@ -7,6 +7,7 @@ artifacts (the teacher, 9 damaged models, 14 training runs and one checkpoint), 
 
 import ast
 import copy
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -126,6 +127,23 @@ def test_a_config_change_reruns_exactly_the_jobs_it_affects(reruns, key):
 
 def test_unchanged_config_reruns_nothing(tiny_study):
     workdir, _, _ = tiny_study
+    assert jobs_to_run(workdir) == {}
+
+
+def test_a_file_of_the_local_model_overwritten_in_place_reruns_everything_made_from_it(tiny_study, reruns):
+    """Issue 32: the teacher's folder input is compared by content (realign.fingerprint), not by the folder's own
+    time, which an in-place overwrite leaves alone; putting the file's time back makes the study finished again.
+    (Takes `reruns` so that it runs after the parallel dry runs, which read the same folder.)"""
+    workdir, config, _ = tiny_study
+    weights = Path(config["models"]["tiny"]["path"]) / "model.safetensors"
+    folder_time, before = Path(weights.parent).stat().st_mtime_ns, weights.stat().st_mtime_ns
+    weights.write_bytes(weights.read_bytes())  # `cp` over it: same bytes, a new time
+    try:
+        assert Path(weights.parent).stat().st_mtime_ns == folder_time  # what Snakemake alone would compare
+        assert jobs_to_run(workdir) == {"prepare_teacher": 1, **TEACHER_DATA, **TEACHER_OUTPUTS, "degrade": 9,
+                                        **measured(ALL), "null_activations": 1, "null_floors": 1, **REPORT}
+    finally:
+        os.utime(weights, ns=(before, before))
     assert jobs_to_run(workdir) == {}
 
 

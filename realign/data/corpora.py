@@ -8,12 +8,19 @@ machines and runs and no file contributes to both.
 from __future__ import annotations
 
 import hashlib
+import sys
 import sysconfig
 from pathlib import Path
 
 
 def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_identity() -> str:
+    """Which stdlib the `stdlib` corpus reads: the interpreter's version and the folder (the workflow passes it as a
+    param of the corpus job, and the job checks that it runs under that same interpreter)."""
+    return f"Python {sys.version.split()[0]} ({sys.implementation.name}) stdlib at {stdlib_root()}"
 
 
 def corpus_files(root: str | Path, pattern: str = "**/*.py") -> list[Path]:

@@ -19,7 +19,7 @@ from realign.degrade.forgetting import forget_by_sft
 from realign.degrade.registry import degradation_method
 from realign.device import compute_device
 from realign.data.stage import read_prompts
-from realign.io import read_jsonl
+from realign.io import file_sha256, read_jsonl
 from realign.models.artifact import load_artifact, save_artifact
 from realign.models.record import ArtifactRecord
 from realign.training import TrainConfig
@@ -81,8 +81,9 @@ def degrade(teacher_dir: str | Path, out_dir: str | Path, model_name: str, name:
             curve, n_chunks = forget_by_sft(model, tokenizer, texts, TrainConfig.from_params(params, seed), params["max_len"],
                                             run_identity={"parent": teacher_record.content_digest(), "params": params})
             constraint = dict(constraints.NO_CONSTRAINT)
+            # the corpus's digest: the damage is a function of its entry and of these bytes (issue 32)
             data = {"corpus": params.get("corpus", "code"), "path": str(narrow_train), "chunks": n_chunks,
-                    "tokens_per_chunk": params["max_len"]}
+                    "tokens_per_chunk": params["max_len"], "sha256": file_sha256(narrow_train)}
         else:
             check_supported(model, params, key=key)  # refuse before any work
             ids = None

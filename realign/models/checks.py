@@ -25,6 +25,8 @@ class ModelFacts:
     vocab_size: int | None = None
     context_length: int | None = None
     experts: int | None = None  # routed experts per MoE block (None: dense, or not known)
+    n_layers: int | None = None  # transformer blocks L (hidden states 0..L)
+    widths: tuple[int, ...] = ()  # input widths of the Linear layers a damage targets (hidden, intermediate size)
 
 
 @dataclass(frozen=True)
@@ -166,7 +168,12 @@ def facts_from_config(config: dict) -> ModelFacts:
                     if isinstance(c.get(k), int)), None)
     experts = next((c.get(k) for c in (config, text) for k in ("num_local_experts", "num_experts", "n_routed_experts")
                     if isinstance(c.get(k), int) and c.get(k) > 1), None)
-    return ModelFacts(vocab if isinstance(vocab, int) else None, context, experts)
+    layers = next((c.get(k) for c in (config, text) for k in ("num_hidden_layers", "n_layer", "num_layers")
+                   if isinstance(c.get(k), int)), None)
+    widths = tuple(dict.fromkeys(c.get(k) for c in (config, text) for k in ("hidden_size", "n_embd", "intermediate_size",
+                                                                            "n_inner")
+                                 if isinstance(c.get(k), int)))
+    return ModelFacts(vocab if isinstance(vocab, int) else None, context, experts, layers, widths)
 
 
 def model_facts(spec: dict, name: str, resources_dir: str | Path = "resources") -> ModelFacts:
@@ -261,7 +268,29 @@ def check_models(config: dict, degradations: list[str]) -> None:
     for name, spec in config["models"].items():
         facts = model_facts(spec, name, resources)
         check_fits(facts, f"models.{name}", top_k, dict(_length_keys(config)))
+        check_shapes(facts, f"models.{name}", config, degradations)
         if facts.experts and bnb:
             raise ConfigError(f"invalid config key degradations.{bnb[0]}.method: bnb cannot quantize the stacked "
                               f"expert weights of models.{name} ({facts.experts} experts per block); use rtn, gptq "
                               "or nvfp4 for a mixture-of-experts model")
+
+
+def check_shapes(facts: ModelFacts, model: str, config: dict, degradations: list[str]) -> None:
+    """Keys the model's shape bounds, where its config.json is readable (issue 32: these failed only in a job,
+    after hours of work): measure.alignment_layers within 1..L, a quantization `group_size` and an N:M pattern's M
+    dividing the input width of every targeted Linear layer."""
+    layers = config["measure"]["alignment_layers"]
+    if facts.n_layers and isinstance(layers, list) and layers[1] > facts.n_layers:
+        raise ConfigError(f"invalid config key measure.alignment_layers: [{layers[0]}, {layers[1]}] is not within "
+                          f"1..{facts.n_layers}: {model} has {facts.n_layers} transformer blocks (hidden states 0 = "
+                          f"embeddings, {facts.n_layers} = final post-norm)")
+    for name in degradations:
+        spec = config["degradations"][name]
+        groups = [("group_size", spec["group_size"])] if "group_size" in spec else []
+        if isinstance(spec.get("pattern"), str) and ":" in spec["pattern"]:
+            groups.append(("pattern", int(spec["pattern"].split(":")[1])))
+        for key, size in groups:
+            bad = [w for w in facts.widths if w % size]
+            if bad:
+                raise ConfigError(f"invalid config key degradations.{name}.{key}: groups of {size} do not divide the "
+                                  f"input width {bad[0]} of {model}'s layers (widths {', '.join(map(str, facts.widths))})")

