@@ -230,7 +230,7 @@ def test_a_held_recovery_keeps_its_damage_and_records_its_ceilings(tiny_model_di
 
 # --- the config -----------------------------------------------------------------------------------------------
 
-HELD = {"method": "alignment-held", "steps": 2, "lr": 1e-4, "top_k": 64}
+HELD = {"method": "alignment-held", "steps": 4, "lr": 1e-4, "top_k": 64}
 HELD_CONFIG_ERRORS = [
     ("a dose above 1", {"hold_fraction": 1.5},
      r"recoveries\.held\.hold_fraction: 1\.5 is greater than the maximum of 1"),
