@@ -380,8 +380,8 @@ def build_table(rows: list[dict], performance: str, records: Records) -> pd.Data
         if f"{measure_name}_mean" in df:
             values = df[f"{measure_name}_mean"].to_numpy(float)
             df[f"delta_{measure_name}"] = np.where(is_teacher, nan, values - values[p_idx])
-    df["delta_cka_ci_low"], df["delta_cka_ci_high"] = _paired_delta_ci(df, p_idx, is_teacher)
     df["delta_cka_boot"] = _paired_delta_replicates(df, p_idx, is_teacher)
+    df["delta_cka_ci_low"], df["delta_cka_ci_high"] = _percentile_interval(df["delta_cka_boot"])
     df = df.drop(columns=["cka_boot"], errors="ignore")
 
     role_order = df["role"].map({"teacher": 0, "degraded": 1, "recovered": 2})
@@ -390,25 +390,20 @@ def build_table(rows: list[dict], performance: str, records: Records) -> pd.Data
     return df.drop(columns=["_ro", "_nt"]).reset_index(drop=True)
 
 
-def _paired_delta_ci(df: pd.DataFrame, p_idx: np.ndarray, is_teacher: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """95% percentile CI of delta_cka from the paired bootstrap replicates over probe sequences: the same
-    resampled sequences for an artifact and its parent, so the probe-set noise they share cancels."""
-    low, high = np.full(len(df), np.nan), np.full(len(df), np.nan)
-    if "cka_boot" not in df:
-        return low, high
-    boots = [np.asarray(b if b is not None else [], float) for b in df["cka_boot"]]
-    for i, parent in enumerate(p_idx):
-        own, theirs = boots[i], boots[parent]
-        if is_teacher[i] or parent == i or own.size < 10 or own.size != theirs.size:
-            continue
-        low[i], high[i] = np.percentile(own - theirs, [2.5, 97.5])
+def _percentile_interval(replicates: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """95% percentile CI of delta_cka from its paired bootstrap replicates over probe sequences (NaN where a row has
+    none): the same resampled sequences for an artifact and its parent, so the probe-set noise they share cancels."""
+    low, high = np.full(len(replicates), np.nan), np.full(len(replicates), np.nan)
+    for i, boot in enumerate(replicates):
+        if boot:
+            low[i], high[i] = np.percentile(boot, [2.5, 97.5])
     return low, high
 
 
 def _paired_delta_replicates(df: pd.DataFrame, p_idx: np.ndarray, is_teacher: np.ndarray) -> list[list[float]]:
     """Each artifact's delta CKA replicates (its bootstrap replicates minus its parent's, on the same resampled
-    probe sequences: the similarity step draws them from one seed for every artifact), kept for the per-arm
-    manipulation check; empty where there are none (the teacher, a parent, a summary without replicates)."""
+    probe sequences: the similarity step draws them from one seed for every artifact), for the delta CKA interval
+    and the per-arm manipulation check; empty where there are none (the teacher, a parent, fewer than 10)."""
     out: list[list[float]] = [[] for _ in range(len(df))]
     if "cka_boot" not in df:
         return out

@@ -31,7 +31,7 @@ from realign.analysis.components import t_quantile
 from realign.analysis.pooling import Pooled, random_effects
 from realign.analysis.resampling import holm
 from realign.analysis.theta.damage import Damage
-from realign.analysis.theta.paired import Bound, Paired, SeedCovariance, pool_seed_covariance
+from realign.analysis.theta.paired import Bound, Paired, SeedCovariance, fieller_set, pool_seed_covariance
 
 ROLES = ("held", "kd")
 
@@ -159,13 +159,8 @@ def _summary(rows: list[ThetaDamage], gains: list[Paired], seed: SeedCovariance,
     s_nn, s_nd, s_dd = (factor * seed.cov[0, 0], factor * seed.cov[0, 1], factor * seed.cov[1, 1]) \
         if seed.known else (0.0, 0.0, 0.0)
     wnn, wnd, wdd = z * z * w_nn + t * t * s_nn, z * z * w_nd + t * t * s_nd, z * z * w_dd + t * t * s_dd
-    ratio = num / den
-    qa, qb, qc = den * den - wdd, num * den - wnd, num * num - wnn
-    if qa <= 0:
-        return ThetaSummary(1 - ratio, -math.inf, math.inf, False, 1 - alpha, labels, tuple(norm), re, method)
-    half = math.sqrt(max(qb * qb - qa * qc, 0.0))
-    low_r, high_r = (qb - half) / qa, (qb + half) / qa
-    return ThetaSummary(1 - ratio, 1 - high_r, 1 - low_r, True, 1 - alpha, labels, tuple(norm), re, method)
+    low_r, high_r, bounded = fieller_set(num, den, wnn, wnd, wdd)
+    return ThetaSummary(1 - num / den, 1 - high_r, 1 - low_r, bounded, 1 - alpha, labels, tuple(norm), re, method)
 
 
 def _weighted_item(a: np.ndarray, gains: list[Paired]) -> tuple[float, float, float]:

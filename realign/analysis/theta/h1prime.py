@@ -20,7 +20,7 @@ from typing import Sequence
 
 from realign.analysis.resampling import holm
 from realign.analysis.theta.damage import Damage
-from realign.analysis.theta.paired import pool_seed_covariance
+from realign.analysis.theta.paired import Paired, SeedCovariance, pool_seed_covariance
 
 ROLES = ("only", "kd")
 
@@ -47,6 +47,15 @@ class OnlyTest:
         return self.gain / self.gain_kd if self.gain_kd else math.nan
 
 
+def one_sided_tests(cka: Paired, gains: Paired, cka_seed: SeedCovariance, gain_seed: SeedCovariance,
+                    settings) -> tuple[float, float]:
+    """(p of "CKA rises", p of "without a meaningful recovery") of the alignment-only arm against kd (module
+    docstring), on paired delta CKA and gains ("only", "kd") with their pooled seed covariances."""
+    rise = cka.combine(cka.coef({"only": 1.0, "kd": -settings.cka_rise_min}), cka_seed)
+    short = gains.combine(gains.coef({"only": 1.0, "kd": -settings.meaningful_recovery}), gain_seed)
+    return rise.p_greater(), short.p_less()
+
+
 def h1prime(damages: Sequence[Damage], settings) -> tuple[OnlyTest, ...]:
     """The test on each of `damages` that has an alignment-only arm, Holm-adjusted across them."""
     tested = [d for d in damages if d.only is not None and len(d.seeds(ROLES)) > 0]
@@ -57,9 +66,7 @@ def h1prime(damages: Sequence[Damage], settings) -> tuple[OnlyTest, ...]:
     cka_seed, gain_seed = pool_seed_covariance(ckas), pool_seed_covariance(gains)
     rows = []
     for d, c, g in zip(tested, ckas, gains):
-        rise = c.combine(c.coef({"only": 1.0, "kd": -settings.cka_rise_min}), cka_seed)
-        short = g.combine(g.coef({"only": 1.0, "kd": -settings.meaningful_recovery}), gain_seed)
-        p_rise, p_short = rise.p_greater(), short.p_less()
+        p_rise, p_short = one_sided_tests(c, g, cka_seed, gain_seed, settings)
         p = max(p_rise, p_short) if math.isfinite(p_rise) and math.isfinite(p_short) else math.nan
         rows.append(OnlyTest(d.label, d.only.recovery, c.seeds, float(c.means[0]),
                              settings.cka_rise_min * float(c.means[1]), p_rise, float(g.means[0]),

@@ -173,11 +173,18 @@ class Paired:
         r = a / b
         at_r = self.combine(base - r * ej, seed)
         common = dict(var_shared=at_r.var_shared / b**2, var_seed=at_r.var_seed / b**2, df=at_r.df)
-        qa, qb, qc = b * b - wbb, a * b - wab, a * a - waa
-        if qa <= 0:  # the denominator is not distinguishable from 0 at this level
-            return Ratio(r, -math.inf, math.inf, False, **common)
-        half = math.sqrt(max(qb * qb - qa * qc, 0.0))
-        return Ratio(r, (qb - half) / qa, (qb + half) / qa, True, **common)
+        return Ratio(r, *fieller_set(a, b, waa, wab, wbb), **common)
+
+
+def fieller_set(a: float, b: float, waa: float, wab: float, wbb: float) -> tuple[float, float, bool]:
+    """(low, high, bounded) of Fieller's (1954) set {R: (a - R b)^2 <= waa - 2 R wab + R^2 wbb}, the w's the
+    quantile-weighted variance parts of the numerator, their covariance and the denominator. Unbounded (the whole
+    line) when the denominator is not distinguishable from 0 at this level."""
+    qa, qb, qc = b * b - wbb, a * b - wab, a * a - waa
+    if qa <= 0:
+        return -math.inf, math.inf, False
+    half = math.sqrt(max(qb * qb - qa * qc, 0.0))  # >= 0 up to rounding: a / b itself lies in the set
+    return (qb - half) / qa, (qb + half) / qa, True
 
 
 def paired_seeds(*seed_lists: Sequence[int]) -> tuple[int, ...]:

@@ -38,6 +38,7 @@ from realign.analysis.components import t_quantile
 from realign.analysis.theta.check import PASSED, required_parts
 from realign.analysis.theta.damage import damages_of_arms
 from realign.analysis.theta.estimator import estimate_paired
+from realign.analysis.theta.h1prime import one_sided_tests
 from realign.analysis.theta.paired import Paired, pool_seed_covariance
 
 PLANTED_SUPPORT, PLANTED_REFUTE = 0.9, 0.0
@@ -169,9 +170,7 @@ def _h1prime_power(noise: StudyNoise, n_seeds: int, items: float, probes: float,
                   n_seeds, rng)
         c = _draw(("only", "kd"), np.array([d.cka[1], d.cka[1]]), d.cka_probe / probes, noise.cka_seed, d.cka[1],
                   n_seeds, rng)
-        gs, cs = pool_seed_covariance([g]), pool_seed_covariance([c])
-        rise = c.combine(c.coef({"only": 1.0, "kd": -settings.cka_rise_min}), cs).p_greater()
-        short = g.combine(g.coef({"only": 1.0, "kd": -settings.meaningful_recovery}), gs).p_less()
+        rise, short = one_sided_tests(c, g, pool_seed_covariance([c]), pool_seed_covariance([g]), settings)
         hits += max(rise, short) < settings.alpha / 2
     return hits / n_sims
 
