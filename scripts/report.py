@@ -23,9 +23,9 @@ provenance = assemble_provenance(snakemake.params.config, snakemake.params.confi
 # The null floors of each model (its name is the folder: results/null/<model>/floors.parquet).
 null_floors = pd.concat([read_parquet(path, producer="the `null_floors` rule").assign(model=Path(path).parent.name)
                          for path in snakemake.input.null_floors], ignore_index=True)
-matrices = {(r.model, r.degradation, r.recovery): read_json(r.path_similarity_summary, verify=True,
-                                                             producer="the `similarity` rule")
-            for r in table.itertuples() if getattr(r, "path_similarity_summary", "")}
+# The layer x layer CKA of each artifact, from the similarity summaries this rule declares as inputs.
+matrices = {tuple(cell): read_json(path, verify=True, producer="the `similarity` rule")
+            for cell, path in zip(snakemake.params.cells, snakemake.input.similarity_summaries, strict=True)}
 render_report(table, stats, read_table(snakemake.input.similarity_layers), provenance, snakemake.output.report,
               null_floors=null_floors, matrices=matrices, figures_dir=snakemake.output.figures)
 write_digest(snakemake.output.report, file_sha256(snakemake.output.report))  # the report sealed as well

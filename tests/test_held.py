@@ -5,20 +5,22 @@ a resumed run, and its config."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from realign.config import ConfigError, load_schema, recovery_spec, validate_config
+from realign.config import ConfigError, load_schema, recovery_defaults, recovery_spec, validate_config
 from realign.data.sequences import collate
 from realign.measure.activations import content_positions
 from realign.measure.kernels import debiased_cka, linear_cka
 from realign.models.tiny import build_tiny_model, build_tiny_tokenizer
 from realign.recover.held import HeldAlignment, calibration_batches, content_token_mask
 from realign.recover.losses import divergence, supervised_log_probs
-from realign.recover.methods import build_examples, recover
+from realign.recover.methods import build_examples
+from realign.recover.run import recover
 from realign.training import TrainConfig, example_order, train
 from test_probe import SYSTEM_PROMPT_TEMPLATE
 from tiny_study import REPO
@@ -126,6 +128,10 @@ def damaged_pair(tmp_path_factory):
     return teacher, student, tokenizer
 
 
+# an alignment-held spec as validation and recovery_spec complete it: the schema's hold_* defaults, the layers
+HELD_PARAMS = {**recovery_defaults("alignment-held"), "method": "alignment-held", "alignment_layers": "inner"}
+
+
 def measured(student, teacher, tokenizer, params):
     """(KL(teacher || student), per-layer CKA on the held tokens) over all training examples as one batch."""
     examples = build_examples(tokenizer, TRAIN_RECORDS, "teacher_answer", MAX_LEN, content=True)
@@ -145,7 +151,7 @@ def trained(teacher, student, tokenizer, params, steps=24):
 
 def test_the_held_constraint_keeps_cka_at_its_ceiling_while_kl_falls_and_kd_raises_it(damaged_pair):
     teacher, damaged, tokenizer = damaged_pair
-    params = {"method": "alignment-held"}  # the defaults: dose 0, paired baseline, rho 10
+    params = HELD_PARAMS  # the defaults: dose 0, paired baseline, rho 10; every block but the last
     kl0, cka0 = measured(damaged, teacher, tokenizer, params)
     kd, _ = trained(teacher, damaged, tokenizer, {"method": "kd"})
     held, curve = trained(teacher, damaged, tokenizer, params)
@@ -171,7 +177,7 @@ def test_the_ceiling_is_the_damaged_cka_plus_the_dose_and_resuming_keeps_the_mul
     cfg = TrainConfig(steps=3, lr=5e-4, batch_size=4, seed=0)
     order = example_order(len(examples), 3 * 4, cfg.seed)
     batches = calibration_batches(examples, order, 4, 3, tokenizer.pad_token_id, "cpu")
-    base = {"method": "alignment-held", "hold_rho": 10.0}
+    base = HELD_PARAMS
     held = HeldAlignment(base, teacher)
     damaged_cka = held.calibrate(damaged, batches)
     with torch.no_grad():
@@ -219,8 +225,7 @@ def test_a_held_recovery_keeps_its_damage_and_records_its_ceilings(tiny_model_di
     from test_resume import _recovery_inputs
 
     teacher, parents, records = _recovery_inputs(tiny_model_dir, tmp_path)
-    params = {"method": "alignment-held", "steps": 3, "lr": 1e-3, "batch_size": 3, "max_len": 32,
-              "alignment_layers": "inner", "hold_rho": 10.0}
+    params = {**HELD_PARAMS, "steps": 3, "lr": 1e-3, "batch_size": 3, "max_len": 32}
     meta = run_recovery(teacher, parents[0.6], records, tmp_path / "tiny/magnitude-0.6/held", "held", params, 0)
     assert meta.constraint["kind"] == "mask" and meta.constraint_check["ok"]
     curve = meta.training_curve
@@ -270,3 +275,21 @@ def test_a_held_option_on_another_method_is_an_error_and_the_spec_carries_the_me
     spec, _ = recovery_spec(validate_config(config, schema), "held")
     assert spec["alignment_layers"] == [2, 9] and spec["hold_fraction"] == 0.5
     assert spec["hold_reference"] == "headroom" and spec["hold_baseline"] == "batch"
+
+
+def test_the_held_defaults_have_one_home_the_schema():
+    """Issue 31: the hold_* defaults lived in three places (a config dict, the registry, schema comments that
+    disagreed). The schema is their one home: validation fills them in, nothing in the library restates them."""
+    schema = load_schema(REPO / "workflow/schemas/config.schema.yaml")
+    assert recovery_defaults("alignment-held", schema) == {
+        "hold_fraction": 0.0, "hold_reference": "headroom", "hold_baseline": "batch", "hold_calibration_batches": 4,
+        "hold_rho": 10.0}
+    config = validate_config(study_config({"held": dict(HELD), "kd": {"method": "kd", "steps": 4, "lr": 1e-4}}),
+                             schema)
+    assert config["recoveries"]["held"]["hold_rho"] == 10.0
+    assert not any(key.startswith("hold_") for key in config["recoveries"]["kd"])
+    restated = [f"{path.relative_to(REPO)}:{n}" for path in sorted((REPO / "realign").rglob("*.py"))
+                for n, line in enumerate(path.read_text().splitlines(), 1)
+                if re.search(r"""["']hold_\w+["']\s*:\s*[\d"']|get\(\s*["']hold_\w+["']\s*,""", line)
+                or "HELD_DEFAULTS" in line]
+    assert restated == []

@@ -112,3 +112,40 @@ def test_every_copy_of_the_tokenizer_gives_the_same_positions(tokenizer, tmp_pat
         assert all(torch.equal(a, b) for a, b in zip(sequences + masks, other_sequences + other_masks))
     assert sample_positions(content_positions(*copies[0]), 24, 3) == sample_positions(content_positions(*copies[1]),
                                                                                        24, 3)
+
+
+def test_positions_beyond_a_sequence_are_capped_and_the_cap_is_logged(tokenizer, tmp_path, caplog):
+    """Issue 32: `measure.positions_per_sequence` beyond what a sequence has gives all its content positions (as
+    the schema says), and the job's log says so."""
+    from realign.io import write_json
+    from realign.measure.stage import _probe
+
+    prompts = tmp_path / "prompts.json"
+    write_json(prompts, {"probe": RECORDS}, digest=True)
+    with caplog.at_level("INFO", logger="realign.measure.stage"):
+        sequences, pairs = _probe(tokenizer, prompts, max_tokens=128, per_sequence=500, seed=0)
+    sequences_, masks = probe_sequences(tokenizer, RECORDS, max_tokens=128)
+    candidates = content_positions(sequences_, masks)
+    assert len(pairs) == sum(map(len, candidates))
+    assert f"measure.positions_per_sequence = 500: {len(RECORDS)} of {len(RECORDS)} probe sequences have fewer" \
+        in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="realign.measure.stage"):
+        _probe(tokenizer, prompts, max_tokens=128, per_sequence=1, seed=0)
+    assert "positions_per_sequence" not in caplog.text
+
+
+def test_heldout_chunks_beyond_the_corpus_are_capped_and_the_cap_is_logged(tokenizer, tmp_path, caplog):
+    """Issue 32: `data.code_heldout_chunks` beyond what the held-out corpus holds scores all of it, logged."""
+    from realign.io import write_jsonl
+    from realign.measure.stage import heldout_chunks
+
+    path = tmp_path / "code_heldout.jsonl"
+    write_jsonl(path, [{"text": "def f(x):\n    return x + 1\n" * 20}], digest=True)
+    with caplog.at_level("INFO", logger="realign.measure.stage"):
+        few = heldout_chunks(tokenizer, "code", path, max_len=16, n_chunks=2)
+    assert len(few) == 2 and "code_heldout_chunks" not in caplog.text
+    with caplog.at_level("INFO", logger="realign.measure.stage"):
+        every = heldout_chunks(tokenizer, "code", path, max_len=16, n_chunks=100_000)
+    assert 2 < len(every) < 100_000
+    assert f"data.code_heldout_chunks = 100000: the held-out code corpus gives {len(every)} chunks" in caplog.text

@@ -13,7 +13,9 @@ from realign.io import IntegrityError
 from realign.measure.kernels import linear_cka, minibatch_linear_cka
 from realign.recover.losses import (DIVERGENCES, coarsen_top_k, divergence, supervised_log_probs, supervised_mask,
                                     top_k_with_tail)
-from realign.recover.methods import build_examples, distillation_loss, recover
+from realign.recover.methods import build_examples, distillation_loss
+from realign.recover.registry import METHODS as RECOVERY_METHODS
+from realign.recover.run import recover
 from realign.recover.teacher_logits import TeacherTopK, compute_teacher_top_k, save_teacher_top_k
 from realign.training import TrainConfig
 
@@ -106,8 +108,8 @@ def test_teacher_top_k_cache_round_trip_matches_the_live_teacher(tiny, tmp_path)
     # With the whole vocabulary cached, the cached loss equals the live-teacher loss.
     student = perturbed(model)
     params = {"method": "kd", "divergence": "forward_kl"}
-    cached_loss = distillation_loss(params, None, loaded)(student, batch)
-    live_loss = distillation_loss(params, model, None)(student, batch)
+    cached_loss = distillation_loss(RECOVERY_METHODS[params["method"]], params, None, loaded)(student, batch)
+    live_loss = distillation_loss(RECOVERY_METHODS[params["method"]], params, model, None)(student, batch)
     assert cached_loss.item() == pytest.approx(live_loss.item(), rel=1e-4)
 
 

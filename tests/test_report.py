@@ -55,7 +55,7 @@ def test_render_report(tmp_path):
             "data_splits": {"probe": "wikitext test[:64]"}}
     render_report(table, stats, cka, prov, out)
     html = out.read_text()
-    assert stats["verdict"] in html
+    assert stats["association"] in html
     assert "<svg" in html
     assert not re.search(r'(src|href)\s*=\s*"https?://', html)
     assert "<script" not in html
@@ -78,7 +78,7 @@ def test_report_with_too_few_artifacts_and_escaping(tmp_path):
     table, cka = _study(tmp_path)
     table = table[table.degradation.isin(["none", "d0"])].reset_index(drop=True)
     stats = analyze(table, n_boot=50, n_perm=50)
-    assert stats["verdict"] == "inconclusive"
+    assert stats["association"] == "inconclusive"
     render_report(table, stats, cka.iloc[0:0], {"title": "<b>x</b>"}, tmp_path / "r.html")
     html = (tmp_path / "r.html").read_text()
     assert "inconclusive" in html and "too few artifacts" in html

@@ -1,4 +1,4 @@
-"""The HTML report as a person sees it: opened in headless Chromium at laptop width (1366x900).
+"""The HTML report as a person sees it: opened in headless Chromium at laptop width (1280x900).
 
 Chromium is driven through the DevTools protocol over `--remote-debugging-pipe` (file descriptors 3 and 4,
 NUL-separated JSON), with the standard library only. The check fails on any console error, uncaught exception
@@ -32,8 +32,10 @@ from realign.analysis.stats import analyze_with_controls
 from realign.analysis.table import build_table
 from item_records import records_for
 
+pytestmark = pytest.mark.browser
+
 REPO = Path(__file__).resolve().parents[1]
-WIDTH, HEIGHT = 1366, 900  # a common laptop screen
+WIDTH, HEIGHT = 1280, 900  # a common laptop screen
 LOCAL_SCHEMES = ("file:", "data:", "about:", "blob:")
 MIN_FONT_PX = 11.0
 
@@ -159,7 +161,8 @@ LAYOUT_JS = r"""
   });
   const tables = [...document.querySelectorAll('table')].map(t => {
     const c = clipper(t);
-    return {width: t.getBoundingClientRect().width, container: c ? c.clientWidth : null,
+    return {cls: t.getAttribute('class') || '', width: t.getBoundingClientRect().width,
+            container: c ? c.clientWidth : null,
             scrolls: !!c && getComputedStyle(c).overflowX !== 'hidden'};
   });
   // the artifact table (the one with file links), scrolled to its right end: does its name column stay in view?
@@ -371,6 +374,26 @@ def test_report_at_laptop_width(browser, tmp_path):
     assert viewport.size == (WIDTH, HEIGHT)
     full = check_png(seen["screenshots"]["full"])
     assert full.size[0] == layout["viewport"] and full.size[1] > HEIGHT
+
+
+def test_the_pre_registered_table_is_read_whole_at_laptop_width(browser, tmp_path):
+    """Issue 31: at 1280 px the theta table ran past its box, its theta column cut off. Every column of it must be
+    in view without scrolling, with the default study's long damage names."""
+    from test_theta_report import S, _table
+
+    table = _table({"kd": 0.2, "held": 0.02})
+    for column in ("model", "degradation"):  # names as long as the default study's
+        table[column] = table[column].map({"m": "smollm2-135m-instruct", "q4": "rtn-w3g64-act-order",
+                                           "prune": "magnitude-50-unstructured", "forget": "sft-code-lr2e3-24steps"}
+                                          ).fillna(table[column])
+    page = tmp_path / "theta.html"
+    render_report(table, analyze_with_controls(table, S),
+                  pd.DataFrame(columns=["model", "degradation", "recovery", "layer", "linear_cka", "debiased_cka"]),
+                  {}, page)
+    layout = view(browser, page)["layout"]
+    theta = [t for t in layout["tables"] if "theta-damages" in t["cls"]]
+    assert theta and all(t["width"] <= t["container"] + 0.5 for t in theta), theta
+    assert not layout["overflowing"], layout["overflowing"]
 
 
 def test_browser_check_can_fail(browser, tmp_path):

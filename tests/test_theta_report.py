@@ -127,7 +127,7 @@ def test_the_report_states_the_rules_then_the_verdict_and_theta(tmp_path):
     html = _render(table, stats, tmp_path / "r2.html")
     assert "Association across arms (description)" in html
     # the report leads with the answer: the pre-registered test before the description
-    assert html.index('<section id="theta"') < html.index('<section id="verdict"')
+    assert html.index('<section id="theta"') < html.index('<section id="association"')
 
 
 def test_the_report_says_why_theta_is_not_estimated(tmp_path):

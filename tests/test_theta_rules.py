@@ -56,6 +56,11 @@ def test_one_damage_s_failure_does_not_block_another_s_verdict():
     assert any("delta CKA" in r for r in by["m/prune"].reasons)
     assert (by["m/forget"].outcome, by["m/forget"].h1) == ("refuted", "refuted")
     assert a.verdict.outcome == "refuted" and "m/forget" in a.verdict.reason
+    # the verdict box says each damage's outcome in a sentence (issue 31), not the rule's raw string
+    assert by["m/q4"].sentence.startswith("m/q4 (") and "not eligible" in by["m/q4"].sentence
+    assert "manipulation check failed" in by["m/prune"].sentence and by["m/prune"].sentence.endswith("check failed.")
+    assert "cost little of kd's recovery — refuted." in by["m/forget"].sentence
+    assert a.verdict.lines == tuple(v.sentence for v in sorted(a.verdict.damages, key=lambda v: v.family))
 
 
 def _verdict(damage, family, outcome, h1=None):
@@ -79,7 +84,7 @@ def _verdict(damage, family, outcome, h1=None):
 def test_the_overall_verdict(verdicts, outcome):
     v = overall([_verdict(*x) for x in verdicts])
     assert v.outcome == outcome, v.reason
-    assert len(v.lines) == len({f for _, f, _ in verdicts})  # one line per family
+    assert len(v.lines) == len(verdicts)  # one sentence per damage
     judged = [o for _, _, o in verdicts if o != "ineligible"]
     if not judged:
         assert v.reason == "no damage is eligible"

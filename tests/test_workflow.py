@@ -15,6 +15,8 @@ from realign.degrade import constraints
 from realign.io import read_json, read_jsonl
 from realign.models.artifact import load_artifact, load_constraint_tensors
 
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -41,8 +43,8 @@ def test_report_and_table(study):
     workdir, config, _ = study
     report = (workdir / "results/report.html").read_text()
     stats = read_json(workdir / "results/stats.json", verify=True)  # sealed: its digest sidecar matches
-    assert stats["verdict"] in ("supported", "refuted", "inconclusive")
-    assert stats["verdict"] in report
+    assert stats["association"] in ("supported", "refuted", "inconclusive")
+    assert stats["association"] in report
     assert "<svg" in report and "https://" not in report.split("</style>")[-1]
     table = pd.read_parquet(workdir / "results/table.parquet")
     assert len(table) == len(list(cells(config)))

@@ -91,10 +91,10 @@ def write_study(workdir: Path) -> dict:
     return config
 
 
-def jobs_to_run(workdir: Path, configfile: Path | None = None) -> dict[str, int]:
-    """{rule: number of jobs} a run on `configfile` would start in `workdir` now (a dry run's job stats; the
-    target rule `all` left out); {} when there is nothing to do."""
-    dry = snakemake(workdir, "-n", "--quiet", "rules", configfile=configfile)
+def jobs_to_run(workdir: Path, configfile: Path | None = None, targets: tuple[str, ...] = ()) -> dict[str, int]:
+    """{rule: number of jobs} a run on `configfile` (of `targets`, default all) would start in `workdir` now (a
+    dry run's job stats; the target rule `all` left out); {} when there is nothing to do."""
+    dry = snakemake(workdir, *targets, "-n", "--quiet", "rules", configfile=configfile)
     assert dry.returncode == 0, dry.stdout[-3000:] + dry.stderr[-3000:]
     lines = (dry.stdout + dry.stderr).splitlines()
     if not any(line.split() == ["job", "count"] for line in lines):

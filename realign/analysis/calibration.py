@@ -1,4 +1,4 @@
-"""Calibration of the descriptive association verdict (realign.analysis.verdict) by simulation: its rate of
+"""Calibration of the descriptive association verdict (realign.analysis.association) by simulation: its rate of
 "supported" on synthetic tables with a planted effect (power) and with none (false positives):
 :func:`simulate_calibration`. The pre-registered test's power and sizing live with it, in
 realign.analysis.theta.power."""
@@ -84,7 +84,7 @@ def simulate_calibration(n_artifacts: int, effect: float, n_sims: int, settings:
     for _ in range(n_sims):
         table = synthetic_table(n_artifacts, effect, rng)
         out = analyze(table, settings.replace(seed=int(rng.integers(2**31))))
-        counts[out["verdict"]] += 1
+        counts[out["association"]] += 1
     rate = {k: v / n_sims for k, v in counts.items()}
     return {"n_artifacts": n_artifacts, "effect": effect, "n_sims": n_sims, "alpha": settings.alpha,
             "min_effect": settings.min_effect, "true_spearman": true_rho, "counts": counts,

@@ -11,6 +11,7 @@ import math
 
 import pandas as pd
 
+from realign.analysis.arms import KD_METHOD
 from realign.analysis.resampling import holm, paired_difference
 from realign.analysis.settings import AnalysisSettings
 from realign.identity import is_configured_run
@@ -34,7 +35,7 @@ def _arm(group: pd.DataFrame, arm: str) -> pd.Series | None:
     if arm == "damaged":
         rows = final[final["recovery"] == "none"]
     elif arm == "kd-damaged-teacher":
-        rows = final[(final["recovery_method"] == "kd") & (teacher != "none")]
+        rows = final[(final["recovery_method"] == KD_METHOD) & (teacher != "none")]
     else:
         rows = final[(final["recovery_method"] == arm) & (teacher == "none")]
     return rows.iloc[0] if len(rows) else None

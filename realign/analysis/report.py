@@ -20,7 +20,8 @@ from realign.analysis.theta_view import theta_view
 from realign.io import atomic_path, jsonable
 from realign.measure.similarity import measures_primary_first
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "report"
+# the template and its style ship with the package (realign/assets links to report/)
+TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "assets"
 TEMPLATE_NAME = "report.html.j2"
 CSS_NAME = "report.css"
 
@@ -339,7 +340,7 @@ def render_report(
     ctx = {
         "title": provenance.get("title", "realign: does recovery go with re-alignment?"),
         "css": css,
-        "verdict": stats.get("verdict", "inconclusive"),
+        "association": stats.get("association", "inconclusive"),
         "summary": stats.get("summary", ""),
         "reasons": stats.get("reasons", []),
         "theta": theta_view(stats.get("theta")),

@@ -18,9 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from realign.config import ConfigError, check_theta_thresholds, load_schema, validate_key
-
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+from realign.config import SCHEMA_PATH, ConfigError, check_theta_thresholds, load_schema, validate_key
 
 # Outside a study (defaults()): the seed of the statistics' resampling. In a study it is the config's top-level
 # `seed`, which has no default.

@@ -14,7 +14,8 @@ Statistics, each in its module
 * OLS ``recovery_fraction ~ delta_cka + delta_kl [+ C(family)]`` (HC3) and the mixed model with a random
   intercept per base model, and the runs model: runs as units, checkpoints as repeated measures, a random effect
   per damaged parent (:mod:`realign.analysis.regression`).
-* The verdict and its reasons (:mod:`realign.analysis.verdict`, whose docstring states the rules).
+* The association outcome and its reasons (:mod:`realign.analysis.association`, whose docstring states the
+  rules; stats.json key `association`; the pre-registered verdict is under `theta`).
 * Paired control contrasts and the undamaged model's self-distillation (:mod:`realign.analysis.contrasts`).
 * Per benchmark task and per similarity measure (:mod:`realign.analysis.breakdowns`).
 * Dose-response along runs measured at checkpoints (:mod:`realign.analysis.dose_response`).
@@ -38,13 +39,13 @@ from realign.analysis.resampling import correlation
 from realign.analysis.selection import select_analysed
 from realign.analysis.settings import AnalysisSettings
 from realign.analysis.theta_summary import theta_entry
-from realign.analysis.verdict import RECOVERED_MIN, cka_without_recovery, counterexamples, decide, summary
+from realign.analysis.association import RECOVERED_MIN, cka_without_recovery, counterexamples, decide, summary
 from realign.io import jsonable
 
 
 def analyze(table: pd.DataFrame, settings: AnalysisSettings | None = None, **overrides) -> dict:
     """Correlations, partial correlations, OLS, the mixed model and the verdict (rules in
-    realign.analysis.verdict), with ``settings`` (the schema's defaults when None; ``overrides`` replace fields).
+    realign.analysis.association), with ``settings`` (the schema's defaults when None; ``overrides`` replace fields).
 
     Returns a JSON-serialisable dict with keys: n, n_candidates, excluded, settings, performance_metric,
     correlations {spearman, pearson, partial_pearson, partial_spearman}, ols, mixed_model (see
@@ -74,7 +75,7 @@ def analyze(table: pd.DataFrame, settings: AnalysisSettings | None = None, **ove
         "cka_without_recovery": [],
     }
     if n < min_n:
-        out["verdict"] = "inconclusive"
+        out["association"] = "inconclusive"
         out["reasons"] = [
             f"too few artifacts: n={n} analysed (need >= {min_n}); no statistics computed",
             "the paper's falsification criteria ('performance recovers while CKA stays low', 'CKA rises "
@@ -108,7 +109,7 @@ def analyze(table: pd.DataFrame, settings: AnalysisSettings | None = None, **ove
     out["counterexamples"] = counterexamples(d)
     out["cka_without_recovery"] = cka_without_recovery(d)
 
-    out["verdict"], out["reasons"] = decide(out, settings)
+    out["association"], out["reasons"] = decide(out, settings)
     out["summary"] = summary(out)
     return jsonable(out)
 

@@ -26,9 +26,9 @@ from typing import Iterable, Mapping
 import numpy as np
 import pandas as pd
 
+from realign.analysis.arms import HELD_METHOD
 from realign.analysis.performance import SECONDARY, bootstrap, interval, paired_matrices, statistic
 from realign.analysis.performance import measure as performance_measure
-from realign.config import HELD_DEFAULTS
 from realign.identity import ArtifactId
 from realign.io import read_json, read_parquet, write_parquet
 from realign.measure.similarity import MEASURE_NAMES
@@ -105,8 +105,8 @@ def collect_row(artifact_json, eval_json, divergence_json, similarity_parquet, s
     row["teacher"] = str(art.recovery_params.get("teacher", "none"))
     # The dose of an alignment-held run (its allowed CKA rise; 0 = hold the damaged value): the test takes the
     # arm at dose 0, the others are dose arms (realign.analysis.arms.pick).
-    row["hold_fraction"] = (float(art.recovery_params.get("hold_fraction", HELD_DEFAULTS["hold_fraction"]))
-                            if art.recovery_method == "alignment-held" else math.nan)
+    row["hold_fraction"] = (float(art.recovery_params["hold_fraction"])
+                            if art.recovery_method == HELD_METHOD else math.nan)
     # How much of the damage a constrained recovery changed (artifact.json `damage_touched`, per target kind;
     # realign.degrade.constraints.damage_touched): changed_fraction, the targeted values whose stored value (grid
     # point, kept unmasked weight) changed, over every kind weighted by values, and changed_matrices of

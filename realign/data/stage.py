@@ -6,6 +6,7 @@ from pathlib import Path
 
 from realign.data import corpora
 from realign.data.prompts import load_instruction_prompts, split_prompts
+from realign.errors import ConfigError
 from realign.io import read_json, write_json, write_jsonl
 
 # Splits whose text is scored against a reference answer need one.
@@ -23,6 +24,20 @@ def prepare_prompts(framework_root: str | Path, sizes: dict[str, int], seed: int
     return {name: len(split) for name, split in splits.items()}
 
 
+def check_prompt_pool(data: dict, seed: int) -> None:
+    """Config validation of `data.prompt_splits` where the prompts wheel is already unpacked (issue 32: a split
+    beyond the pool failed only in the split job); before the first fetch the split job names the split."""
+    root = Path(data.get("resources_dir", "resources")) / "wheels" / data["prompts_wheel"]
+    if not root.is_dir():
+        return
+    sizes = data["prompt_splits"]
+    try:
+        split_prompts(load_instruction_prompts(root), sizes, seed, require_reference=SPLITS_NEEDING_REFERENCE & set(sizes))
+    except ValueError as error:
+        raise ConfigError(f"invalid config key data.prompt_splits: {error} (the pool of {data['prompts_wheel']} "
+                          f"holds {len(load_instruction_prompts(root))} prompts)") from error
+
+
 def read_prompts(path: str | Path) -> dict[str, list[dict]]:
     """The prompt splits written by prepare_prompts, verified against their digest."""
     return read_json(path, verify=True, producer="the `prompt_splits` rule")
@@ -31,13 +46,12 @@ def read_prompts(path: str | Path) -> dict[str, list[dict]]:
 NARROW_CORPORA = ("code", "math")
 
 
-def forgetting_chars_needed(degradations: dict, training: dict) -> int:
-    """Characters of narrow corpus that every forgetting run can consume (about 4 characters per token, with a
-    safety factor of 2), at least 200k."""
-    tokens = [d["steps"] * d.get("batch_size", training["batch_size"]) * d.get("max_len", training["max_len"])
-              * d.get("grad_accum", training.get("grad_accum", 1))
-              for d in degradations.values() if d["method"] == "sft"]
-    return max([8 * t for t in tokens] + [200_000])
+def forgetting_chars_needed(spec: dict, training: dict) -> int:
+    """Characters of narrow corpus a forgetting run (its degradation entry) can consume: its tokens at about 4
+    characters per token, with a safety factor of 2."""
+    tokens = (spec["steps"] * spec.get("batch_size", training["batch_size"]) * spec.get("max_len", training["max_len"])
+              * spec.get("grad_accum", training.get("grad_accum", 1)))
+    return 8 * tokens
 
 
 def prepare_code_corpus(corpus: str, heldout_fraction: float, max_chars: int, out_train: str | Path,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from realign.degrade.registry import CALIBRATED_METHODS
+from realign.degrade.registry import CALIBRATED_METHODS, METHODS
 from realign.degrade.targets import Target, damage_targets, untargeted_matrices
 
 
@@ -26,13 +26,13 @@ def check_supported(model, params: dict, key: str = "") -> dict[str, Target]:
     """Raise ValueError (naming `<key>method` and the module) if `params["method"]` cannot damage every target
     of `model`; returns the targets."""
     method = params["method"]
-    if method == "sft":
+    if METHODS[method].kind == "training":  # forgetting trains every weight: nothing to cover
         return {}
     targets = damage_targets(model)
     if not targets:
         raise ValueError(f"{key}method: {method} finds no weight matrix to damage in {type(model).__name__} "
                          f"(no nn.Linear, transformers Conv1D or stacked expert weights outside the embeddings)")
-    if method == "bnb":
+    if METHODS[method].kind == "load":  # bitsandbytes replaces nn.Linear/Conv1D layers as it loads
         experts = sorted({t.parameter_name for t in targets.values() if t.kind == "experts"})
         if experts:
             raise ValueError(f"{key}method: bnb cannot quantize stacked MoE expert weights ({experts[0]}, "

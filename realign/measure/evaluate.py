@@ -12,7 +12,9 @@ import numpy as np
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from realign.device import autocast, model_device  # noqa: E402  (after the offline switches)
+from realign.data.benchmarks import scored_pairs, task_kind, verify_benchmarks  # noqa: E402  (after the switches)
+from realign.device import autocast, model_device  # noqa: E402
+from realign.io import read_jsonl  # noqa: E402
 
 SEED = 1234
 
@@ -32,8 +34,6 @@ def check_continuations_fit(lm, task_dir: Path, tasks: list[str]) -> None:
     """lm-eval left-truncates a long context but asserts that every scored continuation fits the model's
     context (lm.max_length), with a bare AssertionError in the middle of scoring. Check every item first, with
     lm-eval's own encoding of the pair, and name the task, the item and both lengths."""
-    from realign.data.benchmarks import scored_pairs
-    from realign.io import read_jsonl
 
     for task in tasks:
         for doc in read_jsonl(Path(task_dir) / f"{task}.jsonl"):
@@ -65,7 +65,6 @@ def run_lm_eval(model, tokenizer, task_dir: Path, tasks: list[str], batch_size: 
     missing = [t for t in tasks if not (task_dir / f"realign_{t}.yaml").exists()]
     if missing:
         raise FileNotFoundError(f"no exported task YAML for {missing} in {task_dir}")
-    from realign.data.benchmarks import verify_benchmarks
 
     verify_benchmarks(task_dir, tasks)  # the items scored are those exported, gold labels included
 
@@ -88,7 +87,6 @@ def run_lm_eval(model, tokenizer, task_dir: Path, tasks: list[str], batch_size: 
     finally:
         model.train(was_training)
 
-    from realign.data.benchmarks import task_kind
 
     items = []
     for t in tasks:
@@ -129,7 +127,6 @@ def item_record(task: str, sample: dict, n_target_tokens: int | None = None) -> 
     indifference. LAMBADA: `gold_logprob` is the target's log-probability per token, `acc` the greedy match.
     `accuracy` is acc_norm where the task has it, else acc. acc and acc_norm are recomputed from the
     log-likelihoods and must equal lm-eval's (a check that the record reads the sample as lm-eval scored it)."""
-    from realign.data.benchmarks import task_kind
 
     doc, kind = sample["doc"], task_kind(task)
     lls = np.array([float(resp[0]) for resp in sample["filtered_resps"]])

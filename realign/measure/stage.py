@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -19,6 +20,9 @@ from realign.measure.similarity import (JACKKNIFE_MEASURES, MEASURE_NAMES, compa
                                         jackknife_other_means, percentile_ci)
 
 NULL_SEED_OFFSET = 7919  # the random-init null model's seed is the study seed + this
+
+
+log = logging.getLogger(__name__)
 
 
 def load_artifact(artifact_dir, device: str | None = None):
@@ -48,6 +52,10 @@ def _probe(tokenizer, prompts_path, max_tokens: int, per_sequence: int, seed: in
         candidates = content_positions(sequences, masks)
     except ValueError as err:
         raise ValueError(f"{err} (measure.probe_max_tokens = {max_tokens}; probe split of {prompts_path})") from None
+    short = [len(c) for c in candidates if len(c) < per_sequence]
+    if short:  # capped, as the schema says: a sequence gives every content position it has
+        log.info("measure.positions_per_sequence = %d: %d of %d probe sequences have fewer content positions "
+                 "(%d to %d), and give all of them", per_sequence, len(short), len(candidates), min(short), max(short))
     return sequences, sample_positions(candidates, per_sequence, seed)
 
 
@@ -225,6 +233,17 @@ def divergence(teacher_outputs_path, artifact_dir, prompts_path, max_len: int, b
             "seconds": time.time() - start}
 
 
+def heldout_chunks(tokenizer, corpus: str, path, max_len: int, n_chunks: int) -> list:
+    """The first `n_chunks` packed chunks of `max_len` tokens of a narrow corpus's held-out file; fewer when it has
+    fewer (capped, as the schema says, and logged)."""
+    texts = [r["text"] for r in read_jsonl(path, verify=True, producer="the `narrow_corpus` rule")]
+    chunks = packed_chunks(tokenizer, texts, max_len, max_chunks=n_chunks)
+    if len(chunks) < n_chunks:
+        log.info("data.code_heldout_chunks = %d: the held-out %s corpus gives %d chunks of %d tokens; all are scored",
+                 n_chunks, corpus, len(chunks), max_len)
+    return chunks
+
+
 def evaluate(artifact_dir, prompts_path, narrow_heldout: dict[str, str], task_dir, tasks: list[str], max_len: int,
              narrow_chunks: int, batch_size: int) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
     """lm-eval benchmarks plus held-out NLL on reference answers (`general`) and on each narrow corpus.
@@ -238,8 +257,7 @@ def evaluate(artifact_dir, prompts_path, narrow_heldout: dict[str, str], task_di
     model, tokenizer, _ = load_artifact(artifact_dir)
     corpora = {"general": _reference_examples(tokenizer, read_prompts(prompts_path)["heldout"], max_len)}
     for corpus, path in narrow_heldout.items():
-        texts = [r["text"] for r in read_jsonl(path, verify=True, producer="the `narrow_corpus` rule")]
-        corpora[corpus] = packed_chunks(tokenizer, texts, max_len, max_chunks=narrow_chunks)
+        corpora[corpus] = heldout_chunks(tokenizer, corpus, path, max_len, narrow_chunks)
     sequences, perplexity = [], {}
     for corpus, examples in corpora.items():
         scored = sequence_nlls(model, examples, tokenizer.pad_token_id, batch_size)

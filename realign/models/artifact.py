@@ -37,12 +37,18 @@ BASE_FILES = ("config.json", "generation_config.json", "model*.safetensors", "mo
 def library_versions() -> dict:
     import importlib.metadata as md
 
+    import torch
+
     versions = {"python": platform.python_version()}
     for package in ("torch", "transformers", "safetensors", "lm_eval", "snakemake", "realign"):
         try:
             versions[package] = md.version(package)
         except md.PackageNotFoundError:
             versions[package] = None
+    # The kernels float arithmetic ran on: the same code and inputs give other low-order bits on another instruction
+    # set or thread count, and a chaotic run (forgetting SFT at a high rate) amplifies them (issue 32).
+    versions["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    versions["torch_threads"] = torch.get_num_threads()
     return versions
 
 

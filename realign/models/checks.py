@@ -225,16 +225,16 @@ def safetensors_parameter_count(directory: str | Path) -> int | None:
     return total
 
 
-def _length_keys(config: dict):
-    """(config key, tokens) of every length that must fit in the model's context."""
+def _length_keys(config: dict, sampled: dict[str, int]):
+    """(config key, tokens) of every length that must fit in the model's context; `sampled`: {recovery: tokens the
+    student samples per prompt} for the methods that sample (realign.recover.registry, passed by realign.config)."""
     yield "training.max_len", config["training"]["max_len"]
     for section in ("degradations", "recoveries"):
         for name, spec in config[section].items():
             if "max_len" in spec:
                 yield f"{section}.{name}.max_len", spec["max_len"]
-    for name, spec in config["recoveries"].items():
-        if spec["method"] == "onpolicy":  # the student's prompt must leave room for its sample
-            yield f"recoveries.{name}.max_new_tokens", spec.get("max_new_tokens", 64) + 1
+    for name, tokens in sampled.items():  # the student's prompt must leave room for its sample
+        yield f"recoveries.{name}.max_new_tokens", tokens
     yield "data.teacher_max_new_tokens", config["data"]["teacher_max_new_tokens"] + 1
     yield "data.calibration.max_len", config["data"].get("calibration", {}).get("max_len", 0)
     yield "measure.probe_max_tokens", config["measure"]["probe_max_tokens"]
@@ -254,23 +254,23 @@ def check_fits(facts: ModelFacts, model: str, top_k: dict[str, int], lengths: di
                               f"({facts.context_length} tokens, its max_position_embeddings)")
 
 
-def check_models(config: dict, degradations: list[str]) -> None:
+def check_models(config: dict, degradations: list[str], replace_layers: list[str], sampled: dict[str, int]) -> None:
     """Config validation of the model sources and of the keys their vocabulary and context bound (see
     model_facts for which sources are known before any job). `degradations`: the ones the study applies, from
-    realign.config.study_degradations; its caller, realign.config, passes them so that this module needs no import
-    of it (no import circle)."""
+    realign.config.study_degradations; `replace_layers`: those of them whose method replaces the Linear layers as it
+    loads (bitsandbytes); `sampled`: {recovery: tokens its student samples per prompt}. Its caller, realign.config,
+    passes what it reads from the registries, so that this module imports neither (no import circle)."""
     resources = config["data"].get("resources_dir", "resources")
     top_k = {f"recoveries.{name}.top_k": spec["top_k"] for name, spec in config["recoveries"].items()
              if "top_k" in spec}
     # bitsandbytes replaces Linear layers: stacked MoE expert weights would stay in full precision
     # (realign.degrade.coverage.check_supported refuses it again at the start of the job, for sources not known here)
-    bnb = [d for d in degradations if config["degradations"][d]["method"] == "bnb"]
     for name, spec in config["models"].items():
         facts = model_facts(spec, name, resources)
-        check_fits(facts, f"models.{name}", top_k, dict(_length_keys(config)))
+        check_fits(facts, f"models.{name}", top_k, dict(_length_keys(config, sampled)))
         check_shapes(facts, f"models.{name}", config, degradations)
-        if facts.experts and bnb:
-            raise ConfigError(f"invalid config key degradations.{bnb[0]}.method: bnb cannot quantize the stacked "
+        if facts.experts and replace_layers:
+            raise ConfigError(f"invalid config key degradations.{replace_layers[0]}.method: bnb cannot quantize the stacked "
                               f"expert weights of models.{name} ({facts.experts} experts per block); use rtn, gptq "
                               "or nvfp4 for a mixture-of-experts model")
 

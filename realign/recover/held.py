@@ -33,16 +33,11 @@ from __future__ import annotations
 
 import torch
 
-from realign.config import HELD_DEFAULTS
 from realign.device import autocast, model_device, on_device
 from realign.measure.activations import content_positions
 from realign.measure.kernels import debiased_cka
 from realign.measure.stage import alignment_range
 from realign.recover.losses import forward, logit_loss
-
-
-def option(params: dict, key: str):
-    return params.get(key, HELD_DEFAULTS[key])
 
 
 def content_token_mask(batch: dict) -> torch.Tensor:
@@ -69,7 +64,7 @@ def content_token_mask(batch: dict) -> torch.Tensor:
 
 def ceilings(damaged: torch.Tensor, params: dict) -> torch.Tensor:
     """Per-layer CKA ceilings from the damaged model's per-layer CKA and the dose (module docstring)."""
-    fraction, reference = option(params, "hold_fraction"), option(params, "hold_reference")
+    fraction, reference = params["hold_fraction"], params["hold_reference"]
     rise = 1 - damaged if reference == "headroom" else torch.full_like(damaged, float(reference))
     return damaged + fraction * rise
 
@@ -88,8 +83,8 @@ class HeldAlignment:
         if teacher is None:
             raise ValueError("alignment-held needs the teacher model (its hidden states)")
         self.params, self.teacher, self.teacher_top_k = params, teacher, teacher_top_k
-        self.rho = float(option(params, "hold_rho"))
-        self.paired = option(params, "hold_baseline") == "batch"
+        self.rho = float(params["hold_rho"])
+        self.paired = params["hold_baseline"] == "batch"
         self.layers: list[int] | None = None
         self.limits: dict[tuple[int, ...], torch.Tensor] | torch.Tensor | None = None
         self.multipliers: torch.Tensor | None = None
@@ -97,7 +92,7 @@ class HeldAlignment:
 
     def _layers(self, n_hidden: int) -> list[int]:
         if self.layers is None:
-            first, last = alignment_range(option(self.params, "alignment_layers"), n_hidden)
+            first, last = alignment_range(self.params["alignment_layers"], n_hidden)
             self.layers = list(range(first, last + 1))
         return self.layers
 

@@ -143,3 +143,15 @@ def logit_loss(params: dict, student_logits, teacher_out, batch: dict, teacher_t
         teacher_logp = supervised_log_probs(teacher_out.logits, batch["labels"], temperature)
         loss = divergence(teacher_logp, student_logp, kind, beta)
     return loss * temperature**2
+
+
+# The hidden-state terms a recovery adds to its logit loss (its registry entry's `hidden_term`, or `align_loss`),
+# each `(student hidden states, teacher hidden states, mask, layers) -> scalar`, minimised: re-aligning (1 - CKA,
+# cka-kd and alignment-only), pushing alignment down (+CKA, alignment-blocked), feature distillation (SquareHead's
+# normalised MSE, the cosine distance).
+HIDDEN_TERMS = {
+    "cka": lambda student, teacher, mask, layers: 1 - layer_cka(student, teacher, mask, layers),
+    "anti-cka": layer_cka,
+    "mse": layer_mse,
+    "cosine": layer_cosine_distance,
+}

@@ -2,7 +2,7 @@
 training loop (realign.training.train); a method is only a choice of training data and of a loss composed
 from realign.recover.losses.
 
-Self-distillation:
+Self-distillation (realign.recover.run runs them; realign.recover.registry lists them):
 - `kd`:  token-level divergence (forward KL, reverse KL or generalized JSD; temperature; full vocabulary
          from a live teacher, or the teacher's cached top-k) on the teacher's own answers;
 - `sdft`: SFT on the teacher's rewrites of the reference answers (Yang et al. 2024), or on its own answers;
@@ -27,30 +27,99 @@ Controls:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from realign.data.sequences import (IGNORE, chat_example, chat_prompt_ids, clamp_prompts, collate, left_pad,
                                    model_context, prompt_budget)
-from realign.degrade import constraints
 from realign.device import autocast, model_device, on_device
-from realign.recover.losses import (cross_entropy, divergence, forward, layer_cka, layer_cosine_distance, layer_mse,
-                                    logit_loss, supervised_log_probs, supervised_mask)
-from realign.recover.registry import METHODS as REGISTRY
-from realign.recover.registry import NEEDS_TEACHER_HIDDEN, NEEDS_TEACHER_LOGITS, training_targets
-from realign.training import TrainConfig, example_order, train
-
-METHODS = tuple(REGISTRY)  # realign.recover.registry: the one list
+from realign.recover.losses import (HIDDEN_TERMS, cross_entropy, divergence, forward, logit_loss,
+                                    supervised_log_probs, supervised_mask)
+from realign.training import example_order
 DEMONSTRATION_TEMPLATE = ("{instruction}\n\nThis is an example of a good response:\n{reference}\n\n"
                           "Now write your own response to the request.")
 
 
-def needs_live_teacher(params: dict) -> bool:
-    """Whether a recovery runs the teacher model during training (hidden states, on-policy scoring, or logits
-    without a top-k cache)."""
-    method = params["method"]
-    return (method in NEEDS_TEACHER_HIDDEN or method == "onpolicy"
-            or (method in NEEDS_TEACHER_LOGITS and params.get("top_k") is None))
+@dataclass(frozen=True)
+class Setup:
+    """What a method's setup function (its registry entry's `setup`) builds its training from."""
+    method: object  # its realign.recover.registry.RecoveryMethod entry
+    params: dict
+    teacher: object  # the teacher model, or None when the method needs no live teacher
+    tokenizer: object
+    records: list[dict]  # the distillation records
+    max_len: int
+    teacher_top_k_path: object = None  # the teacher's cached top-k log-probabilities on these examples, if any
+
+
+@dataclass(frozen=True)
+class Training:
+    """A method's training: its examples, its loss `loss_fn(model, batch)`, and `prepare(student, examples, cfg)`,
+    called under the constraint before the first step (or None)."""
+    examples: list[dict]
+    loss_fn: Callable
+    prepare: Callable | None = None
+
+
+def _top_k(setup: Setup, examples: list[dict]):
+    if setup.teacher_top_k_path is None:
+        return None
+    from realign.recover.teacher_logits import TeacherTopK
+
+    return TeacherTopK(setup.teacher_top_k_path, examples, setup.params.get("temperature", 1.0))
+
+
+def distillation_setup(setup: Setup) -> Training:
+    """kd and the methods that add a hidden-state term to it (or, alignment-only, train on that term alone)."""
+    params = setup.params
+    examples = build_examples(setup.tokenizer, setup.records, setup.method.training_targets(params),
+                              setup.max_len)
+    return Training(examples, distillation_loss(setup.method, params, setup.teacher, _top_k(setup, examples)))
+
+
+def held_setup(setup: Setup) -> Training:
+    """alignment-held: kd under a ceiling on each pre-registered layer's CKA (realign.recover.held). The ceilings
+    are the damaged model's CKA, measured under the constraint before any update, on the run's own batches (the
+    loop's example order): every one (hold_baseline batch) or the first few."""
+    from realign.recover.held import HeldAlignment, calibration_batches
+
+    params = setup.params
+    examples = build_examples(setup.tokenizer, setup.records, setup.method.training_targets(params),
+                              setup.max_len, content=True)
+    loss_fn = HeldAlignment(params, setup.teacher, _top_k(setup, examples))
+
+    def prepare(student, examples, cfg):
+        n_batches = (cfg.steps * cfg.grad_accum if params["hold_baseline"] == "batch"
+                     else params["hold_calibration_batches"])
+        order = example_order(len(examples), n_batches * cfg.batch_size, cfg.seed)
+        loss_fn.calibrate(student, calibration_batches(examples, order, cfg.batch_size, n_batches,
+                                                       setup.tokenizer.pad_token_id, model_device(student)))
+
+    return Training(examples, loss_fn, prepare)
+
+
+def onpolicy_setup(setup: Setup) -> Training:
+    if setup.teacher is None:
+        raise ValueError("onpolicy needs the teacher model")
+    usable = [r for r in setup.records if isinstance(r.get("reference"), str)]
+    examples = [{**chat_example(setup.tokenizer, r["instruction"], "", setup.max_len), "index": i}
+                for i, r in enumerate(usable)]
+    return Training(examples, onpolicy_loss(setup.teacher, setup.tokenizer, usable, setup.params, setup.max_len,
+                                            setup.method.max_new_tokens(setup.params)))
+
+
+def supervised_setup(setup: Setup) -> Training:
+    """sdft and sft: cross-entropy on a text of the records (the teacher's rewrites or answers, or references)."""
+    params = setup.params
+    examples = build_examples(setup.tokenizer, setup.records, setup.method.training_targets(params),
+                              setup.max_len)
+
+    def loss_fn(model, batch):
+        return cross_entropy(forward(model, batch, False).logits, batch["labels"])
+
+    return Training(examples, loss_fn)
 
 
 def build_examples(tokenizer, records: list[dict], answer_key: str, max_len: int, content: bool = False) -> list[dict]:
@@ -77,14 +146,14 @@ def _hidden_layers(params: dict, n_hidden: int) -> list[int]:
     return layers
 
 
-def distillation_loss(params: dict, teacher=None, teacher_top_k=None):
-    """The loss of kd, cka-kd, alignment-blocked, alignment-only, squarehead and hidden-cosine as
-    `loss_fn(model, batch)`."""
-    method = params["method"]
+def distillation_loss(entry, params: dict, teacher=None, teacher_top_k=None):
+    """The loss of kd and of the methods with a hidden-state term (their registry `entry`'s `hidden_term`, or the
+    `align_loss` option) as `loss_fn(model, batch)`."""
     weight = params.get("align_weight", 1.0)
-    needs_hidden = method in NEEDS_TEACHER_HIDDEN
+    needs_hidden = entry.teacher_hidden
+    term = HIDDEN_TERMS[params.get("align_loss", entry.hidden_term)] if needs_hidden else None
     if teacher is None and (needs_hidden or teacher_top_k is None):
-        raise ValueError(f"recovery method {method} needs the teacher model")
+        raise ValueError(f"recovery method {entry.name} needs the teacher model")
 
     def loss_fn(model, batch):
         teacher_out = None
@@ -93,20 +162,12 @@ def distillation_loss(params: dict, teacher=None, teacher_top_k=None):
                 teacher_out = forward(teacher, batch, needs_hidden)
         out = forward(model, batch, needs_hidden)
         loss = torch.zeros((), device=out.logits.device)
-        if method in NEEDS_TEACHER_LOGITS and params.get("with_kl", True):
+        if entry.teacher_logits and params.get("with_kl", True):
             loss = logit_loss(params, out.logits, teacher_out, batch, teacher_top_k)
         if needs_hidden:
             mask = supervised_mask(batch["labels"])
             layers = _hidden_layers(params, len(out.hidden_states))
-            if method == "squarehead":
-                loss = loss + weight * layer_mse(out.hidden_states, teacher_out.hidden_states, mask, layers)
-            elif method == "hidden-cosine":
-                loss = loss + weight * layer_cosine_distance(out.hidden_states, teacher_out.hidden_states, mask, layers)
-            elif method == "alignment-only" and params.get("align_loss", "cka") == "mse":
-                loss = loss + weight * layer_mse(out.hidden_states, teacher_out.hidden_states, mask, layers)
-            else:
-                cka = layer_cka(out.hidden_states, teacher_out.hidden_states, mask, layers)
-                loss = loss + weight * (cka if method == "alignment-blocked" else 1 - cka)
+            loss = loss + weight * term(out.hidden_states, teacher_out.hidden_states, mask, layers)
         return loss
 
     return loss_fn
@@ -116,9 +177,8 @@ def demonstration_instruction(instruction: str, reference: str) -> str:
     return DEMONSTRATION_TEMPLATE.format(instruction=instruction, reference=reference)
 
 
-def onpolicy_loss(teacher, tokenizer, records: list[dict], params: dict, max_len: int):
+def onpolicy_loss(teacher, tokenizer, records: list[dict], params: dict, max_len: int, max_new_tokens: int):
     """Shenfeld et al.'s on-policy self-distillation as `loss_fn(model, batch)`; batches carry record indices."""
-    max_new_tokens = params.get("max_new_tokens", 64)
     sample_temperature = params.get("sample_temperature", 1.0)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     # The student's prompt must leave room for its sample in the context; the teacher's, for the sample it scores.
@@ -164,62 +224,3 @@ def onpolicy_loss(teacher, tokenizer, records: list[dict], params: dict, max_len
         return divergence(teacher_logp, student_logp, "reverse_kl")
 
     return loss_fn
-
-
-def recover(student, teacher, tokenizer, params: dict, records: list[dict], cfg: TrainConfig, max_len: int,
-            constraint: dict, constraint_tensors: dict, teacher_top_k_path=None, on_checkpoint=None,
-            checkpoint_steps=(), state_path=None, state_every: int = 0, run_identity: dict | None = None,
-            on_restart=None):
-    """Train `student` under its constraint with recovery `params` (method + options); returns (trained model,
-    training curve, constraint check). The trained model is `student` itself, or a PeftModel wrapping it when
-    the constraint is a frozen base. `on_checkpoint(model, step, curve)` is called at `checkpoint_steps`;
-    `state_path`/`state_every`/`run_identity`/`on_restart`: resumable training (realign.training.train)."""
-    method = params["method"]
-    if method not in METHODS:
-        raise ValueError(f"unknown recovery method {method!r}; allowed: {', '.join(METHODS)}")
-    if method == "onpolicy":
-        if teacher is None:
-            raise ValueError("onpolicy needs the teacher model")
-        usable = [r for r in records if isinstance(r.get("reference"), str)]
-        examples = [{**chat_example(tokenizer, r["instruction"], "", max_len), "index": i}
-                    for i, r in enumerate(usable)]
-        loss_fn = onpolicy_loss(teacher, tokenizer, usable, params, max_len)
-    else:
-        examples = build_examples(tokenizer, records, training_targets(method, params), max_len,
-                                  content=method == "alignment-held")
-        if method in ("kd",) + NEEDS_TEACHER_HIDDEN:
-            top_k = None
-            if teacher_top_k_path is not None:
-                from realign.recover.teacher_logits import TeacherTopK
-
-                top_k = TeacherTopK(teacher_top_k_path, examples, params.get("temperature", 1.0))
-            if method == "alignment-held":
-                from realign.recover.held import HeldAlignment
-
-                loss_fn = HeldAlignment(params, teacher, top_k)
-            else:
-                loss_fn = distillation_loss(params, teacher, top_k)
-        else:
-            def loss_fn(model, batch):
-                return cross_entropy(forward(model, batch, False).logits, batch["labels"])
-    if teacher is not None:
-        teacher.eval()
-
-    student = constraints.attach(student, constraint, constraint_tensors, seed=cfg.seed)
-    try:
-        if method == "alignment-held":
-            # The ceilings are the damaged model's CKA: measured now, under the constraint and before any update,
-            # on the run's own batches (the loop's example order): every one (hold_baseline batch) or the first few.
-            from realign.recover.held import calibration_batches, option
-
-            n_batches = (cfg.steps * cfg.grad_accum if option(params, "hold_baseline") == "batch"
-                         else option(params, "hold_calibration_batches"))
-            order = example_order(len(examples), n_batches * cfg.batch_size, cfg.seed)
-            loss_fn.calibrate(student, calibration_batches(examples, order, cfg.batch_size, n_batches,
-                                                           tokenizer.pad_token_id, model_device(student)))
-        curve = train(student, examples, loss_fn, cfg, pad_id=tokenizer.pad_token_id,
-                      checkpoint_steps=checkpoint_steps, on_checkpoint=on_checkpoint, state_path=state_path,
-                      state_every=state_every, run_identity=run_identity, on_restart=on_restart)
-    finally:
-        constraints.detach(student)
-    return student, curve, constraints.check(student, constraint, constraint_tensors)

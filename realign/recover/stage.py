@@ -16,7 +16,10 @@ from realign.io import file_sha256, read_jsonl, write_jsonl
 from realign.models.artifact import artifact_facts, load_artifact, load_constraint_tensors, read_record, save_artifact
 from realign.models.record import ArtifactRecord
 from realign.models.checks import check_fits
-from realign.recover.methods import build_examples, needs_live_teacher, recover, training_targets
+from realign.recover.methods import build_examples
+from realign.recover.registry import training_targets
+from realign.recover.run import needs_live_teacher, recover
+from realign.recover.registry import METHODS as RECOVERY_METHODS
 from realign.recover.teacher_data import generate_answers, generate_rewrites
 from realign.identity import CHECKPOINTS_DIR, ArtifactId, checkpoint_dir
 from realign.training import TrainConfig
@@ -64,12 +67,12 @@ def teacher_top_k(teacher_dir: str | Path, answers_path: str | Path, out_path: s
 
 def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, records_path: str | Path, out_dir: str | Path,
                  name: str, params: dict, seed: int, teacher_top_k_path: str | Path | None = None,
-                 checkpoint_steps: list[int] = ()) -> ArtifactRecord:
+                 checkpoint_steps: list[int] = (), state_every: int = 0) -> ArtifactRecord:
     start = time.time()
     out_dir = Path(out_dir)
     lengths = {f"recoveries.{name}.max_len (or training.max_len)": params["max_len"]}
-    if params["method"] == "onpolicy":
-        lengths[f"recoveries.{name}.max_new_tokens"] = params.get("max_new_tokens", 64) + 1
+    if RECOVERY_METHODS[params["method"]].sampled_tokens(params):  # the student's prompt leaves room for its sample
+        lengths[f"recoveries.{name}.max_new_tokens"] = RECOVERY_METHODS[params["method"]].sampled_tokens(params)
     check_fits(artifact_facts(damaged_dir), f"the model {damaged_dir}",
                {f"recoveries.{name}.top_k": params["top_k"]} if "top_k" in params else {}, lengths)
     student, tokenizer, parent = load_artifact(damaged_dir)
@@ -90,13 +93,12 @@ def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, records_path:
                     "teacher_top_k": str(teacher_top_k_path) if teacher_top_k_path else None})
     staging = out_dir.parent / f".{out_dir.name}.checkpoints.partial"
     state_path = out_dir.parent / f".{out_dir.name}.train_state.pt"
-    state_every = params.get("state_every", 0)
     # A saved state is continued only by the run that saved it: same parent and teacher (their content digests),
     # constraint, training records, teacher top-k cache and method parameters (realign.training.train).
     identity = {"parent": parent.content_digest(), "teacher": read_record(teacher_dir).content_digest(),
                 "constraint": constraint, "records": file_sha256(records_path),
                 "teacher_top_k": file_sha256(teacher_top_k_path) if teacher_top_k_path else None,
-                "params": {k: v for k, v in params.items() if k != "state_every"},
+                "params": params,
                 "checkpoint_steps": list(checkpoint_steps)}
 
     def touched(model, label: str) -> dict | None:

@@ -38,6 +38,7 @@ rule report:
         table="results/table.parquet",
         similarity_layers="results/similarity_layers.parquet",
         null_floors=[f"results/null/{m}/floors.parquet" for m in MODELS],
+        similarity_summaries=measurement_files("similarity", "json"),  # the layer x layer heatmaps
         prompts="results/data/prompts.json",
         benchmarks="results/data/benchmarks",
         teachers=[artifact_dir(m, "none", "none") for m in MODELS],
@@ -52,6 +53,7 @@ rule report:
         analysis=config["analysis"],
         config=config,
         config_hash=config_hash(config),
+        cells=artifacts(),  # (model, degradation, recovery) of each similarity summary, in their order
         seed=SEED,
         timings_root="results/benchmarks",  # every other job's benchmark file: the report's run times
     log:

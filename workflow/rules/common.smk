@@ -4,8 +4,7 @@ import re
 from realign.config import (ConfigError, checkpoint_steps, config_hash, load_schema, recovery_spec, study_cells,
                             study_degradations, study_recoveries, trained_recoveries, training_params, validate_config)
 from realign.data.corpora import stdlib_identity
-from realign.data.stage import forgetting_chars_needed
-from realign.degrade.registry import CALIBRATED_METHODS
+from realign.degrade.registry import CALIBRATED_METHODS, METHODS as DEGRADATION_METHODS
 from realign.identity import ArtifactId
 from realign.recover.registry import training_targets
 from realign.fingerprint import folder_fingerprint
@@ -119,7 +118,7 @@ def get_degrade_params(wildcards):
     """The damage's own entries; the training defaults and the seed only for forgetting SFT (the one damage that
     trains), the calibration windows only for the calibrated methods."""
     spec = config["degradations"][wildcards.degradation]
-    if spec["method"] == "sft":
+    if DEGRADATION_METHODS[spec["method"]].kind == "training":
         return {"spec": training_params(config, "degradations", wildcards.degradation), "seed": SEED,
                 "calibration": None}
     calibrated = spec["method"] in CALIBRATED_METHODS
@@ -173,10 +172,11 @@ def get_narrow_corpus_inputs(wildcards):
 
 
 def get_narrow_corpus_params(wildcards):
-    """The held-out fraction and how many characters the longest forgetting run needs (the corpus is cut there)."""
+    """The held-out fraction and the characters the corpus is cut at (data.narrow_corpus_chars: fixed, so the
+    corpus does not depend on which forgetting damages the config lists)."""
     source = config["data"]["code_corpus"] if wildcards.corpus == "code" else "math"
     return {"source": source, "heldout_fraction": config["data"]["code_heldout_fraction"],
-            "max_chars": forgetting_chars_needed(config["degradations"], config["training"]),
+            "max_chars": config["data"]["narrow_corpus_chars"],
             # the stdlib corpus is the running interpreter's own source: another Python, another corpus (issue 32),
             # so its version and path are an input of the job (a change reruns the corpus and every forgetting)
             **({"interpreter": stdlib_identity()} if source == "stdlib" else {})}
@@ -185,7 +185,7 @@ def get_narrow_corpus_params(wildcards):
 def get_degrade_inputs(wildcards):
     spec = config["degradations"][wildcards.degradation]
     inputs = {"teacher": teacher_dir(wildcards)}
-    if spec["method"] == "sft":
+    if DEGRADATION_METHODS[spec["method"]].kind == "training":
         inputs["narrow_train"] = f"results/data/{spec.get('corpus', 'code')}_train.jsonl"
     if spec["method"] in CALIBRATED_METHODS:  # calibrated on the distillation split only
         inputs["prompts"] = "results/data/prompts.json"

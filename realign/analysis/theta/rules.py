@@ -43,6 +43,7 @@ class DamageVerdict:
     h1: str        # refuted / supported / inconclusive / not tested
     h1prime: str   # refuted / not refuted / not tested
     h2: str
+    sentence: str = ""  # the outcome in words, for the verdict box
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class Verdict:
     outcome: str
     reason: str
     damages: tuple[DamageVerdict, ...]
-    lines: tuple[str, ...]  # one per family
+    lines: tuple[str, ...]  # one sentence per damage, family by family
 
 
 def _theta_text(t: ThetaDamage) -> str:
@@ -63,7 +64,9 @@ def damage_verdict(e: Eligibility, theta: ThetaDamage | None, check: ArmCheck | 
     """One damage's outcome by the rules of the module docstring."""
     level = settings.alpha / 2
     if not e.eligible:
-        return DamageVerdict(e.damage, e.family, INELIGIBLE, e.reasons, "not tested", "not tested", "not tested")
+        first = e.reasons[0] if e.reasons else "not eligible"
+        return DamageVerdict(e.damage, e.family, INELIGIBLE, e.reasons, "not tested", "not tested", "not tested",
+                             f"{e.damage} ({e.family}): not tested, as it is not eligible ({first}).")
     h1p = "not tested"
     reasons: list[str] = []
     if only is not None:
@@ -99,7 +102,24 @@ def damage_verdict(e: Eligibility, theta: ThetaDamage | None, check: ArmCheck | 
         outcome = SUPPORTED
     else:
         outcome = INCONCLUSIVE
-    return DamageVerdict(e.damage, e.family, outcome, tuple(reasons), h1, h1p, h2)
+    return DamageVerdict(e.damage, e.family, outcome, tuple(reasons), h1, h1p, h2,
+                         _sentence(e, theta, outcome, h1, h1p))
+
+
+def _sentence(e: Eligibility, theta: ThetaDamage | None, outcome: str, h1: str, h1p: str) -> str:
+    """One damage's outcome in words."""
+    where = f"{e.damage} ({e.family})"
+    if theta is None:
+        said = "no alignment-held arm, so H1 is not tested"
+    else:
+        said = f"theta = {theta.theta:.2f} [{theta.low:.2f}, {theta.high:.2f}]"
+        said += {REFUTED: ": holding re-alignment down cost little of kd's recovery",
+                 SUPPORTED: ": holding re-alignment down cost most of kd's recovery",
+                 CHECK_FAILED: ", but the held arm's manipulation check failed, so theta cannot decide",
+                 INCONCLUSIVE: ": the interval does not decide between the thresholds"}[h1]
+    if h1p == REFUTED:
+        said += "; the alignment-only arm re-aligned without recovering (H1' refuted)"
+    return f"{where}: {said} — {outcome}."
 
 
 def overall(verdicts: Sequence[DamageVerdict]) -> Verdict:
@@ -108,10 +128,8 @@ def overall(verdicts: Sequence[DamageVerdict]) -> Verdict:
     refuted = [v for v in eligible if v.outcome == REFUTED]
     supported = [v for v in eligible if v.h1 == SUPPORTED]
     families = sorted({v.family for v in verdicts})
-    lines = []
-    for family in families:
-        of = [v for v in verdicts if v.family == family]
-        lines.append(f"{family or 'unknown family'}: " + "; ".join(f"{v.damage} {v.outcome}" for v in of))
+    lines = [v.sentence or f"{v.damage} ({v.family}): {v.outcome}."
+             for family in families for v in verdicts if v.family == family]
     if refuted and not supported:
         outcome = REFUTED
         reason = ("refuted on " + ", ".join(v.damage for v in refuted)

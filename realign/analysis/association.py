@@ -1,4 +1,5 @@
-"""The verdict: does recovery go with re-alignment of hidden-layer geometry? Its rules, thresholds and reasons.
+"""The association across arms (a description, not the pre-registered test: that is realign.analysis.theta): does
+recovery go with re-alignment of hidden-layer geometry? Its rules, thresholds and reasons.
 
 Decision rules (alpha, min_effect, min_n, min_n_ci come from the config ``analysis:`` block through
 realign.analysis.settings; RECOVERED_MIN and NO_RECOVERY_MAX are fixed here)
@@ -196,7 +197,7 @@ def summary(out: dict) -> str:
         f"({lvl}% bootstrap CI {_fmt(sp['ci_low'])} to {_fmt(sp['ci_high'])}, permutation p = "
         f"{_fmt(sp['p_perm'], 4)})."
     )
-    v = out["verdict"]
+    v = out["association"]
     if v == "supported":
         return ("Supported: in these artifacts, recovery goes with CKA re-alignment beyond output matching; " + core +
                 " This is an association across these artifacts, not proof of a causal mechanism.")
