@@ -52,6 +52,10 @@ def test_report_and_table(study):
                    "delta_procrustes_sim", "delta_knn_overlap", "delta_cka_ci_low", "cka_mean_ci_high"):
         assert column in table.columns
     assert (table["cka_estimator"] == "debiased").all()
+    # every artifact records the CPU kernels it was computed with; one host made them all (issue 32)
+    import torch
+    assert (table["cpu_capability"] == torch.backends.cpu.get_cpu_capability()).all()
+    assert "computed on different CPU kernels" not in report
     for anchor in ("heatmaps", "nulls", "measures", "controls", "dose", "benchmarks"):
         assert f'id="{anchor}"' in report
     assert stats["dose_response"] and stats["by_measure"] and stats["per_benchmark"]["rows"]

@@ -66,6 +66,14 @@ def _rel(path, base: Path) -> str | None:
         return Path(path).as_posix()
 
 
+def kernel_counts(table: pd.DataFrame) -> list[dict]:
+    """How many artifacts were computed on each CPU capability (the table's `cpu_capability`), most first."""
+    if "cpu_capability" not in table or not len(table):
+        return []
+    counts = table["cpu_capability"].value_counts()
+    return [{"capability": str(name), "n": int(n)} for name, n in counts.items()]
+
+
 def _timing_rows(timings) -> list[dict]:
     """provenance['timings']: {kind: seconds | [seconds, ...] | {"n": int, "seconds": float, ...}}."""
     rows = []
@@ -381,6 +389,7 @@ def render_report(
         "config": _to_yaml(provenance.get("config")) if provenance.get("config") else "",
         "config_hash": provenance.get("config_hash", ""),
         "timings": _timing_rows(provenance.get("timings")),
+        "kernels": kernel_counts(table),
         "hardware": (_to_yaml(hardware) if isinstance(hardware, (dict, list)) else str(hardware)) if hardware else "",
         "stats_json": json.dumps(jsonable(stats), indent=2, sort_keys=True),
     }

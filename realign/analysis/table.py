@@ -103,6 +103,9 @@ def collect_row(artifact_json, eval_json, divergence_json, similarity_parquet, s
     row["checkpoint"] = identity.step is not None
     row["step"] = float(art.step) if art.step is not None else math.nan
     row["teacher"] = str(art.recovery_params.get("teacher", "none"))
+    # The CPU kernels its weights were computed with (issue 32: another instruction set gives other low-order bits,
+    # and a forgetting SFT amplifies them into another parent); records made before it was recorded say so.
+    row["cpu_capability"] = str((art.versions or {}).get("torch_cpu_capability") or "unrecorded")
     # The dose of an alignment-held run (its allowed CKA rise; 0 = hold the damaged value): the test takes the
     # arm at dose 0, the others are dose arms (realign.analysis.arms.pick).
     row["hold_fraction"] = (float(art.recovery_params["hold_fraction"])
