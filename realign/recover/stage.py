@@ -17,9 +17,9 @@ from realign.models.artifact import artifact_facts, load_artifact, load_constrai
 from realign.models.record import ArtifactRecord
 from realign.models.checks import check_fits
 from realign.recover.methods import build_examples
+from realign.recover.registry import METHODS as RECOVERY_METHODS
 from realign.recover.registry import training_targets
 from realign.recover.run import needs_live_teacher, recover
-from realign.recover.registry import METHODS as RECOVERY_METHODS
 from realign.recover.teacher_data import generate_answers, generate_rewrites
 from realign.identity import CHECKPOINTS_DIR, ArtifactId, checkpoint_dir
 from realign.training import TrainConfig
@@ -71,8 +71,9 @@ def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, records_path:
     start = time.time()
     out_dir = Path(out_dir)
     lengths = {f"recoveries.{name}.max_len (or training.max_len)": params["max_len"]}
-    if RECOVERY_METHODS[params["method"]].sampled_tokens(params):  # the student's prompt leaves room for its sample
-        lengths[f"recoveries.{name}.max_new_tokens"] = RECOVERY_METHODS[params["method"]].sampled_tokens(params)
+    sampled = RECOVERY_METHODS[params["method"]].sampled_tokens(params)
+    if sampled:  # the student's prompt leaves room for its sample
+        lengths[f"recoveries.{name}.max_new_tokens"] = sampled
     check_fits(artifact_facts(damaged_dir), f"the model {damaged_dir}",
                {f"recoveries.{name}.top_k": params["top_k"]} if "top_k" in params else {}, lengths)
     student, tokenizer, parent = load_artifact(damaged_dir)

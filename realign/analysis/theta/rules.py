@@ -116,7 +116,7 @@ def _sentence(e: Eligibility, theta: ThetaDamage | None, outcome: str, h1: str, 
         said += {REFUTED: ": holding re-alignment down cost little of kd's recovery",
                  SUPPORTED: ": holding re-alignment down cost most of kd's recovery",
                  CHECK_FAILED: ", but the held arm's manipulation check failed, so theta cannot decide",
-                 INCONCLUSIVE: ": the interval does not decide between the thresholds"}[h1]
+                 INCONCLUSIVE: ": the interval does not decide between the thresholds"}.get(h1, f" (H1 {h1})")
     if h1p == REFUTED:
         said += "; the alignment-only arm re-aligned without recovering (H1' refuted)"
     return f"{where}: {said} — {outcome}."
