@@ -11,7 +11,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-from realign.data.stage import check_prompt_pool, forgetting_chars_needed
+from realign.data.stage import CHARS_PER_TOKEN, check_prompt_pool, forgetting_chars_needed
 from realign.degrade.registry import METHODS as DEGRADATION_METHODS
 from realign.errors import ConfigError  # re-exported: `from realign.config import ConfigError` keeps working
 from realign.identity import format_recovery_name, parse_recovery_name
@@ -209,9 +209,8 @@ def _check_cross_references(config: dict) -> None:
     check_models(config, degradations,
                  replace_layers=[d for d in degradations
                                  if DEGRADATION_METHODS[config["degradations"][d]["method"]].kind == "load"],
-                 sampled={name: RECOVERY_METHODS[spec["method"]].sampled_tokens(spec)
-                          for name, spec in config["recoveries"].items()
-                          if RECOVERY_METHODS[spec["method"]].sampled_tokens(spec)})
+                 sampled={name: tokens for name, spec in config["recoveries"].items()
+                          if (tokens := RECOVERY_METHODS[spec["method"]].sampled_tokens(spec))})
 
 
 def _check_warmup(config: dict) -> None:
@@ -247,7 +246,8 @@ def _check_narrow_corpus_size(config: dict) -> None:
         needed = forgetting_chars_needed(spec, config["training"]) if training else 0
         if needed > size:
             raise ConfigError(f"invalid config key data.narrow_corpus_chars: {size} characters, but degradations.{name} "
-                              f"trains on {needed // 8} tokens, which need {needed} (8 per token); raise it")
+                              f"trains on {needed // CHARS_PER_TOKEN} tokens, which need {needed} "
+                              f"({CHARS_PER_TOKEN} per token); raise it")
 
 
 def checkpoint_steps(spec: dict) -> list[int]:

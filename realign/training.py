@@ -169,14 +169,14 @@ def train(model, examples: list[dict], loss_fn, cfg: TrainConfig, pad_id: int, c
     bad = [s for s in checkpoint_steps if not 0 < s < cfg.steps]
     if bad:
         raise ValueError(f"checkpoint steps {bad} must lie strictly between 0 and the run's {cfg.steps} steps")
+    if cfg.batch_size > len(examples):  # a batch would hold an example twice (issue 32)
+        raise ValueError(f"batch_size {cfg.batch_size} is larger than the {len(examples)} training examples: a batch "
+                         "would repeat examples; lower batch_size (training.batch_size or the run's own)")
     torch.manual_seed(cfg.seed)
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    if cfg.batch_size > len(examples):  # a batch would hold an example twice (issue 32)
-        raise ValueError(f"batch_size {cfg.batch_size} is larger than the {len(examples)} training examples: a batch "
-                         "would repeat examples; lower batch_size (training.batch_size or the run's own)")
     per_step = cfg.batch_size * cfg.grad_accum
     order = example_order(len(examples), cfg.steps * per_step, cfg.seed)
     curve: list[dict] = []

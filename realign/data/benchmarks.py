@@ -225,11 +225,10 @@ def export_benchmarks(olmo_root: Path, out_dir: Path, limits: dict[str, int], se
     manifest: dict = {}
     for task, limit in limits.items():
         source = TASKS[task]
-        kind, reader, rel, split, fmt = source.kind, source.reader, source.path, source.split, source.format
-        src = olmo_root / rel
+        src = olmo_root / source.path
         if not src.exists():
             raise FileNotFoundError(f"benchmark source for {task} not found: {src}")
-        raw = _oe_docs(olmo_root, rel) if reader == "oe" else _arrow_rows(olmo_root, rel)
+        raw = (_oe_docs if source.reader == "oe" else _arrow_rows)(olmo_root, source.path)
         n_total = len(raw)
         limit = int(limit)
         if limit < 0:
@@ -243,13 +242,13 @@ def export_benchmarks(olmo_root: Path, out_dir: Path, limits: dict[str, int], se
             # per-task RNG so a task's subset does not depend on which other tasks are exported
             rng = random.Random(f"{seed}:{task}")
             chosen = sorted(rng.sample(range(n_total), limit))
-        docs = [fmt(i, raw[i]) for i in chosen]
+        docs = [source.format(i, raw[i]) for i in chosen]
         jsonl = out_dir / f"{task}.jsonl"
         write_jsonl(jsonl, docs)
         with atomic_path(out_dir / f"realign_{task}.yaml") as tmp:
             tmp.write_text(yaml.safe_dump(task_yaml(task, final_dir / jsonl.name), sort_keys=False,
                                           allow_unicode=True))
-        manifest[task] = {"source": rel, "split": split, "n_total": n_total, "n_used": len(docs), "seed": seed,
+        manifest[task] = {"source": source.path, "split": source.split, "n_total": n_total, "n_used": len(docs), "seed": seed,
                           "sha256": file_sha256(jsonl), "yaml_sha256": file_sha256(out_dir / f"realign_{task}.yaml")}
     write_json(out_dir / "manifest.json", manifest)
     return manifest

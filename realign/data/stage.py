@@ -51,12 +51,14 @@ def read_prompts(path: str | Path) -> dict[str, list[dict]]:
 NARROW_CORPORA = ("code", "math")
 
 
+CHARS_PER_TOKEN = 8  # narrow corpus budgeted per token a forgetting run trains on: about 4, with a safety factor 2
+
+
 def forgetting_chars_needed(spec: dict, training: dict) -> int:
-    """Characters of narrow corpus a forgetting run (its degradation entry) can consume: its tokens at about 4
-    characters per token, with a safety factor of 2."""
+    """Characters of narrow corpus a forgetting run (its degradation entry) can consume (CHARS_PER_TOKEN per token)."""
     tokens = (spec["steps"] * spec.get("batch_size", training["batch_size"]) * spec.get("max_len", training["max_len"])
               * spec.get("grad_accum", training.get("grad_accum", 1)))
-    return 8 * tokens
+    return CHARS_PER_TOKEN * tokens
 
 
 def prepare_code_corpus(corpus: str, heldout_fraction: float, max_chars: int, out_train: str | Path,

@@ -71,12 +71,16 @@ def _top_k(setup: Setup, examples: list[dict]):
     return TeacherTopK(setup.teacher_top_k_path, examples, setup.params.get("temperature", 1.0))
 
 
+def _examples(setup: Setup, content: bool = False) -> list[dict]:
+    """The training examples of the record text the method trains on (build_examples)."""
+    return build_examples(setup.tokenizer, setup.records, setup.method.training_targets(setup.params), setup.max_len,
+                          content=content)
+
+
 def distillation_setup(setup: Setup) -> Training:
     """kd and the methods that add a hidden-state term to it (or, alignment-only, train on that term alone)."""
-    params = setup.params
-    examples = build_examples(setup.tokenizer, setup.records, setup.method.training_targets(params),
-                              setup.max_len)
-    return Training(examples, distillation_loss(setup.method, params, setup.teacher, _top_k(setup, examples)))
+    examples = _examples(setup)
+    return Training(examples, distillation_loss(setup.method, setup.params, setup.teacher, _top_k(setup, examples)))
 
 
 def held_setup(setup: Setup) -> Training:
@@ -86,8 +90,7 @@ def held_setup(setup: Setup) -> Training:
     from realign.recover.held import HeldAlignment, calibration_batches
 
     params = setup.params
-    examples = build_examples(setup.tokenizer, setup.records, setup.method.training_targets(params),
-                              setup.max_len, content=True)
+    examples = _examples(setup, content=True)
     loss_fn = HeldAlignment(params, setup.teacher, _top_k(setup, examples))
 
     def prepare(student, examples, cfg):
@@ -112,9 +115,7 @@ def onpolicy_setup(setup: Setup) -> Training:
 
 def supervised_setup(setup: Setup) -> Training:
     """sdft and sft: cross-entropy on a text of the records (the teacher's rewrites or answers, or references)."""
-    params = setup.params
-    examples = build_examples(setup.tokenizer, setup.records, setup.method.training_targets(params),
-                              setup.max_len)
+    examples = _examples(setup)
 
     def loss_fn(model, batch):
         return cross_entropy(forward(model, batch, False).logits, batch["labels"])
