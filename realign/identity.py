@@ -85,3 +85,13 @@ def checkpoint_subdir(step: int) -> str:
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / checkpoint_subdir(step)
+
+
+def layers_label(alignment_layers) -> str:
+    """The file-name form of a measure.alignment_layers value: `inner`, or `first-last`."""
+    return "inner" if alignment_layers == "inner" else "-".join(str(int(v)) for v in alignment_layers)
+
+
+def layers_from_label(label: str):
+    """The measure.alignment_layers value that `layers_label` wrote as `label`."""
+    return "inner" if label == "inner" else [int(v) for v in label.split("-")]

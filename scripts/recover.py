@@ -7,5 +7,7 @@ run_recovery(snakemake.input.teacher, snakemake.input.damaged, snakemake.input.r
              snakemake.wildcards.recovery, snakemake.params.spec, snakemake.params.seed,
              teacher_top_k_path=getattr(snakemake.input, "teacher_top_k", None),
              checkpoint_steps=snakemake.params.checkpoint_steps,
+             content_states=(getattr(snakemake.input, "teacher_states", None),
+                             getattr(snakemake.input, "damaged_states", None)),
              # the resume cadence changes no result, so it is read here and not a param (a change reruns nothing)
              state_every=state_every(snakemake.config, snakemake.wildcards.recovery))

@@ -143,6 +143,35 @@ def test_the_continuous_measure_equals_a_hand_computation(tiny, items, task_dir)
         assert record["gold_logprob"] == pytest.approx(ll / n, abs=1e-4)
 
 
+def test_the_head_runs_on_the_scored_rows_only_and_scores_as_lm_eval_does(tiny, task_dir, monkeypatch):
+    """scored_rows_lm against lm-eval's own HFLM on the same items: the same log-likelihoods and greedy matches,
+    from an LM head that ran on a fraction of the positions."""
+    from lm_eval.models.huggingface import HFLM
+
+    import realign.measure.evaluate as evaluate
+
+    model, tok = tiny
+    rows = []
+    hook = model.lm_head.register_forward_hook(lambda module, args, out: rows.append(out.shape[0] * out.shape[1]))
+    try:
+        _, scored = evaluate.run_lm_eval(model, tok, task_dir, TASKS, batch_size=8)
+        scored_rows = sum(rows)
+        rows.clear()
+        monkeypatch.setattr(evaluate, "scored_rows_lm",
+                            lambda model, tokenizer, batch_size: HFLM(pretrained=model, tokenizer=tokenizer,
+                                                                      batch_size=batch_size))
+        _, full = evaluate.run_lm_eval(model, tok, task_dir, TASKS, batch_size=8)
+        full_rows = sum(rows)
+    finally:
+        hook.remove()
+    print(f"LM head rows: {scored_rows} scored-rows, {full_rows} lm-eval's HFLM")
+    assert scored_rows < 0.5 * full_rows
+    assert [(r["task"], r["item_id"]) for r in scored] == [(r["task"], r["item_id"]) for r in full]
+    for a, b in zip(scored, full):
+        assert a["lls"] == pytest.approx(b["lls"], abs=1e-5) and a["acc"] == b["acc"]
+        assert a["gold_logprob"] == pytest.approx(b["gold_logprob"], abs=1e-5)
+
+
 def test_missing_task_yaml(tiny, task_dir):
     from realign.measure.evaluate import run_lm_eval
 

@@ -17,6 +17,7 @@ from realign.data.sequences import collate
 from realign.measure.activations import content_positions
 from realign.measure.kernels import debiased_cka, linear_cka
 from realign.models.tiny import build_tiny_model, build_tiny_tokenizer
+from realign.recover.content_states import ContentStates, compute_content_states
 from realign.recover.held import HeldAlignment, calibration_batches, content_token_mask
 from realign.recover.losses import divergence, supervised_log_probs
 from realign.recover.methods import build_examples
@@ -139,8 +140,22 @@ def measured(student, teacher, tokenizer, params):
     with torch.no_grad():
         kl = divergence(supervised_log_probs(teacher(input_ids=batch["input_ids"]).logits, batch["labels"]),
                         supervised_log_probs(student(input_ids=batch["input_ids"]).logits, batch["labels"]))
-        cka = HeldAlignment(params, teacher).layer_cka(student, batch)
+        cka = held_loss(params, teacher, tokenizer).layer_cka(student, batch)
     return float(kl), cka
+
+
+def train_examples(tokenizer):
+    return build_examples(tokenizer, TRAIN_RECORDS, "teacher_answer", MAX_LEN, content=True)
+
+
+def states(model, tokenizer, params=HELD_PARAMS):
+    return compute_content_states(model, train_examples(tokenizer), params["alignment_layers"],
+                                  tokenizer.pad_token_id)
+
+
+def held_loss(params, teacher, tokenizer):
+    """alignment-held's loss with the teacher's content states computed from it, its logits live."""
+    return HeldAlignment(params, states(teacher, tokenizer, params), teacher=teacher)
 
 
 def trained(teacher, student, tokenizer, params, steps=24):
@@ -178,24 +193,27 @@ def test_the_ceiling_is_the_damaged_cka_plus_the_dose_and_resuming_keeps_the_mul
     order = example_order(len(examples), 3 * 4, cfg.seed)
     batches = calibration_batches(examples, order, 4, 3, tokenizer.pad_token_id, "cpu")
     base = HELD_PARAMS
-    held = HeldAlignment(base, teacher)
-    damaged_cka = held.calibrate(damaged, batches)
+    held = held_loss(base, teacher, tokenizer)
+    damaged_states = states(damaged, tokenizer)
+    damaged_cka = held.calibrate(damaged_states, batches)
+    # The ceilings from the cached states are the damaged model's CKA measured live on the same batch (the
+    # states were computed in batches of other shapes: the GEMMs' last bits differ).
     with torch.no_grad():
         for key, batch in zip(damaged_cka, batches):
-            torch.testing.assert_close(damaged_cka[key], held.layer_cka(damaged, batch).double())
+            torch.testing.assert_close(damaged_cka[key], held.layer_cka(damaged, batch).double(), rtol=0, atol=1e-5)
     for dose, expected in (({"hold_fraction": 0.5}, lambda c: c + 0.5 * (1 - c)),
                            ({"hold_fraction": 0.5, "hold_reference": 0.06}, lambda c: c + 0.03)):
-        limits = HeldAlignment({**base, **dose}, teacher).calibrate(damaged, batches)
+        limits = held_loss({**base, **dose}, teacher, tokenizer).calibrate(damaged_states, batches)
         for key in limits:
             torch.testing.assert_close(limits[key], expected(damaged_cka[key]))
-    mean = HeldAlignment({**base, "hold_baseline": "mean"}, teacher).calibrate(damaged, batches)
+    mean = held_loss({**base, "hold_baseline": "mean"}, teacher, tokenizer).calibrate(damaged_states, batches)
     torch.testing.assert_close(mean, torch.stack(list(damaged_cka.values())).mean(0))
 
     # A run interrupted after its state was saved continues with the same multipliers and ceilings.
     def run(state_path=None, stop_at=None):
         student = copy.deepcopy(damaged)
-        loss_fn = HeldAlignment(base, teacher)
-        loss_fn.calibrate(student, batches)
+        loss_fn = held_loss(base, teacher, tokenizer)
+        loss_fn.calibrate(damaged_states, batches)
         calls = [0]
 
         def stopping(model, batch):
@@ -231,6 +249,62 @@ def test_a_held_recovery_keeps_its_damage_and_records_its_ceilings(tiny_model_di
     curve = meta.training_curve
     assert [c["held_layers"] for c in curve] == [[1]] * 3  # 2 blocks: every block but the last
     assert all(len(c["cka"]) == len(c["cka_limit"]) == len(c["multiplier"]) == 1 and c["kd"] >= 0 for c in curve)
+
+
+def test_the_content_states_are_the_live_states_at_every_batchs_tokens_and_refuse_other_examples(damaged_pair,
+                                                                                               tmp_path):
+    teacher, _, tokenizer = damaged_pair
+    examples = train_examples(tokenizer)
+    cache = states(teacher, tokenizer)
+    assert cache.layers == [1, 2, 3] and cache.n_hidden == 5 and cache.states.dtype == torch.float32
+    # Any batch (a repeat included), any order: the selected rows are the live forward's states at the held tokens.
+    for members in ([0, 1, 2, 3], [7, 2, 9, 2], [15, 4]):
+        batch = collate([examples[i] for i in members], tokenizer.pad_token_id)
+        mask = content_token_mask(batch)
+        with torch.no_grad():
+            hidden = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             output_hidden_states=True).hidden_states
+        for layer, selected in zip(cache.layers, cache.select(batch, mask)):
+            torch.testing.assert_close(selected, hidden[layer][mask], rtol=0, atol=1e-5)
+    cache.save(tmp_path / "states.safetensors", examples, "inner")
+    loaded = ContentStates.load(tmp_path / "states.safetensors", examples, "inner")
+    assert torch.equal(loaded.states, cache.states) and loaded.layers == cache.layers
+    # A cache of other examples, or of other layers, is refused with the step to rerun.
+    with pytest.raises(ValueError, match="other distillation examples.*content_states step"):
+        ContentStates.load(tmp_path / "states.safetensors", examples[:-1], "inner")
+    with pytest.raises(ValueError, match=r"holds the layers 'inner'.*\[1, 2\].*content_states step"):
+        ContentStates.load(tmp_path / "states.safetensors", examples, [1, 2])
+    with pytest.raises(ValueError, match="5 hidden states, the student has 3"):
+        cache.check_model(3, "the student")
+
+
+def test_a_held_run_given_its_caches_never_loads_the_teacher_and_trains_as_without_them(tiny_model_dir, tmp_path,
+                                                                                      monkeypatch):
+    """The DAG's held run reads the content-states caches (and the top-k cache): no teacher model is loaded, the
+    record names and digests the caches, and the run trains as the one that computes the states itself."""
+    import realign.recover.stage as stage
+    from test_resume import _recovery_inputs
+
+    teacher, parents, records = _recovery_inputs(tiny_model_dir, tmp_path)
+    params = {**HELD_PARAMS, "steps": 3, "lr": 1e-3, "batch_size": 3, "max_len": 32, "top_k": 8}
+    top_k = tmp_path / "top_k.safetensors"
+    stage.teacher_top_k(teacher, records, top_k, 32, 8, 1.0)
+    caches = []
+    for name, model_dir in (("teacher", teacher), ("damaged", parents[0.6])):
+        caches.append(tmp_path / f"{name}.safetensors")
+        stage.content_states(model_dir, records, caches[-1], 32, "inner")
+    live = stage.run_recovery(teacher, parents[0.6], records, tmp_path / "live", "held", params, 0,
+                              teacher_top_k_path=top_k)
+    loaded = []
+    real_load = stage.load_artifact
+    monkeypatch.setattr(stage, "load_artifact", lambda path: loaded.append(str(path)) or real_load(path))
+    cached = stage.run_recovery(teacher, parents[0.6], records, tmp_path / "cached", "held", params, 0,
+                                teacher_top_k_path=top_k, content_states=tuple(caches))
+    assert loaded == [str(parents[0.6])]  # the student only
+    assert cached.data_split["content_states"] == [str(c) for c in caches]
+    assert live.data_split["content_states"] is None
+    for a, b in zip(live.training_curve, cached.training_curve):
+        assert a["cka_limit"] == pytest.approx(b["cka_limit"], abs=1e-5) and a["kd"] == pytest.approx(b["kd"], rel=1e-4)
 
 
 # --- the config -----------------------------------------------------------------------------------------------

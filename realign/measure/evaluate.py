@@ -45,6 +45,58 @@ def check_continuations_fit(lm, task_dir: Path, tasks: list[str]) -> None:
                                      "score it; evaluate a model with a longer context or leave the task out")
 
 
+def scored_rows_lm(model, tokenizer, batch_size: int):
+    """lm-eval's HFLM, except that a log-likelihood pass runs the LM head, and lm-eval's log-softmax, on the last
+    positions of the batch that hold a scored continuation token, not on every position: a multiple-choice item's
+    context is most of its tokens, and the head (vocabulary x hidden) is most of a small model's FLOPs per token.
+
+    lm-eval reads the continuation's logits at `inplen + (logits.shape[0] - padding_len)` back from the end
+    (HFLM._loglikelihood_tokens), so logits for only the last `keep` positions are read at the same tokens, as
+    long as `keep` covers every row's continuation and its right padding; each batch row is matched to its
+    request by its tokens. A row that matches no request (it cannot happen with lm-eval 0.4.13) gets the full
+    logits. The kept logits are the same numbers up to the last bits of a GEMM with fewer rows
+    (tests/test_evaluate.py)."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    from realign.device import keep_logits
+
+    class ScoredRowsLM(HFLM):
+        _tails: dict | None = None  # the input tokens of each pending request -> its longest continuation
+
+        def _loglikelihood_tokens(self, requests, *args, **kwargs):
+            self._tails = {}
+            for _, context, continuation in requests:
+                inp = tuple((context + continuation)[-(self.max_length + 1):][:-1])
+                self._tails[inp] = max(self._tails.get(inp, 0), len(continuation))
+            try:
+                return super()._loglikelihood_tokens(requests, *args, **kwargs)
+            finally:
+                self._tails = None
+
+        def _needed(self, row: list[int]) -> int | None:
+            """The positions from the end that row's continuation needs, or None if it matches no request."""
+            length = len(row)
+            while length and row[length - 1] == 0:  # lm-eval pads with 0, which may also end a real input
+                length -= 1
+            for end in range(length, len(row) + 1):
+                if tuple(row[:end]) in self._tails:
+                    return len(row) - end + self._tails[tuple(row[:end])]
+            return None
+
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            if self._tails is None or attn_mask is not None or labels is not None:
+                return super()._model_call(inps, attn_mask, labels)
+            needed = [self._needed(row) for row in inps.tolist()]
+            if None in needed or not keep_logits(self.model, 1):
+                return super()._model_call(inps)
+            with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                                                 enabled=self.mixed_precision_dtype is not None):
+                return self.model(inps, **keep_logits(self.model, max(needed))).logits
+
+    return ScoredRowsLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
 def run_lm_eval(model, tokenizer, task_dir: Path, tasks: list[str], batch_size: int = 8) -> tuple[dict, list[dict]]:
     """Evaluate `model` (an already-loaded transformers causal LM) on tasks `realign_{task}` from `task_dir`.
 
@@ -56,7 +108,6 @@ def run_lm_eval(model, tokenizer, task_dir: Path, tasks: list[str], batch_size: 
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     os.environ["HF_HUB_OFFLINE"] = "1"
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     task_dir = Path(task_dir)
@@ -71,7 +122,7 @@ def run_lm_eval(model, tokenizer, task_dir: Path, tasks: list[str], batch_size: 
     was_training = model.training
     model.eval()
     try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        lm = scored_rows_lm(model, tokenizer, batch_size)
         check_continuations_fit(lm, task_dir, tasks)
         with autocast(model_device(model)):  # bf16 matmuls on CUDA, plain fp32 on CPU
             results = lm_eval.simple_evaluate(

@@ -12,15 +12,17 @@ two thirds of kd's rise). So the constraint reads the measurement's own quantiti
   state must re-align whenever the logits do, so holding it would fight kd itself; it and the embeddings are free.
 
 The ceiling of layer l is c0_l + hold_fraction * reference_l, c0_l the damaged model's CKA: the student before its
-first update is the damaged model, so c0 is measured then, on the run's own batches. By default (hold_baseline
-`batch`) on every batch of the run, each batch getting its own ceiling: the constraint is then on the rise of CKA
-on the same tokens, as the study's paired ΔCKA is. One ceiling for all batches (`mean`: the mean over the first
-`hold_calibration_batches`) is not enough: which examples a batch of 4 holds moves its CKA by far more than kd does
-(tiny model, step 0, the same layer: 0.62 to 0.81 over 4 batches, while kd raises it by 0.08), so a batch that is
-merely easy would be pushed down and a hard one let through. Precomputing costs one student and one teacher forward
-per step. The reference ("the dose") is `headroom` = 1 - c0_l by default (self-contained: 0 holds the damaged
-value, 1 lifts the constraint), or a number: an absolute CKA rise such as kd's measured ΔCKA, so that
-hold_fraction 0.5 allows half of kd's re-alignment.
+first update is the damaged model, so c0 is the damaged model's CKA on the run's own batches. By default
+(hold_baseline `batch`) on every batch of the run, each batch getting its own ceiling: the constraint is then on
+the rise of CKA on the same tokens, as the study's paired ΔCKA is. One ceiling for all batches (`mean`: the mean
+over the first `hold_calibration_batches`) is not enough: which examples a batch of 4 holds moves its CKA by far
+more than kd does (tiny model, step 0, the same layer: 0.62 to 0.81 over 4 batches, while kd raises it by 0.08), so
+a batch that is merely easy would be pushed down and a hard one let through. Neither the teacher nor the damaged
+model changes, so both models' states at the batch's tokens are read from their content-states caches
+(realign.recover.content_states, computed once per damage and shared by every seed): the ceilings cost no forward,
+and a step one student forward and backward, as kd's does. The reference ("the dose") is `headroom` = 1 - c0_l by
+default (self-contained: 0 holds the damaged value, 1 lifts the constraint), or a number: an absolute CKA rise such
+as kd's measured ΔCKA, so that hold_fraction 0.5 allows half of kd's re-alignment.
 
 The constraint g_l = cka_l - ceiling_l <= 0 is enforced by the augmented Lagrangian of Rockafellar (1973) for
 inequalities: loss = kd + sum_l (max(0, lambda_l + rho g_l)^2 - lambda_l^2) / (2 rho), and after each batch the
@@ -33,10 +35,10 @@ from __future__ import annotations
 
 import torch
 
-from realign.device import autocast, model_device, on_device
+from realign.device import on_device
 from realign.measure.activations import content_positions
 from realign.measure.kernels import debiased_cka
-from realign.measure.stage import alignment_range
+from realign.recover.content_states import ContentStates
 from realign.recover.losses import forward, logit_loss
 
 
@@ -77,55 +79,62 @@ def batch_key(batch: dict) -> tuple[int, ...]:
 class HeldAlignment:
     """The loss of `alignment-held` as `loss_fn(model, batch)`, with the state the training loop keeps: the
     ceilings and per-layer multipliers (state_dict, so a resumed run continues them), and per-step metrics for the
-    curve. `calibrate(model, batches)` must run on the damaged model before the first step."""
+    curve. The teacher's hidden states come from its content-states cache (realign.recover.content_states), its
+    logits from the top-k cache, or from the live `teacher` when there is none. `calibrate(damaged_states,
+    batches)` must run before the first step."""
 
-    def __init__(self, params: dict, teacher, teacher_top_k=None):
-        if teacher is None:
-            raise ValueError("alignment-held needs the teacher model (its hidden states)")
-        self.params, self.teacher, self.teacher_top_k = params, teacher, teacher_top_k
+    def __init__(self, params: dict, teacher_states: ContentStates, teacher_top_k=None, teacher=None):
+        if teacher_states is None:
+            raise ValueError("alignment-held needs the teacher's hidden states (its content-states cache)")
+        if teacher_top_k is None and teacher is None:
+            raise ValueError("alignment-held needs the teacher's logits: its top-k cache or the teacher model")
+        self.params, self.teacher_states = params, teacher_states
+        self.teacher_top_k, self.teacher = teacher_top_k, teacher
         self.rho = float(params["hold_rho"])
         self.paired = params["hold_baseline"] == "batch"
-        self.layers: list[int] | None = None
+        self.layers: list[int] = list(teacher_states.layers)
         self.limits: dict[tuple[int, ...], torch.Tensor] | torch.Tensor | None = None
         self.multipliers: torch.Tensor | None = None
         self._calls: list[dict] = []
 
-    def _layers(self, n_hidden: int) -> list[int]:
-        if self.layers is None:
-            first, last = alignment_range(self.params["alignment_layers"], n_hidden)
-            self.layers = list(range(first, last + 1))
-        return self.layers
+    def _cka(self, states: list[torch.Tensor], batch: dict, mask: torch.Tensor) -> torch.Tensor:
+        """Per held layer, debiased CKA of `states` (per layer, [n, hidden] at the batch's `mask`) to the teacher's."""
+        teacher = self.teacher_states.select(batch, mask)
+        # The estimator in float32 outside autocast: bf16 products would swamp CKA differences of 0.01.
+        with torch.autocast(mask.device.type, enabled=False):
+            return torch.stack([debiased_cka(s, t) for s, t in zip(states, teacher)])
 
     def layer_cka(self, model, batch: dict, with_logits: bool = False):
         """Per held layer, the student's debiased CKA to the teacher on the batch's content tokens (differentiable),
         and the kd term when `with_logits`."""
-        with torch.no_grad():
-            teacher_out = forward(self.teacher, batch, True)
         out = forward(model, batch, True)
+        self.teacher_states.check_model(len(out.hidden_states), "the student")
         mask = content_token_mask(batch)
-        # The estimator in float32 outside autocast: bf16 products would swamp CKA differences of 0.01.
-        with torch.autocast(out.hidden_states[0].device.type, enabled=False):
-            cka = torch.stack([debiased_cka(out.hidden_states[i][mask], teacher_out.hidden_states[i][mask])
-                               for i in self._layers(len(out.hidden_states))])
+        cka = self._cka([out.hidden_states[i][mask] for i in self.layers], batch, mask)
         if not with_logits:
             return cka
+        teacher_out = None
+        if self.teacher_top_k is None:
+            with torch.no_grad():
+                teacher_out = forward(self.teacher, batch, False)
         return cka, logit_loss(self.params, out.logits, teacher_out, batch, self.teacher_top_k)
 
     @torch.no_grad()
-    def calibrate(self, model, batches: list[dict]):
-        """Measure the damaged `model`'s per-layer CKA on `batches` and set the ceilings: per batch (hold_baseline
-        `batch`: `batches` must be every batch of the run) or their mean (`mean`). The model is read in training
-        mode, the mode in which the constraint is enforced."""
+    def calibrate(self, damaged_states: ContentStates, batches: list[dict]):
+        """Set the ceilings from the damaged model's per-layer CKA (its cached content states against the
+        teacher's) on `batches`: per batch (hold_baseline `batch`: `batches` must be every batch of the run) or
+        their mean (`mean`)."""
         if not batches:
             raise ValueError("alignment-held needs at least one calibration batch")
-        was_training = model.training
-        model.train()
+        if damaged_states.layers != self.layers or damaged_states.n_hidden != self.teacher_states.n_hidden:
+            raise ValueError(f"the damaged model's content states are at hidden states {damaged_states.layers} of "
+                             f"{damaged_states.n_hidden}, the teacher's at {self.layers} of "
+                             f"{self.teacher_states.n_hidden}; rerun the content_states steps")
         damaged: dict[tuple[int, ...], torch.Tensor] = {}
-        with autocast(model_device(model)):
-            for batch in batches:
-                if batch_key(batch) not in damaged:
-                    damaged[batch_key(batch)] = self.layer_cka(model, batch).double().cpu()
-        model.train(was_training)
+        for batch in batches:
+            if batch_key(batch) not in damaged:
+                mask = content_token_mask(batch)
+                damaged[batch_key(batch)] = self._cka(damaged_states.select(batch, mask), batch, mask).double().cpu()
         if self.paired:
             self.limits = {key: ceilings(value, self.params) for key, value in damaged.items()}
         else:
@@ -177,7 +186,8 @@ class HeldAlignment:
 
     def load_state_dict(self, state: dict) -> None:
         # A resumed run continues with the ceilings and multipliers the interrupted run had, bit for bit.
-        self.layers = list(state["layers"]) or None
+        if list(state["layers"]) != self.layers:
+            raise ValueError(f"the saved training state holds layers {list(state['layers'])}, this run {self.layers}")
         limits = state["limits"]
         if isinstance(limits, dict):
             limits = {tuple(k): v for k, v in zip(limits["keys"], limits["values"])}

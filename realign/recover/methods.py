@@ -52,6 +52,10 @@ class Setup:
     records: list[dict]  # the distillation records
     max_len: int
     teacher_top_k_path: object = None  # the teacher's cached top-k log-probabilities on these examples, if any
+    # alignment-held: the teacher's and the damaged model's content-states caches (realign.recover.content_states);
+    # without them, the states are computed in the run (from the live teacher, and the student before training)
+    teacher_states_path: object = None
+    damaged_states_path: object = None
 
 
 @dataclass(frozen=True)
@@ -85,20 +89,33 @@ def distillation_setup(setup: Setup) -> Training:
 
 def held_setup(setup: Setup) -> Training:
     """alignment-held: kd under a ceiling on each pre-registered layer's CKA (realign.recover.held). The ceilings
-    are the damaged model's CKA, measured under the constraint before any update, on the run's own batches (the
-    loop's example order): every one (hold_baseline batch) or the first few."""
+    are the damaged model's CKA on the run's own batches (the loop's example order): every one (hold_baseline
+    batch) or the first few; both models' hidden states come from their content-states caches."""
+    from realign.recover.content_states import ContentStates, compute_content_states
     from realign.recover.held import HeldAlignment, calibration_batches
 
-    params = setup.params
+    params, pad_id = setup.params, setup.tokenizer.pad_token_id
     examples = _examples(setup, content=True)
-    loss_fn = HeldAlignment(params, setup.teacher, _top_k(setup, examples))
+
+    def states(path, model, what):
+        if path is not None:
+            return ContentStates.load(path, examples, params["alignment_layers"])
+        if model is None:
+            raise ValueError(f"alignment-held needs {what}'s content-states cache or the model")
+        return compute_content_states(model, examples, params["alignment_layers"], pad_id)
+
+    teacher_top_k = _top_k(setup, examples)
+    loss_fn = HeldAlignment(params, states(setup.teacher_states_path, setup.teacher, "the teacher"), teacher_top_k,
+                            setup.teacher)
 
     def prepare(student, examples, cfg):
+        # under the constraint, before any update, the student is the damaged model
+        damaged = states(setup.damaged_states_path, student, "the damaged model")
         n_batches = (cfg.steps * cfg.grad_accum if params["hold_baseline"] == "batch"
                      else params["hold_calibration_batches"])
         order = example_order(len(examples), n_batches * cfg.batch_size, cfg.seed)
-        loss_fn.calibrate(student, calibration_batches(examples, order, cfg.batch_size, n_batches,
-                                                       setup.tokenizer.pad_token_id, model_device(student)))
+        loss_fn.calibrate(damaged, calibration_batches(examples, order, cfg.batch_size, n_batches, pad_id,
+                                                       model_device(student)))
 
     return Training(examples, loss_fn, prepare)
 

@@ -1,7 +1,9 @@
 """Every recovery method and control, one entry each: its name (the config's `recoveries.<name>.method`), the options
 it reads beyond the shared ones (any other key is a config error naming it), what it trains on and with which loss:
 - `teacher_logits` / `teacher_hidden`: it reads the teacher's logits (its cached top-k, or a live teacher) / hidden
-  states (a live teacher); `scores_samples`: the live teacher scores the student's own samples (on-policy);
+  states (a live teacher, or with `content_states` the teacher's and the damaged model's content-states caches,
+  realign.recover.content_states, which the workflow makes for it); `scores_samples`: the live teacher scores the
+  student's own samples (on-policy);
 - `targets`: which text of a distillation record it trains on;
 - `hidden_term`: the hidden-state term added to the logit loss (realign.recover.losses.HIDDEN_TERMS; an
   `align_loss` option replaces it), or None;
@@ -65,11 +67,12 @@ class RecoveryMethod:
     hidden_term: str | None = None  # cka (1 - CKA) | anti-cka (+CKA) | mse | cosine
     alignment_layers: str | None = None  # always | default
     control: bool = False  # separates cause from correlation rather than recovering
+    content_states: bool = False  # its hidden states come from content-states caches (the workflow makes them)
 
-    def live_teacher(self, params: dict) -> bool:
-        """Whether a run of this method runs the teacher model during training (hidden states, scoring samples,
-        or logits without a top-k cache)."""
-        return (self.teacher_hidden or self.scores_samples
+    def live_teacher(self, params: dict, states_cached: bool = False) -> bool:
+        """Whether a run of this method runs the teacher model during training (hidden states, unless the run is
+        given their caches, scoring samples, or logits without a top-k cache)."""
+        return ((self.teacher_hidden and not (self.content_states and states_cached)) or self.scores_samples
                 or (self.teacher_logits and params.get("top_k") is None))
 
     def max_new_tokens(self, params: dict) -> int:
@@ -96,7 +99,7 @@ METHODS: dict[str, RecoveryMethod] = {m.name: m for m in (
     RecoveryMethod("alignment-blocked", LOGIT_OPTIONS + ALIGN_OPTIONS, _distillation, teacher_logits=True,
                    teacher_hidden=True, hidden_term="anti-cka", control=True),
     RecoveryMethod("alignment-held", LOGIT_OPTIONS + HELD_OPTIONS, _held, teacher_logits=True, teacher_hidden=True,
-                   alignment_layers="always", control=True),
+                   alignment_layers="always", control=True, content_states=True),
     RecoveryMethod("alignment-only", ALIGN_OPTIONS + ("align_loss",), _distillation, teacher_hidden=True,
                    hidden_term="cka", control=True),
     RecoveryMethod("sft", (), _supervised, targets="reference", control=True),
@@ -108,6 +111,7 @@ METHODS: dict[str, RecoveryMethod] = {m.name: m for m in (
 RECOVERY_OPTIONS = {name: m.options for name, m in METHODS.items()}
 NEEDS_TEACHER_LOGITS = tuple(name for name, m in METHODS.items() if m.teacher_logits)
 NEEDS_TEACHER_HIDDEN = tuple(name for name, m in METHODS.items() if m.teacher_hidden)
+NEEDS_CONTENT_STATES = tuple(name for name, m in METHODS.items() if m.content_states)
 
 
 def training_targets(method: str, params: dict) -> str:

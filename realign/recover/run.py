@@ -9,24 +9,27 @@ from realign.recover.registry import METHODS
 from realign.training import TrainConfig, train
 
 
-def needs_live_teacher(params: dict) -> bool:
-    """Whether a recovery runs the teacher model during training (realign.recover.registry)."""
-    return METHODS[params["method"]].live_teacher(params)
+def needs_live_teacher(params: dict, states_cached: bool = False) -> bool:
+    """Whether a recovery runs the teacher model during training (realign.recover.registry); `states_cached`: the
+    run is given the content-states caches its method reads."""
+    return METHODS[params["method"]].live_teacher(params, states_cached)
 
 
 def recover(student, teacher, tokenizer, params: dict, records: list[dict], cfg: TrainConfig, max_len: int,
             constraint: dict, constraint_tensors: dict, teacher_top_k_path=None, on_checkpoint=None,
             checkpoint_steps=(), state_path=None, state_every: int = 0, run_identity: dict | None = None,
-            on_restart=None):
+            on_restart=None, content_states=(None, None)):
     """Train `student` under its constraint with recovery `params` (method + options); returns (trained model,
     training curve, constraint check). The trained model is `student` itself, or a PeftModel wrapping it when
     the constraint is a frozen base. `on_checkpoint(model, step, curve)` is called at `checkpoint_steps`;
-    `state_path`/`state_every`/`run_identity`/`on_restart`: resumable training (realign.training.train)."""
+    `state_path`/`state_every`/`run_identity`/`on_restart`: resumable training (realign.training.train);
+    `content_states`: the paths of the teacher's and the damaged model's content-states caches, or None each."""
     method = params["method"]
     if method not in METHODS:
         raise ValueError(f"unknown recovery method {method!r}; allowed: {', '.join(METHODS)}")
     entry = METHODS[method]
-    training = entry.setup(Setup(entry, params, teacher, tokenizer, records, max_len, teacher_top_k_path))
+    training = entry.setup(Setup(entry, params, teacher, tokenizer, records, max_len, teacher_top_k_path,
+                                 *content_states))
     if teacher is not None:
         teacher.eval()
 

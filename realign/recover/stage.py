@@ -65,9 +65,24 @@ def teacher_top_k(teacher_dir: str | Path, answers_path: str | Path, out_path: s
     save_teacher_top_k(cache, out_path, examples, temperature)
 
 
+def content_states(model_dir: str | Path, answers_path: str | Path, out_path: str | Path, max_len: int,
+                   alignment_layers, batch_size: int = 8) -> None:
+    """Cache a model's hidden states at the content positions of the held examples (the teacher's answers), at
+    the layers of measure.alignment_layers (realign.recover.content_states)."""
+    from realign.recover.content_states import compute_content_states
+
+    model, tokenizer, _ = load_artifact(model_dir)
+    examples = build_examples(tokenizer, read_teacher_records(answers_path), "teacher_answer", max_len, content=True)
+    compute_content_states(model, examples, alignment_layers, tokenizer.pad_token_id, batch_size).save(
+        out_path, examples, alignment_layers)
+
+
 def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, records_path: str | Path, out_dir: str | Path,
                  name: str, params: dict, seed: int, teacher_top_k_path: str | Path | None = None,
-                 checkpoint_steps: list[int] = (), state_every: int = 0) -> ArtifactRecord:
+                 checkpoint_steps: list[int] = (), state_every: int = 0,
+                 content_states: tuple = (None, None)) -> ArtifactRecord:
+    """Train recovery `name` of the damaged model; `content_states`: the teacher's and the damaged model's
+    content-states caches, for a method that reads them (alignment-held), or None each (computed in the run)."""
     start = time.time()
     out_dir = Path(out_dir)
     lengths = {f"recoveries.{name}.max_len (or training.max_len)": params["max_len"]}
@@ -81,7 +96,8 @@ def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, records_path:
     constraint_tensors = load_constraint_tensors(damaged_dir, device=model_device(student))
     # The damaged targets' stored values, to record how much of the damage the recovery changed (damage_touched).
     damaged_values = constraints.stored_values(student, constraint)
-    teacher = load_artifact(teacher_dir)[0] if needs_live_teacher(params) else None
+    states_cached = all(path is not None for path in content_states)
+    teacher = load_artifact(teacher_dir)[0] if needs_live_teacher(params, states_cached) else None
     records = read_teacher_records(records_path)
     # what the run and each of its checkpoints share: the parent's identity and damage, how it was trained
     run_record = ArtifactRecord(
@@ -91,7 +107,8 @@ def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, records_path:
         teacher=str(teacher_dir), parents=[str(damaged_dir), str(teacher_dir)],
         data_split={"train": "distill", "records": str(records_path), "n_records": len(records),
                     "targets": training_targets(params["method"], params),
-                    "teacher_top_k": str(teacher_top_k_path) if teacher_top_k_path else None})
+                    "teacher_top_k": str(teacher_top_k_path) if teacher_top_k_path else None,
+                    "content_states": [str(path) for path in content_states] if states_cached else None})
     staging = out_dir.parent / f".{out_dir.name}.checkpoints.partial"
     state_path = out_dir.parent / f".{out_dir.name}.train_state.pt"
     # A saved state is continued only by the run that saved it: same parent and teacher (their content digests),
@@ -99,6 +116,7 @@ def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, records_path:
     identity = {"parent": parent.content_digest(), "teacher": read_record(teacher_dir).content_digest(),
                 "constraint": constraint, "records": file_sha256(records_path),
                 "teacher_top_k": file_sha256(teacher_top_k_path) if teacher_top_k_path else None,
+                "content_states": [file_sha256(path) for path in content_states] if states_cached else None,
                 "params": params,
                 "checkpoint_steps": list(checkpoint_steps)}
 
@@ -128,7 +146,8 @@ def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, records_path:
                                     checkpoint_steps=checkpoint_steps, state_path=state_path, state_every=state_every,
                                     run_identity=identity,
                                     # checkpoints saved by an interrupted run are kept only while its state is
-                                    on_restart=lambda: shutil.rmtree(staging, ignore_errors=True))
+                                    on_restart=lambda: shutil.rmtree(staging, ignore_errors=True),
+                                    content_states=content_states if states_cached else (None, None))
     record = replace(run_record, recovery=name, step=params["steps"], constraint_check=check,
                      checkpoints=list(checkpoint_steps), training_curve=curve, timings={"seconds": time.time() - start},
                      damage_touched=touched(student, name))

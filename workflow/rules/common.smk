@@ -5,8 +5,8 @@ from realign.config import (ConfigError, checkpoint_steps, config_hash, load_sch
                             study_degradations, study_recoveries, trained_recoveries, training_params, validate_config)
 from realign.data.corpora import stdlib_identity
 from realign.degrade.registry import CALIBRATED_METHODS, METHODS as DEGRADATION_METHODS
-from realign.identity import ArtifactId
-from realign.recover.registry import training_targets
+from realign.identity import ArtifactId, layers_from_label, layers_label
+from realign.recover.registry import NEEDS_CONTENT_STATES, training_targets
 from realign.fingerprint import folder_fingerprint
 from realign.io import DIGEST_SUFFIX
 from realign.resources import job_resources, parameter_count_b
@@ -204,6 +204,12 @@ def get_top_k_cache(model, spec):
             f".t{float(spec.get('temperature', 1.0))}.safetensors")
 
 
+def get_content_states(model, artifact, spec):
+    """The content-states cache of `artifact` (the teacher `none` or a damage) for a held run of `spec`."""
+    return (f"results/data/{model}/content_states/{artifact}.len{spec['max_len']}"
+            f".layers-{layers_label(spec['alignment_layers'])}.safetensors")
+
+
 def get_recovery_inputs(wildcards):
     spec = recovery_spec(config, wildcards.recovery)[0]
     records = "teacher_rewrites" if training_targets(spec["method"], spec) == "rewrite" else "teacher_answers"
@@ -212,6 +218,9 @@ def get_recovery_inputs(wildcards):
               "records": f"results/data/{wildcards.model}/{records}.jsonl"}
     if spec.get("top_k") is not None:
         inputs["teacher_top_k"] = get_top_k_cache(wildcards.model, spec)
+    if spec["method"] in NEEDS_CONTENT_STATES:
+        inputs["teacher_states"] = get_content_states(wildcards.model, spec.get("teacher", "none"), spec)
+        inputs["damaged_states"] = get_content_states(wildcards.model, wildcards.degradation, spec)
     return inputs
 
 

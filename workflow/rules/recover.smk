@@ -28,6 +28,32 @@ rule teacher_top_k:
         "../../scripts/teacher_top_k.py"
 
 
+rule content_states:
+    input:
+        model=lambda wc: artifact_dir(wc.model, wc.artifact, "none"),
+        answers="results/data/{model}/teacher_answers.jsonl",
+    output:
+        "results/data/{model}/content_states/{artifact}.len{max_len}.layers-{layers}.safetensors",
+    wildcard_constraints:
+        artifact=_alternatives(["none"] + list(config["degradations"])),
+        max_len=r"[0-9]+",
+        layers=r"inner|[0-9]+-[0-9]+",
+    params:
+        alignment_layers=lambda wc: layers_from_label(wc.layers),
+        batch_size=config["measure"]["eval_batch_size"],
+    log:
+        "logs/content_states/{model}/{artifact}.len{max_len}.layers-{layers}.log",
+    benchmark:
+        "results/benchmarks/content_states/{model}/{artifact}.len{max_len}.layers-{layers}.tsv"
+    threads: 2
+    resources:
+        **sized("measure"),
+    conda:
+        CONDA_ENV
+    script:
+        "../../scripts/content_states.py"
+
+
 rule recover:
     input:
         unpack(get_recovery_inputs),
