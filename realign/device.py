@@ -38,9 +38,37 @@ def on_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (fp32 master weights, bf16 matmuls); fp32 everywhere else, because on CPUs without
-    bf16 units bf16 is several times slower (measured ~8x for SmolLM2 training on this machine's AVX2 CPU)."""
+PRECISIONS = ("auto", "float32", "bfloat16")  # measure.dtype
+
+
+def bf16_units(device) -> bool:
+    """Whether `device` multiplies bf16 natively: CUDA, or a CPU with AVX512-BF16 or AMX (as torch reports it). On
+    other CPUs bf16 is emulated and several times slower than fp32."""
     if torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return True
+    return torch.device(device).type == "cpu" and bool(torch.cpu._is_avx512_bf16_supported()
+                                                        or torch.cpu._is_amx_tile_supported())
+
+
+def measure_precision(setting: str, device) -> str:
+    """The precision a measurement runs in for measure.dtype `setting`: `float32`, `bfloat16`, or for `auto`
+    bfloat16 where the device has bf16 units (bf16_units) and float32 elsewhere."""
+    if setting not in PRECISIONS:
+        raise ValueError(f"measure.dtype: {setting!r} is not one of {', '.join(PRECISIONS)}")
+    if setting == "auto":
+        return "bfloat16" if bf16_units(device) else "float32"
+    return setting
+
+
+def autocast(device: torch.device, precision: str | None = None):
+    """The matmul precision of a forward pass: `precision` "bfloat16" (bf16 autocast: fp32 weights, bf16 products)
+    or "float32" (none); None, the training default: bf16 on CUDA, fp32 elsewhere, because on CPUs without bf16
+    units bf16 is several times slower (measured ~8x for SmolLM2 training on an AVX2 CPU)."""
+    device_type = torch.device(device).type
+    if precision is None:
+        precision = "bfloat16" if device_type == "cuda" else "float32"
+    if precision == "bfloat16":
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    if precision != "float32":
+        raise ValueError(f"unknown precision {precision!r}; allowed: float32, bfloat16")
     return contextlib.nullcontext()

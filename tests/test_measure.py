@@ -260,3 +260,28 @@ def test_reverse_kl_and_js_against_independent_formulations():
     same = _token_measures(teacher, teacher)
     for name in ("kl", "reverse_kl", "js"):
         assert torch.allclose(same[name], torch.zeros(20, dtype=torch.float64), atol=1e-12), name
+
+
+def test_bf16_measurement_is_bf16_close_to_fp32_and_a_cache_of_another_precision_is_refused(tiny, tmp_path):
+    """measure.dtype bfloat16: the forwards run with bf16 products (the numbers move, by bf16's rounding only),
+    and the divergence refuses a teacher cache computed in another precision than the artifact's forward."""
+    model, tokenizer = tiny
+    sequences = [torch.tensor(tokenizer(t)["input_ids"]) for t in ("def f(x): return x + 1", "import os, sys")]
+    pairs = sample_positions([list(range(1, len(s))) for s in sequences], per_sequence=4, seed=0)
+    fp32, bf16 = capture(model, sequences, pairs), capture(model, sequences, pairs, precision="bfloat16")
+    for key in fp32:
+        if key.startswith("layer.") and key != "layer.0":  # the embeddings are a lookup: no product to round
+            assert not torch.equal(fp32[key], bf16[key])
+            scale = float(fp32[key].abs().max())
+            assert torch.allclose(bf16[key], fp32[key], rtol=0, atol=0.05 * scale), key
+    examples = _examples(tokenizer)
+    nll32 = sequence_nlls(model, examples, tokenizer.pad_token_id, 2)
+    nll16 = sequence_nlls(model, examples, tokenizer.pad_token_id, 2, precision="bfloat16")
+    assert [a["n_tokens"] for a in nll32] == [b["n_tokens"] for b in nll16]
+    assert all(b["nll_sum"] == pytest.approx(a["nll_sum"], rel=0.02) for a, b in zip(nll32, nll16))
+    path = tmp_path / "teacher.safetensors"
+    save_teacher_outputs(compute_teacher_outputs(model, examples, tokenizer.pad_token_id, 2, "bfloat16"), path,
+                         examples, precision="bfloat16")
+    assert load_teacher_outputs(path, examples, "bfloat16")["logits"].dtype == torch.float32
+    with pytest.raises(ValueError, match="computed in bfloat16, the artifact runs in float32 .measure.dtype."):
+        load_teacher_outputs(path, examples, "float32")

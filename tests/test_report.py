@@ -165,7 +165,7 @@ def test_report_renders_a_contrast_with_zero_standard_error(tmp_path):
 def test_the_report_warns_when_artifacts_were_computed_on_different_cpu_kernels(tmp_path):
     """Issue 32: the same config and bytes gave two different forgetting parents on an AVX2 and an AVX-512 host;
     a study resumed on another kind of host mixes them, and the report says so before the verdict."""
-    from realign.analysis.report import kernel_counts
+    from realign.analysis.report import value_counts
 
     table, cka = _study(tmp_path)
     stats = analyze(table, n_boot=50, n_perm=50)
@@ -174,8 +174,25 @@ def test_the_report_warns_when_artifacts_were_computed_on_different_cpu_kernels(
     one = (tmp_path / "one.html").read_text()
     assert "computed on different CPU kernels" not in one and f"AVX2 {len(table)}" in one
     table.loc[table.index[:5], "cpu_capability"] = "AVX512"
-    assert kernel_counts(table) == [{"capability": "AVX2", "n": len(table) - 5}, {"capability": "AVX512", "n": 5}]
+    assert value_counts(table, "cpu_capability") == [{"value": "AVX2", "n": len(table) - 5},
+                                                     {"value": "AVX512", "n": 5}]
     render_report(table, stats, cka, {}, tmp_path / "mixed.html")
     mixed = (tmp_path / "mixed.html").read_text()
     warning = mixed.index("Artifacts computed on different CPU kernels")
     assert warning < mixed.index('<section id="association"') and f"AVX2 ({len(table) - 5}), AVX512 (5)" in mixed
+
+
+def test_the_report_warns_when_artifacts_were_measured_in_different_precisions(tmp_path):
+    """measure.dtype: a study whose artifacts were measured partly in bf16 and partly in fp32 pairs numbers that
+    differ by the precision; the report says so before the verdict, and lists the precisions in its provenance."""
+    table, cka = _study(tmp_path)
+    stats = analyze(table, n_boot=50, n_perm=50)
+    table["measure_precision"] = "float32"
+    render_report(table, stats, cka, {}, tmp_path / "one.html")
+    one = (tmp_path / "one.html").read_text()
+    assert "measured in different precisions" not in one and f"float32 {len(table)}" in one
+    table.loc[table.index[:3], "measure_precision"] = "bfloat16"
+    render_report(table, stats, cka, {}, tmp_path / "mixed.html")
+    mixed = (tmp_path / "mixed.html").read_text()
+    warning = mixed.index("Artifacts measured in different precisions")
+    assert warning < mixed.index('<section id="association"') and f"float32 ({len(table) - 3}), bfloat16 (3)" in mixed

@@ -62,6 +62,9 @@ CASES = {
     "measure.eval_batch_size": (lambda c: c["measure"].update(eval_batch_size=4),
                                 {**TEACHER_DATA, **TEACHER_OUTPUTS, "divergence": ALL, "evaluate": ALL,
                                  "activations": RECOVERED, "similarity": RECOVERED, **REPORT}),
+    "measure.dtype": (lambda c: c["measure"].update(dtype="bfloat16"),
+                      {**TEACHER_OUTPUTS, "divergence": ALL, "evaluate": ALL, "activations": ALL, "similarity": ALL,
+                       "null_floors": 1, **REPORT}),  # the teacher's activations are the floors' reference
     "data.code_heldout_chunks": (lambda c: c["data"].update(code_heldout_chunks=3), {"evaluate": ALL, **REPORT}),
     # the narrow corpora: both forgetting damages, the 3 recoveries of sft-code, and every held-out NLL
     "data.code_heldout_fraction": (lambda c: c["data"].update(code_heldout_fraction=0.2),

@@ -56,6 +56,8 @@ def test_report_and_table(study):
     import torch
     assert (table["cpu_capability"] == torch.backends.cpu.get_cpu_capability()).all()
     assert "computed on different CPU kernels" not in report
+    # and the precision it was measured in: measure.dtype's default, fp32
+    assert (table["measure_precision"] == "float32").all() and "measured in different precisions" not in report
     for anchor in ("heatmaps", "nulls", "measures", "controls", "dose", "benchmarks"):
         assert f'id="{anchor}"' in report
     assert stats["dose_response"] and stats["by_measure"] and stats["per_benchmark"]["rows"]

@@ -66,12 +66,12 @@ def _rel(path, base: Path) -> str | None:
         return Path(path).as_posix()
 
 
-def kernel_counts(table: pd.DataFrame) -> list[dict]:
-    """How many artifacts were computed on each CPU capability (the table's `cpu_capability`), most first."""
-    if "cpu_capability" not in table or not len(table):
+def value_counts(table: pd.DataFrame, column: str) -> list[dict]:
+    """How many artifacts have each value of `column` (`cpu_capability`: the CPU kernels their weights were
+    computed with; `measure_precision`: the precision they were measured in), most first."""
+    if column not in table or not len(table):
         return []
-    counts = table["cpu_capability"].value_counts()
-    return [{"capability": str(name), "n": int(n)} for name, n in counts.items()]
+    return [{"value": str(name), "n": int(n)} for name, n in table[column].value_counts().items()]
 
 
 def _timing_rows(timings) -> list[dict]:
@@ -389,7 +389,8 @@ def render_report(
         "config": _to_yaml(provenance.get("config")) if provenance.get("config") else "",
         "config_hash": provenance.get("config_hash", ""),
         "timings": _timing_rows(provenance.get("timings")),
-        "kernels": kernel_counts(table),
+        "kernels": value_counts(table, "cpu_capability"),
+        "precisions": value_counts(table, "measure_precision"),
         "hardware": (_to_yaml(hardware) if isinstance(hardware, (dict, list)) else str(hardware)) if hardware else "",
         "stats_json": json.dumps(jsonable(stats), indent=2, sort_keys=True),
     }

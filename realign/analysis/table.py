@@ -123,6 +123,11 @@ def collect_row(artifact_json, eval_json, divergence_json, similarity_parquet, s
     row["changed_matrices"] = float(sum(kind["matrices_changed"] for kind in touched)) if touched else math.nan
     row["targeted_matrices"] = float(sum(kind["matrices"] for kind in touched)) if touched else math.nan
 
+    # The precision its measurements ran in (measure.dtype, resolved; evaluation and divergence): a study whose
+    # artifacts were measured in two precisions compares numbers that differ by the precision, and says so.
+    precisions = sorted({str(record.get("precision") or "unrecorded") for record in (ev, div)})
+    row["measure_precision"] = "/".join(precisions)
+
     benches = ev.get("benchmarks") or {}
     tasks = sorted(benches)
     row["tasks"] = ",".join(tasks)

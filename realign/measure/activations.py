@@ -79,7 +79,7 @@ def _routes_to_experts(model) -> bool:
 
 @torch.no_grad()
 def capture(model, sequences: list[torch.Tensor], pairs: list[tuple[int, int]],
-            batch_size: int = 16) -> dict[str, torch.Tensor]:
+            batch_size: int = 16, precision: str | None = None) -> dict[str, torch.Tensor]:
     """Hidden states at the (sequence, position) `pairs` (sample_positions): {"layer.{i}": [n_tokens, d] float32
     for i in 0..L (0 = embeddings, L = the final post-norm state), "token_index": [n, 2]}.
 
@@ -90,7 +90,8 @@ def capture(model, sequences: list[torch.Tensor], pairs: list[tuple[int, int]],
     of 128-token sequences ran ~5x faster on the default study's machine than one sequence at a time. Otherwise
     every sequence runs alone, as before: a short sequence's GEMMs have few rows, whose last bits changed with the
     row count (MIN_BATCHED_TOKENS); a mixture-of-experts layer groups the batch's tokens per expert, which changed
-    the last bits on Mixtral; and batched bf16 GEMMs on a GPU may round differently (not checked)."""
+    the last bits on Mixtral; and batched bf16 GEMMs on a GPU may round differently (not checked). `precision`:
+    realign.device.autocast's (measure.dtype, resolved)."""
     model.eval()
     device = model_device(model)
     by_sequence: dict[int, list[int]] = {}
@@ -106,7 +107,7 @@ def capture(model, sequences: list[torch.Tensor], pairs: list[tuple[int, int]],
         step = batch_size if length >= MIN_BATCHED_TOKENS else 1
         for start in range(0, len(members), step):
             chunk = members[start:start + step]
-            with autocast(device):
+            with autocast(device, precision):
                 # Only the hidden states are kept: the LM head runs on the last position alone.
                 hidden = model(input_ids=torch.stack([sequences[seq] for seq in chunk]).to(device),
                                output_hidden_states=True, **keep_logits(model, 1)).hidden_states

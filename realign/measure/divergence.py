@@ -78,7 +78,7 @@ def _concat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def output_divergence(teacher, model, examples: list[dict], pad_id: int, batch_size: int = 8,
-                      ids: list | None = None) -> dict:
+                      ids: list | None = None, precision: str | None = None) -> dict:
     """Per-token KL(teacher || model), the reverse KL, JS and top-1 agreement over the supervised tokens of
     `examples`."""
     parts, counts = [], []
@@ -89,7 +89,7 @@ def output_divergence(teacher, model, examples: list[dict], pad_id: int, batch_s
         batch = on_device(collate(examples[start:start + batch_size], pad_id), device)
         kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         mask = batch["labels"][:, 1:] != IGNORE
-        with autocast(device):
+        with autocast(device, precision):
             teacher_logits, logits = teacher(**kwargs).logits, model(**kwargs).logits
         parts.append(_token_measures(teacher_logits[:, :-1][mask], logits[:, :-1][mask]))
         counts += mask.sum(1).tolist()
@@ -98,7 +98,7 @@ def output_divergence(teacher, model, examples: list[dict], pad_id: int, batch_s
 
 @torch.no_grad()
 def cached_divergence(cache: dict[str, torch.Tensor], model, examples: list[dict], pad_id: int,
-                      batch_size: int = 8, ids: list | None = None) -> dict:
+                      batch_size: int = 8, ids: list | None = None, precision: str | None = None) -> dict:
     """`output_divergence` with the teacher's logits read from `cache` (load_teacher_outputs, checked against the
     same `examples`): the same numbers, one forward pass instead of two."""
     parts, counts = [], []
@@ -108,7 +108,7 @@ def cached_divergence(cache: dict[str, torch.Tensor], model, examples: list[dict
         end = min(start + batch_size, len(examples))
         batch = on_device(collate(examples[start:end], pad_id), device)
         mask = batch["labels"][:, 1:] != IGNORE
-        with autocast(device):
+        with autocast(device, precision):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         rows = cache["logits"][int(offsets[start]):int(offsets[end])]
         if len(rows) != int(mask.sum()):
@@ -120,7 +120,8 @@ def cached_divergence(cache: dict[str, torch.Tensor], model, examples: list[dict
 
 
 @torch.no_grad()
-def sequence_nlls(model, examples: list[dict], pad_id: int, batch_size: int = 8) -> list[dict]:
+def sequence_nlls(model, examples: list[dict], pad_id: int, batch_size: int = 8,
+                  precision: str | None = None) -> list[dict]:
     """Per example: the summed negative log-likelihood (nats) of its supervised tokens and their count."""
     out = []
     device = model_device(model)
@@ -136,7 +137,7 @@ def sequence_nlls(model, examples: list[dict], pad_id: int, batch_size: int = 8)
         # Only the positions that predict a supervised token get logits and a float64 log-softmax: the LM head runs
         # from the batch's first such position on (`logits_to_keep`); logits at position t predict targets[:, t].
         first = int(positions[0])
-        with autocast(device):
+        with autocast(device, precision):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            **keep_logits(model, batch["input_ids"].shape[1] - first)).logits
         logits = logits[:, -(targets.shape[1] - first) - 1:-1]  # positions first .. T-2

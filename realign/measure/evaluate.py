@@ -97,7 +97,8 @@ def scored_rows_lm(model, tokenizer, batch_size: int):
     return ScoredRowsLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
-def run_lm_eval(model, tokenizer, task_dir: Path, tasks: list[str], batch_size: int = 8) -> tuple[dict, list[dict]]:
+def run_lm_eval(model, tokenizer, task_dir: Path, tasks: list[str], batch_size: int = 8,
+                precision: str | None = None) -> tuple[dict, list[dict]]:
     """Evaluate `model` (an already-loaded transformers causal LM) on tasks `realign_{task}` from `task_dir`.
 
     Returns (summary, items). summary: {task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "perplexity",
@@ -124,7 +125,7 @@ def run_lm_eval(model, tokenizer, task_dir: Path, tasks: list[str], batch_size: 
     try:
         lm = scored_rows_lm(model, tokenizer, batch_size)
         check_continuations_fit(lm, task_dir, tasks)
-        with autocast(model_device(model)):  # bf16 matmuls on CUDA, plain fp32 on CPU
+        with autocast(model_device(model), precision):  # realign.device.autocast: measure.dtype, resolved
             results = lm_eval.simple_evaluate(
                 model=lm,
                 tasks=[f"realign_{t}" for t in tasks],

@@ -11,6 +11,7 @@ import torch
 
 from realign.data.sequences import chat_example, chat_prompt_content, packed_chunks
 from realign.data.stage import read_prompts
+from realign.device import measure_precision, model_device
 from realign.io import read_jsonl, write_json, write_parquet
 from realign.measure.activations import (capture, content_positions, load_activations, sample_positions,
                                          save_activations)
@@ -59,14 +60,17 @@ def _probe(tokenizer, prompts_path, max_tokens: int, per_sequence: int, seed: in
     return sequences, sample_positions(candidates, per_sequence, seed)
 
 
-def activations(artifact_dir, prompts_path, out_path, max_tokens: int, per_sequence: int, seed: int) -> dict:
+def activations(artifact_dir, prompts_path, out_path, max_tokens: int, per_sequence: int, seed: int,
+                dtype: str = "float32") -> dict:
+    """`dtype`: measure.dtype (realign.device.measure_precision), resolved here and recorded in the file."""
     start = time.time()
     model, tokenizer, _ = load_artifact(artifact_dir)
+    precision = measure_precision(dtype, model_device(model))
     sequences, pairs = _probe(tokenizer, prompts_path, max_tokens, per_sequence, seed)
-    acts = capture(model, sequences, pairs)
-    save_activations(acts, out_path, {"artifact": str(artifact_dir), "seed": str(seed),
+    acts = capture(model, sequences, pairs, precision=precision)
+    save_activations(acts, out_path, {"artifact": str(artifact_dir), "seed": str(seed), "precision": precision,
                                       "probe_split": "probe", "n_sequences": str(len(sequences))})
-    return {"n_tokens": int(acts["token_index"].shape[0]), "seconds": time.time() - start}
+    return {"n_tokens": int(acts["token_index"].shape[0]), "precision": precision, "seconds": time.time() - start}
 
 
 def null_activations(teacher_dir, prompts_path, out_path, max_tokens: int, per_sequence: int, seed: int) -> dict:
@@ -203,33 +207,37 @@ def _reference_examples(tokenizer, records: list[dict], max_len: int) -> list[di
     return [chat_example(tokenizer, r["instruction"], r["reference"], max_len) for r in records]
 
 
-def teacher_outputs(teacher_dir, prompts_path, out_path, max_len: int, batch_size: int) -> dict:
+def teacher_outputs(teacher_dir, prompts_path, out_path, max_len: int, batch_size: int,
+                    dtype: str = "float32") -> dict:
     """The teacher's logits at the supervised positions of the divergence examples, cached once per model for the
     divergence job of every artifact (realign.measure.teacher_outputs)."""
     from realign.measure.teacher_outputs import compute_teacher_outputs, save_teacher_outputs
 
     start = time.time()
     teacher, tokenizer, _ = load_artifact(teacher_dir)
+    precision = measure_precision(dtype, model_device(teacher))
     examples = _reference_examples(tokenizer, read_prompts(prompts_path)["divergence"], max_len)
-    outputs = compute_teacher_outputs(teacher, examples, tokenizer.pad_token_id, batch_size)
-    save_teacher_outputs(outputs, out_path, examples, teacher=str(teacher_dir))
+    outputs = compute_teacher_outputs(teacher, examples, tokenizer.pad_token_id, batch_size, precision)
+    save_teacher_outputs(outputs, out_path, examples, teacher=str(teacher_dir), precision=precision)
     return {"n_tokens": int(outputs["logits"].shape[0]), "vocab": int(outputs["logits"].shape[1]),
             "n_prompts": len(examples), "seconds": time.time() - start}
 
 
-def divergence(teacher_outputs_path, artifact_dir, prompts_path, max_len: int, batch_size: int) -> dict:
+def divergence(teacher_outputs_path, artifact_dir, prompts_path, max_len: int, batch_size: int,
+               dtype: str = "float32") -> dict:
     """KL(teacher || artifact) and top-1 agreement on the divergence prompts, the teacher's side read from the
     cache of the `teacher_outputs` step (checked to be made on these very examples)."""
     from realign.measure.teacher_outputs import load_teacher_outputs
 
     start = time.time()
     model, tokenizer, _ = load_artifact(artifact_dir)
+    precision = measure_precision(dtype, model_device(model))
     records = read_prompts(prompts_path)["divergence"]
     examples = _reference_examples(tokenizer, records, max_len)
-    cache = load_teacher_outputs(teacher_outputs_path, examples)
+    cache = load_teacher_outputs(teacher_outputs_path, examples, precision)
     result = cached_divergence(cache, model, examples, tokenizer.pad_token_id, batch_size,
-                               ids=[r.get("id") for r in records])
-    return {**result, "split": "divergence", "teacher_outputs": str(teacher_outputs_path),
+                               ids=[r.get("id") for r in records], precision=precision)
+    return {**result, "split": "divergence", "teacher_outputs": str(teacher_outputs_path), "precision": precision,
             "seconds": time.time() - start}
 
 
@@ -245,7 +253,7 @@ def heldout_chunks(tokenizer, corpus: str, path, max_len: int, n_chunks: int) ->
 
 
 def evaluate(artifact_dir, prompts_path, narrow_heldout: dict[str, str], task_dir, tasks: list[str], max_len: int,
-             narrow_chunks: int, batch_size: int) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+             narrow_chunks: int, batch_size: int, dtype: str = "float32") -> tuple[dict, pd.DataFrame, pd.DataFrame]:
     """lm-eval benchmarks plus held-out NLL on reference answers (`general`) and on each narrow corpus.
 
     Returns (summary, items, sequences): the summary JSON; one row per benchmark item
@@ -255,15 +263,18 @@ def evaluate(artifact_dir, prompts_path, narrow_heldout: dict[str, str], task_di
 
     start = time.time()
     model, tokenizer, _ = load_artifact(artifact_dir)
+    precision = measure_precision(dtype, model_device(model))
     corpora = {"general": _reference_examples(tokenizer, read_prompts(prompts_path)["heldout"], max_len)}
     for corpus, path in narrow_heldout.items():
         corpora[corpus] = heldout_chunks(tokenizer, corpus, path, max_len, narrow_chunks)
     sequences, perplexity = [], {}
     for corpus, examples in corpora.items():
-        scored = sequence_nlls(model, examples, tokenizer.pad_token_id, batch_size)
+        scored = sequence_nlls(model, examples, tokenizer.pad_token_id, batch_size, precision)
         perplexity[corpus] = pooled_nll(scored)
         sequences += [{"corpus": corpus, "sequence": i, **s} for i, s in enumerate(scored)]
-    benchmarks, items = run_lm_eval(model, tokenizer, Path(task_dir), tasks, batch_size=batch_size)
-    summary = {"benchmarks": benchmarks, "perplexity": perplexity, "seconds": time.time() - start,
+    benchmarks, items = run_lm_eval(model, tokenizer, Path(task_dir), tasks, batch_size=batch_size,
+                                    precision=precision)
+    summary = {"benchmarks": benchmarks, "perplexity": perplexity, "precision": precision,
+               "seconds": time.time() - start,
                "splits": {"general": "heldout (reference answers)", **{c: str(p) for c, p in narrow_heldout.items()}}}
     return summary, pd.DataFrame(items), pd.DataFrame(sequences)

@@ -26,7 +26,8 @@ STEP = "teacher_outputs"
 
 
 @torch.no_grad()
-def compute_teacher_outputs(teacher, examples: list[dict], pad_id: int, batch_size: int = 8) -> dict[str, torch.Tensor]:
+def compute_teacher_outputs(teacher, examples: list[dict], pad_id: int, batch_size: int = 8,
+                            precision: str | None = None) -> dict[str, torch.Tensor]:
     """{"logits": [n_supervised, vocab] float32, "offsets": [n_examples + 1] int64}, batched as the divergence
     job batches the artifact (same `batch_size`, same padding)."""
     teacher.eval()
@@ -35,7 +36,7 @@ def compute_teacher_outputs(teacher, examples: list[dict], pad_id: int, batch_si
     for start in tqdm(range(0, len(examples), batch_size), desc="teacher outputs", file=sys.stderr, ascii=True):
         batch = on_device(collate(examples[start:start + batch_size], pad_id), device)
         mask = batch["labels"][:, 1:] != IGNORE
-        with autocast(device):
+        with autocast(device, precision):
             logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         rows.append(logits[:, :-1][mask].float().cpu())
         counts += mask.sum(1).tolist()
@@ -47,21 +48,26 @@ def compute_teacher_outputs(teacher, examples: list[dict], pad_id: int, batch_si
 
 
 def save_teacher_outputs(outputs: dict[str, torch.Tensor], path: str | Path, examples: list[dict],
-                         teacher: str = "") -> None:
-    save_row_cache(outputs, path, examples, {"n_examples": str(len(examples)), "teacher": str(teacher)})
+                         teacher: str = "", precision: str = "float32") -> None:
+    save_row_cache(outputs, path, examples, {"n_examples": str(len(examples)), "teacher": str(teacher),
+                                            "precision": precision})
 
 
-def load_teacher_outputs(path: str | Path, examples: list[dict]) -> dict[str, torch.Tensor]:
+def load_teacher_outputs(path: str | Path, examples: list[dict], precision: str | None = None) -> dict[str, torch.Tensor]:
     """The cache at `path`, checked against its digest and against `examples` (the divergence job's own, made with
-    the artifact's tokenizer): a truncated, corrupted or inconsistent cache, or one made on other examples, is an
-    error naming the file."""
+    the artifact's tokenizer): a truncated, corrupted or inconsistent cache, or one made on other examples or (when
+    `precision` is given) in another precision than the artifact's forward, is an error naming the file."""
     path = Path(path)
     what = f"teacher outputs cache {path}"
-    tensors, _ = load_row_cache(path, examples, what=what, step=STEP, rows="logits",
+    tensors, metadata = load_row_cache(path, examples, what=what, step=STEP, rows="logits",
                                 made_on="other divergence examples (the prompts in prompts.json, the tokenizer or "
                                         "training.max_len differ)")
     logits = tensors["logits"]
     if set(tensors) != {"logits", "offsets"} or logits.dtype != torch.float32 or logits.dim() != 2:
         raise ValueError(f"{what} holds {sorted(tensors)} with logits {tuple(logits.shape)} as {logits.dtype}, not "
                          f"float32 [rows, vocab] logits and offsets; delete it and rerun the {STEP} step")
+    if precision is not None and metadata.get("precision") != precision:
+        raise ValueError(f"{what} was computed in {metadata.get('precision', 'an unrecorded precision')}, the "
+                         f"artifact runs in {precision} (measure.dtype): both sides of the divergence must run in "
+                         f"one precision; rerun the {STEP} step")
     return {"logits": logits, "offsets": tensors["offsets"]}

@@ -135,7 +135,8 @@ def get_generation_params():
 def get_scoring_params():
     """How the divergence examples are built and batched: the teacher's cached outputs and every artifact's pass
     use the same, so their logits are computed alike."""
-    return {"max_len": config["training"]["max_len"], "batch_size": config["measure"]["eval_batch_size"]}
+    return {"max_len": config["training"]["max_len"], "batch_size": config["measure"]["eval_batch_size"],
+            "dtype": config["measure"]["dtype"]}
 
 
 def get_similarity_params(wildcards=None):

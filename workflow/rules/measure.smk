@@ -9,6 +9,7 @@ rule activations:
     params:
         artifact=model_path,
         probe=get_probe_params,
+        dtype=config["measure"]["dtype"],
     output:
         "results/activations/{model}/{degradation}/{recovery}.safetensors",
     log:
@@ -149,7 +150,7 @@ rule evaluate:
         artifact=model_path,
         evaluation={"tasks": list(config["measure"]["benchmarks"]), "max_len": config["training"]["max_len"],
                     "code_heldout_chunks": config["data"]["code_heldout_chunks"],
-                    "batch_size": config["measure"]["eval_batch_size"]},
+                    "batch_size": config["measure"]["eval_batch_size"], "dtype": config["measure"]["dtype"]},
     output:
         summary="results/eval/{model}/{degradation}/{recovery}.json",
         item_records="results/eval/{model}/{degradation}/{recovery}.items.parquet",
