@@ -292,76 +292,7 @@ class TokenCounter:
             self.nll["batches"] += 1
 
 
-def patch_continuation_rows(hflm) -> callable:
-    """A proposed change to realign/measure/evaluate.py, applied to lm-eval's HFLM class for measuring it: the LM
-    head runs on the rows lm-eval reads (each request's continuation positions) instead of every position of the
-    padded batch. Returns the function that undoes the patch.
-
-    HFLM._loglikelihood_tokens gets the requests, so the wrapper notes each input's continuation length (keyed by
-    the input tokens, as lm-eval builds them: (context + continuation)[-(max_length + 1):][:-1]); _model_call
-    then finds each padded row's request (the shortest prefix that is a known input and leaves only pad id 0
-    behind), gathers the continuation rows of the final hidden states in a forward pre-hook on the output
-    embedding, and returns logits for the last K positions only (K: enough to cover every row's continuation),
-    zero elsewhere. lm-eval's own slice (its `ctx_len` offset for a logits tensor shorter than the input)
-    reads exactly the computed rows. Anything unexpected (no known request for a row, a seq2seq call) falls back
-    to the full forward. The log-probabilities are NOT guaranteed to be the same to the last bit: a GEMM's rows
-    can depend on how many rows it has (on the default study's CPU, products of 1-3, 5-7 or 9-11 rows took other
-    last bits than the same rows in a larger one), and the head here multiplies fewer rows than lm-eval's;
-    `--compare` says whether a run's answers equal another's. A subclass of HFLM doing the same with
-    `logits_to_keep` changed the last bits of an answer on a tiny Llama (batch 4), so realign does not use it."""
-    import torch
-
-    original_ll, original_call = hflm._loglikelihood_tokens, hflm._model_call
-
-    def _loglikelihood_tokens(self, requests, *args, **kwargs):
-        lengths: dict[tuple, int] = {}
-        for _, context_enc, continuation_enc in requests:
-            key = tuple((context_enc + continuation_enc)[-(self.max_length + 1):][:-1])
-            lengths[key] = max(lengths.get(key, 0), len(continuation_enc))
-        self._continuation_lengths = lengths
-        try:
-            return original_ll(self, requests, *args, **kwargs)
-        finally:
-            self._continuation_lengths = None
-
-    def _model_call(self, inps, attn_mask=None, labels=None):
-        lengths = getattr(self, "_continuation_lengths", None)
-        if not lengths or attn_mask is not None or labels is not None:
-            return original_call(self, inps, attn_mask, labels)
-        batch, width = inps.shape
-        rows = []
-        for row in inps.tolist():
-            end = width
-            while end > 0 and row[end - 1] == 0:
-                end -= 1
-            found = next(((n, lengths[tuple(row[:n])]) for n in range(end, width + 1) if tuple(row[:n]) in lengths),
-                         None)
-            if found is None:
-                return original_call(self, inps, attn_mask, labels)
-            rows.append(found)
-        keep = max(width - n + c for n, c in rows)  # the window [width - keep, width) holds every continuation
-        row_index = torch.cat([torch.full((c,), i) for i, (n, c) in enumerate(rows)]).to(inps.device)
-        position = torch.cat([torch.arange(n - c, n) for n, c in rows]).to(inps.device)
-        head = self.model.get_output_embeddings()
-        hook = head.register_forward_pre_hook(lambda module, args: (args[0][row_index, position][None],))
-        try:
-            with torch.no_grad():
-                picked = self.model(inps).logits[0]
-        finally:
-            hook.remove()
-        logits = picked.new_zeros(batch, keep, picked.shape[-1])
-        logits[row_index, position - (width - keep)] = picked
-        return logits
-
-    hflm._loglikelihood_tokens, hflm._model_call = _loglikelihood_tokens, _model_call
-
-    def undo():
-        hflm._loglikelihood_tokens, hflm._model_call = original_ll, original_call
-
-    return undo
-
-
-EVALUATE_PATCHES = ("continuation-rows", "serial-bootstrap")
+EVALUATE_PATCHES = ("serial-bootstrap",)
 
 
 def instrument_evaluate(phases: Phases, counter: TokenCounter, patches: list[str]) -> None:
@@ -369,7 +300,6 @@ def instrument_evaluate(phases: Phases, counter: TokenCounter, patches: list[str
     request (to compare runs to the last bit); the `patches` (EVALUATE_PATCHES) are proposed changes to
     realign/measure/evaluate.py, applied for the step:
 
-      continuation-rows  the LM head only on the continuation rows (patch_continuation_rows)
       serial-bootstrap   DISABLE_MULTIPROC=1: lm-eval's bootstrap of lambada's perplexity stderr (which realign
                          does not report) without a process pool"""
     import realign.measure.evaluate as ev
@@ -386,16 +316,16 @@ def instrument_evaluate(phases: Phases, counter: TokenCounter, patches: list[str
         import lm_eval.tasks
 
         phases.add("lm_eval import", time.perf_counter() - start, time.process_time() - cpu)
-        hf = lm_eval.models.huggingface.HFLM
-        if "continuation-rows" in patches:
-            phases._undo.append(patch_continuation_rows(hf))
+        # realign's HFLM subclass (the LM head on the scored rows only, realign.measure.evaluate): its own
+        # _model_call and _loglikelihood_tokens are the ones that run
+        hf = ev.scored_rows_class()
         if "serial-bootstrap" in patches:
             previous = os.environ.get("DISABLE_MULTIPROC")
             os.environ["DISABLE_MULTIPROC"] = "1"
             phases._undo.append(lambda: os.environ.pop("DISABLE_MULTIPROC") if previous is None
                                 else os.environ.__setitem__("DISABLE_MULTIPROC", previous))
         phases.wrap(hf, "_model_call", "forward passes (HFLM._model_call)", after=counter.count_model_call)
-        phases.wrap(hf, "__init__", "HFLM wrapping")
+        phases.wrap(lm_eval.models.huggingface.HFLM, "__init__", "HFLM wrapping")
         phases.wrap(hf, "_loglikelihood_tokens", "lm-eval scoring incl. forward passes",
                     after=lambda a, k, out: counter.answers.extend([float(x), bool(y)] for x, y in out))
         phases.wrap(lm_eval.tasks.TaskManager, "__init__", "TaskManager (index task YAMLs)")

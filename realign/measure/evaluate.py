@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from pathlib import Path
@@ -45,7 +46,8 @@ def check_continuations_fit(lm, task_dir: Path, tasks: list[str]) -> None:
                                      "score it; evaluate a model with a longer context or leave the task out")
 
 
-def scored_rows_lm(model, tokenizer, batch_size: int):
+@functools.cache
+def scored_rows_class():
     """lm-eval's HFLM, except that a log-likelihood pass runs the LM head, and lm-eval's log-softmax, on the last
     positions of the batch that hold a scored continuation token, not on every position: a multiple-choice item's
     context is most of its tokens, and the head (vocabulary x hidden) is most of a small model's FLOPs per token.
@@ -94,7 +96,12 @@ def scored_rows_lm(model, tokenizer, batch_size: int):
                                                  enabled=self.mixed_precision_dtype is not None):
                 return self.model(inps, **keep_logits(self.model, max(needed))).logits
 
-    return ScoredRowsLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    return ScoredRowsLM
+
+
+def scored_rows_lm(model, tokenizer, batch_size: int):
+    """`model` wrapped for lm-eval as scored_rows_class() (the LM head on the scored rows only)."""
+    return scored_rows_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
 def run_lm_eval(model, tokenizer, task_dir: Path, tasks: list[str], batch_size: int = 8,
