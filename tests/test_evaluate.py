@@ -158,8 +158,8 @@ def test_the_head_runs_on_the_scored_rows_only_and_scores_as_lm_eval_does(tiny, 
         scored_rows = sum(rows)
         rows.clear()
         monkeypatch.setattr(evaluate, "scored_rows_lm",
-                            lambda model, tokenizer, batch_size: HFLM(pretrained=model, tokenizer=tokenizer,
-                                                                      batch_size=batch_size))
+                            lambda model, tokenizer, batch_size, precision: HFLM(pretrained=model, tokenizer=tokenizer,
+                                                                                 batch_size=batch_size))
         _, full = evaluate.run_lm_eval(model, tok, task_dir, TASKS, batch_size=8)
         full_rows = sum(rows)
     finally:
@@ -170,6 +170,18 @@ def test_the_head_runs_on_the_scored_rows_only_and_scores_as_lm_eval_does(tiny, 
     for a, b in zip(scored, full):
         assert a["lls"] == pytest.approx(b["lls"], abs=1e-5) and a["acc"] == b["acc"]
         assert a["gold_logprob"] == pytest.approx(b["gold_logprob"], abs=1e-5)
+
+
+def test_bf16_scoring_runs_in_bf16(tiny, task_dir, items):
+    """measure.dtype bfloat16 reaches lm-eval's forward (HFLM sets its own autocast, which would undo the caller's):
+    the scores move by bf16's rounding, no more."""
+    from realign.measure.evaluate import run_lm_eval
+
+    model, tok = tiny
+    _, bf16 = run_lm_eval(model, tok, task_dir, TASKS, batch_size=8, precision="bfloat16")
+    fp32 = items.to_dict("records")
+    differences = [abs(a["gold_logprob"] - b["gold_logprob"]) for a, b in zip(bf16, fp32)]
+    assert max(differences) > 1e-4 and max(differences) < 0.5
 
 
 def test_missing_task_yaml(tiny, task_dir):

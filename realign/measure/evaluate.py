@@ -99,9 +99,14 @@ def scored_rows_class():
     return ScoredRowsLM
 
 
-def scored_rows_lm(model, tokenizer, batch_size: int):
-    """`model` wrapped for lm-eval as scored_rows_class() (the LM head on the scored rows only)."""
-    return scored_rows_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+def scored_rows_lm(model, tokenizer, batch_size: int, precision: str = "float32"):
+    """`model` wrapped for lm-eval as scored_rows_class() (the LM head on the scored rows only). HFLM's forward
+    sets its own autocast, which overrides the caller's, so the `precision` is handed to it."""
+    import torch
+
+    dtype = torch.bfloat16 if precision == "bfloat16" else None
+    return scored_rows_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                               mixed_precision_dtype=dtype)
 
 
 def run_lm_eval(model, tokenizer, task_dir: Path, tasks: list[str], batch_size: int = 8,
@@ -130,7 +135,9 @@ def run_lm_eval(model, tokenizer, task_dir: Path, tasks: list[str], batch_size: 
     was_training = model.training
     model.eval()
     try:
-        lm = scored_rows_lm(model, tokenizer, batch_size)
+        if precision is None:  # realign.device.autocast's default: bf16 on CUDA, fp32 elsewhere
+            precision = "bfloat16" if model_device(model).type == "cuda" else "float32"
+        lm = scored_rows_lm(model, tokenizer, batch_size, precision)
         check_continuations_fit(lm, task_dir, tasks)
         with autocast(model_device(model), precision):  # realign.device.autocast: measure.dtype, resolved
             results = lm_eval.simple_evaluate(
