@@ -60,13 +60,19 @@ def measure_precision(setting: str, device) -> str:
     return setting
 
 
+def training_precision(device) -> str:
+    """The precision of a forward that names none (training, and measurement code called directly): bf16 on
+    CUDA, fp32 elsewhere."""
+    return "bfloat16" if torch.device(device).type == "cuda" else "float32"
+
+
 def autocast(device: torch.device, precision: str | None = None):
     """The matmul precision of a forward pass: `precision` "bfloat16" (bf16 autocast: fp32 weights, bf16 products)
     or "float32" (none); None, the training default: bf16 on CUDA, fp32 elsewhere, because on CPUs without bf16
     units bf16 is several times slower (measured ~8x for SmolLM2 training on an AVX2 CPU)."""
     device_type = torch.device(device).type
     if precision is None:
-        precision = "bfloat16" if device_type == "cuda" else "float32"
+        precision = training_precision(device)
     if precision == "bfloat16":
         return torch.autocast(device_type, dtype=torch.bfloat16)
     if precision != "float32":

@@ -14,7 +14,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from realign.data.benchmarks import scored_pairs, task_kind, verify_benchmarks  # noqa: E402  (after the switches)
-from realign.device import autocast, model_device  # noqa: E402
+from realign.device import autocast, model_device, training_precision  # noqa: E402
 from realign.io import read_jsonl  # noqa: E402
 
 SEED = 1234
@@ -135,9 +135,7 @@ def run_lm_eval(model, tokenizer, task_dir: Path, tasks: list[str], batch_size: 
     was_training = model.training
     model.eval()
     try:
-        if precision is None:  # realign.device.autocast's default: bf16 on CUDA, fp32 elsewhere
-            precision = "bfloat16" if model_device(model).type == "cuda" else "float32"
-        lm = scored_rows_lm(model, tokenizer, batch_size, precision)
+        lm = scored_rows_lm(model, tokenizer, batch_size, precision or training_precision(model_device(model)))
         check_continuations_fit(lm, task_dir, tasks)
         with autocast(model_device(model), precision):  # realign.device.autocast: measure.dtype, resolved
             results = lm_eval.simple_evaluate(
