@@ -27,6 +27,7 @@ damage; H1' power (an alignment-only arm that re-aligns as much as kd and recove
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
@@ -55,10 +56,35 @@ SECONDS_TRAIN, SECONDS_DIVERGENCE, SECONDS_PER_ITEMS, SECONDS_PER_PROBES = 110.0
 ARMS_PER_DAMAGE = 3  # kd, alignment-held, alignment-only
 
 
-def job_seconds(n_damages: int, n_seeds: int, items: float, probes: float) -> float:
+@dataclass(frozen=True)
+class JobCosts:
+    """Seconds of job time per run: training (mean over the arms), divergence, evaluation of the study's items
+    (scales with the items factor) and activations + similarity of its probe (scales with the probe factor). The
+    defaults are the default study's (above); a pilot passes the per-job times it measured."""
+    train: float = SECONDS_TRAIN
+    divergence: float = SECONDS_DIVERGENCE
+    per_items: float = SECONDS_PER_ITEMS
+    per_probes: float = SECONDS_PER_PROBES
+
+    def per_run(self, items: float, probes: float) -> float:
+        return self.train + self.divergence + self.per_items * items + self.per_probes * probes
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The designs the sizing simulates: seeds per arm, and items and probe sequences as multiples of the
+    study's own."""
+    seeds: tuple[int, ...] = GRID_SEEDS
+    items: tuple[float, ...] = GRID_ITEMS
+    probes: tuple[float, ...] = GRID_PROBES
+
+    def cells(self):
+        return itertools.product(self.seeds, self.items, self.probes)
+
+
+def job_seconds(n_damages: int, n_seeds: int, items: float, probes: float, costs: JobCosts = JobCosts()) -> float:
     """The design's job time (the runs only; the teacher and the damaged parents are a fixed few minutes)."""
-    per_run = SECONDS_TRAIN + SECONDS_DIVERGENCE + SECONDS_PER_ITEMS * items + SECONDS_PER_PROBES * probes
-    return n_damages * ARMS_PER_DAMAGE * n_seeds * per_run
+    return n_damages * ARMS_PER_DAMAGE * n_seeds * costs.per_run(items, probes)
 
 
 @dataclass(frozen=True)
@@ -134,10 +160,12 @@ def _draw(names: tuple[str, ...], true: np.ndarray, shared: np.ndarray, seed_cov
 
 def _simulate(noise: StudyNoise, theta: float | None, n_seeds: int, items: float, probes: float, n_sims: int, settings,
               rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Per damage: the rate of H1 refuted / supported (check passed) and the theta half-widths; theta None: each
-    damage's held gain as measured (the validation's truth)."""
+    """Per damage: the rate of H1 refuted / supported (check passed), the rate at which the check's CKA and KL
+    parts both pass (held at its measured delta CKA and KL, whatever theta), and the theta half-widths; theta
+    None: each damage's held gain as measured (the validation's truth)."""
     k = len(noise.damages)
-    refuted, supported, halfwidths = np.zeros(k), np.zeros(k), [[] for _ in range(k)]
+    refuted, supported, checked = np.zeros(k), np.zeros(k), np.zeros(k)
+    halfwidths = [[] for _ in range(k)]
     for _ in range(n_sims):
         gains, ckas, kls = [], [], []
         for d in noise.damages:
@@ -152,10 +180,11 @@ def _simulate(noise: StudyNoise, theta: float | None, n_seeds: int, items: float
         level = settings.alpha / 2
         for i, (t, (c, kl)) in enumerate(zip(est.damages, parts)):
             ok = c.status == PASSED and kl.status == PASSED
+            checked[i] += ok
             refuted[i] += ok and t.p_refute_holm < level
             supported[i] += ok and t.p_support_holm < level
             halfwidths[i].append(_halfwidth(t.var_item, t.var_seed, t.df, settings.alpha))
-    return {"refute": refuted / n_sims, "support": supported / n_sims,
+    return {"refute": refuted / n_sims, "support": supported / n_sims, "check": checked / n_sims,
             "halfwidth": np.array([np.median(h) for h in halfwidths])}
 
 
@@ -175,10 +204,13 @@ def _h1prime_power(noise: StudyNoise, n_seeds: int, items: float, probes: float,
     return hits / n_sims
 
 
-def study_power(arms: Arms, settings, n_tables: int = 200, *, grid: bool = True,
-                only: Sequence[str] | None = None) -> dict:
-    """Power at the study's design, the validation, and (grid=True) the grid and the smallest deciding design
-    (module docstring). ValueError as :func:`measured_noise`."""
+def study_power(arms: Arms, settings, n_tables: int = 200, *, grid: bool | Grid = True,
+                only: Sequence[str] | None = None, per_cell: int | None = None, costs: JobCosts = JobCosts(),
+                require_check: bool = False) -> dict:
+    """Power at the study's design, the validation, and (grid: True for the default Grid, or a Grid) the grid and
+    the cheapest deciding design (module docstring): per_cell simulated studies per cell (default a quarter of
+    n_tables), job times from `costs`; require_check: a deciding design also has the check's parts passing with
+    probability >= POWER_TARGET on every damage. ValueError as :func:`measured_noise`."""
     noise = measured_noise(arms, settings, only)
     rng = np.random.default_rng([settings.seed, 28])
     at_design = {
@@ -196,6 +228,7 @@ def study_power(arms: Arms, settings, n_tables: int = 200, *, grid: bool = True,
     out = {
         "damages": [d.damage for d in noise.damages], "design": {"n_seeds": noise.n_seeds, "items": 1, "probes": 1},
         "at_design": {"refute_power": at_design["refute"]["refute"].tolist(),
+                      "check_power": at_design["refute"]["check"].tolist(),
                       "support_power": at_design["support"]["support"].tolist(),
                       "false_support": at_design["refute"]["support"].tolist(),
                       "false_refute": at_design["support"]["refute"].tolist()},
@@ -206,17 +239,24 @@ def study_power(arms: Arms, settings, n_tables: int = 200, *, grid: bool = True,
                       "variation of theta; alignment-only's noise is taken as kd's",
     }
     if grid:
+        cells = grid if isinstance(grid, Grid) else Grid()
         rows = []
-        n = max(n_tables // 4, 1)  # a quarter per grid cell: 160 cells
-        for seeds, items, probes in itertools.product(GRID_SEEDS, GRID_ITEMS, GRID_PROBES):
+        n = per_cell or max(n_tables // 4, 1)  # default: a quarter per grid cell
+        for seeds, items, probes in cells.cells():
             r = _simulate(noise, PLANTED_REFUTE, seeds, items, probes, n, settings, rng)
             s = _simulate(noise, PLANTED_SUPPORT, seeds, items, probes, n, settings, rng)
             rows.append({"n_seeds": seeds, "items": items, "probes": probes,
                          "refute_power": r["refute"].tolist(), "support_power": s["support"].tolist(),
-                         "job_seconds": job_seconds(len(noise.damages), seeds, items, probes)})
+                         "check_power": ((r["check"] + s["check"]) / 2).tolist(),
+                         "job_seconds": job_seconds(len(noise.damages), seeds, items, probes, costs)})
         out["grid"] = rows
-        deciding = [r for r in rows if min(r["refute_power"] + r["support_power"]) >= POWER_TARGET]
-        best = min(deciding, key=lambda r: (r["job_seconds"], r["n_seeds"]), default=None)
+        out["n_per_cell"] = n
+        out["job_costs"] = dataclasses.asdict(costs)
+
+        def decides(r: dict) -> bool:
+            powers = r["refute_power"] + r["support_power"] + (r["check_power"] if require_check else [])
+            return min(powers) >= POWER_TARGET
+        best = min((r for r in rows if decides(r)), key=lambda r: (r["job_seconds"], r["n_seeds"]), default=None)
         out["budget"] = best
         if best is not None:
             out["h1prime_power"] = _h1prime_power(noise, best["n_seeds"], best["items"], best["probes"], n,
