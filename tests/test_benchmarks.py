@@ -123,3 +123,35 @@ def test_all_items_and_capped_counts_are_logged(olmo_root, tmp_path, caplog):
     assert "measure.benchmarks.openbookqa: 0 means all" in text
     assert "measure.benchmarks.sciq: 100000 exceeds the split's 1000 items" in text
     assert "piqa" not in text
+
+
+# Every draw the studies so far made (subset seed 0, the default study's counts and the earlier, larger ones).
+USED_SO_FAR = [{"seed": 0, "benchmarks": {"arc_easy": 50, "hellaswag": 30, "piqa": 50, "lambada": 50}},
+               {"seed": 0, "benchmarks": {"arc_easy": 100, "hellaswag": 60, "piqa": 100, "lambada": 100}}]
+
+
+def test_a_fresh_sample_is_disjoint_from_every_excluded_draw(olmo_root, tmp_path):
+    import random
+
+    from realign.data.benchmarks import item_ids_sha256
+
+    limits = {"arc_easy": 100, "piqa": 100, "lambada": 100, "hellaswag": 60}
+    old = export_benchmarks(olmo_root, tmp_path / "old", {t: 50 for t in limits}, seed=0)
+    for t in limits:  # without exclusions the draw is the one every earlier realign made
+        assert old[t]["items"] == sorted(random.Random(f"0:{t}").sample(range(EXPECTED_TOTAL[t]), 50))
+        assert old[t]["n_excluded"] == 0
+    fresh = export_benchmarks(olmo_root, tmp_path / "fresh", limits, seed=5, exclude=USED_SO_FAR)
+    for t in limits:
+        used = set()
+        for entry in USED_SO_FAR:
+            used |= set(sorted(random.Random(f"0:{t}").sample(range(EXPECTED_TOTAL[t]), entry["benchmarks"][t])))
+        assert len(fresh[t]["items"]) == limits[t] and fresh[t]["n_excluded"] == len(used) > limits[t] // 2
+        assert not set(fresh[t]["items"]) & used, t
+        ids = [r["id"] for r in read_jsonl(tmp_path / "fresh" / f"{t}.jsonl")]
+        assert len(ids) == limits[t] and len(set(ids)) == limits[t]
+    again = export_benchmarks(olmo_root, tmp_path / "again", limits, seed=5, exclude=USED_SO_FAR)
+    assert item_ids_sha256(again) == item_ids_sha256(fresh) != item_ids_sha256(old)
+    # asking for more than the exclusions leave is an error naming the key, not a smaller sample
+    with pytest.raises(ValueError, match="measure.benchmarks.sciq: 1000 items asked for, but only 900"):
+        export_benchmarks(olmo_root, tmp_path / "short", {"sciq": 1000}, seed=5,
+                          exclude=[{"seed": 0, "benchmarks": {"sciq": 100}}])

@@ -57,6 +57,11 @@ CASES = {
                                         **REPORT}),
     "measure.benchmarks": (lambda c: c["measure"]["benchmarks"].update(arc_easy=5),
                            {"export_benchmarks": 1, "evaluate": ALL, **REPORT}),
+    # a fresh item sample (issue 30): its own subset seed, earlier draws excluded; the items and every evaluation
+    "measure.benchmark_seed": (lambda c: c["measure"].update(benchmark_seed=5),
+                               {"export_benchmarks": 1, "evaluate": ALL, **REPORT}),
+    "measure.exclude_benchmarks": (lambda c: c["measure"].update(exclude_benchmarks=[
+        {"seed": 0, "benchmarks": {"arc_easy": 2}}]), {"export_benchmarks": 1, "evaluate": ALL, **REPORT}),
     # batched generation and scoring: the teacher's data and outputs and every output measurement, not the hidden
     # states of the teacher and the damaged models (their probe pass is unbatched)
     "measure.eval_batch_size": (lambda c: c["measure"].update(eval_batch_size=4),

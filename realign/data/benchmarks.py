@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import gzip
+import hashlib
 import json
 import logging
 import random
@@ -209,11 +210,40 @@ def scored_pairs(task: str, doc: dict) -> list[tuple[str, str]]:
     return [(doc["context"], doc["continuation"])]
 
 
+def subset(task: str, n_total: int, limit: int, seed: int, excluded: frozenset[int] = frozenset()) -> list[int]:
+    """The indices of a task's seeded subset: `limit` items drawn from those not `excluded` (0, or a limit at or
+    beyond what is left: all of them), sorted. A per-task RNG, so that a task's subset does not depend on which other
+    tasks are exported; without exclusions the draw is the one every earlier realign made (sampling a range and
+    the list of its values draw alike)."""
+    pool = [i for i in range(n_total) if i not in excluded]
+    if limit == 0 or limit >= len(pool):
+        return pool
+    return sorted(random.Random(f"{seed}:{task}").sample(pool, limit))
+
+
+def excluded_items(task: str, n_total: int, exclude: list[dict]) -> frozenset[int]:
+    """The items of `task` that earlier draws used: each entry {seed, benchmarks: {task: limit}} re-draws its
+    subset (as :func:`subset` without exclusions), so a new sample can be disjoint from them."""
+    out: set[int] = set()
+    for entry in exclude:
+        limit = int(entry["benchmarks"].get(task, -1))
+        if limit >= 0:
+            out.update(subset(task, n_total, limit, int(entry["seed"])))
+    return frozenset(out)
+
+
+def item_ids_sha256(manifest: dict) -> str:
+    """One digest of every exported item's identity (task and index in its split), for a pre-registration."""
+    ids = "\n".join(f"{task}:{i}" for task in sorted(manifest) for i in manifest[task]["items"])
+    return hashlib.sha256(ids.encode()).hexdigest()
+
+
 def export_benchmarks(olmo_root: Path, out_dir: Path, limits: dict[str, int], seed: int,
-                      final_dir: Path | None = None) -> dict:
+                      final_dir: Path | None = None, exclude: list[dict] | None = None) -> dict:
     """Export a seeded subset (`limits[task]` items, 0 = all) of each task into `out_dir`; return the manifest.
     `final_dir`: where `out_dir` will be renamed to (an atomic export writes into a staging folder), the folder the
-    task YAMLs name their data files in; default `out_dir`."""
+    task YAMLs name their data files in; default `out_dir`. `exclude`: earlier draws ({seed, benchmarks}) whose
+    items this one must not use (measure.exclude_benchmarks)."""
     olmo_root, out_dir = Path(olmo_root), Path(out_dir)
     final_dir = Path(final_dir or out_dir)
     unknown = [t for t in limits if t not in TASKS]
@@ -233,15 +263,17 @@ def export_benchmarks(olmo_root: Path, out_dir: Path, limits: dict[str, int], se
         limit = int(limit)
         if limit < 0:
             raise ValueError(f"limit for {task} must be >= 0, got {limit}")
-        if limit == 0 or limit >= n_total:
-            chosen = list(range(n_total))
+        excluded = excluded_items(task, n_total, exclude or [])
+        available = n_total - len(excluded)
+        if excluded and limit > available:  # a pre-registered fresh sample must not quietly shrink
+            raise ValueError(f"measure.benchmarks.{task}: {limit} items asked for, but only {available} of the "
+                             f"split's {n_total} are not excluded by measure.exclude_benchmarks")
+        if limit == 0 or limit >= available:
             # documented in the schema (measure.benchmarks): 0 means every item; a count beyond the split is capped
-            log.warning("measure.benchmarks.%s: %s, so every item of the split is used (%d)", task,
-                        "0 means all" if limit == 0 else f"{limit} exceeds the split's {n_total} items", n_total)
-        else:
-            # per-task RNG so a task's subset does not depend on which other tasks are exported
-            rng = random.Random(f"{seed}:{task}")
-            chosen = sorted(rng.sample(range(n_total), limit))
+            log.warning("measure.benchmarks.%s: %s, so every item of the split%s is used (%d)", task,
+                        "0 means all" if limit == 0 else f"{limit} exceeds the split's {available} items",
+                        " not excluded" if excluded else "", available)
+        chosen = subset(task, n_total, limit, seed, excluded)
         docs = [source.format(i, raw[i]) for i in chosen]
         jsonl = out_dir / f"{task}.jsonl"
         write_jsonl(jsonl, docs)
@@ -249,6 +281,7 @@ def export_benchmarks(olmo_root: Path, out_dir: Path, limits: dict[str, int], se
             tmp.write_text(yaml.safe_dump(task_yaml(task, final_dir / jsonl.name), sort_keys=False,
                                           allow_unicode=True))
         manifest[task] = {"source": source.path, "split": source.split, "n_total": n_total, "n_used": len(docs), "seed": seed,
+                          "n_excluded": len(excluded), "items": chosen,
                           "sha256": file_sha256(jsonl), "yaml_sha256": file_sha256(out_dir / f"realign_{task}.yaml")}
     write_json(out_dir / "manifest.json", manifest)
     return manifest

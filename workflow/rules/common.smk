@@ -90,6 +90,12 @@ def get_prompts_wheel_inputs(wildcards):
     return folder_inputs("wheel", wheel_dir(config["data"]["prompts_wheel"]))
 
 
+def benchmark_seed():
+    """The benchmark subset's seed: measure.benchmark_seed where the config sets one (a fresh item sample), else the
+    study seed."""
+    return config["measure"]["benchmark_seed"] if "benchmark_seed" in config["measure"] else SEED
+
+
 def get_benchmarks_wheel_inputs(wildcards):
     return folder_inputs("wheel", wheel_dir(config["data"]["benchmarks_wheel"]))
 

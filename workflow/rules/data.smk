@@ -56,7 +56,8 @@ rule export_benchmarks:
         directory("results/data/benchmarks"),
     params:
         benchmarks=config["measure"]["benchmarks"],
-        seed=SEED,
+        seed=benchmark_seed(),
+        exclude=config["measure"]["exclude_benchmarks"],
     log:
         "logs/data/export_benchmarks.log",
     benchmark:
