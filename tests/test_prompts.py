@@ -68,3 +68,20 @@ def test_split_require_reference_and_errors():
         split_prompts(recs, {"ref": 6}, seed=0, require_reference={"ref"})
     with pytest.raises(ValueError, match="heldout"):
         split_prompts(recs, {"train": 15, "heldout": 6}, seed=0)
+
+
+def test_a_set_aside_split_makes_the_later_splits_fresh(records):
+    """data.prompt_splits.set_aside (issue 30): listed after distill, it takes the prompts an earlier study's probe and
+    divergence splits had, so the same seed gives the same distill split and fresh probe and divergence splits."""
+    from realign.data.stage import SPLITS_NEEDING_REFERENCE
+
+    pilot_sizes = {"distill": 48, "probe": 96, "divergence": 24, "heldout": 48}
+    pilot = split_prompts(records, pilot_sizes, seed=0, require_reference=SPLITS_NEEDING_REFERENCE & set(pilot_sizes))
+    sizes = {"distill": 48, "set_aside": 120, "probe": 384, "divergence": 24, "heldout": 48}
+    later = split_prompts(records, sizes, seed=0, require_reference=SPLITS_NEEDING_REFERENCE & set(sizes))
+    ids = lambda split: {r["id"] for r in split}  # noqa: E731
+    assert [r["id"] for r in later["distill"]] == [r["id"] for r in pilot["distill"]]
+    assert ids(later["set_aside"]) == ids(pilot["probe"]) | ids(pilot["divergence"])
+    for name in ("probe", "divergence"):
+        assert not ids(later[name]) & (ids(pilot["probe"]) | ids(pilot["divergence"])), name
+    assert len(later["probe"]) == 384

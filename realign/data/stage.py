@@ -9,8 +9,10 @@ from realign.data.prompts import load_instruction_prompts, split_prompts
 from realign.errors import ConfigError
 from realign.io import read_json, write_json, write_jsonl
 
-# Splits whose text is scored against a reference answer need one.
-SPLITS_NEEDING_REFERENCE = {"distill", "probe", "divergence", "heldout"}
+# Splits whose text is scored against a reference answer need one. `set_aside` takes its prompts from the same pool,
+# in its place in the config's order, and nothing reads them: the prompts an earlier study measured on, so that the
+# splits after it are fresh (data.prompt_splits.set_aside).
+SPLITS_NEEDING_REFERENCE = {"distill", "set_aside", "probe", "divergence", "heldout"}
 
 
 def prepare_prompts(framework_root: str | Path, sizes: dict[str, int], seed: int, out_path: str | Path) -> dict:
