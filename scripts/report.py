@@ -19,7 +19,8 @@ write_json(snakemake.output.stats, jsonable(analyze_with_controls(table, setting
 stats = read_json(snakemake.output.stats, verify=True, producer="the `report` rule")
 # Run times of every job finished so far (all of them but this report) from Snakemake's benchmark files.
 provenance = assemble_provenance(snakemake.params.config, snakemake.params.config_hash, snakemake.input.teachers[0],
-                                 snakemake.input.prompts, snakemake.input.benchmarks, snakemake.params.timings_root)
+                                 snakemake.input.prompts, snakemake.input.benchmarks, snakemake.params.timings_root,
+                                 code=snakemake.params.code)
 # The null floors of each model (its name is the folder: results/null/<model>/floors.parquet).
 null_floors = pd.concat([read_parquet(path, producer="the `null_floors` rule").assign(model=Path(path).parent.name)
                          for path in snakemake.input.null_floors], ignore_index=True)

@@ -196,3 +196,55 @@ def test_the_report_warns_when_artifacts_were_measured_in_different_precisions(t
     mixed = (tmp_path / "mixed.html").read_text()
     warning = mixed.index("Artifacts measured in different precisions")
     assert warning < mixed.index('<section id="association"') and f"float32 ({len(table) - 3}), bfloat16 (3)" in mixed
+
+
+def test_the_report_prints_the_code_commit_and_the_preregistration_commit(tmp_path):
+    """Issue 30: the report of a confirmatory study prints the commit of its pre-registration page and the code's
+    commit, says when the checkout had uncommitted changes, and when the code is not at or after the page."""
+    import subprocess
+
+    from realign.analysis.provenance import code_state
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True,
+                              text=True).stdout.strip()
+    git("init", "-q")
+    git("config", "user.email", "t@example.org")
+    git("config", "user.name", "t")
+    (repo / "code.py").write_text("x = 1\n")
+    git("add", "code.py")
+    git("commit", "-q", "-m", "code")
+    before = git("rev-parse", "HEAD")
+    (repo / "prereg.md").write_text("rules\n")
+    git("add", "prereg.md")
+    git("commit", "-q", "-m", "pre-registration")
+    page_commit = git("rev-parse", "HEAD")
+    (repo / "code.py").write_text("x = 2\n")
+    git("commit", "-q", "-am", "later code")
+    head = git("rev-parse", "HEAD")
+
+    state = code_state(repo, "prereg.md")
+    assert state == {"commit": head, "clean": True,
+                     "preregistration": {"page": "prereg.md", "commit": page_commit, "changed_since": ["code.py"]}}
+    (repo / "code.py").write_text("x = 3\n")
+    assert code_state(repo)["clean"] is False and "preregistration" not in code_state(repo)
+    git("checkout", "-q", "--", "code.py")
+    git("checkout", "-q", page_commit)  # a clean clone of the pre-registration commit
+    at_prereg = code_state(repo, "prereg.md")
+    assert at_prereg["commit"] == page_commit and at_prereg["preregistration"]["changed_since"] == []
+    assert code_state(tmp_path / "not-a-repo") == {"commit": None, "clean": None}
+    assert before != page_commit
+
+    table, cka = _study(tmp_path)
+    stats = analyze(table, n_boot=50, n_perm=50)
+    render_report(table, stats, cka, {"code": state}, tmp_path / "r.html")
+    html = (tmp_path / "r.html").read_text()
+    prereg = html.index("Pre-registered</strong> in <code>prereg.md</code>")
+    assert prereg < html.index('<section id="association"')
+    assert page_commit in html and head in html and "uncommitted" not in html[prereg:prereg + 600]
+    assert "1 file(s) changed since the pre-registration</strong>: <code>code.py</code>" in html
+    render_report(table, stats, cka, {"code": at_prereg}, tmp_path / "at.html")
+    assert ": the pre-registered code." in (tmp_path / "at.html").read_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import platform
+import subprocess
 from pathlib import Path
 
 
@@ -28,6 +29,33 @@ def rule_timings(benchmark_root: str | Path) -> dict:
     return timings
 
 
+def _git(repo: Path, *args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def code_state(repo: str | Path, preregistration: str | None = None) -> dict:
+    """The code a study ran: the workflow checkout's git commit and whether its tracked files had uncommitted
+    changes; with `preregistration` (the config's page, relative to the checkout) the commit that last changed that
+    page and the files changed between it and the code's commit (none: the study ran the pre-registered code, as a
+    confirmatory study from a clean clone of that commit does). Outside a git checkout every commit is None."""
+    repo = Path(repo)
+    commit = _git(repo, "rev-parse", "HEAD")
+    status = _git(repo, "status", "--porcelain", "--untracked-files=no")
+    out = {"commit": commit, "clean": None if status is None else status == ""}
+    if preregistration is not None:
+        page_commit = _git(repo, "log", "-1", "--format=%H", "--", preregistration)
+        changed = None
+        if page_commit and commit:
+            diff = _git(repo, "diff", "--name-only", page_commit, commit)
+            changed = None if diff is None else [f for f in diff.splitlines() if f]
+        out["preregistration"] = {"page": preregistration, "commit": page_commit or None, "changed_since": changed}
+    return out
+
+
 def hardware() -> dict:
     import torch
 
@@ -39,8 +67,10 @@ def hardware() -> dict:
     return info
 
 
-def provenance(config: dict, config_hash: str, teacher_dir, prompts_path, benchmarks_dir, timings_root) -> dict:
-    """The report's provenance block: the config and its hash, the library versions recorded in the teacher
+def provenance(config: dict, config_hash: str, teacher_dir, prompts_path, benchmarks_dir, timings_root,
+               code: dict | None = None) -> dict:
+    """The report's provenance block: the code's commit and the pre-registration's (code_state), the config and
+    its hash, the library versions recorded in the teacher
     artifact, every finished job's run time (Snakemake's benchmark files under `timings_root`, declared by the
     `report` rule), the hardware, and the data splits (prompt split sizes, the benchmark export's manifest)."""
     from realign.data.stage import read_prompts
@@ -49,6 +79,7 @@ def provenance(config: dict, config_hash: str, teacher_dir, prompts_path, benchm
 
     prompts = read_prompts(prompts_path)
     return {
+        "code": code or {},
         "config": config,
         "config_hash": config_hash,
         "versions": read_record(teacher_dir).versions,

@@ -53,6 +53,7 @@ rule report:
         analysis=config["analysis"],
         config=config,
         config_hash=config_hash(config),
+        code=code_provenance(),  # the code's commit, and the pre-registration page's: printed by the report
         cells=artifacts(),  # (model, degradation, recovery) of each similarity summary, in their order
         seed=SEED,
         timings_root="results/benchmarks",  # every other job's benchmark file: the report's run times

@@ -1,5 +1,6 @@
 # Config validation (before any job), wildcard constraints, and the input functions shared by the rules.
 import re
+from pathlib import Path
 
 from realign.config import (ConfigError, checkpoint_steps, config_hash, load_schema, recovery_spec, study_cells,
                             study_degradations, study_recoveries, trained_recoveries, training_params, validate_config)
@@ -88,6 +89,18 @@ def folder_inputs(key, folder):
 
 def get_prompts_wheel_inputs(wildcards):
     return folder_inputs("wheel", wheel_dir(config["data"]["prompts_wheel"]))
+
+
+def code_provenance():
+    """The workflow checkout's commit (and whether it is clean) and, where the config names its pre-registration page
+    (`preregistration`), the commit of that page: the report prints both (realign.analysis.provenance.code_state)."""
+    from realign.analysis.provenance import code_state
+
+    page = config["preregistration"] if "preregistration" in config else None
+    if page is not None and not (Path(workflow.basedir) / page).is_file():
+        raise WorkflowError(f"config error: invalid config key preregistration: {page} is not a file of the "
+                            f"checkout {workflow.basedir}")
+    return code_state(Path(workflow.basedir), page)
 
 
 def benchmark_seed():
