@@ -145,7 +145,9 @@ def _study_blocks(config: dict) -> list[dict]:
 SCHEMA_PATH = Path(__file__).resolve().parent / "assets" / "config.schema.yaml"
 
 
-SHARED_RECOVERY_KEYS = ("method", "steps", "lr", "teacher", "checkpoints")
+SHARED_RECOVERY_KEYS = ("method", "steps", "lr", "teacher", "checkpoints", "quantized_training")
+# Damages whose constraint is an integer grid with per-group scales: the ones `quantized_training: scales` can train.
+INTEGER_GRID_METHODS = ("rtn", "gptq")
 # Degradations fitted layer by layer on calibration windows of the distill split (`data.calibration`).
 TRAINING_KEYS = ("batch_size", "grad_accum", "max_len", "schedule", "warmup_steps", "max_grad_norm", "state_every")
 
@@ -191,6 +193,14 @@ def _check_cross_references(config: dict) -> None:
                 raise ConfigError(f"invalid config key recoveries.{recovery}.teacher: {teacher!r} is a damage "
                                   f"{where} recovers with it, so that recovery would distil the damaged model "
                                   "into itself: nothing to learn")
+            if config["recoveries"][recovery].get("quantized_training") == "scales":
+                other = [d for d in block["degradations"]
+                         if d != "none" and config["degradations"][d]["method"] not in INTEGER_GRID_METHODS]
+                if other:
+                    raise ConfigError(f"invalid config key recoveries.{recovery}.quantized_training: 'scales' trains "
+                                      f"the scales of an integer grid ({', '.join(INTEGER_GRID_METHODS)}), but "
+                                      f"{where} applies it to {other[0]!r} (method "
+                                      f"{config['degradations'][other[0]]['method']})")
     _check_warmup(config)
     _check_batch_sizes(config)
     _check_narrow_corpus_size(config)

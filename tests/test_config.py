@@ -123,6 +123,11 @@ BAD = [
      r"data\.prompt_splits\.distill"),
     ("a run's own batch larger than the distill split", _set(["data", "prompt_splits", "distill"], 3),
      r"training\.batch_size: batches of 4 for recoveries\.kd, which trains on the 3 prompts"),
+    ("trained scales on a damage without an integer grid", _set(["recoveries", "kd", "quantized_training"], "scales"),
+     r"recoveries\.kd\.quantized_training: 'scales' trains the scales of an integer grid \(rtn, gptq\), but "
+     r"study\[0\] applies it to 'sft-code-lr2e3' \(method sft\)"),
+    ("an unknown quantized training", _set(["recoveries", "kd", "quantized_training"], "codes"),
+     r"recoveries\.kd\.quantized_training"),
     ("a narrow corpus too small for a forgetting run", _set(["data", "narrow_corpus_chars"], 100_000),
      r"data\.narrow_corpus_chars: 100000 characters, but degradations\.sft-code\S* trains on 15360 tokens, which "
      r"need 122880"),

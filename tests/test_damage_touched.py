@@ -47,12 +47,13 @@ def inputs(tiny_model_dir, tmp_path_factory):
     return root, teacher, parents, records
 
 
-def recover(inputs, damage: str, name: str, method: str, lr: float, checkpoint_steps=()):
-    """Two steps of recovery `method` at `lr` through the DAG's recovery step; (its directory, its record)."""
+def recover(inputs, damage: str, name: str, method: str, lr: float, checkpoint_steps=(), **options):
+    """Two steps of recovery `method` at `lr` (and `options`) through the DAG's recovery step; (its directory, its
+    record)."""
     from realign.recover.stage import run_recovery
 
     root, teacher, parents, records = inputs
-    params = {"method": method, "steps": 2, "lr": lr, "batch_size": 2, "max_len": 32}
+    params = {"method": method, "steps": 2, "lr": lr, "batch_size": 2, "max_len": 32, **options}
     out = root / f"tiny/{damage}/{name}"
     return out, run_recovery(teacher, parents[damage], records, out, name, params, 0,
                              checkpoint_steps=list(checkpoint_steps))
@@ -201,3 +202,46 @@ def test_the_table_reads_how_much_of_the_damage_a_recovery_changed(inputs, tmp_p
     assert all(math.isnan(teacher[c]) for c in ("changed_fraction", "changed_matrices", "targeted_matrices"))
     parent = _row(parents["rtn-w3"], tmp_path / "e")  # the damaged model itself: constrained, no recovery
     assert math.isnan(parent["changed_fraction"]) and math.isnan(parent["targeted_matrices"])
+
+
+def _codes(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Integer codes of a [out, in] weight on a per-group grid, written apart from realign's grid_codes."""
+    out, n_groups = scale.shape
+    w = weight.to(torch.float64).reshape(out, n_groups, -1)
+    return torch.round(w / scale[..., None].to(torch.float64)) + zero[..., None].to(torch.float64)
+
+
+def test_trained_scales_keep_every_integer_code_and_record_the_scales_they_moved(inputs):
+    """Issue 30's quantization candidate 2 (EfficientQAT's end-to-end step): the scales train over the damaged
+    model's frozen codes. The saved model has the parent's codes on its own, trained grid (read back from the two
+    artifacts), its constraint file carries that grid, and its record says how many scales moved."""
+    _, _, parents, _ = inputs
+    out, record = recover(inputs, "rtn-w3", "kd-scales", "kd", lr=1e-2, checkpoint_steps=[1],
+                          quantized_training="scales")
+    assert record.constraint["trained"] == "scales"
+    parent_grid, grid = load_constraint_tensors(parents["rtn-w3"]), load_constraint_tensors(out)
+    before, after = stored_targets(parents["rtn-w3"])[0], stored_targets(out)[0]
+    moved = groups = 0
+    for name in before:
+        scale, zero = grid[f"{name}.scale"], grid[f"{name}.zero"]
+        assert torch.equal(zero, parent_grid[f"{name}.zero"])
+        codes = _codes(before[name], parent_grid[f"{name}.scale"], zero)
+        assert torch.equal(_codes(after[name], scale, zero), codes), name
+        rebuilt = ((codes - zero[..., None]) * scale[..., None]).reshape(after[name].shape)
+        torch.testing.assert_close(after[name].to(torch.float64), rebuilt, rtol=1e-6, atol=1e-9)
+        moved += int((scale != parent_grid[f"{name}.scale"]).sum())
+        groups += scale.numel()
+    assert 0 < moved and record.constraint_check["codes"] == {"groups": groups, "scales_changed": moved,
+                                                              "fraction": moved / groups}
+    assert record.constraint_check["max_grid_violation_steps"] < constraints.GRID_TOLERANCE
+    assert record.damage_touched["grid"]["values_changed"] > 0  # the weights moved with their scales
+    from realign.identity import checkpoint_dir
+
+    step1 = checkpoint_dir(out, 1)  # a checkpoint saves the grid of its own step
+    assert read_record(step1).constraint_check["codes"]["scales_changed"] > 0
+    assert any(not torch.equal(load_constraint_tensors(step1)[k], grid[k]) for k in grid if k.endswith(".scale"))
+
+
+def test_trained_scales_need_an_integer_grid(inputs):
+    with pytest.raises(constraints.ConstraintViolation, match="trained scales need an integer grid"):
+        recover(inputs, "magnitude-0.5", "kd-scales-mask", "kd", lr=1e-2, quantized_training="scales")

@@ -45,10 +45,16 @@ def _kind(constraint: dict) -> str:
     return kind
 
 
-def _grid_parametrization(name: str, constraint: dict, tensors: dict, device) -> torch.nn.Module:
-    from realign.degrade.quantize import STEFakeQuant
+TRAINED_SCALES = "scales"  # constraint["trained"]: the grid's scales train over frozen codes (TrainableScales)
 
-    return STEFakeQuant(tensors[f"{name}.scale"].to(device), tensors[f"{name}.zero"].to(device), constraint["bits"])
+
+def _grid_parametrization(name: str, constraint: dict, tensors: dict, device, weight=None) -> torch.nn.Module:
+    from realign.degrade.quantize import STEFakeQuant, TrainableScales
+
+    scale, zero = tensors[f"{name}.scale"].to(device), tensors[f"{name}.zero"].to(device)
+    if constraint.get("trained") == TRAINED_SCALES:
+        return TrainableScales(weight, scale, zero, constraint["bits"])
+    return STEFakeQuant(scale, zero, constraint["bits"])
 
 
 def _grid_violation(name: str, weight: torch.Tensor, constraint: dict, tensors: dict) -> float:
@@ -57,7 +63,7 @@ def _grid_violation(name: str, weight: torch.Tensor, constraint: dict, tensors: 
     return grid_violation(weight, tensors[f"{name}.scale"], tensors[f"{name}.zero"], constraint["bits"])
 
 
-def _fp4_parametrization(name: str, constraint: dict, tensors: dict, device) -> torch.nn.Module:
+def _fp4_parametrization(name: str, constraint: dict, tensors: dict, device, weight=None) -> torch.nn.Module:
     from realign.degrade.nvfp4 import STENVFP4
 
     return STENVFP4(tensors[f"{name}.block_scale"].to(device), tensors[f"{name}.global_scale"].to(device))
@@ -69,7 +75,7 @@ def _fp4_violation(name: str, weight: torch.Tensor, constraint: dict, tensors: d
     return nvfp4_violation(weight, tensors[f"{name}.block_scale"], tensors[f"{name}.global_scale"])
 
 
-def _mask_parametrization(name: str, constraint: dict, tensors: dict, device) -> torch.nn.Module:
+def _mask_parametrization(name: str, constraint: dict, tensors: dict, device, weight=None) -> torch.nn.Module:
     from realign.degrade.prune import ApplyMask
 
     return ApplyMask(tensors[name].to(device))
@@ -113,9 +119,9 @@ TARGET_KINDS: dict[str, TargetKind] = {k.name: k for k in (
 KINDS = ("none", *TARGET_KINDS, "frozen")
 
 
-def _parametrization(kind: str, name: str, constraint: dict, tensors: dict, device) -> torch.nn.Module:
-    """The parametrization of one target's [out, in] matrix."""
-    return TARGET_KINDS[kind].parametrization(name, constraint, tensors, device)
+def _parametrization(kind: str, name: str, constraint: dict, tensors: dict, device, weight) -> torch.nn.Module:
+    """The parametrization of one target's [out, in] matrix (`weight`, its current [out, in] values)."""
+    return TARGET_KINDS[kind].parametrization(name, constraint, tensors, device, weight=weight)
 
 
 class Transposed(torch.nn.Module):
@@ -179,22 +185,68 @@ def attach(model, constraint: dict, tensors: dict[str, torch.Tensor], seed: int 
 
         return attach_lora(model, constraint["lora"], seed=seed)
     targets = constrained_targets(model, constraint)
+    scales = constraint.get("trained") == TRAINED_SCALES
+    if scales and kind != "grid":
+        raise ConstraintViolation(f"trained scales need an integer grid (RTN, GPTQ), not a {kind!r} constraint")
     for group in targets_by_parameter(targets).values():
         first = group[0]
         device = getattr(first.module, first.param).device
         if first.kind == "experts":
-            by_expert = {t.expert: _parametrization(kind, t.name, constraint, tensors, device) for t in group}
+            by_expert = {t.expert: _parametrization(kind, t.name, constraint, tensors, device, t.weight.detach())
+                         for t in group}
             n_experts = getattr(first.module, first.param).shape[0]
             if sorted(by_expert) != list(range(n_experts)):
                 raise ConstraintViolation(f"{first.parameter_name}: the constraint covers {len(by_expert)} of "
                                           f"{n_experts} experts")
             module = PerExpert([by_expert[e] for e in range(n_experts)], first.transposed)
         else:
-            module = _parametrization(kind, first.name, constraint, tensors, device)
+            module = _parametrization(kind, first.name, constraint, tensors, device, first.weight.detach())
             if first.transposed:
                 module = Transposed(module)
         parametrize.register_parametrization(first.module, first.param, module)
+        if scales:  # the codes are frozen: only the scales (and what is not a damage target) train
+            getattr(first.module, "parametrizations")[first.param].original.requires_grad_(False)
     return model
+
+
+def trained_grid(model, constraint: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The constraint tensors of `model` as it stands: with trained scales, each target's `.scale` is its
+    parametrization's current scale (a copy; the rest as given); otherwise `tensors` itself. Call while the
+    constraint is attached."""
+    if constraint.get("trained") != TRAINED_SCALES:
+        return tensors
+    out = dict(tensors)
+    for name, target in constrained_targets(model, constraint).items():
+        out[f"{name}.scale"] = _scale_module(target).scale.detach().to(tensors[f"{name}.scale"].device).clone()
+    return out
+
+
+def _scale_module(target):
+    module = getattr(target.module, "parametrizations")[target.param][0]
+    if isinstance(module, PerExpert):
+        module = module.inners[target.expert]
+    return module.inner if isinstance(module, Transposed) else module
+
+
+def check_codes(model, constraint: dict, parent_tensors: dict, tensors: dict, before: dict) -> dict:
+    """With trained scales: every target's integer codes on its trained grid equal the damaged parent's on its
+    grid (`before`: stored_values of the parent). Raises ConstraintViolation naming the first that differs;
+    returns {groups, scales_changed} counts."""
+    from realign.degrade.quantize import grid_codes
+
+    groups = changed = 0
+    bits = constraint["bits"]
+    for name, target in constrained_targets(model, constraint).items():
+        old_scale, new_scale = parent_tensors[f"{name}.scale"].cpu(), tensors[f"{name}.scale"].cpu()
+        zero = parent_tensors[f"{name}.zero"].cpu()
+        old = grid_codes(before[name], old_scale, zero, bits)
+        new = grid_codes(target.weight.detach().cpu(), new_scale, zero, bits)
+        if not torch.equal(old, new):
+            raise ConstraintViolation(f"{name}: {int((old != new).sum())} integer codes differ from the damaged "
+                                      "model's, but trained scales keep the codes")
+        groups += new_scale.numel()
+        changed += int((new_scale != old_scale).sum())
+    return {"groups": groups, "scales_changed": changed, "fraction": changed / groups if groups else 0.0}
 
 
 def detach(model) -> None:

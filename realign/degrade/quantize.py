@@ -69,6 +69,27 @@ class STEFakeQuant(torch.nn.Module):
         return weight + (fake_quantize(weight, self.scale, self.zero, self.bits) - weight).detach()
 
 
+def grid_codes(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """The integer codes [out, in / group_size, group_size] (float64) of `weight` on the grid (scale, zero)."""
+    group_size = weight.shape[1] // scale.shape[1]
+    return torch.clamp(torch.round(_groups(weight, group_size) / scale[..., None]) + zero[..., None], 0, 2**bits - 1)
+
+
+class TrainableScales(torch.nn.Module):
+    """Parametrization for trainable group scales over frozen integer codes (EfficientQAT's end-to-end step, Chen et
+    al. 2024, arXiv 2407.11062): the weight is (codes - zero) x scale, the codes and zeros fixed at the damaged
+    model's, each group's scale a parameter. The original weight is not read (recovery freezes it), so training
+    moves the scales only, and the model stays in the damage's integer format with its own codes."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int):
+        super().__init__()
+        self.register_buffer("codes", grid_codes(weight, scale, zero, bits) - zero[..., None], persistent=False)
+        self.scale = torch.nn.Parameter(scale.detach().clone())
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return (self.codes * self.scale[..., None]).reshape(weight.shape).to(weight.dtype)
+
+
 def quantize_model(model, bits: int, group_size: int, key: str = "") -> tuple[dict, dict[str, torch.Tensor]]:
     """Quantize every damage target in place; returns (constraint description, {name.scale/name.zero: grid})."""
     grids = {}

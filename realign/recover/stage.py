@@ -93,7 +93,10 @@ def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, records_path:
                {f"recoveries.{name}.top_k": params["top_k"]} if "top_k" in params else {}, lengths)
     student, tokenizer, parent = load_artifact(damaged_dir)
     constraint = parent.constraint
+    if params.get("quantized_training") == constraints.TRAINED_SCALES:  # absent: the straight-through grid
+        constraint = {**constraint, "trained": constraints.TRAINED_SCALES}
     constraint_tensors = load_constraint_tensors(damaged_dir, device=model_device(student))
+    parent_tensors = dict(constraint_tensors)  # the damaged grid (trained scales replace the run's own copy)
     # The damaged targets' stored values, to record how much of the damage the recovery changed (damage_touched).
     damaged_values = constraints.stored_values(student, constraint)
     states_cached = all(path is not None for path in content_states)
@@ -129,15 +132,21 @@ def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, records_path:
                     counts["fraction"])
         return result
 
+    def codes_kept(model, tensors: dict) -> dict:
+        """With trained scales: the check that every integer code is the parent's, and the scales changed."""
+        return {"codes": constraints.check_codes(model, constraint, parent_tensors, tensors, damaged_values)} \
+            if constraint.get("trained") == constraints.TRAINED_SCALES else {}
+
     def save_checkpoint(model, step: int, curve: list[dict]) -> None:
         # The run goes on training `model`; the checkpoint is a copy with the constraint baked in.
         snapshot = model if constraint.get("kind") == "frozen" else constraints.baked_copy(model)
-        check = constraints.check(snapshot, constraint, constraint_tensors)
+        tensors = constraints.trained_grid(model, constraint, constraint_tensors)
+        check = {**constraints.check(snapshot, constraint, tensors), **codes_kept(snapshot, tensors)}
         checkpoint = replace(ArtifactId.parse(parent.model, parent.degradation, name), step=step)
         record = replace(run_record, recovery=checkpoint.recovery_name, checkpoint_of=name, step=step,
                          constraint_check=check, training_curve=curve,
                          damage_touched=touched(snapshot, checkpoint.recovery_name))
-        save_artifact(snapshot, tokenizer, checkpoint_dir(staging, step), record, constraint_tensors=constraint_tensors,
+        save_artifact(snapshot, tokenizer, checkpoint_dir(staging, step), record, constraint_tensors=tensors,
                       frozen_base_dir=damaged_dir)
 
     student, curve, check = recover(student, teacher, tokenizer, params, records, TrainConfig.from_params(params, seed),
@@ -148,6 +157,7 @@ def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, records_path:
                                     # checkpoints saved by an interrupted run are kept only while its state is
                                     on_restart=lambda: shutil.rmtree(staging, ignore_errors=True),
                                     content_states=content_states if states_cached else (None, None))
+    check = {**check, **codes_kept(student, constraint_tensors)}
     record = replace(run_record, recovery=name, step=params["steps"], constraint_check=check,
                      checkpoints=list(checkpoint_steps), training_curve=curve, timings={"seconds": time.time() - start},
                      damage_touched=touched(student, name))
