@@ -14,6 +14,7 @@ results/table.parquet and its per-job times (results/benchmarks/).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -43,10 +44,6 @@ def _candidates(specs: list[str] | None) -> dict[str, list[str]]:
     return out
 
 
-def _arm(on_parent: tuple[Arm, ...], method: str, name: str | None) -> Arm | None:
-    return pick(on_parent, method, name)
-
-
 def _mean_delta_cka(arm: Arm) -> float:
     return float(np.mean(arm.delta_cka))
 
@@ -55,40 +52,41 @@ def rule_q(arms, kd_names: dict[str, list[str]], settings) -> dict:
     """Per damage with kd candidates: each candidate's eligibility, judged with every other damage's kd (the seed
     part pooled across the pilot's damages, as the analysis pools it); the first eligible one in order."""
     out = {}
-    fixed = {deg: _arm(on, KD_METHOD, None) for (_, deg), on in arms.items() if deg not in kd_names}
+    fixed = {deg: pick(on, KD_METHOD, None) for (_, deg), on in arms.items() if deg not in kd_names}
     fixed = {deg: a for deg, a in fixed.items() if a is not None}
     for (model, deg), on_parent in arms.items():
         if deg not in kd_names:
             continue
         rows = []
         for name in kd_names[deg]:
-            kd = _arm(on_parent, KD_METHOD, name)
+            kd = pick(on_parent, KD_METHOD, name)
             if kd is None:
                 rows.append({"kd": name, "eligible": False, "reasons": ["not run"]})
                 continue
             damages = [Damage(a, None, None) for a in fixed.values()] + [Damage(kd, None, None)]
             e = eligibility(damages, settings)[-1]
-            rows.append({"kd": name, **{k: getattr(e, k) for k in e.__dataclass_fields__}})
+            rows.append({"kd": name, **dataclasses.asdict(e)})
         chosen = next((r["kd"] for r in rows if r["eligible"]), None)
         out[deg] = {"candidates": rows, "chosen": chosen}
     # the kept damages' own eligibility (forgetting and pruning are kept unless ineligible)
     kept = eligibility([Damage(a, None, None) for a in fixed.values()], settings)
-    out["kept"] = [{k: getattr(e, k) for k in e.__dataclass_fields__} for e in kept]
+    out["kept"] = [dataclasses.asdict(e) for e in kept]
     return out
 
 
 def rule_h(arms, kd_of: dict[str, str | None], held_names: dict[str, list[str]], settings) -> dict:
     """Per damage: each held candidate's check parts (point value and upper bound), in order; the first that passes
-    in point (both parts' point values <= 0). Bounds pool the seed part over the damages with that round's arm."""
+    in point (both parts' point values <= 0). Each candidate is checked on its damage alone, so its bounds' seed part
+    is that damage's own (the confirmatory analysis pools it across damages)."""
     out = {}
     for (model, deg), on_parent in arms.items():
         if deg in kd_of and kd_of[deg] is None:  # a quantization damage no candidate made eligible
             continue
-        kd = _arm(on_parent, KD_METHOD, kd_of.get(deg))
+        kd = pick(on_parent, KD_METHOD, kd_of.get(deg))
         names = held_names.get(deg) or [None]
         rows = []
         for name in names:
-            held = _arm(on_parent, HELD_METHOD, name)
+            held = pick(on_parent, HELD_METHOD, name)
             if kd is None or held is None:
                 continue
             (check,) = checks([Damage(kd, held, None)], settings)
@@ -111,10 +109,10 @@ def rule_a(arms, kd_of: dict[str, str | None], only_names: dict[str, list[str]])
     for (model, deg), on_parent in arms.items():
         if deg in kd_of and kd_of[deg] is None:
             continue
-        kd = _arm(on_parent, KD_METHOD, kd_of.get(deg))
+        kd = pick(on_parent, KD_METHOD, kd_of.get(deg))
         rows = []
         for name in only_names.get(deg) or [None]:
-            only = _arm(on_parent, ONLY_METHOD, name)
+            only = pick(on_parent, ONLY_METHOD, name)
             if kd is None or only is None:
                 continue
             rows.append({"only": only.recovery, "delta_cka": _mean_delta_cka(only), "kd_delta_cka": _mean_delta_cka(kd),
@@ -175,7 +173,7 @@ def main() -> None:
     if args.size:
         keep = {}
         for (model, deg), on_parent in arms.items():
-            names = {kd_of.get(deg) or (_arm(on_parent, KD_METHOD, None) or on_parent[0]).recovery,
+            names = {kd_of.get(deg) or (pick(on_parent, KD_METHOD, None) or on_parent[0]).recovery,
                      (h.get(deg) or {}).get("chosen"), (a.get(deg) or {}).get("chosen")}
             keep[(model, deg)] = tuple(x for x in on_parent if x.recovery in names)
         eligible = [e["damage"] for e in q["kept"] if e["eligible"]] + \
