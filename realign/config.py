@@ -145,7 +145,7 @@ def _study_blocks(config: dict) -> list[dict]:
 SCHEMA_PATH = Path(__file__).resolve().parent / "assets" / "config.schema.yaml"
 
 
-SHARED_RECOVERY_KEYS = ("method", "steps", "lr", "teacher", "checkpoints", "quantized_training")
+SHARED_RECOVERY_KEYS = ("method", "steps", "lr", "teacher", "checkpoints", "quantized_training", "lora_r", "lora_alpha")
 # Damages whose constraint is an integer grid with per-group scales: the ones `quantized_training: scales` can train.
 INTEGER_GRID_METHODS = ("rtn", "gptq")
 # Degradations fitted layer by layer on calibration windows of the distill split (`data.calibration`).
@@ -193,12 +193,23 @@ def _check_cross_references(config: dict) -> None:
                 raise ConfigError(f"invalid config key recoveries.{recovery}.teacher: {teacher!r} is a damage "
                                   f"{where} recovers with it, so that recovery would distil the damaged model "
                                   "into itself: nothing to learn")
-            if config["recoveries"][recovery].get("quantized_training") == "scales":
+            spec = config["recoveries"][recovery]
+            lora_keys = [k for k in ("lora_r", "lora_alpha") if k in spec]
+            lora = spec.get("quantized_training") == "lora"
+            missing = [k for k in ("lora_r", "lora_alpha") if k not in spec]
+            if lora and missing:
+                raise ConfigError(f"invalid config key recoveries.{recovery}.{missing[0]}: quantized_training: lora "
+                                  "needs both lora_r and lora_alpha")
+            if lora_keys and not lora:
+                raise ConfigError(f"invalid config key recoveries.{recovery}.{lora_keys[0]}: an option of "
+                                  "quantized_training: lora, which this recovery does not set")
+            if spec.get("quantized_training") in ("scales", "lora"):
                 other = [d for d in block["degradations"]
                          if d != "none" and config["degradations"][d]["method"] not in INTEGER_GRID_METHODS]
                 if other:
-                    raise ConfigError(f"invalid config key recoveries.{recovery}.quantized_training: 'scales' trains "
-                                      f"the scales of an integer grid ({', '.join(INTEGER_GRID_METHODS)}), but "
+                    trained = config["recoveries"][recovery]["quantized_training"]
+                    raise ConfigError(f"invalid config key recoveries.{recovery}.quantized_training: '{trained}' "
+                                      f"trains over an integer grid ({', '.join(INTEGER_GRID_METHODS)}), but "
                                       f"{where} applies it to {other[0]!r} (method "
                                       f"{config['degradations'][other[0]]['method']})")
     _check_warmup(config)

@@ -124,8 +124,12 @@ BAD = [
     ("a run's own batch larger than the distill split", _set(["data", "prompt_splits", "distill"], 3),
      r"training\.batch_size: batches of 4 for recoveries\.kd, which trains on the 3 prompts"),
     ("trained scales on a damage without an integer grid", _set(["recoveries", "kd", "quantized_training"], "scales"),
-     r"recoveries\.kd\.quantized_training: 'scales' trains the scales of an integer grid \(rtn, gptq\), but "
+     r"recoveries\.kd\.quantized_training: 'scales' trains over an integer grid \(rtn, gptq\), but "
      r"study\[0\] applies it to 'sft-code-lr2e3' \(method sft\)"),
+    ("LoRA over the grid without its rank", _set(["recoveries", "kd", "quantized_training"], "lora"),
+     r"recoveries\.kd\.lora_r: quantized_training: lora needs both lora_r and lora_alpha"),
+    ("a LoRA rank without LoRA", _set(["recoveries", "kd", "lora_r"], 8),
+     r"recoveries\.kd\.lora_r: an option of quantized_training: lora, which this recovery does not set"),
     ("an unknown quantized training", _set(["recoveries", "kd", "quantized_training"], "codes"),
      r"recoveries\.kd\.quantized_training"),
     ("a narrow corpus too small for a forgetting run", _set(["data", "narrow_corpus_chars"], 100_000),

@@ -245,3 +245,29 @@ def test_trained_scales_keep_every_integer_code_and_record_the_scales_they_moved
 def test_trained_scales_need_an_integer_grid(inputs):
     with pytest.raises(constraints.ConstraintViolation, match="trained scales need an integer grid"):
         recover(inputs, "magnitude-0.5", "kd-scales-mask", "kd", lr=1e-2, quantized_training="scales")
+
+
+def test_lora_over_the_frozen_grid_keeps_every_grid_point_and_records_its_trained_adapter(inputs):
+    """Issue 30's quantization candidate 3 (QLoRA-style over an RTN grid): the base stays the parent's grid, value for
+    value; the adapter trains; the artifact is the base plus adapter/, loaded back as a PeftModel whose effective
+    weights moved; the record counts the adapter as what changed (as for a frozen bitsandbytes base)."""
+    _, _, parents, _ = inputs
+    out, record = recover(inputs, "rtn-w3", "kd-lora", "kd", lr=1e-2, checkpoint_steps=[1],
+                          quantized_training="lora", lora_r=4, lora_alpha=8)
+    assert record.constraint["trained"] == "lora" and record.constraint["lora"]["r"] == 4
+    touched = record.damage_touched["grid"]
+    assert touched["values_changed"] == 0 and touched["adapter"]["values_changed"] > 0
+    assert (out / "adapter").is_dir() and read_record(out).damage_touched == record.damage_touched
+    model = load_artifact(out, device="cpu")[0]
+    base = constraints.adapter_base_targets(model)
+    parent = stored_targets(parents["rtn-w3"])[0]
+    assert set(base) == set(parent)
+    for name, weight in base.items():
+        assert torch.equal(weight.detach(), parent[name]), name
+    # the effective (merged) weights moved, though not one base value did
+    merged = model.merge_and_unload()
+    assert any(not torch.equal(t.weight.detach(), parent[n]) for n, t in damage_targets(merged).items())
+    assert record.constraint_check["max_grid_violation_steps"] < constraints.GRID_TOLERANCE
+    from realign.identity import checkpoint_dir
+
+    assert (checkpoint_dir(out, 1) / "adapter").is_dir()

@@ -88,11 +88,14 @@ def frozen_constraint(model, quant_type: str, lora_r: int, lora_alpha: int) -> d
             "modules": sorted(digests), "digests": digests}
 
 
-def attach_lora(model, lora: dict, seed: int = 0):
-    """Wrap the frozen quantized base with trainable LoRA adapters (QLoRA); returns the PeftModel."""
+def attach_lora(model, lora: dict, seed: int = 0, kbit: bool = True):
+    """Wrap the frozen base with trainable LoRA adapters (QLoRA); returns the PeftModel. `kbit`: the base is a
+    bitsandbytes model (peft's k-bit preparation); False for a base whose weights lie on an integer grid in fp32
+    (realign.degrade.constraints: `quantized_training: lora`), which peft freezes as it wraps it."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if kbit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     torch.manual_seed(seed)  # LoRA A matrices are randomly initialised
     config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=0.0, task_type="CAUSAL_LM",
                         target_modules=lora["target_modules"])

@@ -46,6 +46,20 @@ def _kind(constraint: dict) -> str:
 
 
 TRAINED_SCALES = "scales"  # constraint["trained"]: the grid's scales train over frozen codes (TrainableScales)
+TRAINED_LORA = "lora"  # constraint["trained"]: LoRA adapters train over the frozen grid (QLoRA-style, unmerged)
+
+
+def keeps_adapters(constraint: dict) -> bool:
+    """Whether the recovered model is a frozen base plus LoRA adapters (a bitsandbytes base, or a grid with
+    `quantized_training: lora`): it is saved as base + adapter/, never baked."""
+    return constraint.get("kind") == "frozen" or constraint.get("trained") == TRAINED_LORA
+
+
+def adapter_base_targets(model) -> dict[str, torch.Tensor]:
+    """The [out, in] base weights under a PeftModel's LoRA layers, by the plain model's module name."""
+    return {name.removeprefix("base_model.model.").removesuffix(".base_layer"): module.weight
+            for name, module in model.named_modules()
+            if name.endswith(".base_layer") and isinstance(module, torch.nn.Linear)}
 
 
 def _grid_parametrization(name: str, constraint: dict, tensors: dict, device, weight=None) -> torch.nn.Module:
@@ -184,6 +198,14 @@ def attach(model, constraint: dict, tensors: dict[str, torch.Tensor], seed: int 
         from realign.degrade.bnb import attach_lora
 
         return attach_lora(model, constraint["lora"], seed=seed)
+    if constraint.get("trained") == TRAINED_LORA:
+        from realign.degrade.bnb import attach_lora
+
+        if kind != "grid":
+            raise ConstraintViolation(f"LoRA over a frozen grid needs an integer grid (RTN, GPTQ), not a {kind!r} "
+                                      "constraint")
+        constrained_targets(model, constraint)  # every target covered, before peft wraps them
+        return attach_lora(model, constraint["lora"], seed=seed, kbit=False)
     targets = constrained_targets(model, constraint)
     scales = constraint.get("trained") == TRAINED_SCALES
     if scales and kind != "grid":
@@ -308,19 +330,34 @@ def check(model, constraint: dict, tensors: dict[str, torch.Tensor]) -> dict:
             raise ConstraintViolation(f"{changed[0]}: the frozen quantized base weights changed "
                                       f"({len(changed)} layers differ from their saved digest)")
         return {"kind": kind, "ok": True, "modules_checked": len(expected)}
-    targets = constrained_targets(model, constraint)
+    if constraint.get("trained") == TRAINED_LORA:
+        weights = _lora_base_weights(model, constraint)
+    else:
+        weights = {name: target.weight for name, target in constrained_targets(model, constraint).items()}
     worst = 0.0
     target_kind = TARGET_KINDS[kind]
-    for name, target in targets.items():
-        violation = target_kind.violation(name, target.weight.detach(), constraint, tensors)
+    for name, weight in weights.items():
+        violation = target_kind.violation(name, weight.detach(), constraint, tensors)
         worst = max(worst, violation)
         if violation > GRID_TOLERANCE:
             raise ConstraintViolation(f"{name}: weights are {violation:.3g} grid steps off their saved "
                                       f"{constraint.get('scheme', kind)} grid")
-    result = {"kind": kind, "ok": True, "modules_checked": len(targets)}
+    result = {"kind": kind, "ok": True, "modules_checked": len(weights)}
     if target_kind.grid:
         result["max_grid_violation_steps"] = worst
     return result
+
+
+def _lora_base_weights(model, constraint: dict) -> dict[str, torch.Tensor]:
+    """The base weights under the LoRA layers of a grid with `quantized_training: lora`: exactly the constraint's
+    modules (a check over fewer would prove less)."""
+    base = adapter_base_targets(model)
+    names = constraint.get("modules") or []
+    missing = sorted(set(names) - set(base))
+    if missing or not names:
+        raise ConstraintViolation(f"LoRA over the grid wraps {len(base)} of the constraint's {len(names)} modules; "
+                                  f"not {missing[0] if missing else 'any'!r}")
+    return {name: base[name] for name in names}
 
 
 def stored_values(model, constraint: dict) -> dict[str, torch.Tensor] | None:
@@ -372,12 +409,14 @@ def damage_touched(model, constraint: dict, tensors: dict[str, torch.Tensor],
         return {kind: entry}
     if before is None:
         raise ValueError(f"damage_touched: no stored values of the damaged {kind} targets to compare with")
-    targets = constrained_targets(model, constraint)
-    if set(before) != set(targets):
-        raise ValueError(f"damage_touched: {len(before)} stored targets, but the constraint covers {len(targets)}")
+    lora = constraint.get("trained") == TRAINED_LORA
+    weights = _lora_base_weights(model, constraint) if lora else {
+        name: target.weight for name, target in constrained_targets(model, constraint).items()}
+    if set(before) != set(weights):
+        raise ValueError(f"damage_touched: {len(before)} stored targets, but the constraint covers {len(weights)}")
     matrices_changed = values_changed = values = 0
-    for name, target in targets.items():
-        differs = target.weight.detach().cpu() != before[name]
+    for name, weight in weights.items():
+        differs = weight.detach().cpu() != before[name]
         free = TARGET_KINDS[kind].free(name, tensors)
         if free is not None:
             differs &= free
@@ -385,7 +424,12 @@ def damage_touched(model, constraint: dict, tensors: dict[str, torch.Tensor],
         matrices_changed += n_changed > 0
         values_changed += n_changed
         values += differs.numel() if free is None else int(free.sum())
-    return {kind: _counts(matrices_changed, len(targets), values_changed, values)}
+    entry = _counts(matrices_changed, len(weights), values_changed, values)
+    if lora:  # the base stays on its grid by design: what trained is the adapter (counted as for a frozen base)
+        b = _lora_b_matrices(model)
+        entry["adapter"] = _counts(sum(bool((m != 0).any()) for m in b), len(b), sum(int((m != 0).sum()) for m in b),
+                                   sum(m.numel() for m in b))
+    return {kind: entry}
 
 
 def _counts(matrices_changed: int, matrices: int, values_changed: int, values: int) -> dict:

@@ -93,8 +93,14 @@ def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, records_path:
                {f"recoveries.{name}.top_k": params["top_k"]} if "top_k" in params else {}, lengths)
     student, tokenizer, parent = load_artifact(damaged_dir)
     constraint = parent.constraint
-    if params.get("quantized_training") == constraints.TRAINED_SCALES:  # absent: the straight-through grid
-        constraint = {**constraint, "trained": constraints.TRAINED_SCALES}
+    trained = params.get("quantized_training")  # absent: the straight-through grid
+    if trained == constraints.TRAINED_SCALES:
+        constraint = {**constraint, "trained": trained}
+    elif trained == constraints.TRAINED_LORA:
+        from realign.degrade.bnb import LORA_TARGETS
+
+        constraint = {**constraint, "trained": trained, "adapter": "lora",
+                      "lora": {"r": params["lora_r"], "alpha": params["lora_alpha"], "target_modules": LORA_TARGETS}}
     constraint_tensors = load_constraint_tensors(damaged_dir, device=model_device(student))
     parent_tensors = dict(constraint_tensors)  # the damaged grid (trained scales replace the run's own copy)
     # The damaged targets' stored values, to record how much of the damage the recovery changed (damage_touched).
@@ -139,7 +145,7 @@ def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, records_path:
 
     def save_checkpoint(model, step: int, curve: list[dict]) -> None:
         # The run goes on training `model`; the checkpoint is a copy with the constraint baked in.
-        snapshot = model if constraint.get("kind") == "frozen" else constraints.baked_copy(model)
+        snapshot = model if constraints.keeps_adapters(constraint) else constraints.baked_copy(model)
         tensors = constraints.trained_grid(model, constraint, constraint_tensors)
         check = {**constraints.check(snapshot, constraint, tensors), **codes_kept(snapshot, tensors)}
         checkpoint = replace(ArtifactId.parse(parent.model, parent.degradation, name), step=step)
