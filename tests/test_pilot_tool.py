@@ -54,6 +54,11 @@ def test_the_rules_choose_in_their_order():
         assert [c["reaches_kd"] for c in a["candidates"]] == [False, True] and a["chosen"] == "only-lr1e-3"
     # the quantization damage has no held arm in this table: rule H says nothing about it
     assert "q3" not in out["rule_h"]
+    # rule S sizes the chosen arms only
+    sized = {deg: sorted(a.recovery for a in on) for (_, deg), on in pilot.chosen_arms(arms, {"q3": ["kd-lo", "kd-hi"]},
+                                                                                      out).items()}
+    assert sized == {"prune": ["held-rho3", "kd", "only-lr1e-3"], "forget": ["held-rho3", "kd", "only-lr1e-3"],
+                     "q3": ["kd-hi"]}
 
 
 def test_a_quantization_damage_no_candidate_makes_eligible_is_left_out_of_h_and_a():
@@ -62,3 +67,5 @@ def test_a_quantization_damage_no_candidate_makes_eligible_is_left_out_of_h_and_
     out = pilot.select(arms, {"q3": ["kd-lo"]}, both, {"prune": ["only"], "forget": ["only"]}, S)
     assert out["rule_q"]["q3"]["chosen"] is None
     assert "q3" not in out["rule_h"] and "q3" not in out["rule_a"]
+    # and rule S does not size it: it has no kd (found on the pilot, where this raised on its several kd arms)
+    assert set(d for _, d in pilot.chosen_arms(arms, {"q3": ["kd-lo"]}, out)) == {"prune", "forget"}

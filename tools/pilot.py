@@ -132,6 +132,20 @@ def select(arms, kd_names: dict[str, list[str]], held_names: dict[str, list[str]
             "rule_a": rule_a(arms, kd_of, only_names)}
 
 
+def chosen_arms(arms, kd_names: dict[str, list[str]], selected: dict) -> dict:
+    """Per damage, the arms the rules chose (its kd, held and alignment-only), which rule S sizes. A quantization
+    damage on which rule Q chose no candidate is left out: it has no kd to size."""
+    q, h, a = selected["rule_q"], selected["rule_h"], selected["rule_a"]
+    keep = {}
+    for (model, deg), on_parent in arms.items():
+        if deg in kd_names and not q.get(deg, {}).get("chosen"):
+            continue
+        kd = q[deg]["chosen"] if deg in kd_names else (pick(on_parent, KD_METHOD, None) or on_parent[0]).recovery
+        names = {kd, (h.get(deg) or {}).get("chosen"), (a.get(deg) or {}).get("chosen")}
+        keep[(model, deg)] = tuple(x for x in on_parent if x.recovery in names)
+    return keep
+
+
 def job_costs(study: Path, chosen: dict[str, set[str]]) -> tuple[JobCosts, dict]:
     """Mean seconds per job of this study (results/benchmarks/<rule>/...tsv, column s): training over the chosen
     arms' runs, divergence, evaluation and activations + similarity over every artifact."""
@@ -169,13 +183,8 @@ def main() -> None:
     kd_names, held_names, only_names = _candidates(args.kd), _candidates(args.held), _candidates(args.only)
     out = select(arms, kd_names, held_names, only_names, settings)
     q, h, a = out["rule_q"], out["rule_h"], out["rule_a"]
-    kd_of = {deg: q[deg]["chosen"] for deg in kd_names if deg in q}
     if args.size:
-        keep = {}
-        for (model, deg), on_parent in arms.items():
-            names = {kd_of.get(deg) or (pick(on_parent, KD_METHOD, None) or on_parent[0]).recovery,
-                     (h.get(deg) or {}).get("chosen"), (a.get(deg) or {}).get("chosen")}
-            keep[(model, deg)] = tuple(x for x in on_parent if x.recovery in names)
+        keep = chosen_arms(arms, kd_names, out)
         eligible = [e["damage"] for e in q["kept"] if e["eligible"]] + \
             [f"{m}/{deg}" for (m, deg) in arms if deg in kd_names and q.get(deg, {}).get("chosen")]
         costs, measured = job_costs(args.study, {deg: {x.recovery for x in v} for (_, deg), v in keep.items()})
