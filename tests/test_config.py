@@ -260,7 +260,8 @@ def test_parameter_count_errors_name_the_key(tmp_path):
 @pytest.mark.parametrize("edit, pattern", [
     (lambda c: c["measure"].update(alignment_layers=[1, 99]),
      r"measure\.alignment_layers: \[1, 99\] is not within 1\.\.2: models\.tiny has 2 transformer blocks"),
-    (lambda c: c["degradations"]["rtn-w3g64"].update(group_size=48),
+    (lambda c: c["degradations"]["rtn-w3g64"].update(group_size=48)
+     or c["study"][0]["degradations"].append("rtn-w3g64"),
      r"degradations\.rtn-w3g64\.group_size: groups of 48 do not divide the input width 64"),
     (lambda c: c["degradations"].update({"nm": {"method": "magnitude", "pattern": "2:24"}})
      or c["study"][0]["degradations"].append("nm"), r"degradations\.nm\.pattern: groups of 24 do not divide"),
@@ -290,6 +291,7 @@ def test_prompt_splits_beyond_the_unpacked_pool_are_rejected_at_validation(tmp_p
     (root / ARENA_REL).write_text("")
     config = copy.deepcopy(DEFAULT)
     config["data"]["resources_dir"] = str(tmp_path)
+    config["data"]["prompt_splits"] = {"distill": 48, "probe": 24, "divergence": 24, "heldout": 48}
     validate_config(copy.deepcopy(config), SCHEMA)  # 48 + 24 + 24 + 48 = 144 of 150 prompts
     config["data"]["prompt_splits"]["heldout"] = 60
     with pytest.raises(ConfigError, match=r"data\.prompt_splits: not enough records with a reference for split "
