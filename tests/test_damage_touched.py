@@ -1,5 +1,5 @@
 """A constrained recovery records how much of the damage it changed (artifact.json `damage_touched`, written by
-realign.recover.stage.run_recovery from realign.degrade.constraints.damage_touched), and the table reads it.
+realign.recover.stage.run_recovery from realign.degrade.touched.damage_touched), and the table reads it.
 
 Issue 28, finding 7: under 3-bit RTN, kd changed none of the targeted matrices (the straight-through latent weights
 never moved half a grid step), while the embeddings and norms trained, and nothing in the record said so."""
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from realign.degrade import constraints
+from realign.degrade.touched import damage_touched, stored_values
 from realign.degrade.targets import damage_targets
 from realign.io import write_json, write_parquet
 from realign.models.artifact import load_artifact, load_constraint_tensors, read_record
@@ -151,8 +152,8 @@ def test_damage_touched_counts_a_moved_grid_point_of_rtn_and_nvfp4(tiny):
     for quantize in (lambda m: quantize_model(m, 3, 32), nvfp4_quantize_model):
         model = type(model)(model.config)
         constraint, tensors = quantize(model)
-        before = constraints.stored_values(model, constraint)
-        assert constraints.damage_touched(model, constraint, tensors, before)[constraint["kind"]]["values_changed"] == 0
+        before = stored_values(model, constraint)
+        assert damage_touched(model, constraint, tensors, before)[constraint["kind"]]["values_changed"] == 0
         name = sorted(before)[1]
         weight = damage_targets(model)[name].weight
         with torch.no_grad():  # the value of another grid point of the same group: still on the grid
@@ -160,7 +161,7 @@ def test_damage_touched_counts_a_moved_grid_point_of_rtn_and_nvfp4(tiny):
             other = row[row != row[0]][0]
             weight[0, 0] = other
         assert constraints.check(model, constraint, tensors)["ok"]
-        result = constraints.damage_touched(model, constraint, tensors, before)[constraint["kind"]]
+        result = damage_touched(model, constraint, tensors, before)[constraint["kind"]]
         assert (result["matrices_changed"], result["values_changed"]) == (1, 1)
         assert result["fraction"] == 1 / sum(t.numel() for t in before.values())
 
@@ -168,8 +169,8 @@ def test_damage_touched_counts_a_moved_grid_point_of_rtn_and_nvfp4(tiny):
 def test_an_old_record_without_the_field_reads_and_a_forgetting_recovery_records_none():
     old = ArtifactRecord.from_json({"model": "m", "recovery": "kd", "constraint": {"kind": "grid"}})
     assert old.damage_touched is None and "damage_touched" not in old.to_json()
-    assert constraints.damage_touched(None, {"kind": "none"}, {}, None) is None
-    assert constraints.stored_values(None, {"kind": "none"}) is None
+    assert damage_touched(None, {"kind": "none"}, {}, None) is None
+    assert stored_values(None, {"kind": "none"}) is None
 
 
 def _row(artifact_dir, tmp_path):

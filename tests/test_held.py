@@ -159,8 +159,9 @@ def held_loss(params, teacher, tokenizer):
 
 
 def trained(teacher, student, tokenizer, params, steps=24):
-    student, curve, _ = recover(copy.deepcopy(student), teacher, tokenizer, params, TRAIN_RECORDS,
-                                TrainConfig(steps=steps, lr=5e-4, batch_size=4, seed=0), MAX_LEN, {"kind": "none"}, {})
+    student, curve, _, _ = recover(copy.deepcopy(student), teacher, tokenizer, params, TRAIN_RECORDS,
+                                   TrainConfig(steps=steps, lr=5e-4, batch_size=4, seed=0), MAX_LEN,
+                                   {"kind": "none"}, {})
     return student, curve
 
 

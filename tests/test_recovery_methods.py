@@ -181,8 +181,8 @@ def run_method(teacher, tokenizer, params, steps=12, lr=3e-4, seed=0, scale=0.3)
     batch = collate(examples, tokenizer.pad_token_id)
     kind, beta = params.get("divergence", "forward_kl"), params.get("beta", 0.5)
     before = hidden_cka_and_kl(student, teacher, batch, kind, beta)
-    student, curve, _ = recover(student, teacher, tokenizer, params, records,
-                                TrainConfig(steps=steps, lr=lr, batch_size=4, seed=seed), 48, {"kind": "none"}, {})
+    student, curve, _, _ = recover(student, teacher, tokenizer, params, records,
+                                   TrainConfig(steps=steps, lr=lr, batch_size=4, seed=seed), 48, {"kind": "none"}, {})
     return before, hidden_cka_and_kl(student, teacher, batch, kind, beta), curve
 
 
@@ -241,8 +241,8 @@ def test_feature_distillation_lowers_its_feature_distance_on_the_pre_registered_
     before = feature_distances(student, teacher, batch, inner)
     _, kl0 = hidden_cka_and_kl(student, teacher, batch)
     params = {"method": method, "align_weight": 1.0, "alignment_layers": "inner"}
-    student, curve, _ = recover(student, teacher, tokenizer, params, records,
-                                TrainConfig(steps=16, lr=1e-3, batch_size=4, seed=0), 48, {"kind": "none"}, {})
+    student, curve, _, _ = recover(student, teacher, tokenizer, params, records,
+                                   TrainConfig(steps=16, lr=1e-3, batch_size=4, seed=0), 48, {"kind": "none"}, {})
     after = feature_distances(student, teacher, batch, inner)
     index = 0 if method == "squarehead" else 1
     assert after[index] < 0.7 * before[index]
@@ -291,9 +291,9 @@ def test_checkpoints_are_the_runs_state_and_keep_the_mask(tiny):
     def keep(model, step, curve):
         saved[step] = ({k: v.clone() for k, v in model.state_dict().items()}, len(curve))
 
-    student, curve, check = recover(student, teacher, tokenizer, {"method": "kd"}, records,
-                                    TrainConfig(steps=4, lr=1e-2, batch_size=4), 48, constraint, tensors,
-                                    on_checkpoint=keep, checkpoint_steps=[2])
+    student, curve, check, _ = recover(student, teacher, tokenizer, {"method": "kd"}, records,
+                                       TrainConfig(steps=4, lr=1e-2, batch_size=4), 48, constraint, tensors,
+                                       on_checkpoint=keep, checkpoint_steps=[2])
     assert check["ok"] and list(saved) == [2] and saved[2][1] == 2
     assert len(curve) == 4
     from realign.degrade.targets import block_linears

@@ -111,7 +111,7 @@ def collect_row(artifact_json, eval_json, divergence_json, similarity_parquet, s
     row["hold_fraction"] = (float(art.recovery_params["hold_fraction"])
                             if art.recovery_method == HELD_METHOD else math.nan)
     # How much of the damage a constrained recovery changed (artifact.json `damage_touched`, per target kind;
-    # realign.degrade.constraints.damage_touched): changed_fraction, the targeted values whose stored value (grid
+    # realign.degrade.touched.damage_touched): changed_fraction, the targeted values whose stored value (grid
     # point, kept unmasked weight) changed, over every kind weighted by values, and changed_matrices of
     # targeted_matrices. NaN without a constraint or a record made before it.
     # A LoRA recovery on a frozen quantized base changes the effective weights through its adapter: there the

@@ -6,7 +6,7 @@ its `degradation_*` fields, the constraint its weights keep and, by kind of meth
 `calibration` or `data` (the narrow corpus of forgetting); a recovery its `recovery_*` fields, the teacher it
 learned from, `data_split`, either `checkpoints` (a run) or `checkpoint_of` (a checkpoint of that run), and,
 under a constraint, `damage_touched`: how much of the damage it changed, per target kind
-{kind: {matrices_changed, matrices, values_changed, values, fraction}} (realign.degrade.constraints.damage_touched:
+{kind: {matrices_changed, matrices, values_changed, values, fraction}} (realign.degrade.touched.damage_touched:
 the targeted values whose stored grid point, or kept unmasked weight, differs from the damaged parent's; a LoRA
 recovery of a frozen bitsandbytes base changes no base value by design and adds `adapter`, its trained B values).
 Records saved before the field existed read back with None.

@@ -20,11 +20,13 @@ def recover(student, teacher, tokenizer, params: dict, records: list[dict], cfg:
             checkpoint_steps=(), state_path=None, state_every: int = 0, run_identity: dict | None = None,
             on_restart=None, content_states=(None, None)):
     """Train `student` under its constraint with recovery `params` (method + options); returns (trained model,
-    training curve, constraint check). The trained model is `student` itself, or a PeftModel wrapping it when
-    the constraint is a frozen base. `on_checkpoint(model, step, curve)` is called at `checkpoint_steps`;
+    training curve, constraint check, constraint tensors as trained). The trained model is `student` itself, or a
+    PeftModel wrapping it when the constraint is a frozen base. `on_checkpoint(model, step, curve)` is called at
+    `checkpoint_steps`;
     `state_path`/`state_every`/`run_identity`/`on_restart`: resumable training (realign.training.train);
     `content_states`: the paths of the teacher's and the damaged model's content-states caches, or None each.
-    With trained scales (constraint["trained"]), `constraint_tensors` is updated in place to the trained grid."""
+    The constraint tensors as trained are the run's own grid with trained scales (constraint["trained"]), otherwise
+    `constraint_tensors` itself; `constraint_tensors` is never changed."""
     method = params["method"]
     if method not in METHODS:
         raise ValueError(f"unknown recovery method {method!r}; allowed: {', '.join(METHODS)}")
@@ -42,8 +44,8 @@ def recover(student, teacher, tokenizer, params: dict, records: list[dict], cfg:
                       checkpoint_steps=checkpoint_steps, on_checkpoint=on_checkpoint, state_path=state_path,
                       state_every=state_every, run_identity=run_identity, on_restart=on_restart)
         # trained scales (EfficientQAT's end-to-end step): the run's own grid, read before the constraint is baked
-        # in, replaces the parent's in the caller's dict, which the check, the record and the artifact then use
-        constraint_tensors.update(constraints.trained_grid(student, constraint, constraint_tensors))
+        # in; the check, the record and the artifact use it in place of the parent's
+        trained_tensors = constraints.trained_grid(student, constraint, constraint_tensors)
     finally:
         constraints.detach(student)
-    return student, curve, constraints.check(student, constraint, constraint_tensors)
+    return student, curve, constraints.check(student, constraint, trained_tensors), trained_tensors

@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from realign.degrade import constraints
+from realign.degrade.touched import check_codes, damage_touched, stored_values
 from realign.device import model_device
 from realign.data.stage import read_prompts
 from realign.io import file_sha256, read_jsonl, write_jsonl
@@ -101,10 +102,9 @@ def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, records_path:
 
         constraint = {**constraint, "trained": trained, "adapter": "lora",
                       "lora": {"r": params["lora_r"], "alpha": params["lora_alpha"], "target_modules": LORA_TARGETS}}
-    constraint_tensors = load_constraint_tensors(damaged_dir, device=model_device(student))
-    parent_tensors = dict(constraint_tensors)  # the damaged grid (trained scales replace the run's own copy)
+    constraint_tensors = load_constraint_tensors(damaged_dir, device=model_device(student))  # the damaged grid
     # The damaged targets' stored values, to record how much of the damage the recovery changed (damage_touched).
-    damaged_values = constraints.stored_values(student, constraint)
+    damaged_values = stored_values(student, constraint)
     states_cached = all(path is not None for path in content_states)
     teacher = load_artifact(teacher_dir)[0] if needs_live_teacher(params, states_cached) else None
     records = read_teacher_records(records_path)
@@ -129,8 +129,8 @@ def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, records_path:
                 "params": params,
                 "checkpoint_steps": list(checkpoint_steps)}
 
-    def touched(model, label: str) -> dict | None:
-        result = constraints.damage_touched(model, constraint, constraint_tensors, damaged_values)
+    def touched(model, label: str, tensors: dict) -> dict | None:
+        result = damage_touched(model, constraint, tensors, damaged_values)
         for kind, counts in (result or {}).items():
             log.log(logging.WARNING if kind != "frozen" and counts["matrices_changed"] == 0 else logging.INFO,
                     "%s: changed %d of %d targeted %s matrices (%d of %d values, %.4g)", label,
@@ -140,7 +140,7 @@ def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, records_path:
 
     def codes_kept(model, tensors: dict) -> dict:
         """With trained scales: the check that every integer code is the parent's, and the scales changed."""
-        return {"codes": constraints.check_codes(model, constraint, parent_tensors, tensors, damaged_values)} \
+        return {"codes": check_codes(model, constraint, constraint_tensors, tensors, damaged_values)} \
             if constraint.get("trained") == constraints.TRAINED_SCALES else {}
 
     def save_checkpoint(model, step: int, curve: list[dict]) -> None:
@@ -151,11 +151,12 @@ def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, records_path:
         checkpoint = replace(ArtifactId.parse(parent.model, parent.degradation, name), step=step)
         record = replace(run_record, recovery=checkpoint.recovery_name, checkpoint_of=name, step=step,
                          constraint_check=check, training_curve=curve,
-                         damage_touched=touched(snapshot, checkpoint.recovery_name))
+                         damage_touched=touched(snapshot, checkpoint.recovery_name, tensors))
         save_artifact(snapshot, tokenizer, checkpoint_dir(staging, step), record, constraint_tensors=tensors,
                       frozen_base_dir=damaged_dir)
 
-    student, curve, check = recover(student, teacher, tokenizer, params, records, TrainConfig.from_params(params, seed),
+    student, curve, check, trained_tensors = recover(
+                                    student, teacher, tokenizer, params, records, TrainConfig.from_params(params, seed),
                                     params["max_len"], constraint, constraint_tensors,
                                     teacher_top_k_path=teacher_top_k_path, on_checkpoint=save_checkpoint,
                                     checkpoint_steps=checkpoint_steps, state_path=state_path, state_every=state_every,
@@ -163,11 +164,11 @@ def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, records_path:
                                     # checkpoints saved by an interrupted run are kept only while its state is
                                     on_restart=lambda: shutil.rmtree(staging, ignore_errors=True),
                                     content_states=content_states if states_cached else (None, None))
-    check = {**check, **codes_kept(student, constraint_tensors)}
+    check = {**check, **codes_kept(student, trained_tensors)}
     record = replace(run_record, recovery=name, step=params["steps"], constraint_check=check,
                      checkpoints=list(checkpoint_steps), training_curve=curve, timings={"seconds": time.time() - start},
-                     damage_touched=touched(student, name))
-    save_artifact(student, tokenizer, out_dir, record, constraint_tensors=constraint_tensors,
+                     damage_touched=touched(student, name, trained_tensors))
+    save_artifact(student, tokenizer, out_dir, record, constraint_tensors=trained_tensors,
                   frozen_base_dir=damaged_dir, include={CHECKPOINTS_DIR: staging / CHECKPOINTS_DIR})
     shutil.rmtree(staging, ignore_errors=True)
     return record
