@@ -15,19 +15,11 @@ from pathlib import Path
 
 import pandas as pd
 
-
-def job_times(results: Path) -> pd.DataFrame:
-    rows = []
-    for tsv in sorted((results / "benchmarks").rglob("*.tsv")):
-        table = pd.read_csv(tsv, sep="\t")
-        rule, job = tsv.relative_to(results / "benchmarks").parts[0], tsv.relative_to(results / "benchmarks")
-        rows.append({"rule": rule, "job": str(job.with_suffix("")), "seconds": float(table["s"].iloc[-1]),
-                     "max_rss_mb": float(table["max_rss"].iloc[-1]) if "max_rss" in table else float("nan")})
-    return pd.DataFrame(rows, columns=["rule", "job", "seconds", "max_rss_mb"])
+from realign.analysis.provenance import job_times
 
 
 def compare(before: Path, after: Path, rules: list[str] | None, everything: bool) -> pd.DataFrame:
-    a, b = job_times(before), job_times(after)
+    a, b = job_times(before / "benchmarks"), job_times(after / "benchmarks")
     merged = a.merge(b, on=["rule", "job"], how="outer" if everything else "inner", suffixes=("_before", "_after"))
     if rules:
         merged = merged[merged["rule"].isin(rules)]

@@ -36,6 +36,23 @@ def test_job_times_pairs_the_same_jobs_of_two_folders(tmp_path):
     assert job_times.compare(before, after, ["evaluate"], everything=True)["job"].tolist() == ["evaluate/m/d/none"]
 
 
+def test_the_report_sums_the_same_job_times_per_rule(tmp_path):
+    """The report's per-rule timings (provenance.rule_timings) and the comparison read one reader (job_times):
+    seconds summed per rule, the largest RSS, an unmeasured RSS ('-') read as missing, not as an error."""
+    from realign.analysis.provenance import job_times as read_jobs, rule_timings
+
+    root = tmp_path / "benchmarks"
+    _tsv(root / "recover/m/d/kd+seed1.tsv", 80.0)
+    _tsv(root / "recover/m/d/kd+seed2.tsv", 70.5)
+    (root / "evaluate/m/d").mkdir(parents=True)
+    (root / "evaluate/m/d/none.tsv").write_text("s\th:m:s\tmax_rss\n9.0\t0:00:09\t-\n")
+    jobs = read_jobs(root)
+    assert jobs["job"].tolist() == ["evaluate/m/d/none", "recover/m/d/kd+seed1", "recover/m/d/kd+seed2"]
+    assert math.isnan(jobs["max_rss_mb"].iloc[0])
+    assert rule_timings(root) == {"evaluate": {"n": 1, "seconds": 9.0, "max_rss_mb": 0.0},
+                                  "recover": {"n": 2, "seconds": 150.5, "max_rss_mb": 100.0}}
+
+
 def test_the_paired_gain_weights_tasks_equally_and_its_se_is_the_item_se():
     rng = np.random.default_rng(0)
     index = pd.MultiIndex.from_tuples([("a", str(i)) for i in range(40)] + [("b", str(i)) for i in range(10)],

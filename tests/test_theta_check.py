@@ -158,14 +158,14 @@ def test_more_items_never_lower_refute_power():
 def test_the_sizing_grid_is_the_one_given_and_prices_each_cell():
     """A pilot passes its own grid and job costs; the check's pass rate is reported per cell, and a design that
     must also pass the check is never cheaper than one that need not."""
-    costs = power.JobCosts(train=100.0, divergence=20.0, per_items=80.0, per_probes=40.0)
+    costs = power.JobCosts(train=100.0, divergence=20.0, per_items=80.0, activations=30.0, similarity=10.0)
     grid = power.Grid(seeds=(2, 4), items=(1,), probes=(1, 4))
     out = power.study_power(_power_study(), S, n_tables=40, grid=grid, per_cell=20, costs=costs)
     assert [(r["n_seeds"], r["items"], r["probes"]) for r in out["grid"]] == [(2, 1, 1), (2, 1, 4), (4, 1, 1),
                                                                                (4, 1, 4)]
-    assert out["n_per_cell"] == 20 and out["job_costs"]["per_probes"] == 40.0
+    assert out["n_per_cell"] == 20 and out["job_costs"]["similarity"] == 10.0
     r = out["grid"][1]
-    assert r["job_seconds"] == 3 * 3 * 2 * (100 + 20 + 80 * 1 + 40 * 4)
+    assert r["job_seconds"] == 3 * 3 * 2 * (100 + 20 + 80 * 1 + 30 * 4 + 10 * 4 ** 2)  # similarity: n x n
     assert all(0 <= c <= 1 for row in out["grid"] for c in row["check_power"])
     with_check = power.study_power(_power_study(), S, n_tables=40, grid=grid, per_cell=20, costs=costs,
                                    require_check=True)

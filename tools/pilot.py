@@ -20,11 +20,11 @@ import math
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import yaml
 
 from realign.analysis.arms import HELD_METHOD, KD_METHOD, Arm, pick
 from realign.analysis.arms import arms_by_parent
+from realign.analysis.provenance import job_times
 from realign.analysis.settings import AnalysisSettings
 from realign.analysis.table import read_table
 from realign.analysis.theta.check import checks
@@ -148,21 +148,22 @@ def chosen_arms(arms, kd_names: dict[str, list[str]], selected: dict) -> dict:
 
 def job_costs(study: Path, chosen: dict[str, set[str]]) -> tuple[JobCosts, dict]:
     """Mean seconds per job of this study (results/benchmarks/<rule>/...tsv, column s): training over the chosen
-    arms' runs, divergence, evaluation and activations + similarity over every artifact."""
-    bench = study / "results" / "benchmarks"
+    arms' runs, divergence, evaluation, activations and similarity over every artifact."""
+    jobs = job_times(study / "results" / "benchmarks")
 
-    def seconds(rule: str, keep=lambda p: True) -> list[float]:
-        return [float(pd.read_csv(f, sep="\t")["s"].iloc[0]) for f in sorted((bench / rule).rglob("*.tsv")) if keep(f)]
+    def seconds(rule: str, keep=lambda job: True) -> list[float]:
+        of_rule = jobs[jobs["rule"] == rule]
+        return [s for job, s in zip(of_rule["job"], of_rule["seconds"]) if keep(job)]
 
-    def trained(f: Path) -> bool:
-        base = f.stem.split("+seed")[0]
-        return f.parent.name in chosen and base in chosen[f.parent.name]
+    def trained(job: str) -> bool:  # recover/<model>/<degradation>/<recovery>+seed<s>
+        path = Path(job)
+        return path.parent.name in chosen and path.name.split("+seed")[0] in chosen[path.parent.name]
     times = {"recover": seconds("recover", trained), "divergence": seconds("divergence"),
              "evaluate": seconds("evaluate"), "activations": seconds("activations"),
              "similarity": seconds("similarity")}
     mean = {k: float(np.mean(v)) if v else math.nan for k, v in times.items()}
     costs = JobCosts(train=mean["recover"], divergence=mean["divergence"], per_items=mean["evaluate"],
-                     per_probes=mean["activations"] + mean["similarity"])
+                     activations=mean["activations"], similarity=mean["similarity"])
     return costs, {k: {"n": len(v), "mean_s": mean[k], "min_s": min(v, default=math.nan),
                        "max_s": max(v, default=math.nan)} for k, v in times.items()}
 
@@ -185,8 +186,10 @@ def main() -> None:
     q, h, a = out["rule_q"], out["rule_h"], out["rule_a"]
     if args.size:
         keep = chosen_arms(arms, kd_names, out)
+        # the kept damages that are eligible, and each quantization damage whose candidate rule Q chose (chosen_arms
+        # has dropped the others)
         eligible = [e["damage"] for e in q["kept"] if e["eligible"]] + \
-            [f"{m}/{deg}" for (m, deg) in arms if deg in kd_names and q.get(deg, {}).get("chosen")]
+            [f"{m}/{deg}" for (m, deg) in keep if deg in kd_names]
         costs, measured = job_costs(args.study, {deg: {x.recovery for x in v} for (_, deg), v in keep.items()})
         out["rule_s"] = {"eligible": eligible, "job_times": measured,
                          "power": study_power(keep, settings, n_tables=200, grid=SIZING_GRID,

@@ -2,30 +2,37 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import platform
 import subprocess
 from pathlib import Path
 
+import pandas as pd
 
-def rule_timings(benchmark_root: str | Path) -> dict:
-    """Aggregate Snakemake `benchmark:` files (results/benchmarks/<rule>/...tsv) per rule kind."""
-    timings: dict[str, dict] = {}
+
+def job_times(benchmark_root: str | Path) -> pd.DataFrame:
+    """One row per job from Snakemake's `benchmark:` files (<root>/<rule>/<wildcards path>.tsv, the last row of
+    each): rule, job (<rule>/<wildcards path>), seconds (wall clock), max_rss_mb (NaN where not measured)."""
+    rows = []
     root = Path(benchmark_root)
     for tsv in sorted(root.glob("*/**/*.tsv")):
-        rule = tsv.relative_to(root).parts[0]
-        with open(tsv) as f:
-            rows = list(csv.DictReader(f, delimiter="\t"))
-        if not rows:
+        table = pd.read_csv(tsv, sep="\t")
+        if table.empty:
             continue
-        entry = timings.setdefault(rule, {"n": 0, "seconds": 0.0, "max_rss_mb": 0.0})
-        entry["n"] += 1
-        entry["seconds"] += float(rows[-1]["s"])
-        try:
-            entry["max_rss_mb"] = max(entry["max_rss_mb"], float(rows[-1].get("max_rss") or 0))
-        except ValueError:
-            pass
+        last = table.iloc[-1]
+        rows.append({"rule": tsv.relative_to(root).parts[0], "job": str(tsv.relative_to(root).with_suffix("")),
+                     "seconds": float(last["s"]),
+                     "max_rss_mb": float(pd.to_numeric(last.get("max_rss"), errors="coerce"))})
+    return pd.DataFrame(rows, columns=["rule", "job", "seconds", "max_rss_mb"])
+
+
+def rule_timings(benchmark_root: str | Path) -> dict:
+    """Per rule kind: {n, seconds (summed), max_rss_mb (the largest)} over its jobs (job_times)."""
+    timings: dict[str, dict] = {}
+    for rule, jobs in job_times(benchmark_root).groupby("rule"):
+        rss = jobs["max_rss_mb"].max()
+        timings[str(rule)] = {"n": len(jobs), "seconds": float(jobs["seconds"].sum()),
+                              "max_rss_mb": 0.0 if pd.isna(rss) else float(rss)}
     return timings
 
 

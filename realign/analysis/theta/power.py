@@ -51,23 +51,32 @@ GRID_PROBES = (1, 2, 4, 8, 16)   # x the study's probe sequences
 SIM_REPLICATES = 200
 # Seconds of job time per run on the project's 2-core machine, from the default study's uncontended jobs at e845fe7
 # (docs/2026-12-06-statistics-reanalysis.md): training (kd / held / alignment-only, mean), divergence, and the parts
-# that grow with the items (evaluation) and with the probe sequences (activations + similarity). The grid's cost.
-SECONDS_TRAIN, SECONDS_DIVERGENCE, SECONDS_PER_ITEMS, SECONDS_PER_PROBES = 110.0, 25.0, 90.0, 35.0
+# that grow with the items (evaluation) and with the probe sequences (activations; similarity). The grid's cost.
+SECONDS_TRAIN, SECONDS_DIVERGENCE, SECONDS_PER_ITEMS = 110.0, 25.0, 90.0
+SECONDS_ACTIVATIONS, SECONDS_SIMILARITY = 15.0, 20.0
 ARMS_PER_DAMAGE = 3  # kd, alignment-held, alignment-only
 
 
 @dataclass(frozen=True)
 class JobCosts:
-    """Seconds of job time per run: training (mean over the arms), divergence, evaluation of the study's items
-    (scales with the items factor) and activations + similarity of its probe (scales with the probe factor). The
-    defaults are the default study's (above); a pilot passes the per-job times it measured."""
+    """Seconds of job time per run at the study's own design: training (mean over the arms), divergence, evaluation
+    of its items, activations and similarity of its probe. The defaults are the default study's (above); a pilot
+    passes the per-job times it measured.
+
+    Evaluation and activations scale with their factor. Similarity scales with the probe factor's square: RBF CKA,
+    Procrustes and mutual k-NN work on n x n matrices of the probe's n positions, each recomputed per jackknife
+    group. Measured: 96 -> 384 sequences (x 4) took the similarity job from 15.8 s to about 300 s (x 19; the
+    confirmatory study, docs/2026-12-07-preregistration.md), and activations from 27.5 s to about 88 s (x 3.2). A
+    linear model had priced that study's probe at a quarter of its cost."""
     train: float = SECONDS_TRAIN
     divergence: float = SECONDS_DIVERGENCE
     per_items: float = SECONDS_PER_ITEMS
-    per_probes: float = SECONDS_PER_PROBES
+    activations: float = SECONDS_ACTIVATIONS
+    similarity: float = SECONDS_SIMILARITY
 
     def per_run(self, items: float, probes: float) -> float:
-        return self.train + self.divergence + self.per_items * items + self.per_probes * probes
+        return (self.train + self.divergence + self.per_items * items + self.activations * probes
+                + self.similarity * probes ** 2)
 
 
 @dataclass(frozen=True)
