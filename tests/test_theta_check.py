@@ -172,3 +172,35 @@ def test_the_sizing_grid_is_the_one_given_and_prices_each_cell():
     if with_check["budget"] is not None:
         assert out["budget"] is not None and with_check["budget"]["job_seconds"] >= out["budget"]["job_seconds"]
         assert min(with_check["budget"]["check_power"]) >= power.POWER_TARGET
+    # the budget is the grid's cheapest deciding row at these costs, as the report re-prices it at others
+    assert out["require_check"] is False
+    assert out["budget"] == power.cheapest_deciding(out["grid"], 3, costs)
+
+
+def _row(n_seeds, items, probes, power):
+    return {"n_seeds": n_seeds, "items": items, "probes": probes, "refute_power": [power, power],
+            "support_power": [power, power], "check_power": [0.5, 0.5]}
+
+
+def test_the_cheapest_deciding_design_depends_on_what_a_job_costs():
+    """The same powers priced at two studies' job times: where similarity is cheap the bigger probe wins, where it
+    grows dear (x probes squared) more seeds at the study's own probe win; a row below the target never decides."""
+    rows = [_row(8, 1, 1, 0.85), _row(4, 1, 4, 0.82), _row(2, 1, 1, 0.79)]
+    cheap = power.JobCosts(train=100.0, divergence=20.0, per_items=80.0, activations=10.0, similarity=5.0)
+    dear = power.JobCosts(train=100.0, divergence=20.0, per_items=80.0, activations=90.0, similarity=300.0)
+    at_cheap = power.cheapest_deciding(rows, 2, cheap)
+    at_dear = power.cheapest_deciding(rows, 2, dear)
+    assert (at_cheap["n_seeds"], at_cheap["probes"]) == (4, 4)
+    assert at_cheap["job_seconds"] == 2 * 3 * 4 * (100 + 20 + 80 + 10 * 4 + 5 * 16)
+    assert (at_dear["n_seeds"], at_dear["probes"]) == (8, 1)
+    assert at_dear["job_seconds"] == 2 * 3 * 8 * (100 + 20 + 80 + 90 + 300)
+    assert power.cheapest_deciding(rows, 2, dear, require_check=True) is None  # no row's check reaches 0.8
+    assert power.cheapest_deciding(rows[2:], 2, cheap) is None
+
+
+def test_job_costs_from_a_study_s_own_job_means_keep_the_default_where_a_rule_has_none():
+    costs = power.JobCosts.from_job_means({"recover": 87.0, "evaluate": 82.0, "similarity": 290.0,
+                                           "activations": float("nan"), "divergence": None, "report": 3.0})
+    assert (costs.train, costs.per_items, costs.similarity) == (87.0, 82.0, 290.0)
+    assert costs.activations == power.SECONDS_ACTIVATIONS and costs.divergence == power.SECONDS_DIVERGENCE
+    assert power.JobCosts.from_job_means({}) == power.JobCosts()

@@ -145,3 +145,26 @@ def test_statistics_without_a_theta_entry_still_render(tmp_path):
     del stats["theta"]
     section = _theta_section(_render(table, stats, tmp_path / "r.html"))
     assert "carry no theta entry" in section and "Rules (fixed" not in section
+
+
+def test_the_report_prices_the_power_grid_at_this_study_s_own_job_times(tmp_path):
+    """The statistics price the grid at JobCosts' defaults (the same table, the same statistics); the report
+    re-prices it at the mean job times of its own run (provenance timings), here dear similarity jobs, and names
+    that design and its hours. Without run times it says nothing of them."""
+    table = _table({"kd": 0.2, "held": 0.02})
+    stats = analyze_with_controls(table, S)
+    row = {"items": 1, "refute_power": [0.9] * 3, "support_power": [0.9] * 3, "check_power": [0.9] * 3}
+    stats["theta"]["power"].update(grid=[{**row, "n_seeds": 4, "probes": 4}, {**row, "n_seeds": 8, "probes": 1}],
+                                   budget={**row, "n_seeds": 4, "probes": 4, "job_seconds": 1.0},
+                                   h1prime_power=0.5, require_check=False)
+    timings = {"recover": {"n": 4, "seconds": 400.0}, "evaluate": {"n": 5, "seconds": 500.0},
+               "divergence": {"n": 5, "seconds": 100.0}, "activations": {"n": 5, "seconds": 450.0},
+               "similarity": {"n": 5, "seconds": 1500.0}}
+    cka = pd.DataFrame(columns=["model", "degradation", "recovery", "layer", "linear_cka", "debiased_cka"])
+    render_report(table, stats, cka, {"timings": timings}, tmp_path / "r.html")
+    section = " ".join(_theta_section((tmp_path / "r.html").read_text()).split())  # the template's line breaks
+    hours = 3 * 3 * 8 * (100 + 20 + 100 + 90 + 300) / 3600  # 8 seeds at x1: 4 seeds at x4 costs 3 * 3 * 4 * 6460 s
+    assert "at the default job times" in section and "4 seeds per arm" in section
+    assert "At this study's own mean job times (per run: training 100 s, divergence 20 s, evaluation 100 s" in section
+    assert f"8 seeds per arm, 1× the items, 1× the probe sequences, about {hours:.1f} h of job time" in section
+    assert "own mean job times" not in _theta_section(_render(table, stats, tmp_path / "r2.html"))

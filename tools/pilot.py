@@ -162,8 +162,7 @@ def job_costs(study: Path, chosen: dict[str, set[str]]) -> tuple[JobCosts, dict]
              "evaluate": seconds("evaluate"), "activations": seconds("activations"),
              "similarity": seconds("similarity")}
     mean = {k: float(np.mean(v)) if v else math.nan for k, v in times.items()}
-    costs = JobCosts(train=mean["recover"], divergence=mean["divergence"], per_items=mean["evaluate"],
-                     activations=mean["activations"], similarity=mean["similarity"])
+    costs = JobCosts.from_job_means(mean)  # a rule with no job keeps its default
     return costs, {k: {"n": len(v), "mean_s": mean[k], "min_s": min(v, default=math.nan),
                        "max_s": max(v, default=math.nan)} for k, v in times.items()}
 

@@ -353,7 +353,8 @@ def render_report(
         "association": stats.get("association", "inconclusive"),
         "summary": stats.get("summary", ""),
         "reasons": stats.get("reasons", []),
-        "theta": theta_view(stats.get("theta")),
+        "theta": theta_view(stats.get("theta"), {row["kind"]: row["mean"]
+                                                 for row in _timing_rows(provenance.get("timings"))}),
         "n": stats.get("n"),
         "n_candidates": stats.get("n_candidates"),
         "settings": stats.get("settings", {}),

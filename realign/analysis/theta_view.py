@@ -9,9 +9,11 @@ here and are formatted by the template's `num` filter.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from realign.analysis.theta.power import JobCosts, cheapest_deciding
 from realign.analysis.theta_summary import HOW_TO_ESTIMATE
 
 TITLE = "Pre-registered test: θ = 1 − gain(held) / gain(kd), per damage"
@@ -75,6 +77,19 @@ class ThetaView:
     how_to_estimate: str = ""
     notes: tuple[str, ...] = field(default=())
     power: dict[str, Any] | None = None
+    budget_here: BudgetHere | None = None
+
+
+@dataclass(frozen=True)
+class BudgetHere:
+    """The cheapest deciding design of the power grid priced at this study's own mean job times (the statistics
+    price it at JobCosts' defaults, so that the same table gives the same statistics): the design, its job time for
+    the runs, and the per-run costs used (JobCosts' fields, seconds)."""
+    n_seeds: int
+    items: float
+    probes: float
+    job_hours: float
+    costs: dict[str, float]
 
 
 def rule_statements(t: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -118,8 +133,22 @@ def _row(v: dict[str, Any], theta: dict[str, Any] | None) -> VerdictRow:
                       **extra)
 
 
-def theta_view(entry: dict[str, Any] | None) -> ThetaView:
-    """The view of the statistics' `theta` entry (None: statistics without one)."""
+def budget_here(power: dict[str, Any] | None, job_means: dict[str, float | None] | None) -> BudgetHere | None:
+    """The power grid's cheapest deciding design at this study's own mean seconds per job, by rule (the report's
+    run times); None without a grid, without job times, or where no design decides."""
+    if not power or not power.get("grid") or not job_means:
+        return None
+    costs = JobCosts.from_job_means(job_means)
+    best = cheapest_deciding(power["grid"], len(power["damages"]), costs, bool(power.get("require_check")))
+    if best is None:
+        return None
+    return BudgetHere(best["n_seeds"], best["items"], best["probes"], best["job_seconds"] / 3600,
+                      dataclasses.asdict(costs))
+
+
+def theta_view(entry: dict[str, Any] | None, job_means: dict[str, float | None] | None = None) -> ThetaView:
+    """The view of the statistics' `theta` entry (None: statistics without one); job_means: this study's mean
+    seconds per job, by rule, to price the power grid at (budget_here)."""
     if not entry:
         return ThetaView(TITLE, False, False, not_estimated="these statistics carry no theta entry (they were not "
                          "computed by realign.analysis.stats.analyze_with_controls)",
@@ -137,4 +166,4 @@ def theta_view(entry: dict[str, Any] | None) -> ThetaView:
                    for c in entry["checks"])
     return ThetaView(TITLE, True, True, rules, check_rules, entry["outcome"], entry["reason"], tuple(entry["lines"]),
                      rows, entry["summary"], 1 - entry["thresholds"]["alpha"], checks, notes=notes,
-                     power=entry.get("power"))
+                     power=entry.get("power"), budget_here=budget_here(entry.get("power"), job_means))

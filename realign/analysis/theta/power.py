@@ -21,8 +21,9 @@ same estimator and check (realign.analysis.theta.estimator.estimate_paired, chec
 :func:`study_power` reports the power at the study's design and over a grid of (seeds, items, probe sequences),
 the validation (at each damage's theta as measured, the simulated median theta half-width against the observed
 one, per damage: within 25 %), and the
-smallest design with power >= POWER_TARGET both to refute at theta = 0 and to support at theta = 0.9 on every
-damage; H1' power (an alignment-only arm that re-aligns as much as kd and recovers nothing) at that design.
+cheapest design (job time under JobCosts; :func:`cheapest_deciding`) with power >= POWER_TARGET both to refute at
+theta = 0 and to support at theta = 0.9 on every damage; H1' power (an alignment-only arm that re-aligns as much as
+kd and recovers nothing) at that design.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 import numpy as np
 
 from realign.analysis.arms import Arms
@@ -55,6 +56,9 @@ SIM_REPLICATES = 200
 SECONDS_TRAIN, SECONDS_DIVERGENCE, SECONDS_PER_ITEMS = 110.0, 25.0, 90.0
 SECONDS_ACTIVATIONS, SECONDS_SIMILARITY = 15.0, 20.0
 ARMS_PER_DAMAGE = 3  # kd, alignment-held, alignment-only
+# The Snakemake rule whose mean job time is each JobCosts field (JobCosts.from_job_means).
+COST_RULES = {"recover": "train", "divergence": "divergence", "evaluate": "per_items", "activations": "activations",
+              "similarity": "similarity"}
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,14 @@ class JobCosts:
         return (self.train + self.divergence + self.per_items * items + self.activations * probes
                 + self.similarity * probes ** 2)
 
+    @classmethod
+    def from_job_means(cls, means: Mapping[str, float | None]) -> JobCosts:
+        """The costs at a study's own mean seconds per job, by rule (COST_RULES: recover, divergence, evaluate,
+        activations, similarity); a rule with no finite, positive mean keeps its default."""
+        measured = {field: float(means[rule]) for rule, field in COST_RULES.items()
+                    if means.get(rule) is not None and math.isfinite(means[rule]) and means[rule] > 0}
+        return cls(**measured)
+
 
 @dataclass(frozen=True)
 class Grid:
@@ -94,6 +106,23 @@ class Grid:
 def job_seconds(n_damages: int, n_seeds: int, items: float, probes: float, costs: JobCosts = JobCosts()) -> float:
     """The design's job time (the runs only; the teacher and the damaged parents are a fixed few minutes)."""
     return n_damages * ARMS_PER_DAMAGE * n_seeds * costs.per_run(items, probes)
+
+
+def decides(row: dict, require_check: bool = False) -> bool:
+    """A grid row (study_power's `grid`) whose powers to refute and to support reach POWER_TARGET on every damage
+    (require_check: the check's pass rate too)."""
+    powers = row["refute_power"] + row["support_power"] + (row["check_power"] if require_check else [])
+    return min(powers) >= POWER_TARGET
+
+
+def cheapest_deciding(rows: Sequence[dict], n_damages: int, costs: JobCosts, require_check: bool = False
+                      ) -> dict | None:
+    """The deciding grid row with the least job time under `costs` (fewer seeds on a tie), re-priced: its
+    `job_seconds` are those costs'. None when no row decides. The same powers priced at another study's job times
+    can name another design: the report prices a study's grid at that study's own job times."""
+    priced = [{**r, "job_seconds": job_seconds(n_damages, r["n_seeds"], r["items"], r["probes"], costs)}
+              for r in rows if decides(r, require_check)]
+    return min(priced, key=lambda r: (r["job_seconds"], r["n_seeds"]), default=None)
 
 
 @dataclass(frozen=True)
@@ -261,11 +290,8 @@ def study_power(arms: Arms, settings, n_tables: int = 200, *, grid: bool | Grid 
         out["grid"] = rows
         out["n_per_cell"] = n
         out["job_costs"] = dataclasses.asdict(costs)
-
-        def decides(r: dict) -> bool:
-            powers = r["refute_power"] + r["support_power"] + (r["check_power"] if require_check else [])
-            return min(powers) >= POWER_TARGET
-        best = min((r for r in rows if decides(r)), key=lambda r: (r["job_seconds"], r["n_seeds"]), default=None)
+        out["require_check"] = require_check
+        best = cheapest_deciding(rows, len(noise.damages), costs, require_check)
         out["budget"] = best
         if best is not None:
             out["h1prime_power"] = _h1prime_power(noise, best["n_seeds"], best["items"], best["probes"], n,
