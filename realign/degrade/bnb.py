@@ -79,6 +79,12 @@ def base_digests(model) -> dict[str, str]:
     return {name: _digest(module) for name, module in sorted(quantized_modules(model).items())}
 
 
+def changed_base_layers(digests: dict[str, str], expected: dict[str, str]) -> list[str]:
+    """The layers of a frozen constraint's saved `expected` digests whose digest in `digests` (base_digests of
+    the model now) differs, a missing layer included, in the saved order."""
+    return [name for name in expected if digests.get(name) != expected[name]]
+
+
 def frozen_constraint(model, quant_type: str, lora_r: int, lora_alpha: int) -> dict:
     digests = base_digests(model)
     if not digests:

@@ -293,7 +293,7 @@ def check(model, constraint: dict, tensors: dict[str, torch.Tensor]) -> dict:
     if kind == "none":
         return {"kind": "none", "ok": True}
     if kind == "frozen":
-        from realign.degrade.bnb import base_digests
+        from realign.degrade.bnb import base_digests, changed_base_layers
 
         digests = base_digests(model)
         expected = constraint["digests"]
@@ -302,7 +302,7 @@ def check(model, constraint: dict, tensors: dict[str, torch.Tensor]) -> dict:
         if sorted(digests) != sorted(expected):
             raise ConstraintViolation(f"quantized layers differ from the saved base: expected {len(expected)}, "
                                       f"found {len(digests)}")
-        changed = [name for name in expected if digests[name] != expected[name]]
+        changed = changed_base_layers(digests, expected)
         if changed:
             raise ConstraintViolation(f"{changed[0]}: the frozen quantized base weights changed "
                                       f"({len(changed)} layers differ from their saved digest)")

@@ -73,12 +73,12 @@ def damage_touched(model, constraint: dict, tensors: dict[str, torch.Tensor],
     if kind == "none":
         return None
     if kind == "frozen":
-        from realign.degrade.bnb import base_digests, quantized_modules
+        from realign.degrade.bnb import base_digests, changed_base_layers, quantized_modules
 
         modules = quantized_modules(model)
         digests, expected = base_digests(model), constraint["digests"]
         sizes = {name: module.in_features * module.out_features for name, module in modules.items()}
-        changed = [name for name in expected if digests.get(name) != expected[name]]
+        changed = changed_base_layers(digests, expected)
         values = sum(sizes.values())
         entry = _counts(len(changed), len(expected), sum(sizes.get(name, 0) for name in changed), values)
         entry["adapter"] = _adapter_counts(model)
