@@ -28,8 +28,9 @@ def _orthogonal(d, seed):
 SEQUENCES = torch.arange(12).repeat_interleave(10)
 
 
-def test_cca_measures_equal_the_textbook_whitened_cross_covariance():
-    x, y = _pair()
+@pytest.mark.parametrize("n, d", [(120, 30), (24, 40)])  # more tokens than features (a real probe), and fewer
+def test_cca_measures_equal_the_textbook_whitened_cross_covariance(n, d):
+    x, y = _pair(n=n, d=d)
     _, variates, rho = classical_cca(x, y, CCA_VARIANCE, CCA_MAX_DIMS_PER_TOKEN)
     assert svcca(x, y) == pytest.approx(float(rho.mean()), abs=1e-9)
     xc = x - x.mean(0)
@@ -51,8 +52,9 @@ def test_rsa_equals_scipy_spearman_of_correlation_distances():
     assert rsa(x, x) == pytest.approx(1.0, abs=1e-12)
 
 
-def test_linear_predictivity_equals_scikit_learn_ridge_per_fold_of_sequences():
-    x, y = _pair(seed=3)
+@pytest.mark.parametrize("d", [30, 200])  # the primal form (folds train on more tokens than features), the dual
+def test_linear_predictivity_equals_scikit_learn_ridge_per_fold_of_sequences(d):
+    x, y = _pair(seed=3, d=d)
     expected = ridge_predictivity_sklearn(x, y, SEQUENCES, PREDICTIVITY_FOLDS, PREDICTIVITY_RIDGE)
     assert linear_predictivity(x, y, SEQUENCES) == pytest.approx(expected, abs=1e-8)
     assert linear_predictivity(x, 3.0 * x @ _orthogonal(x.shape[1], 4), SEQUENCES) > 0.99  # a linear map of x

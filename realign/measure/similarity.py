@@ -36,7 +36,7 @@ import torch
 
 from realign.measure.kernels import (centered64, cka_from_hsic, cka_matrices, cknna_from_gram, hsic1,
                                      linear_predictivity, mutual_knn_from_gram, procrustes_similarity,
-                                     pwcca_from_gram, rbf_cka_from_gram, rsa, svcca_from_gram)
+                                     pwcca, rbf_cka_from_gram, rsa, svcca)
 
 
 @dataclass(frozen=True)
@@ -137,9 +137,9 @@ MEASURES: tuple[Measure, ...] = (
     # without a jackknife interval: eight recomputations of five more measures on every layer cost a damaged
     # artifact's similarity job ~100 s more (measured: 129 s against 31 s), beyond the measurement budget.
     Measure("svcca", "SVCCA (mean canonical correlation)", "SVCCA", "cca", "none", "Raghu et al. 2017",
-            lambda p: svcca_from_gram(p.kt, p.ka)),
+            lambda p: svcca(p.xt, p.xa)),
     Measure("pwcca", "PWCCA (projection-weighted CCA)", "PWCCA", "cca", "none", "Morcos et al. 2018",
-            lambda p: pwcca_from_gram(p.xt, p.kt, p.ka)),
+            lambda p: pwcca(p.xt, p.xa)),
     Measure("rsa", "RSA (Spearman of correlation-distance RDMs)", "RSA", "rsa", "none",
             "Kriegeskorte et al. 2008", lambda p: rsa(p.xt, p.xa)),
     Measure("linear_predictivity", "linear predictivity (CV ridge R², artifact → teacher)", "lin. predictivity",
