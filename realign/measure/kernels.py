@@ -120,9 +120,11 @@ def rbf_cka_from_gram(k: torch.Tensor, l: torch.Tensor) -> float:
 
     def centred_rbf(g: torch.Tensor) -> torch.Tensor:
         sq = torch.diagonal(g)
-        dist2 = (sq[:, None] + sq[None, :] - 2 * g).clamp_min(0)
-        off = dist2[~torch.eye(len(g), dtype=torch.bool)]
-        sigma2 = float(torch.median(off))
+        dist2 = (sq[:, None] + sq[None, :]).sub_(g, alpha=2).clamp_min_(0)  # in place: n x n is the cost here
+        # The median over the upper triangle is the off-diagonal median: each distance stands twice off the
+        # diagonal, and the lower median of that doubled list is the same value (at half the memory and time).
+        rows, cols = torch.triu_indices(len(g), len(g), 1)
+        sigma2 = float(torch.median(dist2[rows, cols]))
         if sigma2 <= 0:
             raise ValueError("RBF bandwidth is zero: the representation has (almost) no distinct points")
         r = torch.exp(-dist2 / (2 * sigma2))
