@@ -248,3 +248,21 @@ def test_the_report_prints_the_code_commit_and_the_preregistration_commit(tmp_pa
     assert "1 file(s) changed since the pre-registration</strong>: <code>code.py</code>" in html
     render_report(table, stats, cka, {"code": at_prereg}, tmp_path / "at.html")
     assert ": the pre-registered code." in (tmp_path / "at.html").read_text()
+
+
+def test_the_report_prints_the_configs_label_first_and_says_when_nothing_was_preregistered(tmp_path):
+    """Issue 30: a quick demonstration is labelled as such in its report, above the verdict; a study whose config
+    names no pre-registration page is called exploratory, and one that names it is not."""
+    table, cka = _study(tmp_path)
+    stats = analyze(table, n_boot=50, n_perm=50)
+    label = "A QUICK DEMONSTRATION, not evidence"
+    render_report(table, stats, cka, {"label": label, "code": {"commit": "abc123", "clean": True}},
+                  tmp_path / "demo.html")
+    html = (tmp_path / "demo.html").read_text()
+    assert html.index(label) < html.index('<section id="theta"')
+    assert "Not pre-registered:</strong>" in html and "Code: commit <code>abc123</code>" in html
+    prereg = {"commit": "abc123", "clean": True,
+              "preregistration": {"page": "p.md", "commit": "abc123", "changed_since": []}}
+    render_report(table, stats, cka, {"code": prereg}, tmp_path / "confirmatory.html")
+    confirmatory = (tmp_path / "confirmatory.html").read_text()
+    assert "Not pre-registered" not in confirmatory and "study-label" not in confirmatory.split("</style>")[1]

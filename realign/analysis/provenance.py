@@ -76,7 +76,7 @@ def hardware() -> dict:
 
 def provenance(config: dict, config_hash: str, teacher_dir, prompts_path, benchmarks_dir, timings_root,
                code: dict | None = None) -> dict:
-    """The report's provenance block: the code's commit and the pre-registration's (code_state), the config and
+    """The report's provenance block: the config's `label`, the code's commit and the pre-registration's (code_state), the config and
     its hash, the library versions recorded in the teacher
     artifact, every finished job's run time (Snakemake's benchmark files under `timings_root`, declared by the
     `report` rule), the hardware, and the data splits (prompt split sizes, the benchmark export's manifest)."""
@@ -86,6 +86,7 @@ def provenance(config: dict, config_hash: str, teacher_dir, prompts_path, benchm
 
     prompts = read_prompts(prompts_path)
     return {
+        "label": config["label"] if "label" in config else None,  # what the config says it is (demo.yaml's)
         "code": code or {},
         "config": config,
         "config_hash": config_hash,

@@ -323,7 +323,7 @@ def render_report(
     """Render the HTML report to `out_path` (atomically); return its figures as {file name: standalone SVG}
     (see `figure_files`), also written to `figures_dir` when given (for Snakemake's `report()`).
 
-    provenance (all keys optional): title, code (realign.analysis.provenance.code_state), config (dict),
+    provenance (all keys optional): title, label (the config's: printed above everything), code (realign.analysis.provenance.code_state), config (dict),
     config_hash (str), versions (dict), timings
     ({rule kind: seconds | [seconds] | {"n", "seconds"}}), hardware (dict or str), data_splits (dict).
     Artifact file links are relative to the report's directory. null_floors: the long tables of
@@ -348,6 +348,7 @@ def render_report(
     estimator = str(table["cka_estimator"].iloc[0]) if "cka_estimator" in table and len(table) else "linear"
     ctx = {
         "title": provenance.get("title", "realign: does recovery go with re-alignment?"),
+        "label": provenance.get("label"),
         "code": provenance.get("code") or {},
         "css": css,
         "association": stats.get("association", "inconclusive"),
