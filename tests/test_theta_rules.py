@@ -98,20 +98,21 @@ def test_mixed_when_h1_prime_refutes_where_another_damage_supports():
     assert v.outcome == "mixed" and "refuted on a" in v.reason and "supported on a, b" in v.reason
 
 
-def _with_refute_p(p: float) -> Paired:
-    """Paired gains (held, kd) on one seed whose refute test (H0 theta >= 0.25: held - 0.75 kd > 0) has one-sided
-    p exactly `p`: kd 0.2 without noise, held 0.15 + z_(1-p) x 0.01 with item replicates of sd exactly 0.01."""
+def _with_refute_p(p: float, n_seeds: int = 2) -> Paired:
+    """Paired gains (held, kd) whose refute test (H0 theta >= 0.25: held - 0.75 kd > 0) has one-sided p exactly
+    `p`: kd 0.2 without noise, held 0.15 + z_(1-p) x 0.01 with item replicates of sd exactly 0.01, the same on
+    every seed (so the seed covariance is 0, with df n_seeds - 1)."""
     e = np.random.default_rng(0).normal(size=400)
     e = (e - e.mean()) / e.std(ddof=1) * 0.01
     held = 0.75 * 0.2 + stats.norm.ppf(1 - p) * 0.01
-    values = np.array([[held, 0.2]])
+    values = np.array([[held, 0.2]] * n_seeds)
     reps = values[None] + np.column_stack([e, np.zeros_like(e)])[:, None, :]
-    return Paired(("held", "kd"), (0,), values, reps, 0.2)
+    return Paired(("held", "kd"), tuple(range(n_seeds)), values, reps, 0.2)
 
 
-def _judge(ps: list[float]):
+def _judge(ps: list[float], n_seeds: int = 2):
     names = [(f"m/d{i}", f"family{i}", "held", "kd", ()) for i in range(len(ps))]
-    theta = estimate_paired(names, [_with_refute_p(p) for p in ps], S)
+    theta = estimate_paired(names, [_with_refute_p(p, n_seeds) for p in ps], S)
     verdicts = []
     for t in theta.damages:
         e = Eligibility(t.damage, t.family, True, (), 0.3, 0.25, 0.2, 0.1, 0.3, 0.05, 0.04, 0.06, (1.0,))
@@ -140,6 +141,36 @@ def test_holm_across_damages_at_half_alpha():
 
     theta, _ = _judge([0.001, 0.02, 0.02])  # Holm: 3 x 0.001, 2 x 0.02, max(0.04, 0.02)
     assert [t.p_refute_holm for t in theta.damages] == pytest.approx([0.003, 0.04, 0.04], abs=1e-6)
+
+
+def test_one_seed_per_arm_decides_nothing():
+    """An interval of items alone (one training seed per arm: the seeds' variance unmeasured) does not decide H1,
+    even where its p is below alpha / 2, and says why; the same p with two paired seeds decides."""
+    theta, verdict = _judge([0.001], n_seeds=1)
+    (t,) = theta.damages
+    assert t.p_refute_holm == pytest.approx(0.001, abs=1e-6) and not t.seed_variance_measured
+    (v,) = verdict.damages
+    assert (v.outcome, v.h1, verdict.outcome) == ("inconclusive", "inconclusive", "inconclusive")
+    assert any("one seed per arm" in r for r in v.reasons) and "cannot decide" in v.sentence
+    theta, verdict = _judge([0.001], n_seeds=2)
+    assert theta.damages[0].seed_variance_measured and verdict.outcome == "refuted"
+
+
+def test_h1_prime_needs_the_seeds_variance_too():
+    """H1' on one seed per arm is "not tested", with its reason; on two seeds it is tested."""
+    for seeds, tested in [(1, False), (2, True)]:
+        rng = np.random.default_rng(3)
+        runs = study(rng, gains={"kd": 0.2, "held": 0.2, "only": 0.0}, methods={**HELD, "only": "alignment-only"},
+                     degradations=("prune",), seeds=seeds, seed_sd=0.005,
+                     delta_cka={"kd": 0.05, "held": 0.0, "only": 0.08}, kl={"kd": 0.1, "held": 0.1, "only": 0.3})
+        table = add_theta_columns(build(runs, n_boot=300), rng, family=FAMILIES, changed_fraction=1.0,
+                                  cka_boot_sd=0.001)
+        a = analyze_arms(arms_by_parent(table), S)
+        (only,) = a.only
+        (v,) = a.verdict.damages
+        assert only.seed_variance_measured is tested
+        assert (v.h1prime != "not tested") is tested, v.reasons
+        assert any("H1' (" in r and ("not tested" in r) is not tested for r in v.reasons), v.reasons
 
 
 def _changed(table: pd.DataFrame, degradation: str, values) -> pd.DataFrame:

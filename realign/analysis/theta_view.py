@@ -111,7 +111,8 @@ def rule_statements(t: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]
         "is refuted on some eligible damage and H1 supported on none; mixed when refuted on some and supported on "
         "others; supported only when H1 is supported on every eligible damage with at least two families eligible; "
         "otherwise inconclusive. θ's interval: seeds paired across arms, one seed covariance pooled across the "
-        "eligible damages, Fieller.",
+        "eligible damages, Fieller. With one seed per arm the seeds' variance is unmeasured, and neither H1 nor H1′ "
+        "decides.",
     )
     checks = (
         f"ΔCKA (required): the upper {level:.0%} bound of mean ΔCKA(held) − (dose + held_cka_margin = "

@@ -39,7 +39,12 @@ class OnlyTest:
     gain_threshold: float
     p_short: float
     p: float
+    seed_df: float = 0.0  # of the pooled seed covariances; 0: one seed per arm, the seed variance unmeasured
     p_holm: float = math.nan
+
+    @property
+    def seed_variance_measured(self) -> bool:
+        return math.isfinite(self.seed_df) and self.seed_df > 0
 
     @property
     def recovery_ratio(self) -> float:
@@ -70,7 +75,8 @@ def h1prime(damages: Sequence[Damage], settings) -> tuple[OnlyTest, ...]:
         p = max(p_rise, p_short) if math.isfinite(p_rise) and math.isfinite(p_short) else math.nan
         rows.append(OnlyTest(d.label, d.only.recovery, c.seeds, float(c.means[0]),
                              settings.cka_rise_min * float(c.means[1]), p_rise, float(g.means[0]),
-                             float(g.means[1]), settings.meaningful_recovery * float(g.means[1]), p_short, p))
+                             float(g.means[1]), settings.meaningful_recovery * float(g.means[1]), p_short, p,
+                             min(cka_seed.df, gain_seed.df)))
     finite = [i for i, r in enumerate(rows) if math.isfinite(r.p)]
     adjusted = dict(zip(finite, holm([rows[i].p for i in finite]))) if finite else {}
     return tuple(replace(r, p_holm=adjusted.get(i, math.nan)) for i, r in enumerate(rows))

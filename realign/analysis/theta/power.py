@@ -219,8 +219,9 @@ def _simulate(noise: StudyNoise, theta: float | None, n_seeds: int, items: float
         for i, (t, (c, kl)) in enumerate(zip(est.damages, parts)):
             ok = c.status == PASSED and kl.status == PASSED
             checked[i] += ok
-            refuted[i] += ok and t.p_refute_holm < level
-            supported[i] += ok and t.p_support_holm < level
+            # as the rules (realign.analysis.theta.rules): only an interval with the seeds' variance decides
+            refuted[i] += ok and t.seed_variance_measured and t.p_refute_holm < level
+            supported[i] += ok and t.seed_variance_measured and t.p_support_holm < level
             halfwidths[i].append(_halfwidth(t.var_item, t.var_seed, t.df, settings.alpha))
     return {"refute": refuted / n_sims, "support": supported / n_sims, "check": checked / n_sims,
             "halfwidth": np.array([np.median(h) for h in halfwidths])}

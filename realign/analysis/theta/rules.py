@@ -9,7 +9,12 @@ Per damage, in this order:
 3. "check failed" when the CKA or KL part failed (or could not be evaluated);
 4. "supported" when H1 is supported (Holm support p < alpha / 2: the lower bound above theta_support);
 5. "inconclusive".
-A damage where H1 is supported while H1' refutes is "refuted", and the reason says both.
+A damage where H1 is supported while H1' refutes is "refuted", and the reason says both. H1 and H1' decide only
+where their intervals hold the training seeds' variance (a pooled seed covariance with df >= 1): with one seed per
+arm on every tested damage that variance is unmeasured, H1 is "inconclusive" and H1' "not tested", and the reasons
+say why. (Added 2026-12-07, after the confirmatory study's pre-registration at 34982ce and before any of its
+results, when the one-seed demonstration config showed a verdict from an interval of items alone; it cannot change
+that study, which has six seeds per arm: docs/2026-12-07-confirmatory.md.)
 
 Overall: "refuted" when H1 or H1' is refuted on at least one eligible damage and H1 is supported on none; "mixed"
 when refuted on some and supported on others; "supported" only when H1 is supported on every eligible damage with
@@ -69,7 +74,10 @@ def damage_verdict(e: Eligibility, theta: ThetaDamage | None, check: ArmCheck | 
                              f"{e.damage} ({e.family}): not tested, as it is not eligible ({first}).")
     h1p = "not tested"
     reasons: list[str] = []
-    if only is not None:
+    if only is not None and not only.seed_variance_measured:
+        reasons.append(f"H1' ({only.arm}): not tested, one seed per arm leaves the training seeds' variance "
+                       "unmeasured")
+    elif only is not None:
         fired = math.isfinite(only.p_holm) and only.p_holm < level
         h1p = REFUTED if fired else "not refuted"
         reasons.append(f"H1' ({only.arm}): delta CKA {only.delta_cka:.4g} vs {only.cka_threshold:.4g} "
@@ -87,6 +95,10 @@ def damage_verdict(e: Eligibility, theta: ThetaDamage | None, check: ArmCheck | 
         if not check.passed:
             h1 = CHECK_FAILED
             reasons += [f"check: {p.statement}" for p in check.failures]
+        elif not theta.seed_variance_measured:
+            h1 = INCONCLUSIVE
+            reasons.append("H1 cannot decide: one seed per arm leaves the training seeds' variance out of theta's "
+                           "interval")
         else:
             h1 = REFUTED if refute else SUPPORTED if support else INCONCLUSIVE
     if h1p == REFUTED:
@@ -116,7 +128,10 @@ def _sentence(e: Eligibility, theta: ThetaDamage | None, outcome: str, h1: str, 
         said += {REFUTED: ": holding re-alignment down cost little of kd's recovery",
                  SUPPORTED: ": holding re-alignment down cost most of kd's recovery",
                  CHECK_FAILED: ", but the held arm's manipulation check failed, so theta cannot decide",
-                 INCONCLUSIVE: ": the interval does not decide between the thresholds"}.get(h1, f" (H1 {h1})")
+                 INCONCLUSIVE: ": the interval does not decide between the thresholds"
+                 if theta.seed_variance_measured else
+                 ": with one training seed per arm its interval leaves out the seeds' variance, so it cannot decide"
+                 }.get(h1, f" (H1 {h1})")
     if h1p == REFUTED:
         said += "; the alignment-only arm re-aligned without recovering (H1' refuted)"
     return f"{where}: {said} — {outcome}."
