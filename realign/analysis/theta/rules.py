@@ -60,8 +60,8 @@ class Verdict:
 
 
 def _theta_text(t: ThetaDamage) -> str:
-    return (f"theta {t.theta:.3f} [{t.low:.3f}, {t.high:.3f}] ({t.level:.0%}, {len(t.seeds)} paired seeds, "
-            f"seed df {t.df:.3g})")
+    seeds = f"seed df {t.df:.3g}" if t.seed_variance_measured else "the seeds' variance unmeasured"
+    return f"theta {t.theta:.3f} [{t.low:.3f}, {t.high:.3f}] ({t.level:.0%}, {len(t.seeds)} paired seeds, {seeds})"
 
 
 def damage_verdict(e: Eligibility, theta: ThetaDamage | None, check: ArmCheck | None, only: OnlyTest | None,
