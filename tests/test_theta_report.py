@@ -42,9 +42,13 @@ def _table(gains, seed=0, **kw) -> pd.DataFrame:
     return t
 
 
-def _render(table, stats, path) -> str:
+PREREGISTERED = {"code": {"commit": "c0ffee", "clean": True,
+                          "preregistration": {"page": "p.md", "commit": "c0ffee", "changed_since": []}}}
+
+
+def _render(table, stats, path, provenance=None) -> str:
     cka = pd.DataFrame(columns=["model", "degradation", "recovery", "layer", "linear_cka", "debiased_cka"])
-    render_report(table, stats, cka, {}, path)
+    render_report(table, stats, cka, PREREGISTERED if provenance is None else provenance, path)
     return path.read_text()
 
 
@@ -128,6 +132,11 @@ def test_the_report_states_the_rules_then_the_verdict_and_theta(tmp_path):
     assert "Association across arms (description)" in html
     # the report leads with the answer: the pre-registered test before the description
     assert html.index('<section id="theta"') < html.index('<section id="association"')
+    # a config that names no pre-registration page: the same rules, called what they are
+    exploratory = _theta_section(_render(table, stats, tmp_path / "r3.html", provenance={}))
+    assert "Pre-registered verdict" not in exploratory and "fixed before the results" not in exploratory
+    assert "Verdict by these rules (exploratory)" in exploratory and "Rules (as configured; not pre-registered)" \
+        in exploratory and '<span class="word">supported</span>' in exploratory
 
 
 def test_the_report_says_why_theta_is_not_estimated(tmp_path):
