@@ -46,8 +46,28 @@ def test_torch_debiased_cka_equals_the_float64_measurement_estimator(n, d):
         assert float(debiased_cka(x, y)) == pytest.approx(reference, abs=2e-5)
 
 
-def test_torch_debiased_cka_has_the_gradient_of_the_estimate():
-    x0, y = hidden_like(64, 16, 4, offset=0.0), hidden_like(64, 16, 5, offset=0.0)
+def test_the_gram_and_the_feature_form_of_the_torch_estimator_agree():
+    """Fewer tokens than features take the Gram form, as many or more the feature form: n = d + 1 tokens with
+    d features take the feature form, and with two zero features more (the same kernels) the Gram form; both give
+    the float64 estimate and the same gradient (float32 rounding apart)."""
+    n, d = 49, 48
+    x = hidden_like(n, d, 6).requires_grad_()
+    y = hidden_like(n, d, 7) + 0.5 * x.detach()
+    forms = []
+    for pad in (0, 2):
+        x.grad = None
+        cka = debiased_cka(torch.nn.functional.pad(x, (0, pad)), torch.nn.functional.pad(y, (0, pad)))
+        cka.backward()
+        assert float(cka.detach()) == pytest.approx(linear_cka(x.detach().double(), y.double(), debiased=True),
+                                                    abs=2e-5)
+        forms.append(x.grad.clone())
+    feature, gram = forms
+    assert torch.allclose(gram, feature, rtol=1e-3, atol=1e-4 * float(feature.abs().max()))
+
+
+@pytest.mark.parametrize("n, d", [(64, 16), (24, 64)])  # the feature-space and the Gram form
+def test_torch_debiased_cka_has_the_gradient_of_the_estimate(n, d):
+    x0, y = hidden_like(n, d, 4, offset=0.0), hidden_like(n, d, 5, offset=0.0)
     x = (0.5 * y + x0).requires_grad_()
     cka = debiased_cka(x, y)
     cka.backward()
