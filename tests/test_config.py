@@ -173,6 +173,14 @@ def test_shipped_configs_are_valid(path):
     assert study_cells(config)
 
 
+def test_the_demonstration_says_what_it_is_and_the_confirmatory_study_names_its_preregistration():
+    """Issue 30: the quick demonstration is labelled as such (the report prints `label` above everything); the
+    embedded study names its pre-registration page and is not labelled a demonstration."""
+    demo = validate_config(yaml.safe_load((REPO / "configs" / "demo.yaml").read_text()), SCHEMA)
+    assert "DEMONSTRATION" in demo["label"] and "preregistration" not in demo
+    assert (REPO / DEFAULT["preregistration"]).is_file() and "label" not in DEFAULT
+
+
 def test_study_blocks_are_a_union_of_cross_products():
     config = validate_config(DEFAULT, SCHEMA)
     for recovery in config["recoveries"].values():
