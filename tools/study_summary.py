@@ -42,7 +42,8 @@ def theta_table(theta: dict) -> list[str]:
                    f"{v['h1prime']} | {v['h2']} |")
     s = theta.get("summary")
     if s:
-        out.append(f"| fixed effect (description) | | {s['theta']:.3f} | {_interval(s['low'], s['high'])} | | | | | | |")
+        out.append(f"| fixed effect (description) | | {s['theta']:.3f} | {_interval(s['low'], s['high'])} "
+                   "| | | | | | |")
     for e in theta["eligibility"]:
         if not e["eligible"]:
             out.append(f"\n{e['damage']} is not eligible: {'; '.join(e['reasons'])}")
@@ -56,9 +57,9 @@ def check_lines(theta: dict) -> list[str]:
                    f"{'passed' if c['passed'] else 'failed'}; H2 {c['h2']}")
         out += [f"  - {p['name']} ({'required' if p['required'] else 'H2'}): {p['statement']}" for p in c["parts"]]
     for o in theta.get("only") or []:
-        out.append(f"- **H1′ on {o['damage']}** ({o['arm']}, {len(o['seeds'])} seeds): delta CKA {o['delta_cka']:.4g} "
-                   f"vs {o['cka_threshold']:.4g} (p {o['p_cka_rise']:.3g}); gain {o['gain']:.4g} vs "
-                   f"{o['gain_threshold']:.4g} (p {o['p_short']:.3g}); Holm p {o['p_holm']:.3g}")
+        out.append(f"- **H1′ on {o['damage']}** ({o['arm']}, {len(o['seeds'])} seeds): delta CKA "
+                   f"{o['delta_cka']:.4g} vs {o['cka_threshold']:.4g} (p {o['p_cka_rise']:.3g}); gain "
+                   f"{o['gain']:.4g} vs {o['gain_threshold']:.4g} (p {o['p_short']:.3g}); Holm p {o['p_holm']:.3g}")
     return out
 
 
@@ -100,8 +101,8 @@ def time_lines(times: pd.DataFrame) -> list[str]:
         arms = recover.groupby(["damage", "arm"])["seconds"].mean().unstack()
         if {"kd", "alignment-held"} <= set(arms.columns):
             out.append("")
-            out += [f"- held / kd on {damage}: {row['alignment-held'] / row['kd']:.2f} (mean {row['alignment-held']:.0f} s "
-                    f"against {row['kd']:.0f} s)" for damage, row in arms.iterrows()]
+            out += [f"- held / kd on {damage}: {row['alignment-held'] / row['kd']:.2f} (mean "
+                    f"{row['alignment-held']:.0f} s against {row['kd']:.0f} s)" for damage, row in arms.iterrows()]
     return out
 
 

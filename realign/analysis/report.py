@@ -323,8 +323,8 @@ def render_report(
     """Render the HTML report to `out_path` (atomically); return its figures as {file name: standalone SVG}
     (see `figure_files`), also written to `figures_dir` when given (for Snakemake's `report()`).
 
-    provenance (all keys optional): title, label (the config's: printed above everything), code (realign.analysis.provenance.code_state), config (dict),
-    config_hash (str), versions (dict), timings
+    provenance (all keys optional): title, label (the config's: printed above everything), code
+    (realign.analysis.provenance.code_state), config (dict), config_hash (str), versions (dict), timings
     ({rule kind: seconds | [seconds] | {"n", "seconds"}}), hardware (dict or str), data_splits (dict).
     Artifact file links are relative to the report's directory. null_floors: the long tables of
     realign.measure.stage.null_floors with a `model` column; matrices: {(model, degradation, recovery): CKA

@@ -65,7 +65,8 @@ class ThetaDamage:
     @property
     def seed_variance_measured(self) -> bool:
         """Whether the interval holds the training seeds' variance: a pooled seed covariance with df >= 1. With one
-        seed per arm on every tested damage it is not measured, and theta cannot decide (realign.analysis.theta.rules)."""
+        seed per arm on every tested damage it is not measured, and theta cannot decide
+        (realign.analysis.theta.rules)."""
         return math.isfinite(self.df) and self.df > 0
 
     @property
