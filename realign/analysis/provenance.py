@@ -78,7 +78,8 @@ def provenance(config: dict, config_hash: str, teacher_dir, prompts_path, benchm
                code: dict | None = None) -> dict:
     """The report's provenance block: the config's `label`, the code's commit and the pre-registration's
     (code_state), the config and its hash, the library versions recorded in the teacher artifact, every finished
-    job's run time (Snakemake's benchmark files under `timings_root`, declared by the `report` rule), the hardware, and the data splits (prompt split sizes, the benchmark export's manifest)."""
+    job's run time (Snakemake's benchmark files under `timings_root`, declared by the `report` rule), the hardware,
+    and the data splits (prompt split sizes, the benchmark export's manifest)."""
     from realign.data.stage import read_prompts
     from realign.io import read_json
     from realign.models.artifact import read_record
