@@ -43,6 +43,8 @@ def test_the_summary_quotes_the_statistics_and_the_job_times(tmp_path):
     assert f"**Verdict: {theta['outcome']}**" in text and all(line in text for line in theta["lines"])
     for d in theta["damages"]:
         assert f"| {d['damage']} | {d['family']} | {d['theta']:.3f} | [{d['low']:.3f}, {d['high']:.3f}] |" in text
+    for e in theta["eligibility"]:
+        assert f"| {e['damage']} | {e['eligible']} | {e['damage_value']:.4f} ({e['damage_low']:.4f}) |" in text
     for c in theta["checks"]:
         assert all(p["statement"] in text for p in c["parts"])
     assert "| recover | 4 | 99.5 | 99.0 | 0.11 |" in text  # median of 80, 99, 100, 117; mean 99; 396 s

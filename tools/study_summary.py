@@ -44,9 +44,17 @@ def theta_table(theta: dict) -> list[str]:
     if s:
         out.append(f"| fixed effect (description) | | {s['theta']:.3f} | {_interval(s['low'], s['high'])} "
                    "| | | | | | |")
+    return out
+
+
+def eligibility_table(theta: dict) -> list[str]:
+    out = ["| damage | eligible | damage (lower bound) | kd gain [interval] | kd ΔCKA [interval] | reasons |",
+           "|---|---|---|---|---|---|"]
     for e in theta["eligibility"]:
-        if not e["eligible"]:
-            out.append(f"\n{e['damage']} is not eligible: {'; '.join(e['reasons'])}")
+        out.append(f"| {e['damage']} | {e['eligible']} | {e['damage_value']:.4f} ({e['damage_low']:.4f}) | "
+                   f"{e['kd_gain']:.4f} {_interval(e['kd_gain_low'], e['kd_gain_high'])} | "
+                   f"{e['kd_delta_cka']:.4f} {_interval(e['kd_delta_cka_low'], e['kd_delta_cka_high'])} | "
+                   f"{'; '.join(e['reasons']) or '-'} |")
     return out
 
 
@@ -115,7 +123,8 @@ def summary(study: Path) -> str:
     if not theta.get("estimated"):
         out += [f"theta not estimated: {theta.get('reason')}", ""]
     else:
-        out += verdict_lines(theta) + ["", "## θ per damage", ""] + theta_table(theta)
+        out += verdict_lines(theta) + ["", "## Eligibility", ""] + eligibility_table(theta)
+        out += ["", "## θ per damage", ""] + theta_table(theta)
         out += ["", "## Manipulation checks, H1′", ""] + check_lines(theta)
         out += ["", "## Power", ""] + power_lines(theta, means)
     out += ["", "## Job times", ""] + time_lines(times)
