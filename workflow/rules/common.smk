@@ -2,7 +2,7 @@
 import re
 from pathlib import Path
 
-from realign.config import (ConfigError, checkpoint_steps, config_hash, load_schema, recovery_spec, study_cells,
+from realign.config import (ConfigError, checkpoint_steps, config_hash, load_schema, recovery_spec, study_artifacts,
                             study_degradations, study_recoveries, trained_recoveries, training_params, validate_config)
 from realign.data.corpora import stdlib_identity
 from realign.degrade.registry import CALIBRATED_METHODS, METHODS as DEGRADATION_METHODS
@@ -51,11 +51,7 @@ wildcard_constraints:
 
 def artifacts():
     """Every (model, degradation, recovery) of the study; the teacher is (model, none, none)."""
-    cells = []
-    for model in MODELS:
-        cells.append((model, "none", "none"))
-        cells += [(model, degradation, recovery) for degradation, recovery in study_cells(config)]
-    return cells
+    return study_artifacts(config)
 
 
 def artifact_dir(model, degradation, recovery):
