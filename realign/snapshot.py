@@ -108,6 +108,9 @@ class Study:
     def models(self) -> list[str]:
         return sorted({c.model for c in self.cells()})
 
+    def damages(self) -> list[str]:
+        return sorted({c.degradation for c in self.cells()} - {"none"})
+
     def identity(self, require_clean: bool = True) -> dict:
         """The code's commit and the config's digest: a snapshot belongs to one of each."""
         def git(*args):
@@ -168,6 +171,12 @@ def pinned_inputs(study: Study) -> dict[str, str]:
             if not any(fnmatch.fnmatch(p, pattern) for pattern in LOCATION_DEPENDENT)}
 
 
+def damage_input(path: str, damages: list[str]) -> str | None:
+    """The damage a pinned input is made from (`<damage>.…`: its parent's content states, its top-k as a teacher),
+    or None for an input of every cell."""
+    return next((d for d in damages if Path(path).name.startswith(d + ".")), None)
+
+
 def rule_target(study: Study, path: str) -> str:
     """What Snakemake can be asked for to make `path`: the directory output that holds it, or the file itself."""
     for folder in Path(path).parents:
@@ -215,12 +224,15 @@ def save(study: Study, snapshot: Path, require_clean: bool = True) -> list[Cell]
                             f"and {identity['config_sha256'][:12]}")
     pinned = pinned_inputs(study)
     differ = [p for p, digest in manifest["pinned"].items() if p in pinned and pinned[p] != digest]
-    if differ:
-        raise SnapshotError(f"{', '.join(differ)}: made here with other bytes than the carried cells were computed "
+    shared = [p for p in differ if damage_input(p, study.damages()) is None]
+    if shared:
+        raise SnapshotError(f"{', '.join(shared)}: made here with other bytes than the carried cells were computed "
                             "from; resume from the snapshot (tools/study_snapshot.py resume) in a fresh clone")
-    # a damaged parent made here with other weights than the carried one (a resume that dropped its damage's cells,
-    # on another kind of CPU): the carried cells of that damage give way to this folder's
-    stale = [key for key, entry in manifest["cells"].items()
+    # a damaged parent, or an input made from it, made here with other bytes than the carried one (a resume that
+    # dropped its damage's cells, on another kind of CPU): the carried cells of that damage give way to this folder's
+    redone = {damage_input(p, study.damages()) for p in differ}
+    stale = [key for key in manifest["cells"] if Cell(*key.split("/")).degradation in redone]
+    stale += [key for key, entry in manifest["cells"].items()
              if (parent := _parent_of(key)) is not None and study.weights(parent) is not None
              and entry["parent_weights"] != study.weights(parent)]
     stale += [c.key for c in study.cells() if c.recovery == "none" and c.key in manifest["cells"]
@@ -252,7 +264,7 @@ def save(study: Study, snapshot: Path, require_clean: bool = True) -> list[Cell]
     bench = study.path("results/benchmarks")
     for tsv in sorted(bench.rglob("*.tsv")):  # none if no folder; a job made again here has its latest record
         _copy(tsv, snapshot / tsv.relative_to(study.folder))
-    manifest["pinned"] = {**pinned, **manifest["pinned"]}
+    manifest["pinned"] = {**manifest["pinned"], **pinned}  # equal where both have a path, but a redone damage's
     manifest["pinned_targets"] = sorted(set(manifest["pinned_targets"]) | {rule_target(study, p) for p in pinned})
     manifest["saves"].append({"at": saved_at, "host": host, "cells_added": [c.key for c in added],
                               "cells_replaced": sorted(set(stale))})
@@ -294,13 +306,18 @@ def plan(snapshot: Path, study: Study, require_clean: bool = True) -> Plan:
                             f"{manifest['study']['commit']} with its config.yaml and resume there")
     made = pinned_inputs(study)
     differ = sorted(p for p, digest in manifest["pinned"].items() if made.get(p) != digest)
-    if differ:
-        raise SnapshotError("made again with other bytes, or not made: " + ", ".join(differ)
+    shared = [p for p in differ if damage_input(p, study.damages()) is None]
+    if shared:
+        raise SnapshotError("made again with other bytes, or not made: " + ", ".join(shared)
                             + ". Every carried cell was computed from them, so none can be carried")
+    redone = {damage_input(p, study.damages()): p for p in differ}
     carried, remaining, dropped = [], [], {}
     for cell in study.cells():
         entry = manifest["cells"].get(cell.key)
         if entry is None:
+            remaining.append(cell)
+        elif cell.degradation in redone:
+            dropped[cell.key] = f"its damage's input {redone[cell.degradation]} was made again here with other bytes"
             remaining.append(cell)
         elif cell.recovery == "none" and _carried_weights(snapshot, cell) != study.weights(cell):
             dropped[cell.key] = "made again here with other weights"

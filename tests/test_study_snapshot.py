@@ -97,6 +97,18 @@ def test_a_parent_made_with_other_weights_drops_its_cells(carried, tmp_path):
     assert read_json(other / damage.record)["weights_sha256"] == study(workdir).weights(damage)
 
 
+def test_an_input_made_from_one_damage_drops_only_that_damage(carried, tmp_path):
+    workdir, snapshot, _ = carried
+    other, manifest = copy_of(snapshot, tmp_path)
+    damage = study(workdir).damages()[0]
+    path = f"results/data/tiny/content_states/{damage}.len64.layers-inner.safetensors"  # made here otherwise
+    manifest["pinned"][path] = "0" * 64
+    write_json(other / snap.MANIFEST, manifest)
+    chosen = snap.plan(other, study(workdir), require_clean=False)
+    assert set(chosen.dropped) == {c.key for c in study(workdir).cells() if c.degradation == damage}
+    assert all(path in why for why in chosen.dropped.values())
+
+
 def test_an_input_made_again_with_other_bytes_carries_nothing(carried, tmp_path):
     workdir, snapshot, _ = carried
     other, manifest = copy_of(snapshot, tmp_path)
