@@ -6,6 +6,7 @@ says, is refused."""
 from __future__ import annotations
 
 import shutil
+import sys
 
 import pandas as pd
 import pytest
@@ -13,6 +14,9 @@ from tiny_study import REPO, jobs_to_run, snakemake
 
 from realign import snapshot as snap
 from realign.io import IntegrityError, file_sha256, read_json, write_json
+
+sys.path.insert(0, str(REPO / "tools"))
+import study_snapshot  # noqa: E402
 
 TIMINGS = ["seconds", "eval_seconds", "divergence_seconds"]  # each run's own job times
 
@@ -132,3 +136,16 @@ def test_a_damaged_file_is_neither_saved_nor_resumed_from(carried, tmp_path):
     shutil.copy(copy / cell.measurements()[0], damaged / cell.measurements()[0])
     with pytest.raises(snap.SnapshotError, match=cell.key):
         snap.read_manifest(damaged)
+
+
+def test_the_command_runs_snakemake_in_the_clone_with_its_own_code(tmp_path, capsys):
+    """tools/study_snapshot.py resume hands Snakemake the clone's folder as its working directory and the clone's
+    code on PYTHONPATH (a study never runs this checkout's code); a failing Snakemake is a clear error, exit 1."""
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    probe = 'pwd > where.txt; echo "$PYTHONPATH" >> where.txt; exit 3'
+    code = study_snapshot.main(["resume", str(tmp_path / "snapshot"), str(clone),
+                                "--snakemake", f"sh -c '{probe}' snakemake"])
+    assert code == 1
+    assert "snakemake -n --quiet rules... failed (exit 3)" in capsys.readouterr().err
+    assert (clone / "where.txt").read_text().split() == [str(clone.resolve())] * 2

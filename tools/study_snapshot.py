@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "plan":
             print(snap.plan(args.snapshot.resolve(), study).describe())
         else:
-            snap.resume(args.snapshot.resolve(), study, snakemake_in(study, args.snakemake))
+            snap.resume(args.snapshot.resolve(), study, snakemake_in(study.folder, args.snakemake))
     except snap.SnapshotError as err:
         print(f"study_snapshot: {err}", file=sys.stderr)
         return 1
