@@ -15,16 +15,19 @@ backward pass costs twice the forward):
                      backward), with T = 160 and no discount for the causal mask (PaLM's convention): 33 MFLOP.
 Total about 840 MFLOP per token; element-wise work (norms, SiLU, softmaxes, the loss, AdamW) is not counted,
 as usual, although on a CPU it is not free. MFU = tokens/s x FLOPs per token / peak, where the peak is the
-fp32 GEMM throughput measured in the same run (a 2048-cube product and the model's own [640 x 576] x
+GEMM throughput in the variant's precision (fp32, or bf16 for fused-bf16) measured in the same run (a 2048-cube product and the model's own [640 x 576] x
 [576 x 1536] product, measured before every variant and at the end; the best of all is the peak, so a
 machine shared with other work cannot inflate the MFU by lowering the peak).
 
-Three variants of the same step, measured side by side; all give the same losses to ~1e-6:
+Four variants of the same step, measured side by side; the three fp32 ones give the same losses to ~1e-6:
   naive      log_softmax over the full vocabulary on a float32 copy of the logits, then gather the top-k;
              AdamW with its default (foreach) implementation;
   logsumexp  log q at the top-k = logits[top-k] - logsumexp(logits): no second [B, T, V] tensor and its
              backward;
-  fused      logsumexp + AdamW(fused=True): one kernel over all parameters instead of a dozen foreach passes.
+  fused      logsumexp + AdamW(fused=True): one kernel over all parameters instead of a dozen foreach passes;
+  fused-bf16 fused under bf16 autocast (fp32 weights and optimizer, bf16 products), training.dtype bfloat16. Its MFU
+             is against the bf16 GEMM peak, measured alongside the fp32 one; on a CPU without bf16 units
+             (avx512_bf16, AMX) bf16 is emulated and this variant is several times slower.
 
     .venv/bin/python benchmarks/train_mfu.py --steps 4
 """
@@ -37,7 +40,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _timing import matmul_gflops
+from _timing import best_rates, gemm_rates
 from transformers import LlamaConfig, LlamaForCausalLM
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -66,19 +69,16 @@ def topk_kd_loss(logits: torch.Tensor, top_values: torch.Tensor, top_index: torc
     return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1).mean()
 
 
-def gemm_peak() -> dict[str, float]:
-    def rate(m, k, n):
-        return matmul_gflops(torch.randn(m, k), torch.randn(k, n))
-
-    return {"square_2048": rate(2048, 2048, 2048), "model_640x576x1536": rate(640, 576, 1536)}
+GEMM_SHAPES = {"square_2048": (2048, 2048, 2048), "model_640x576x1536": (640, 576, 1536)}
 
 
-VARIANTS = {"naive": dict(full_log_softmax=True, fused_adamw=False),
-            "logsumexp": dict(full_log_softmax=False, fused_adamw=False),
-            "fused": dict(full_log_softmax=False, fused_adamw=True)}
+VARIANTS = {"naive": dict(full_log_softmax=True, fused_adamw=False, bf16=False),
+            "logsumexp": dict(full_log_softmax=False, fused_adamw=False, bf16=False),
+            "fused": dict(full_log_softmax=False, fused_adamw=True, bf16=False),
+            "fused-bf16": dict(full_log_softmax=False, fused_adamw=True, bf16=True)}
 
 
-def run_variant(full_log_softmax: bool, fused_adamw: bool, batch: int, seq: int, k: int, steps: int,
+def run_variant(full_log_softmax: bool, fused_adamw: bool, bf16: bool, batch: int, seq: int, k: int, steps: int,
                 warmup: int) -> dict:
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M))
@@ -92,8 +92,10 @@ def run_variant(full_log_softmax: bool, fused_adamw: bool, batch: int, seq: int,
     for step in range(warmup + steps):
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        logits = model(input_ids=input_ids).logits
-        loss = topk_kd_loss(logits, top_values, top_index, full_log_softmax)
+        # bf16: what realign.device.autocast does for training.dtype bfloat16 (fp32 weights, bf16 products)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=input_ids).logits
+            loss = topk_kd_loss(logits, top_values, top_index, full_log_softmax)
         forward = time.perf_counter()
         loss.backward()
         backward = time.perf_counter()
@@ -122,7 +124,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    peaks = [gemm_peak()]
+    peaks = [gemm_rates(GEMM_SHAPES)]
     tokens = args.batch * args.seq
     figures = {"threads": torch.get_num_threads(), "batch": args.batch, "seq": args.seq, "topk": args.topk,
                "variants": {}}
@@ -130,27 +132,36 @@ def main() -> None:
           f"{figures['threads']} threads")
     for name, variant in VARIANTS.items():
         if name != "naive":
-            peaks.append(gemm_peak())
+            peaks.append(gemm_rates(GEMM_SHAPES))
         figures["variants"][name] = run_variant(**variant, batch=args.batch, seq=args.seq, k=args.topk,
                                                 steps=args.steps, warmup=args.warmup)
-    peaks.append(gemm_peak())
-    peak = {shape: max(p[shape] for p in peaks) for shape in peaks[0]}
-    peak_gflops = max(peak.values())
-    figures.update(gemm_gflops_fp32=peak, gemm_measurements=peaks, peak_gflops=peak_gflops)
-    print(f"  fp32 GEMM, best of {len(peaks)} measurements: {peak['square_2048']:.0f} GFLOP/s (2048 cube), "
-          f"{peak['model_640x576x1536']:.0f} GFLOP/s (640x576x1536)")
+    peaks.append(gemm_rates(GEMM_SHAPES))
+    best = best_rates(peaks)
+    peak, peak_bf16 = best["fp32"], best["bf16"]
+    peak_gflops = {precision: max(rates.values()) for precision, rates in best.items()}
+    figures.update(gemm_gflops_fp32=peak, gemm_gflops_bf16=peak_bf16, gemm_measurements=peaks,
+                   peak_gflops=peak_gflops["fp32"], peak_gflops_bf16=peak_gflops["bf16"])
+    for precision, rates in best.items():
+        print(f"  {precision} GEMM, best of {len(peaks)} measurements: {rates['square_2048']:.0f} GFLOP/s "
+              f"(2048 cube), {rates['model_640x576x1536']:.0f} GFLOP/s (640x576x1536)")
     for name, result in figures["variants"].items():
         flops = result["flops"]
         result["tokens_per_s"] = tokens_per_s = tokens / result["step_s"]
-        result["mfu"] = mfu = tokens_per_s * flops["total"] / (peak_gflops * 1e9)
+        # MFU against the peak of the precision the variant's products run in
+        result["mfu"] = mfu = tokens_per_s * flops["total"] / (
+            peak_gflops["bf16" if VARIANTS[name]["bf16"] else "fp32"] * 1e9)
         print(f"  {name:9s}: {result['step_s']:.2f} s/step (best of {args.steps}: "
               f"{', '.join(f'{t:.2f}' for t in result['all_steps_s'])}), {tokens_per_s:.0f} tokens/s, "
               f"{flops['total'] / 1e6:.0f} MFLOP/token, MFU {100 * mfu:.1f} %; "
               + ", ".join(f"{k} {v:.2f} s" for k, v in result["phases_s"].items()))
-    losses = [figures["variants"][v]["losses"] for v in VARIANTS]
+    losses = [figures["variants"][v]["losses"] for v in VARIANTS if not VARIANTS[v]["bf16"]]
     figures["max_loss_diff"] = max(abs(a - b) for other in losses[1:] for a, b in zip(losses[0], other))
-    print(f"  losses of every step agree across variants within {figures['max_loss_diff']:.1e} "
+    print(f"  fp32 losses of every step agree across variants within {figures['max_loss_diff']:.1e} "
           f"(step 1: {', '.join(f'{l[0]:.6f}' for l in losses)})")
+    bf16 = figures["variants"]["fused-bf16"]["losses"]
+    figures["bf16_loss_diff"] = max(abs(a - b) for a, b in zip(figures["variants"]["fused"]["losses"], bf16))
+    print(f"  bf16 autocast's losses differ from fp32's by at most {figures['bf16_loss_diff']:.1e} "
+          f"(the check that matters is the recovered models' gains: docs/2026-12-08-bf16.md)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)

@@ -148,8 +148,9 @@ SCHEMA_PATH = Path(__file__).resolve().parent / "assets" / "config.schema.yaml"
 SHARED_RECOVERY_KEYS = ("method", "steps", "lr", "teacher", "checkpoints", "quantized_training", "lora_r", "lora_alpha")
 # Damages whose constraint is an integer grid with per-group scales: the ones `quantized_training: scales` can train.
 INTEGER_GRID_METHODS = ("rtn", "gptq")
-# Degradations fitted layer by layer on calibration windows of the distill split (`data.calibration`).
-TRAINING_KEYS = ("batch_size", "grad_accum", "max_len", "schedule", "warmup_steps", "max_grad_norm", "state_every")
+# The `training:` keys a recovery may set for itself (the schema's training_keys)
+TRAINING_KEYS = ("batch_size", "grad_accum", "max_len", "schedule", "warmup_steps", "max_grad_norm", "state_every",
+                 "dtype")
 
 
 def _check_cross_references(config: dict) -> None:

@@ -60,9 +60,17 @@ def measure_precision(setting: str, device) -> str:
     return setting
 
 
-def training_precision(device) -> str:
-    """The precision of a forward that names none (training, and measurement code called directly): bf16 on
-    CUDA, fp32 elsewhere."""
+TRAINING_PRECISIONS = ("float32", "bfloat16")  # training.dtype
+
+
+def training_precision(device, setting: str | None = None) -> str:
+    """The precision of a training forward: training.dtype `setting` where the config sets it, else (and for a
+    forward that names none: measurement code called directly) bf16 on CUDA and fp32 elsewhere. bf16 training on
+    a CPU with bf16 units is faster but not validated as the default (issue 29): a config asks for it."""
+    if setting is not None:
+        if setting not in TRAINING_PRECISIONS:
+            raise ValueError(f"training.dtype: {setting!r} is not one of {', '.join(TRAINING_PRECISIONS)}")
+        return setting
     return "bfloat16" if torch.device(device).type == "cuda" else "float32"
 
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from realign.data.row_cache import examples_fingerprint
 from realign.data.sequences import collate
-from realign.device import autocast, model_device, on_device
+from realign.device import autocast, model_device, on_device, training_precision
 from realign.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0
+    precision: str | None = None  # training.dtype: float32 | bfloat16; None: realign.device.training_precision's default
 
     @classmethod
     def from_params(cls, params: dict, seed: int) -> "TrainConfig":
@@ -46,7 +47,7 @@ class TrainConfig:
         return cls(steps=params["steps"], lr=params["lr"], batch_size=params["batch_size"],
                    grad_accum=params.get("grad_accum", 1), schedule=params.get("schedule", "cosine"),
                    warmup_steps=params.get("warmup_steps", 0), max_grad_norm=params.get("max_grad_norm", 1.0),
-                   seed=seed)
+                   seed=seed, precision=params.get("dtype"))
 
     def __post_init__(self):
         if self.steps < 0:
@@ -55,6 +56,11 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
+        training_precision("cpu", self.precision)  # an unknown training.dtype fails here, before any step
+
+    def precision_on(self, device) -> str:
+        """The precision of its training forwards on `device` (realign.device.training_precision)."""
+        return training_precision(device, self.precision)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -192,6 +198,7 @@ def train(model, examples: list[dict], loss_fn, cfg: TrainConfig, pad_id: int, c
     elif on_restart is not None:
         on_restart()
     device = model_device(model)
+    precision = cfg.precision_on(device)  # the student's forwards (and so its backward)
     model.train()
     bar = tqdm(range(first_step, cfg.steps), desc="train", file=sys.stderr, mininterval=5, ascii=True,
                initial=first_step, total=cfg.steps)
@@ -201,7 +208,7 @@ def train(model, examples: list[dict], loss_fn, cfg: TrainConfig, pad_id: int, c
         for micro in range(cfg.grad_accum):
             start = step * per_step + micro * cfg.batch_size
             batch = on_device(collate([examples[i] for i in order[start:start + cfg.batch_size]], pad_id), device)
-            with autocast(device):
+            with autocast(device, precision):
                 loss = loss_fn(model, batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training diverged: loss is {loss.item()} at step {step} "

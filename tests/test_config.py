@@ -132,6 +132,9 @@ BAD = [
      r"recoveries\.kd\.lora_r: an option of quantized_training: lora, which this recovery does not set"),
     ("an unknown quantized training", _set(["recoveries", "kd", "quantized_training"], "codes"),
      r"recoveries\.kd\.quantized_training"),
+    ("a training precision without bf16's range", _set(["recoveries", "kd", "dtype"], "float16"),
+     r"recoveries\.kd\.dtype: 'float16' is not allowed; allowed: float32, bfloat16"),
+    ("a training precision for every run", _set(["training", "dtype"], "fp32"), r"training\.dtype: 'fp32'"),
     ("a narrow corpus too small for a forgetting run", _set(["data", "narrow_corpus_chars"], 100_000),
      r"data\.narrow_corpus_chars: 100000 characters, but degradations\.sft-code\S* trains on 15360 tokens, which "
      r"need 122880"),
@@ -153,6 +156,18 @@ def test_malformed_config_is_rejected_naming_the_key(mutate, pattern):
     mutate(config)
     with pytest.raises(ConfigError, match=pattern):
         validate_config(config, SCHEMA)
+
+
+def test_a_recovery_may_train_in_bf16_where_the_others_do_not():
+    """training.dtype is a training key: a recovery sets it for itself (an arm `kd-bf16` beside `kd`), and its
+    params, which the recovery's job reads and its record keeps, carry it; the others' params do not change."""
+    from realign.config import training_params
+
+    config = copy.deepcopy(DEFAULT)
+    config["recoveries"]["kd-bf16"] = {**config["recoveries"]["kd"], "dtype": "bfloat16"}
+    config = validate_config(config, SCHEMA)
+    assert training_params(config, "recoveries", "kd-bf16")["dtype"] == "bfloat16"
+    assert "dtype" not in training_params(config, "recoveries", "kd")
 
 
 def test_snakemake_stops_before_any_job(tmp_path):

@@ -133,6 +133,20 @@ def test_a_pruned_recovery_records_the_kept_values_it_changed(inputs):
     assert read_record(out).damage_touched == record.damage_touched
 
 
+def test_a_recovery_trained_in_bf16_keeps_its_constraint_and_records_its_precision(inputs):
+    """training.dtype bfloat16 (autocast) rounds the products, not the weights: the pruned parent's zeros stay zero,
+    the kept values move, and the record says which precision trained it; the default on a CPU is float32."""
+    _, _, parents, _ = inputs
+    out, record = recover(inputs, "magnitude-0.5", "sft-bf16", "sft", lr=1e-3, dtype="bfloat16")
+    assert record.training_precision == read_record(out).training_precision == "bfloat16"
+    assert record.recovery_params["dtype"] == "bfloat16"
+    assert record.constraint_check["ok"] and record.damage_touched["mask"]["values_changed"] > 0
+    masks = load_constraint_tensors(parents["magnitude-0.5"])
+    assert counted(parents["magnitude-0.5"], out, masks) == (len(masks), record.damage_touched["mask"]["values_changed"],
+                                                            record.damage_touched["mask"]["values"])
+    assert recover(inputs, "magnitude-0.5", "sft-fp32", "sft", lr=1e-3)[1].training_precision == "float32"
+
+
 def test_a_lora_recovery_of_a_frozen_base_changes_no_base_value_and_records_its_trained_adapter(inputs):
     out, record = recover(inputs, "nf4", "sft", "sft", lr=1e-2)
     frozen = record.damage_touched["frozen"]

@@ -78,6 +78,30 @@ def test_schedules():
         TrainConfig(steps=1, lr=1.0, schedule="step")
 
 
+@pytest.mark.parametrize("setting,expected", [(None, torch.float32), ("float32", torch.float32),
+                                             ("bfloat16", torch.bfloat16)])
+def test_training_dtype_sets_the_precision_of_the_students_forwards(tiny, setting, expected):
+    """training.dtype bfloat16 runs the student's forwards under bf16 autocast (its logits come out bf16; the
+    weights and the optimizer stay fp32); unset, a CPU trains in fp32 (bf16 training is not validated there)."""
+    model, tokenizer = tiny
+    examples = [chat_example(tokenizer, "a", "b", 32)] * 2
+    seen = []
+
+    def loss_fn(m, batch):
+        logits = m(input_ids=batch["input_ids"]).logits
+        seen.append(logits.dtype)
+        return cross_entropy(logits.float(), batch["labels"])
+
+    params = {"steps": 2, "lr": 1e-3, "batch_size": 1, **({"dtype": setting} if setting else {})}
+    cfg = TrainConfig.from_params(params, seed=0)
+    assert cfg.precision_on("cpu") == str(expected).removeprefix("torch.")
+    train(model, examples, loss_fn, cfg, tokenizer.pad_token_id)
+    assert seen == [expected, expected]
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    with pytest.raises(ValueError, match=r"training\.dtype: 'float16' is not one of float32, bfloat16"):
+        TrainConfig(steps=1, lr=1.0, precision="float16")
+
+
 def test_non_finite_loss_fails_with_the_step(tiny):
     model, tokenizer = tiny
     examples = [chat_example(tokenizer, "a", "b", 32)] * 4

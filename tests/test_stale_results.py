@@ -100,6 +100,9 @@ CASES = {
                           "similarity": 17, "divergence": ALL, "evaluate": ALL, **REPORT}),
     "training.batch_size": (lambda c: c["training"].update(batch_size=3),
                             {"degrade": 2, "recover": RUNS, **measured(17), **REPORT}),
+    # the training forwards' precision: every trained model (forgetting SFT too), none of the teacher-side caches
+    "training.dtype": (lambda c: c["training"].update(dtype="bfloat16"),
+                       {"degrade": 2, "recover": RUNS, **measured(17), **REPORT}),
     # the seed draws the prompt and benchmark subsets, the probe positions, the bootstrap and every training run;
     # RTN, NVFP4, bitsandbytes and magnitude pruning use none of these, nor does the teacher or a narrow corpus
     "seed": (lambda c: c.update(seed=3),

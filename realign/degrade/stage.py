@@ -17,7 +17,7 @@ from realign.degrade import constraints
 from realign.degrade.coverage import DamageNotApplied, check_supported, damage_report, snapshot
 from realign.degrade.forgetting import forget_by_sft
 from realign.degrade.registry import degradation_method
-from realign.device import compute_device
+from realign.device import compute_device, model_device
 from realign.data.stage import read_prompts
 from realign.io import file_sha256, read_jsonl
 from realign.models.artifact import load_artifact, save_artifact
@@ -64,7 +64,7 @@ def degrade(teacher_dir: str | Path, out_dir: str | Path, model_name: str, name:
     device = compute_device()
     tensors: dict = {}
     curve: list[dict] = []
-    damage = calibration_used = data = None  # what the record says by kind of method (realign.models.record)
+    damage = calibration_used = data = precision = None  # what the record says by kind of method (realign.models.record)
     if method.kind == "load":
         from realign.degrade.bnb import frozen_constraint, load_quantized
 
@@ -78,7 +78,9 @@ def degrade(teacher_dir: str | Path, out_dir: str | Path, model_name: str, name:
         model, tokenizer, teacher_record = load_artifact(teacher_dir)
         if method.kind == "training":
             texts = [row["text"] for row in read_jsonl(narrow_train, verify=True, producer="the `narrow_corpus` rule")]
-            curve, n_chunks = forget_by_sft(model, tokenizer, texts, TrainConfig.from_params(params, seed), params["max_len"],
+            train_cfg = TrainConfig.from_params(params, seed)
+            precision = train_cfg.precision_on(model_device(model))
+            curve, n_chunks = forget_by_sft(model, tokenizer, texts, train_cfg, params["max_len"],
                                             run_identity={"parent": teacher_record.content_digest(), "params": params})
             constraint = dict(constraints.NO_CONSTRAINT)
             # the corpus's digest: the damage is a function of its entry and of these bytes (issue 32)
@@ -106,7 +108,7 @@ def degrade(teacher_dir: str | Path, out_dir: str | Path, model_name: str, name:
     log.info("%s: %s applied in %.1f s on %s; constraint check %s", name, method.name, seconds, device, check)
     record = ArtifactRecord(model=model_name, degradation=name, family=method.family, degradation_method=method.name,
                             degradation_params=params, constraint=constraint, constraint_check=check, seed=seed,
-                            parents=[str(teacher_dir)], training_curve=curve,
+                            parents=[str(teacher_dir)], training_curve=curve, training_precision=precision,
                             timings={"seconds": seconds, "device": device}, damage=damage,
                             calibration=calibration_used, data=data)
     save_artifact(model, tokenizer, out_dir, record, constraint_tensors=tensors)

@@ -39,6 +39,7 @@ class ArtifactRecord:
     parents: list[str] = field(default_factory=list)  # artifact directories it was made from
     teacher: str | None = None  # the artifact a recovery distilled from
     training_curve: list[dict] = field(default_factory=list)
+    training_precision: str | None = None  # a trained artifact: its training forwards' precision (training.dtype)
     timings: dict = field(default_factory=dict)  # seconds (and device) of the step that made it
     checkpoints: list[int] | None = None  # a recovery run: the steps of its saved checkpoints
     checkpoint_of: str | None = None  # a checkpoint: the recovery run it was saved from

@@ -109,10 +109,12 @@ def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, records_path:
     teacher = load_artifact(teacher_dir)[0] if needs_live_teacher(params, states_cached) else None
     records = read_teacher_records(records_path)
     # what the run and each of its checkpoints share: the parent's identity and damage, how it was trained
+    train_cfg = TrainConfig.from_params(params, seed)
     run_record = ArtifactRecord(
         model=parent.model, degradation=parent.degradation, family=parent.family,
         degradation_method=parent.degradation_method, degradation_params=parent.degradation_params,
         constraint=constraint, recovery_method=params["method"], recovery_params=params, seed=seed,
+        training_precision=train_cfg.precision_on(model_device(student)),
         teacher=str(teacher_dir), parents=[str(damaged_dir), str(teacher_dir)],
         data_split={"train": "distill", "records": str(records_path), "n_records": len(records),
                     "targets": training_targets(params["method"], params),
@@ -156,7 +158,7 @@ def run_recovery(teacher_dir: str | Path, damaged_dir: str | Path, records_path:
                       frozen_base_dir=damaged_dir)
 
     student, curve, check, trained_tensors = recover(
-                                    student, teacher, tokenizer, params, records, TrainConfig.from_params(params, seed),
+                                    student, teacher, tokenizer, params, records, train_cfg,
                                     params["max_len"], constraint, constraint_tensors,
                                     teacher_top_k_path=teacher_top_k_path, on_checkpoint=save_checkpoint,
                                     checkpoint_steps=checkpoint_steps, state_path=state_path, state_every=state_every,
