@@ -23,6 +23,7 @@ byte for byte and checked against their digests, with a manifest that pins what 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import json
 import os
@@ -100,10 +101,14 @@ class Study:
     folder: Path
     code: Path
 
-    def cells(self) -> list[Cell]:
+    @functools.cached_property
+    def _cells(self) -> tuple[Cell, ...]:  # the config is read and validated once per Study
         config = yaml.safe_load((self.folder / "config.yaml").read_text())
         config = validate_config(config, load_schema(self.code / "workflow/schemas/config.schema.yaml"))
-        return [Cell(*cell) for cell in study_artifacts(config)]
+        return tuple(Cell(*cell) for cell in study_artifacts(config))
+
+    def cells(self) -> list[Cell]:
+        return list(self._cells)
 
     def models(self) -> list[str]:
         return sorted({c.model for c in self.cells()})
@@ -223,21 +228,10 @@ def save(study: Study, snapshot: Path, require_clean: bool = True) -> list[Cell]
                             f"{manifest['study']['config_sha256'][:12]}; {study.folder} is {identity['commit'][:12]} "
                             f"and {identity['config_sha256'][:12]}")
     pinned = pinned_inputs(study)
-    differ = [p for p, digest in manifest["pinned"].items() if p in pinned and pinned[p] != digest]
-    shared = [p for p in differ if damage_input(p, study.damages()) is None]
-    if shared:
-        raise SnapshotError(f"{', '.join(shared)}: made here with other bytes than the carried cells were computed "
-                            "from; resume from the snapshot (tools/study_snapshot.py resume) in a fresh clone")
     # a damaged parent, or an input made from it, made here with other bytes than the carried one (a resume that
     # dropped its damage's cells, on another kind of CPU): the carried cells of that damage give way to this folder's
-    redone = {damage_input(p, study.damages()) for p in differ}
-    stale = [key for key in manifest["cells"] if Cell(*key.split("/")).degradation in redone]
-    stale += [key for key, entry in manifest["cells"].items()
-             if (parent := _parent_of(key)) is not None and study.weights(parent) is not None
-             and entry["parent_weights"] != study.weights(parent)]
-    stale += [c.key for c in study.cells() if c.recovery == "none" and c.key in manifest["cells"]
-              and study.weights(c) is not None and _carried_weights(snapshot, c) != study.weights(c)]
-    for key in sorted(set(stale)):
+    stale = stale_cells(snapshot, study, manifest, pinned, missing_differs=False)
+    for key in sorted(stale):
         for f in manifest["cells"].pop(key)["files"]:
             (snapshot / f).unlink()
     done = [c for c in study.cells() if all(_verified(study.path(f)) for f in [c.record, *c.measurements()])]
@@ -267,13 +261,9 @@ def save(study: Study, snapshot: Path, require_clean: bool = True) -> list[Cell]
     manifest["pinned"] = {**manifest["pinned"], **pinned}  # equal where both have a path, but a redone damage's
     manifest["pinned_targets"] = sorted(set(manifest["pinned_targets"]) | {rule_target(study, p) for p in pinned})
     manifest["saves"].append({"at": saved_at, "host": host, "cells_added": [c.key for c in added],
-                              "cells_replaced": sorted(set(stale))})
+                              "cells_replaced": sorted(stale)})
     write_json(snapshot / MANIFEST, manifest)
     return added
-
-
-def _parent_of(key: str) -> Cell | None:
-    return Cell(*key.split("/")).parent
 
 
 def _parent_weights(study: Study, cell: Cell) -> dict | None:
@@ -304,30 +294,39 @@ def plan(snapshot: Path, study: Study, require_clean: bool = True) -> Plan:
     if manifest["study"] != study.identity(require_clean):
         raise SnapshotError(f"{study.folder} is not the commit and config of {snapshot}: clone commit "
                             f"{manifest['study']['commit']} with its config.yaml and resume there")
-    made = pinned_inputs(study)
-    differ = sorted(p for p, digest in manifest["pinned"].items() if made.get(p) != digest)
+    dropped = stale_cells(snapshot, study, manifest, pinned_inputs(study), missing_differs=True)
+    carried = [c for c in study.cells() if c.key in manifest["cells"] and c.key not in dropped]
+    remaining = [c for c in study.cells() if c not in carried]
+    return Plan(carried, remaining, dropped)
+
+
+def stale_cells(snapshot: Path, study: Study, manifest: dict, made: dict[str, str],
+                missing_differs: bool) -> dict[str, str]:
+    """{carried cell: why it cannot stand beside what was made in `study`}: an input made from its damage
+    (`<damage>.…`) has other bytes here, or its own weights (the teacher, a parent) or its parent's do. `made`: the
+    pinned inputs' digests here. `missing_differs`: whether what is not here counts as different (a resume after
+    its step 1, which made everything) or as no evidence (a save from a folder that need not hold everything). An
+    input of every cell with other bytes here is an error: no carried cell could be used."""
+    def differs(carried, here) -> bool:
+        return carried != here and (here is not None or missing_differs)
+
+    differ = sorted(p for p, digest in manifest["pinned"].items() if differs(digest, made.get(p)))
     shared = [p for p in differ if damage_input(p, study.damages()) is None]
     if shared:
-        raise SnapshotError("made again with other bytes, or not made: " + ", ".join(shared)
-                            + ". Every carried cell was computed from them, so none can be carried")
+        raise SnapshotError(f"{', '.join(shared)}: made here with other bytes than the carried cells were computed "
+                            "from" + (", or not made" if missing_differs else "") + ", so no carried cell can be "
+                            "used; resume from the snapshot (tools/study_snapshot.py resume) in a fresh clone")
     redone = {damage_input(p, study.damages()): p for p in differ}
-    carried, remaining, dropped = [], [], {}
-    for cell in study.cells():
-        entry = manifest["cells"].get(cell.key)
-        if entry is None:
-            remaining.append(cell)
-        elif cell.degradation in redone:
-            dropped[cell.key] = f"its damage's input {redone[cell.degradation]} was made again here with other bytes"
-            remaining.append(cell)
-        elif cell.recovery == "none" and _carried_weights(snapshot, cell) != study.weights(cell):
-            dropped[cell.key] = "made again here with other weights"
-            remaining.append(cell)
-        elif entry["parent_weights"] != _parent_weights(study, cell):
-            dropped[cell.key] = f"its parent {cell.parent.key} was made again here with other weights"
-            remaining.append(cell)
-        else:
-            carried.append(cell)
-    return Plan(carried, remaining, dropped)
+    why = {}
+    for key, entry in manifest["cells"].items():
+        cell = Cell(*key.split("/"))
+        if cell.degradation in redone:
+            why[key] = f"its damage's input {redone[cell.degradation]} was made again here with other bytes"
+        elif cell.recovery == "none" and differs(_carried_weights(snapshot, cell), study.weights(cell)):
+            why[key] = "made again here with other weights"
+        elif cell.parent is not None and differs(entry["parent_weights"], study.weights(cell.parent)):
+            why[key] = f"its parent {cell.parent.key} was made again here with other weights"
+    return why
 
 
 def _carried_weights(snapshot: Path, cell: Cell) -> dict:
