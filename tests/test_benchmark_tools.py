@@ -1,5 +1,5 @@
-"""The on-demand benchmark tools that the dated cost page quotes: the job-time comparison and the fp32-vs-bf16
-check's paired statistics."""
+"""The on-demand benchmark tools that the dated cost pages quote: the job-time comparison, the fp32-vs-bf16
+check's paired statistics, and the bf16 training check's rule."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 from tiny_study import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
+import bf16_training_check  # noqa: E402
 import job_times  # noqa: E402
 import precision_check  # noqa: E402
 
@@ -66,3 +67,50 @@ def test_the_paired_gain_weights_tasks_equally_and_its_se_is_the_item_se():
     assert se == pytest.approx(math.sqrt(by_task.var().div(by_task.size()).sum()) / 2)
     # a shift that is the same on every item has no item noise
     assert precision_check.paired(base + 0.1, base)[1] == pytest.approx(0, abs=1e-12)
+
+
+def _artifact(results, damage, recovery, shift: float, cka: float):
+    """A measured artifact: 20 items of two tasks whose gold log-probs are the parent's + `shift`, and its CKA."""
+    import json
+
+    folder = results / "eval/m" / damage
+    folder.mkdir(parents=True, exist_ok=True)
+    base = np.linspace(-2, -1, 20)
+    pd.DataFrame({"task": ["a"] * 10 + ["b"] * 10, "item_id": [str(i) for i in range(20)],
+                  "gold_logprob": base + shift}).to_parquet(folder / f"{recovery}.items.parquet")
+    summary = results / "similarity/m" / damage / f"{recovery}.json"
+    summary.parent.mkdir(parents=True, exist_ok=True)
+    summary.write_text(json.dumps({"layer_means": {"debiased_cka": cka}, "debiased_cka_mean_replicates": [cka] * 3}))
+
+
+def test_the_bf16_training_check_applies_its_rule_per_damage_and_quantity(tmp_path):
+    """Each bf16 run within the fp32 seeds' range and within one seed SD of the fp32 run at its seed; a control
+    that differs sends the same-seed comparison to the check folder's own fp32 runs."""
+    fp32, here = tmp_path / "fp32", tmp_path / "here"
+    gains = {200: 0.10, 201: 0.14, 202: 0.12, 203: 0.08, 204: 0.11, 205: 0.13}  # sd 0.0216
+    for folder in (fp32, here):
+        _artifact(folder, "d", "none", 0.0, 0.5)
+    for seed, gain in gains.items():
+        _artifact(fp32, "d", f"kd+seed{seed}", gain, 0.5 + gain)
+    _artifact(here, "d", "kd+seed200", gains[200], 0.5 + gains[200])  # the control: the same numbers
+    _artifact(here, "d", "kd-bf16+seed200", 0.11, 0.61)
+    _artifact(here, "d", "kd-bf16+seed201", 0.125, 0.625)
+    args = dict(model="m", damages=["d"], fp32_arm="kd", bf16_arm="kd-bf16", fp32_seeds=list(gains),
+                bf16_seeds=[200, 201], control_seed=200)
+    controls, rules = bf16_training_check.check(fp32, here, **args)
+    assert controls["same"].tolist() == [True]
+    assert rules["quantity"].tolist() == ["gain", "delta_cka"] and rules["passes"].all()
+    assert rules.loc[0, "same_seed_differences"] == pytest.approx([0.01, -0.015])
+    assert rules.loc[0, "fp32_sd"] == pytest.approx(np.std(list(gains.values()), ddof=1))
+    # a bf16 run beyond one seed SD of its fp32 twin fails, though inside the range
+    _artifact(here, "d", "kd-bf16+seed201", 0.09, 0.59)
+    rules = bf16_training_check.check(fp32, here, **args)[1]
+    assert rules["within_range"].all() and not rules["within_sd"].any() and not rules["passes"].any()
+    # a control that differs: the same-seed comparison reads the check folder's fp32 runs, which must exist
+    _artifact(here, "d", "kd+seed200", 0.105, 0.605)
+    with pytest.raises(FileNotFoundError, match=r"kd\+seed201"):
+        bf16_training_check.check(fp32, here, **args)
+    _artifact(here, "d", "kd+seed201", 0.085, 0.585)
+    controls, rules = bf16_training_check.check(fp32, here, **args)
+    assert not controls["same"].any() and controls.loc[0, "gain_difference"] == pytest.approx(0.005)
+    assert rules.loc[0, "same_seed_differences"] == pytest.approx([0.005, 0.005]) and rules["passes"].all()
