@@ -317,6 +317,7 @@ def study_artifacts(config: dict) -> list[tuple[str, str, str]]:
         cells += [(model, degradation, recovery) for degradation, recovery in study_cells(config)]
     return cells
 
+
 def study_degradations(config: dict) -> list[str]:
     """The degradations the study applies (`none`, the undamaged model, is not one), damaged teachers included."""
     names = [d for d, _ in study_cells(config)]

@@ -23,7 +23,6 @@ byte for byte and checked against their digests, with a manifest that pins what 
 from __future__ import annotations
 
 import fnmatch
-import functools
 import hashlib
 import json
 import os
@@ -36,11 +35,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-import yaml
-
-from realign.config import load_schema, study_artifacts, validate_config
-from realign.identity import ArtifactId
 from realign.io import DIGEST_SUFFIX, file_sha256, read_json, read_verified, write_json
+from realign.study_folder import Cell, SnapshotError, Study  # noqa: F401 (SnapshotError: this module's errors)
 
 MANIFEST = "MANIFEST.json"
 STUB_NOTE = "WEIGHTS_NOT_CARRIED.txt"
@@ -52,88 +48,6 @@ SNAKEMAKE_TIMESTAMP = ".snakemake_timestamp"  # Snakemake's mark in a directory 
 # lm-eval's task files name the folder they lie in, and the benchmark manifest records their digests: not pinned
 # (the items they point to, *.jsonl, are)
 LOCATION_DEPENDENT = ("results/data/benchmarks/realign_*.yaml", "results/data/benchmarks/manifest.json")
-
-
-class SnapshotError(RuntimeError):
-    """The snapshot cannot be saved into, or resumed from, as asked; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class Cell:
-    model: str
-    degradation: str
-    recovery: str
-
-    @property
-    def key(self) -> str:
-        return f"{self.model}/{self.degradation}/{self.recovery}"
-
-    @property
-    def artifact(self) -> ArtifactId:
-        return ArtifactId.parse(self.model, self.degradation, self.recovery)
-
-    @property
-    def parent(self) -> Cell | None:
-        """The model this cell's artifact is made from: the damaged model of a recovery, the teacher of a damage."""
-        if self.recovery != "none":
-            return Cell(self.model, self.degradation, "none")
-        return None if self.degradation == "none" else Cell(self.model, "none", "none")
-
-    @property
-    def record(self) -> str:
-        return f"{self.artifact.location}/artifact.json"
-
-    def measurements(self) -> list[str]:
-        """The files the `evaluate`, `similarity` and `divergence` rules write for this cell (digests not listed)."""
-        stem = self.key
-        return [f"results/eval/{stem}.json", f"results/eval/{stem}.items.parquet",
-                f"results/eval/{stem}.sequences.parquet", f"results/similarity/{stem}.parquet",
-                f"results/similarity/{stem}.json", f"results/divergence/{stem}.json"]
-
-    def files(self) -> list[str]:
-        """What a snapshot carries of the cell: its artifact record and its measurements, each with its digest."""
-        return [path for f in [self.record, *self.measurements()] for path in (f, f + DIGEST_SUFFIX)]
-
-
-@dataclass(frozen=True)
-class Study:
-    """A study folder (results/, config.yaml) and the checkout whose workflow runs there (for a clone: itself)."""
-    folder: Path
-    code: Path
-
-    @functools.cached_property
-    def _cells(self) -> tuple[Cell, ...]:  # the config is read and validated once per Study
-        config = yaml.safe_load((self.folder / "config.yaml").read_text())
-        config = validate_config(config, load_schema(self.code / "workflow/schemas/config.schema.yaml"))
-        return tuple(Cell(*cell) for cell in study_artifacts(config))
-
-    def cells(self) -> list[Cell]:
-        return list(self._cells)
-
-    def models(self) -> list[str]:
-        return sorted({c.model for c in self.cells()})
-
-    def damages(self) -> list[str]:
-        return sorted({c.degradation for c in self.cells()} - {"none"})
-
-    def identity(self, require_clean: bool = True) -> dict:
-        """The code's commit and the config's digest: a snapshot belongs to one of each."""
-        def git(*args):
-            return subprocess.run(["git", "-C", str(self.code), *args], capture_output=True, text=True,
-                                  check=True).stdout
-        if require_clean and git("status", "--porcelain", "--untracked-files=no").strip():
-            raise SnapshotError(f"{self.code} has uncommitted changes to tracked files: a snapshot belongs to one "
-                                "commit")
-        return {"commit": git("rev-parse", "HEAD").strip(), "config_sha256": file_sha256(self.folder / "config.yaml")}
-
-    def path(self, relative: str) -> Path:
-        return self.folder / relative
-
-    def weights(self, cell: Cell) -> dict | None:
-        """{file: sha256} of the weights of the cell's model here (None where the cell has no model here)."""
-        if not self.path(cell.record).is_file():
-            return None
-        return read_json(self.path(cell.record), verify=True)["weights_sha256"]
 
 
 def host_record() -> dict:
@@ -247,7 +161,9 @@ def save(study: Study, snapshot: Path, require_clean: bool = True) -> list[Cell]
         for f in files:
             _copy(study.path(f), snapshot / f)
         manifest["cells"][cell.key] = {"saved": saved_at, "host": host, "files": files,
-                                       "parent_weights": _parent_weights(study, cell)}
+                                       "parent_weights": _parent_weights(study, cell),
+                                       **({"teacher_weights": study.weights(teacher)}
+                                          if (teacher := study.teacher_of(cell)) is not None else {})}
         added.append(cell)
     for model in study.models():
         floors = NULL_FLOORS.format(model=model)
@@ -283,9 +199,11 @@ class Plan:
 
 
 def step1_targets(snapshot: Path, study: Study) -> list[str]:
-    """The teacher, each damaged parent, and the pinned inputs: what the carried cells were computed from."""
-    parents = [c.artifact.run_dir for c in study.cells() if c.recovery == "none"]
-    return parents + read_manifest(snapshot)["pinned_targets"]
+    """The teacher, each damaged parent and damaged teacher, and the pinned inputs: what the carried cells were
+    computed from."""
+    made_from = [c for c in study.cells() if c.recovery == "none"] + [study.teacher_of(c) for c in study.cells()]
+    return [c.artifact.run_dir for c in dict.fromkeys(made_from) if c is not None] \
+        + read_manifest(snapshot)["pinned_targets"]
 
 
 def plan(snapshot: Path, study: Study, require_clean: bool = True) -> Plan:
@@ -302,11 +220,12 @@ def plan(snapshot: Path, study: Study, require_clean: bool = True) -> Plan:
 
 def stale_cells(snapshot: Path, study: Study, manifest: dict, made: dict[str, str],
                 missing_differs: bool) -> dict[str, str]:
-    """{carried cell: why it cannot stand beside what was made in `study`}: an input made from its damage
-    (`<damage>.…`) has other bytes here, or its own weights (the teacher, a parent) or its parent's do. `made`: the
-    pinned inputs' digests here. `missing_differs`: whether what is not here counts as different (a resume after
-    its step 1, which made everything) or as no evidence (a save from a folder that need not hold everything). An
-    input of every cell with other bytes here is an error: no carried cell could be used."""
+    """{carried cell: why it cannot stand beside what was made in `study`}: an input made from its damage or its
+    damaged teacher (`<damage>.…`) has other bytes here, or its own weights (the teacher, a parent), its parent's or
+    its damaged teacher's do. `made`: the pinned inputs' digests here. `missing_differs`: whether what is not here
+    counts as different (a resume after its step 1, which made everything) or as no evidence (a save from a folder
+    that need not hold everything). An input of every cell with other bytes here is an error: no carried cell could
+    be used."""
     def differs(carried, here) -> bool:
         return carried != here and (here is not None or missing_differs)
 
@@ -314,18 +233,24 @@ def stale_cells(snapshot: Path, study: Study, manifest: dict, made: dict[str, st
     shared = [p for p in differ if damage_input(p, study.damages()) is None]
     if shared:
         raise SnapshotError(f"{', '.join(shared)}: made here with other bytes than the carried cells were computed "
-                            "from" + (", or not made" if missing_differs else "") + ", so no carried cell can be "
-                            "used; resume from the snapshot (tools/study_snapshot.py resume) in a fresh clone")
+                            + ("from, or not made: no carried cell can be used here" if missing_differs else
+                               "from; resume from the snapshot (tools/study_snapshot.py resume) in a fresh clone"))
     redone = {damage_input(p, study.damages()): p for p in differ}
     why = {}
     for key, entry in manifest["cells"].items():
         cell = Cell(*key.split("/"))
+        teacher = study.teacher_of(cell)
         if cell.degradation in redone:
             why[key] = f"its damage's input {redone[cell.degradation]} was made again here with other bytes"
+        elif teacher is not None and teacher.degradation in redone:
+            why[key] = f"its teacher's input {redone[teacher.degradation]} was made again here with other bytes"
         elif cell.recovery == "none" and differs(_carried_weights(snapshot, cell), study.weights(cell)):
             why[key] = "made again here with other weights"
         elif cell.parent is not None and differs(entry["parent_weights"], study.weights(cell.parent)):
             why[key] = f"its parent {cell.parent.key} was made again here with other weights"
+        # a snapshot saved before damaged teachers' weights were recorded has none: such a cell is made again
+        elif teacher is not None and differs(entry.get("teacher_weights"), study.weights(teacher)):
+            why[key] = f"its teacher {teacher.key} was made again here with other weights"
     return why
 
 

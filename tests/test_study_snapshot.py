@@ -101,6 +101,24 @@ def test_a_parent_made_with_other_weights_drops_its_cells(carried, tmp_path):
     assert read_json(other / damage.record)["weights_sha256"] == study(workdir).weights(damage)
 
 
+def test_a_damaged_teacher_made_with_other_weights_drops_the_cells_it_taught(carried, tmp_path):
+    """magnitude-60/kd-damaged-teacher distils from rtn-w2g32: a save records that teacher's weights, and a resume
+    where it comes out with other weights makes the cells it taught again (its own cells are judged as a parent's)."""
+    workdir, snapshot, _ = carried
+    other, manifest = copy_of(snapshot, tmp_path)
+    here = study(workdir)
+    taught = [c for c in here.cells() if here.teacher_of(c) is not None]
+    assert [c.key for c in taught] == ["tiny/magnitude-60/kd-damaged-teacher"]
+    teacher = here.teacher_of(taught[0])
+    assert manifest["cells"][taught[0].key]["teacher_weights"] == here.weights(teacher)
+    assert here.teacher_of(teacher) is None and "teacher_weights" not in manifest["cells"][teacher.key]
+    manifest["cells"][taught[0].key]["teacher_weights"] = {name: "0" * 64 for name in here.weights(teacher)}
+    write_json(other / snap.MANIFEST, manifest)
+    chosen = snap.plan(other, here, require_clean=False)
+    assert chosen.dropped == {taught[0].key: f"its teacher {teacher.key} was made again here with other weights"}
+    assert teacher.artifact.run_dir in snap.step1_targets(other, here)
+
+
 def test_an_input_made_from_one_damage_drops_only_that_damage(carried, tmp_path):
     workdir, snapshot, _ = carried
     other, manifest = copy_of(snapshot, tmp_path)
