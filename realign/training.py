@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -188,7 +188,10 @@ def train(model, examples: list[dict], loss_fn, cfg: TrainConfig, pad_id: int, c
     curve: list[dict] = []
     first_step = 0
     state_path = Path(state_path) if state_path and state_every > 0 else None
-    fingerprint = _fingerprint(cfg, examples, named, run_identity)
+    device = model_device(model)
+    precision = cfg.precision_on(device)  # the student's forwards (and so its backward)
+    # a state is continued only in the precision it was trained in (training.dtype resolved on this device)
+    fingerprint = _fingerprint(replace(cfg, precision=precision), examples, named, run_identity)
     resumed = None
     if state_path is not None and state_path.is_file():
         resumed = load_train_state(state_path, named, optimizer, scheduler, fingerprint, loss_fn)
@@ -197,8 +200,6 @@ def train(model, examples: list[dict], loss_fn, cfg: TrainConfig, pad_id: int, c
         log.info("resuming from %s at step %d of %d", state_path, first_step, cfg.steps)
     elif on_restart is not None:
         on_restart()
-    device = model_device(model)
-    precision = cfg.precision_on(device)  # the student's forwards (and so its backward)
     model.train()
     bar = tqdm(range(first_step, cfg.steps), desc="train", file=sys.stderr, mininterval=5, ascii=True,
                initial=first_step, total=cfg.steps)

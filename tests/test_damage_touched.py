@@ -133,9 +133,10 @@ def test_a_pruned_recovery_records_the_kept_values_it_changed(inputs):
     assert read_record(out).damage_touched == record.damage_touched
 
 
-def test_a_recovery_trained_in_bf16_keeps_its_constraint_and_records_its_precision(inputs):
+def test_a_recovery_trained_in_bf16_keeps_its_constraint_and_records_its_precision(inputs, monkeypatch):
     """training.dtype bfloat16 (autocast) rounds the products, not the weights: the pruned parent's zeros stay zero,
     the kept values move, and the record says which precision trained it; the default on a CPU is float32."""
+    monkeypatch.setenv("REALIGN_DEVICE", "cpu")  # the default is bf16 on CUDA
     _, _, parents, _ = inputs
     out, record = recover(inputs, "magnitude-0.5", "sft-bf16", "sft", lr=1e-3, dtype="bfloat16")
     assert record.training_precision == read_record(out).training_precision == "bfloat16"

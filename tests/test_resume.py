@@ -106,6 +106,37 @@ def test_foreign_or_truncated_state_is_refused(tiny_model_dir, tmp_path):
               state_every=1)
 
 
+def test_a_state_is_continued_only_in_the_precision_it_was_trained_in(tiny_model_dir, tmp_path):
+    """training.dtype joins the state's fingerprint as resolved on the device: a state left by a float32 run is
+    continued by the same run with dtype unset on a CPU (float32 there), never by a bfloat16 run."""
+    model, tokenizer, examples = fresh(tiny_model_dir)
+    state_path = tmp_path / "state.pt"
+    fp32 = TrainConfig(**{**CFG, "steps": 3, "precision": "float32"})
+
+    def stop_after_two(m, batch, calls=[0]):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+        return loss_fn(m, batch)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(model, examples, stop_after_two, fp32, tokenizer.pad_token_id, state_path=state_path, state_every=1)
+    saved = state_path.read_bytes()
+    starts = []
+    bf16 = TrainConfig(**{**CFG, "steps": 3, "precision": "bfloat16"})
+    train(fresh(tiny_model_dir)[0], examples, loss_fn, bf16, tokenizer.pad_token_id, state_path=state_path,
+          state_every=1, on_restart=lambda: starts.append("bf16"))
+    state_path.write_bytes(saved)
+    unset = TrainConfig(**{**CFG, "steps": 3})
+    continued = fresh(tiny_model_dir)[0]
+    curve = train(continued, examples, loss_fn, unset, tokenizer.pad_token_id, state_path=state_path,
+                  state_every=1, on_restart=lambda: starts.append("unset"))
+    assert starts == ["bf16"]  # the bf16 run started from step 0; the unset one continued the fp32 state
+    clean = fresh(tiny_model_dir)[0]
+    assert curve == train(clean, examples, loss_fn, fp32, tokenizer.pad_token_id)
+    assert all(torch.equal(a, b) for a, b in zip(continued.state_dict().values(), clean.state_dict().values()))
+
+
 def _recovery_inputs(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -34,7 +34,7 @@ import torch
 
 from realign.data.sequences import (IGNORE, chat_example, chat_prompt_ids, clamp_prompts, collate, left_pad,
                                    model_context, prompt_budget)
-from realign.device import autocast, model_device, on_device
+from realign.device import model_device, on_device
 from realign.recover.losses import (HIDDEN_TERMS, cross_entropy, divergence, forward, logit_loss,
                                     supervised_log_probs, supervised_mask)
 from realign.training import example_order
@@ -212,7 +212,8 @@ def onpolicy_loss(teacher, tokenizer, records: list[dict], params: dict, max_len
     def sample(model, prompts: list[list[int]]) -> list[list[int]]:
         input_ids, attention = left_pad(prompts, pad)
         device = model_device(model)
-        with torch.no_grad(), autocast(device):
+        # no autocast of its own: it runs inside the training loop's, in training.dtype like the student's forwards
+        with torch.no_grad():
             out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                                  max_new_tokens=max_new_tokens, do_sample=True, temperature=sample_temperature,
                                  top_k=0, top_p=1.0, pad_token_id=pad, eos_token_id=eos)
