@@ -13,6 +13,7 @@ import pytest
 from tiny_study import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
+import _timing  # noqa: E402
 import bf16_training_check  # noqa: E402
 import job_times  # noqa: E402
 import precision_check  # noqa: E402
@@ -114,3 +115,11 @@ def test_the_bf16_training_check_applies_its_rule_per_damage_and_quantity(tmp_pa
     controls, rules = bf16_training_check.check(fp32, here, **args)
     assert not controls["same"].any() and controls.loc[0, "gain_difference"] == pytest.approx(0.005)
     assert rules.loc[0, "same_seed_differences"] == pytest.approx([0.005, 0.005]) and rules["passes"].all()
+
+
+def test_gemm_rates_are_measured_in_both_precisions_and_the_peak_is_the_best_of_each():
+    rates = _timing.gemm_rates({"small": (32, 16, 8)})
+    assert set(rates) == {"fp32", "bf16"} and all(r["small"] > 0 for r in rates.values())
+    runs = [{"fp32": {"a": 1.0, "b": 5.0}, "bf16": {"a": 7.0, "b": 2.0}},
+            {"fp32": {"a": 3.0, "b": 4.0}, "bf16": {"a": 6.0, "b": 9.0}}]
+    assert _timing.best_rates(runs) == {"fp32": {"a": 3.0, "b": 5.0}, "bf16": {"a": 7.0, "b": 9.0}}
