@@ -80,12 +80,11 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_model_dir, tmp_path
     assert not state_path.exists()  # a finished run leaves no state behind
 
 
-def test_foreign_or_truncated_state_is_refused(tiny_model_dir, tmp_path):
-    model, tokenizer, examples = fresh(tiny_model_dir)
-    state_path = tmp_path / "state.pt"
-    cfg = TrainConfig(**{**CFG, "steps": 3})
+def interrupted_after_two_steps(model, examples, cfg, tokenizer, state_path) -> None:
+    """Train with a resumable state until the third step's loss, where the run is interrupted."""
+    calls = [0]
 
-    def stop_after_two(m, batch, calls=[0]):
+    def stop_after_two(m, batch):
         calls[0] += 1
         if calls[0] == 3:
             raise KeyboardInterrupt
@@ -93,6 +92,14 @@ def test_foreign_or_truncated_state_is_refused(tiny_model_dir, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         train(model, examples, stop_after_two, cfg, tokenizer.pad_token_id, state_path=state_path, state_every=1)
+
+
+def test_foreign_or_truncated_state_is_refused(tiny_model_dir, tmp_path):
+    model, tokenizer, examples = fresh(tiny_model_dir)
+    state_path = tmp_path / "state.pt"
+    cfg = TrainConfig(**{**CFG, "steps": 3})
+
+    interrupted_after_two_steps(model, examples, cfg, tokenizer, state_path)
     saved = state_path.read_bytes()
     other = TrainConfig(**{**CFG, "steps": 3, "lr": 5e-4})
     discarded = fresh(tiny_model_dir)[0]
@@ -113,14 +120,7 @@ def test_a_state_is_continued_only_in_the_precision_it_was_trained_in(tiny_model
     state_path = tmp_path / "state.pt"
     fp32 = TrainConfig(**{**CFG, "steps": 3, "precision": "float32"})
 
-    def stop_after_two(m, batch, calls=[0]):
-        calls[0] += 1
-        if calls[0] == 3:
-            raise KeyboardInterrupt
-        return loss_fn(m, batch)
-
-    with pytest.raises(KeyboardInterrupt):
-        train(model, examples, stop_after_two, fp32, tokenizer.pad_token_id, state_path=state_path, state_every=1)
+    interrupted_after_two_steps(model, examples, fp32, tokenizer, state_path)
     saved = state_path.read_bytes()
     starts = []
     bf16 = TrainConfig(**{**CFG, "steps": 3, "precision": "bfloat16"})
