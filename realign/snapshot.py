@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Callable
 
 from realign.io import DIGEST_SUFFIX, file_sha256, read_json, read_verified, write_json
-from realign.study_folder import Cell, SnapshotError, Study  # noqa: F401 (SnapshotError: this module's errors)
+from realign.study_folder import Cell, SnapshotError, Study
 
 MANIFEST = "MANIFEST.json"
 STUB_NOTE = "WEIGHTS_NOT_CARRIED.txt"
